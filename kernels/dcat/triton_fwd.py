@@ -1,0 +1,237 @@
+"""Triton forward kernel for DCAT crossing attention.
+
+Notation: R requests, Cn candidates total, Lc context tokens total, H heads,
+Dh head dim. A program owns one tile of BLOCK_M candidates of one request, one
+head, and one split (a contiguous chunk) of that request's history; it streams
+the chunk's K/V once with an online softmax (exp2 domain). The candidate's own
+key/value (the self term) is folded into split 0 of the same kernel. With more
+than one split (flash-decoding style, to fill the GPU at long histories with
+few candidates) each program writes a partial (normalised o, log2-LSE) and a
+small combine kernel merges them.
+
+Import this module only after TRITON_INTERPRET is settled (op.py imports it
+lazily): triton.jit picks interpreter vs compiler at decoration time.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _attn_block(q, kc_ptrs, vc_ptrs, m_i, l_i, acc, qk_scale, kmask,
+                MASKED: tl.constexpr, IEEE: tl.constexpr):
+    if MASKED:
+        kb = tl.load(kc_ptrs, mask=kmask[:, None], other=0.0)
+        vb = tl.load(vc_ptrs, mask=kmask[:, None], other=0.0)
+    else:
+        kb = tl.load(kc_ptrs)
+        vb = tl.load(vc_ptrs)
+    if IEEE:
+        qk = tl.dot(q, tl.trans(kb), input_precision="ieee")
+    else:
+        qk = tl.dot(q, tl.trans(kb))
+    qk = qk * qk_scale
+    if MASKED:
+        qk = tl.where(kmask[None, :], qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    p = tl.math.exp2(qk - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _dcat_fwd_kernel(
+    Q, K, V, KC, VC, CO, XO, O, LSE, PO, PL,
+    s_qm, s_qh, s_km, s_kh, s_vm, s_vh, s_kcm, s_kch, s_vcm, s_vch, s_om, s_oh,
+    Cn, H, n_mtiles, max_ctx, split_size, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLIT: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.program_id(2)
+    r = pid // n_mtiles
+    mt = pid - r * n_mtiles
+    c0 = tl.load(CO + r).to(tl.int64)
+    c1 = tl.load(CO + r + 1).to(tl.int64)
+    m0 = c0 + mt * BLOCK_M
+    x0 = tl.load(XO + r).to(tl.int64)
+    x1 = tl.load(XO + r + 1).to(tl.int64)
+    if max_ctx > 0:
+        x0 = tl.maximum(x0, x1 - max_ctx)
+    n_split_r = tl.maximum(tl.cdiv(x1 - x0, split_size), 1)
+    if (m0 < c1) & (s < n_split_r):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < c1
+        offs_d = tl.arange(0, HEAD_DIM)
+        q = tl.load(Q + offs_m[:, None] * s_qm + h * s_qh + offs_d[None, :],
+                    mask=mask_m[:, None], other=0.0)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        if s == 0:
+            ks = tl.load(K + offs_m[:, None] * s_km + h * s_kh + offs_d[None, :],
+                         mask=mask_m[:, None], other=0.0)
+            vs = tl.load(V + offs_m[:, None] * s_vm + h * s_vh + offs_d[None, :],
+                         mask=mask_m[:, None], other=0.0)
+            m_i = tl.sum(q.to(tl.float32) * ks.to(tl.float32), 1) * qk_scale
+            l_i = tl.full([BLOCK_M], 1.0, tl.float32)
+            acc = vs.to(tl.float32)
+        kstart = x0 + s * split_size
+        kend = tl.minimum(kstart + split_size, x1)
+        n_full = (kend - kstart) // BLOCK_N
+        offs_n = kstart + tl.arange(0, BLOCK_N)
+        kc_ptrs = KC + offs_n[:, None] * s_kcm + h * s_kch + offs_d[None, :]
+        vc_ptrs = VC + offs_n[:, None] * s_vcm + h * s_vch + offs_d[None, :]
+        for _ in range(0, n_full):
+            m_i, l_i, acc = _attn_block(q, kc_ptrs, vc_ptrs, m_i, l_i, acc, qk_scale,
+                                        offs_n, False, IEEE)
+            kc_ptrs += BLOCK_N * s_kcm
+            vc_ptrs += BLOCK_N * s_vcm
+        tail = kstart + n_full * BLOCK_N
+        if tail < kend:
+            kmask = (tail + tl.arange(0, BLOCK_N)) < kend
+            m_i, l_i, acc = _attn_block(q, kc_ptrs, vc_ptrs, m_i, l_i, acc, qk_scale,
+                                        kmask, True, IEEE)
+        o = acc / l_i[:, None]
+        lse2 = m_i + tl.math.log2(l_i)
+        if SPLIT:
+            prow = (s * Cn + offs_m) * H + h
+            tl.store(PO + prow[:, None] * HEAD_DIM + offs_d[None, :], o, mask=mask_m[:, None])
+            tl.store(PL + prow, lse2, mask=mask_m)
+        else:
+            tl.store(O + offs_m[:, None] * s_om + h * s_oh + offs_d[None, :],
+                     o.to(O.dtype.element_ty), mask=mask_m[:, None])
+            tl.store(LSE + offs_m * H + h, lse2 * 0.6931471805599453, mask=mask_m)
+
+
+@triton.jit
+def _dcat_combine_kernel(
+    CO, XO, O, LSE, PO, PL, s_om, s_oh, Cn, H, n_mtiles, max_ctx, split_size,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    r = pid // n_mtiles
+    mt = pid - r * n_mtiles
+    c0 = tl.load(CO + r).to(tl.int64)
+    c1 = tl.load(CO + r + 1).to(tl.int64)
+    m0 = c0 + mt * BLOCK_M
+    if m0 < c1:
+        x0 = tl.load(XO + r).to(tl.int64)
+        x1 = tl.load(XO + r + 1).to(tl.int64)
+        if max_ctx > 0:
+            x0 = tl.maximum(x0, x1 - max_ctx)
+        n_split_r = tl.maximum(tl.cdiv(x1 - x0, split_size), 1)
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < c1
+        offs_d = tl.arange(0, HEAD_DIM)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        for s in range(0, n_split_r):
+            prow = (s * Cn + offs_m) * H + h
+            lse_s = tl.load(PL + prow, mask=mask_m, other=0.0)
+            o_s = tl.load(PO + prow[:, None] * HEAD_DIM + offs_d[None, :], mask=mask_m[:, None],
+                          other=0.0)
+            m_new = tl.maximum(m_i, lse_s)
+            alpha = tl.math.exp2(m_i - m_new)
+            w = tl.math.exp2(lse_s - m_new)
+            l_i = l_i * alpha + w
+            acc = acc * alpha[:, None] + w[:, None] * o_s
+            m_i = m_new
+        o = acc / l_i[:, None]
+        tl.store(O + offs_m[:, None] * s_om + h * s_oh + offs_d[None, :],
+                 o.to(O.dtype.element_ty), mask=mask_m[:, None])
+        tl.store(LSE + offs_m * H + h, (m_i + tl.math.log2(l_i)) * 0.6931471805599453,
+                 mask=mask_m)
+
+
+_SM_COUNT: dict = {}
+
+
+def sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+# Default launch configuration (tuned on H100, see NOTES.md). Keys:
+# BLOCK_M, BLOCK_N, num_warps, num_stages, waves (programs target = waves*SMs),
+# min_split (fewest history keys per split), split_size (force, else None).
+FWD_CONFIG = dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3, waves=2.0,
+                  min_split=512, split_size=None)
+
+
+def _splits(base: int, n_eff_max: int, cfg: dict, device) -> int:
+    bn = cfg["BLOCK_N"]
+    if n_eff_max <= 0:
+        return bn
+    if cfg.get("split_size"):
+        return int(cfg["split_size"])
+    want = math.ceil(cfg["waves"] * sm_count(device) / max(base, 1))
+    s = max(1, min(want, n_eff_max // cfg["min_split"]))
+    return triton.cdiv(triton.cdiv(n_eff_max, s), bn) * bn
+
+
+def dcat_fwd_triton(q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, max_ctx: int,
+                    scale: float, max_cands: int, max_ctx_len: int, cfg: dict | None = None):
+    """Forward. q, k, v: [Cn, H, Dh]; k_ctx, v_ctx: [Lc, H, Dh]; offsets [R+1].
+
+    max_cands / max_ctx_len: max candidates / history tokens per request.
+    Returns (o [Cn, H, Dh] in q's dtype, lse [Cn, H] fp32, natural log).
+    """
+    cfg = {**FWD_CONFIG, **(cfg or {})}
+    Cn, H, Dh = q.shape
+    R = cand_offsets.numel() - 1
+    o = torch.empty_like(q)
+    lse = torch.empty((Cn, H), device=q.device, dtype=torch.float32)
+    if Cn == 0 or R == 0 or max_cands <= 0:
+        return o, lse
+    bm = cfg["BLOCK_M"]
+    n_mtiles = triton.cdiv(max_cands, bm)
+    n_eff = min(max_ctx_len, max_ctx) if max_ctx > 0 else max_ctx_len
+    split_size = _splits(R * n_mtiles * H, n_eff, cfg, q.device)
+    n_split = max(1, triton.cdiv(n_eff, split_size))
+    SPLIT = n_split > 1
+    if SPLIT:
+        po = torch.empty((n_split, Cn, H, Dh), device=q.device, dtype=torch.float32)
+        pl = torch.empty((n_split, Cn, H), device=q.device, dtype=torch.float32)
+    else:
+        po, pl = o, lse
+    kw = {} if os.environ.get("TRITON_INTERPRET") == "1" else dict(
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    grid = (R * n_mtiles, H, n_split)
+    _dcat_fwd_kernel[grid](
+        q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, o, lse, po, pl,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_ctx.stride(0), k_ctx.stride(1), v_ctx.stride(0), v_ctx.stride(1),
+        o.stride(0), o.stride(1),
+        Cn, H, n_mtiles, max_ctx, split_size, scale * LOG2E,
+        HEAD_DIM=Dh, BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N"], SPLIT=SPLIT,
+        IEEE=q.dtype == torch.float32, **kw)
+    if SPLIT:
+        cbm = 64
+        cm = triton.cdiv(max_cands, cbm)
+        _dcat_combine_kernel[(R * cm, H)](
+            cand_offsets, ctx_offsets, o, lse, po, pl, o.stride(0), o.stride(1),
+            Cn, H, cm, max_ctx, split_size, HEAD_DIM=Dh, BLOCK_M=cbm,
+            **({} if kw == {} else dict(num_warps=4)))
+    return o, lse

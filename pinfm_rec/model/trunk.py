@@ -1,0 +1,208 @@
+"""PinFM trunk: pre-norm causal transformer over jagged user sequences, with a KV cache for
+scoring candidates against an encoded history (DCAT).
+
+Jagged tensors travel as ``(values [L, ...], offsets [B+1])``; rows are padded on the right to
+[B, N, ...] only around the attention, so ``is_causal=True`` alone is correct for real tokens
+(padded query rows produce finite garbage that is dropped when unpadding).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ATTENTION_CHOICES = ("sdpa", "pytorch")
+
+
+@dataclass
+class TrunkSpec:
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 2
+    ffn_mult: int = 4
+    dropout: float = 0.2
+    max_len: int = 200  # context positions 0..max_len-1; a candidate sits at n_r <= max_len
+    attention: str = "sdpa"  # sdpa | pytorch (explicit softmax, for reference/debugging)
+
+
+@dataclass
+class KVCache:
+    """Per-layer keys/values of an encoded history.
+
+    k, v: n_layers tensors [L, H, Dh] (QKV projection of the layer's normed input; positions are
+        already in the input). offsets: [U+1]. max_len: N, the longest history (host int).
+    """
+
+    k: List[torch.Tensor]
+    v: List[torch.Tensor]
+    offsets: torch.Tensor
+    max_len: int
+
+
+def jagged_index(offsets: torch.Tensor, total: int, max_len: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Row id and position in row of each jagged element: (row [L], pos [L]). No host sync."""
+    lengths = offsets[1:] - offsets[:-1]
+    rows = torch.repeat_interleave(
+        torch.arange(lengths.numel(), device=offsets.device), lengths, output_size=total
+    )  # [L]
+    pos = torch.arange(total, device=offsets.device) - offsets[:-1][rows]  # [L]
+    return rows, pos
+
+
+def pad_jagged(values: torch.Tensor, flat_idx: torch.Tensor, b: int, n: int) -> torch.Tensor:
+    """[L, *S] jagged -> [B, N, *S] right-padded with zeros (flat_idx = row * N + pos)."""
+    out = values.new_zeros((b * n,) + tuple(values.shape[1:]))
+    out = out.index_copy(0, flat_idx, values)  # [B*N, *S]
+    return out.view((b, n) + tuple(values.shape[1:]))  # [B, N, *S]
+
+
+def unpad_jagged(dense: torch.Tensor, flat_idx: torch.Tensor) -> torch.Tensor:
+    """[B, N, *S] -> [L, *S] (inverse of pad_jagged)."""
+    return dense.reshape((-1,) + tuple(dense.shape[2:]))[flat_idx]  # [L, *S]
+
+
+class TrunkLayer(nn.Module):
+    def __init__(self, spec: TrunkSpec) -> None:
+        super().__init__()
+        d = spec.d_model
+        self.n_heads = spec.n_heads
+        self.head_dim = d // spec.n_heads
+        self.dropout = spec.dropout
+        self.attention = spec.attention
+        self.ln1 = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.out = nn.Linear(d, d)
+        self.ln2 = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(
+            nn.Linear(d, spec.ffn_mult * d),
+            nn.GELU(),
+            nn.Dropout(spec.dropout),
+            nn.Linear(spec.ffn_mult * d, d),
+        )
+        self.drop = nn.Dropout(spec.dropout)
+
+    def qkv_heads(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [T, D] (residual stream) -> q, k, v [T, H, Dh] of the normed input."""
+        qkv = self.qkv(self.ln1(x)).view(x.shape[0], 3, self.n_heads, self.head_dim)  # [T,3,H,Dh]
+        return qkv[:, 0], qkv[:, 1], qkv[:, 2]
+
+    def finish(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """x [T, D] residual, attn [T, H, Dh] attention output -> [T, D] layer output."""
+        x = x + self.drop(self.out(attn.reshape(attn.shape[0], -1)))  # [T, D]
+        return x + self.drop(self.mlp(self.ln2(x)))
+
+    def causal_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, flat_idx: torch.Tensor, b: int, n: int
+    ) -> torch.Tensor:
+        """q, k, v [L, H, Dh] jagged -> causal self-attention output [L, H, Dh] (per row)."""
+        qp = pad_jagged(q, flat_idx, b, n).transpose(1, 2)  # [B, H, N, Dh]
+        kp = pad_jagged(k, flat_idx, b, n).transpose(1, 2)  # [B, H, N, Dh]
+        vp = pad_jagged(v, flat_idx, b, n).transpose(1, 2)  # [B, H, N, Dh]
+        p = self.dropout if self.training else 0.0
+        if self.attention == "sdpa":
+            o = F.scaled_dot_product_attention(qp, kp, vp, dropout_p=p, is_causal=True)
+        else:
+            s = qp @ kp.transpose(-1, -2) / math.sqrt(self.head_dim)  # [B, H, N, N]
+            causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+            s = s.masked_fill(~causal, float("-inf"))
+            o = F.dropout(s.softmax(-1), p, self.training) @ vp  # [B, H, N, Dh]
+        return unpad_jagged(o.transpose(1, 2), flat_idx)  # [L, H, Dh]
+
+
+class Trunk(nn.Module):
+    """Pre-norm causal transformer with learned absolute positions (added inside the trunk)."""
+
+    def __init__(self, spec: TrunkSpec) -> None:
+        super().__init__()
+        if spec.d_model % spec.n_heads:
+            raise ValueError(f"d_model {spec.d_model} not divisible by n_heads {spec.n_heads}")
+        if spec.attention not in ATTENTION_CHOICES:
+            raise ValueError(f"trunk.attention must be one of {ATTENTION_CHOICES}, got {spec.attention!r}")
+        self.spec = spec
+        self.pos_emb = nn.Embedding(spec.max_len + 1, spec.d_model)
+        nn.init.normal_(self.pos_emb.weight, std=0.02)
+        self.in_drop = nn.Dropout(spec.dropout)
+        self.layers = nn.ModuleList(TrunkLayer(spec) for _ in range(spec.n_layers))
+        self.final_ln = nn.LayerNorm(spec.d_model)
+
+    def _check_len(self, max_len: int) -> None:
+        if max_len > self.spec.max_len:
+            raise ValueError(
+                f"sequence length {max_len} exceeds trunk.max_len {self.spec.max_len}; "
+                f"truncate histories in the loader or raise trunk.max_len"
+            )
+
+    def _encode(
+        self, x: torch.Tensor, offsets: torch.Tensor, max_len: int, keep_cache: bool
+    ) -> Tuple[torch.Tensor, List[torch.Tensor], List[torch.Tensor]]:
+        self._check_len(max_len)
+        total, b = x.shape[0], offsets.numel() - 1
+        rows, pos = jagged_index(offsets, total, max_len)
+        flat_idx = rows * max_len + pos  # [L]
+        h = self.in_drop(x + self.pos_emb(pos))  # [L, D]
+        ks: List[torch.Tensor] = []
+        vs: List[torch.Tensor] = []
+        for layer in self.layers:
+            q, k, v = layer.qkv_heads(h)  # [L, H, Dh] each
+            if keep_cache:
+                ks.append(k)
+                vs.append(v)
+            if total == 0:
+                attn = q
+            else:
+                attn = layer.causal_attention(q, k, v, flat_idx, b, max_len)  # [L, H, Dh]
+            h = layer.finish(h, attn)
+        return self.final_ln(h), ks, vs
+
+    def forward(self, x: torch.Tensor, offsets: torch.Tensor, max_len: int) -> torch.Tensor:
+        """x [L, D] jagged by offsets [B+1] (max_len = N, longest row) -> hidden [L, D]."""
+        return self._encode(x, offsets, max_len, keep_cache=False)[0]
+
+    def encode_context(
+        self, x: torch.Tensor, offsets: torch.Tensor, max_len: int
+    ) -> Tuple[torch.Tensor, KVCache]:
+        """Histories x [L, D] jagged by offsets [U+1] -> (hidden [L, D], KVCache)."""
+        h, ks, vs = self._encode(x, offsets, max_len, keep_cache=True)
+        return h, KVCache(k=ks, v=vs, offsets=offsets, max_len=max_len)
+
+    def score_candidates(
+        self,
+        cand_x: torch.Tensor,
+        cand_offsets: torch.Tensor,
+        cache: KVCache,
+        *,
+        kernel: str = "auto",
+        max_ctx: int = 0,
+        max_cands: Optional[int] = None,
+        attn_fn: Optional[Callable[..., torch.Tensor]] = None,
+    ) -> torch.Tensor:
+        """Candidates cand_x [C, D] jagged by cand_offsets [U+1] -> hidden [C, D].
+
+        Candidate j of request r sits at position n_r (r's history length) and attends r's cached
+        history plus itself (never other candidates), in every layer. Equal (in eval mode) to
+        ``forward(history_r ++ [cand_j])[-1]``. Gradients flow into the history through the cache.
+        attn_fn: replaces ``pinfm_rec.kernels.dcat.dcat_attention`` (same signature); None imports it.
+        """
+        if attn_fn is None:
+            from pinfm_rec.kernels.dcat import dcat_attention as attn_fn  # lazy: optional dependency
+        if len(cache.k) != len(self.layers):
+            raise ValueError(f"cache has {len(cache.k)} layers, trunk has {len(self.layers)}")
+        self._check_len(cache.max_len)
+        c = cand_x.shape[0]
+        cand_rows, _ = jagged_index(cand_offsets, c, 0)  # [C]
+        ctx_len = cache.offsets[1:] - cache.offsets[:-1]  # [U]
+        h = self.in_drop(cand_x + self.pos_emb(ctx_len[cand_rows]))  # [C, D]
+        scale = 1.0 / math.sqrt(self.spec.d_model // self.spec.n_heads)
+        for layer, k_ctx, v_ctx in zip(self.layers, cache.k, cache.v):
+            q, k, v = layer.qkv_heads(h)  # [C, H, Dh] each
+            attn = attn_fn(
+                q, k, v, k_ctx, v_ctx, cand_offsets, cache.offsets,
+                max_ctx=max_ctx, scale=scale, max_cands=max_cands,
+                max_ctx_len=cache.max_len, kernel=kernel,
+            )  # [C, H, Dh]
+            h = layer.finish(h, attn)
+        return self.final_ln(h)

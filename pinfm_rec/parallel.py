@@ -1,0 +1,273 @@
+"""Process groups, sharding and data parallelism: the only file of pinfm_rec that shards.
+
+* ``init_distributed`` starts (or joins) the process group: nccl on CUDA, gloo on CPU; a single
+  process without torchrun still gets a world of 1 so ``DistributedModelParallel`` works the same.
+* ``shard_model`` attaches the FBGEMM fused optimizer to the embedding tables
+  (``apply_optimizer_in_backward``), asks the planner for a plan under the per-table sharding
+  constraints from the spec, logs it, and wraps the model in ``DistributedModelParallel``; the dense
+  rest goes to DDP (default) or FSDP2 (``fully_shard`` per trunk block).
+* ``build_optimizer`` combines DMP's fused embedding optimizer with a dense AdamW.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from torchrec.distributed.embedding import EmbeddingCollectionSharder
+from torchrec.distributed.embedding_types import EmbeddingComputeKernel
+from torchrec.distributed.model_parallel import (
+    DataParallelWrapper,
+    DefaultDataParallelWrapper,
+    DistributedModelParallel,
+)
+from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+from torchrec.distributed.planner.types import ParameterConstraints
+from torchrec.distributed.types import ShardingEnv, ShardingPlan
+from torchrec.modules.embedding_modules import EmbeddingCollection
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+logger = logging.getLogger(__name__)
+
+SHARDING_TYPES = ("table_wise", "row_wise", "column_wise")
+
+
+@dataclass
+class ParallelSpec:
+    """How the model is spread over ranks (owned by parallel.py)."""
+
+    backend: str = "auto"  # auto (nccl on CUDA, else gloo) | nccl | gloo
+    dense: str = "ddp"  # ddp | fsdp2
+    embedding_optimizer: str = "rowwise_adagrad"  # sgd | adagrad | rowwise_adagrad | adam (GPU only)
+    embedding_lr: float = 0.05
+    embedding_weight_decay: float = 0.0
+    bf16: bool = True  # autocast the dense trunk to bf16 on CUDA (ignored on CPU)
+    timeout_s: int = 1800
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("auto", "nccl", "gloo"):
+            raise ValueError(f"parallel.backend must be auto|nccl|gloo, got {self.backend!r}")
+        if self.dense not in ("ddp", "fsdp2"):
+            raise ValueError(f"parallel.dense must be ddp|fsdp2, got {self.dense!r}")
+        if self.embedding_optimizer not in ("sgd", "adagrad", "rowwise_adagrad", "adam"):
+            raise ValueError(
+                f"parallel.embedding_optimizer must be sgd|adagrad|rowwise_adagrad|adam, "
+                f"got {self.embedding_optimizer!r}"
+            )
+
+
+@dataclass
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(spec: ParallelSpec, force_cpu: bool = False) -> DistEnv:
+    """Join the torchrun world (RANK/WORLD_SIZE set) or start a world of 1. Idempotent."""
+    use_cuda = torch.cuda.is_available() and not force_cpu
+    backend = spec.backend if spec.backend != "auto" else ("nccl" if use_cuda else "gloo")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=spec.timeout_s)
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            dist.init_process_group(backend=backend, timeout=timeout)
+        else:
+            dist.init_process_group(
+                backend=backend,
+                init_method=f"tcp://127.0.0.1:{_free_port()}",
+                rank=0,
+                world_size=1,
+                timeout=timeout,
+            )
+    return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)
+
+
+def shutdown_distributed() -> None:
+    """Barrier, then destroy the group (a barrier first avoids rare gloo aborts)."""
+    if dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
+
+
+def _embedding_optimizer(spec: ParallelSpec, device: torch.device):
+    name = spec.embedding_optimizer
+    if name == "adam" and device.type != "cuda":
+        raise ValueError(
+            "parallel.embedding_optimizer=adam needs CUDA (FBGEMM's CPU fused kernels support "
+            "sgd, adagrad, rowwise_adagrad); pick one of those for CPU runs"
+        )
+    from torchrec.optim import rowwise_adagrad
+
+    if name == "sgd":
+        return torch.optim.SGD, {"lr": spec.embedding_lr}
+    if name == "adagrad":
+        return torch.optim.Adagrad, {"lr": spec.embedding_lr, "eps": 1e-8}
+    if name == "rowwise_adagrad":
+        return rowwise_adagrad.RowWiseAdagrad, {
+            "lr": spec.embedding_lr,
+            "eps": 1e-8,
+            "weight_decay": spec.embedding_weight_decay,
+        }
+    return torch.optim.Adam, {"lr": spec.embedding_lr, "eps": 1e-8, "weight_decay": spec.embedding_weight_decay}
+
+
+class FSDP2Wrapper(DataParallelWrapper):
+    """Shards the dense rest of the model with FSDP2: each trunk block, then every dense child."""
+
+    def wrap(self, dmp: DistributedModelParallel, env: ShardingEnv, device: torch.device) -> None:
+        from torch.distributed.fsdp import fully_shard  # torch >= 2.6
+
+        root = dmp._dmp_wrapped_module
+        for name, child in list(root.named_children()):
+            if any(isinstance(m, EmbeddingCollection) or hasattr(m, "_lookups") for m in child.modules()):
+                continue  # sharded tables stay with DMP
+            if not any(p.requires_grad for p in child.parameters()):
+                continue
+            for block in getattr(child, "layers", []) or []:
+                fully_shard(block)
+            fully_shard(child)
+        stray = [n for n, p in root.named_parameters(recurse=False)]
+        if stray:
+            raise ValueError(f"FSDP2 wrapping: parameters directly on the root module are not supported: {stray}")
+
+
+def _find_embedding_collections(model: nn.Module) -> Dict[str, EmbeddingCollection]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, EmbeddingCollection)}
+
+
+def shard_model(
+    model: nn.Module,
+    spec: ParallelSpec,
+    env: DistEnv,
+    table_shardings: Dict[str, str],
+    batch_size: Optional[int] = None,
+) -> tuple[DistributedModelParallel, ShardingPlan]:
+    """Wrap ``model`` (its EmbeddingCollection on ``meta``) in DMP under the spec's constraints.
+
+    table_shardings: table name → one of table_wise | row_wise | column_wise | auto.
+    Returns the DMP module and the plan (also logged on rank 0).
+    """
+    ecs = _find_embedding_collections(model)
+    if not ecs:
+        raise ValueError("shard_model: the model has no EmbeddingCollection")
+    opt_cls, opt_kwargs = _embedding_optimizer(spec, env.device)
+    for ec in ecs.values():
+        apply_optimizer_in_backward(opt_cls, ec.parameters(), opt_kwargs)
+
+    constraints = {}
+    for table, st in table_shardings.items():
+        if st == "auto":
+            types = list(SHARDING_TYPES)
+        elif st in SHARDING_TYPES:
+            types = [st]
+        else:
+            raise ValueError(f"table {table}: sharding must be one of {SHARDING_TYPES} or auto, got {st!r}")
+        constraints[table] = ParameterConstraints(
+            sharding_types=types, compute_kernels=[EmbeddingComputeKernel.FUSED.value]
+        )
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
+    topology = Topology(
+        world_size=env.world_size,
+        compute_device=env.device.type,
+        local_world_size=local_world,
+        batch_size=batch_size or 512,
+    )
+    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
+    sharders = [EmbeddingCollectionSharder()]
+    pg = dist.GroupMember.WORLD
+    plan = planner.collective_plan(model, sharders, pg)
+    if env.is_main:
+        logger.info("sharding plan (world_size=%d):\n%s", env.world_size, format_plan(plan))
+    wrapper = FSDP2Wrapper() if spec.dense == "fsdp2" else DefaultDataParallelWrapper()
+    dmp = DistributedModelParallel(
+        module=model,
+        env=ShardingEnv.from_process_group(pg),
+        device=env.device,
+        plan=plan,
+        sharders=sharders,
+        data_parallel_wrapper=wrapper,
+    )
+    return dmp, plan
+
+
+def format_plan(plan: ShardingPlan) -> str:
+    """One line per table: module path, table, sharding type, kernel, ranks and shard sizes."""
+    lines = []
+    for module_path, module_plan in plan.plan.items():
+        for table, ps in module_plan.items():
+            shards = ""
+            if ps.sharding_spec is not None and hasattr(ps.sharding_spec, "shards"):
+                shards = ", ".join(
+                    f"rank{s.placement.rank()}:{list(s.shard_sizes)}@{list(s.shard_offsets)}"
+                    for s in ps.sharding_spec.shards
+                )
+            lines.append(
+                f"  {module_path}.{table}: {ps.sharding_type} kernel={ps.compute_kernel} ranks={ps.ranks} {shards}"
+            )
+    return "\n".join(lines)
+
+
+def build_optimizer(dmp: DistributedModelParallel, lr: float, weight_decay: float) -> CombinedOptimizer:
+    """DMP's fused embedding optimizer + AdamW over the dense parameters, as one KeyedOptimizer."""
+    dense = dict(in_backward_optimizer_filter(dmp.named_parameters(), include=False))
+    dense_opt = KeyedOptimizerWrapper(
+        dense, lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.98))
+    )
+    return CombinedOptimizer([("emb", dmp.fused_optimizer), ("dense", dense_opt)])
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over ranks (no-op when there is one)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate along dim 0 equal-shaped tensors from every rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return t
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, t.contiguous())
+    return torch.cat(out, 0)
+
+
+def broadcast_object(obj):
+    """Rank 0's object on every rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()

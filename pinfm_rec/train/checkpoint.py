@@ -1,0 +1,183 @@
+"""Crash-safe checkpoints with ``torch.distributed.checkpoint`` (DCP).
+
+Layout under ``<ckpt_dir>``::
+
+    step_00000200/            one complete checkpoint
+        .metadata, *.distcp     DCP shards: sharded tables, dense trunk, optimizer state
+        loader_rank{r}.pt       each rank's data-loader state (exact mid-epoch resume)
+        train_state.json        step, epoch, world size, metrics so far
+        spec.yaml               the resolved spec that produced it
+        COMPLETE                written last: a directory without it is never loaded
+    step_00000300.tmp/        a save in progress (or killed mid-way): ignored, removed next save
+    encoder/                  model-only export (tables + trunk) that fine-tuning loads
+
+Every rank writes its DCP shard into ``step_N.tmp``; after a barrier rank 0 writes COMPLETE and
+renames the directory atomically. A SIGKILL at any point leaves either the previous complete
+checkpoint or the new one, never a half one that gets loaded.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
+
+import torch
+import torch.distributed.checkpoint as dcp
+
+from pinfm_rec.parallel import barrier, broadcast_object
+
+logger = logging.getLogger(__name__)
+
+_STEP_RE = re.compile(r"^step_(\d{8})$")
+
+
+@dataclass
+class CheckpointSpec:
+    """Where and how often to checkpoint (owned by train/checkpoint.py)."""
+
+    dir: str = ""  # empty → <run_dir>/checkpoints
+    every_steps: int = 500  # 0 = only at the end
+    keep_last: int = 2
+    resume: bool = True  # resume from the newest complete checkpoint when one exists
+
+
+def complete_checkpoints(ckpt_dir: str) -> list[tuple[int, str]]:
+    """(step, path) of every complete checkpoint, oldest first."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    out = []
+    for name in os.listdir(ckpt_dir):
+        m = _STEP_RE.match(name)
+        path = os.path.join(ckpt_dir, name)
+        if m and os.path.isfile(os.path.join(path, "COMPLETE")):
+            out.append((int(m.group(1)), path))
+    return sorted(out)
+
+
+def latest_checkpoint(ckpt_dir: str) -> Optional[str]:
+    ck = complete_checkpoints(ckpt_dir)
+    return ck[-1][1] if ck else None
+
+
+def _model_state(model: torch.nn.Module) -> Dict[str, Any]:
+    return model.state_dict()
+
+
+def save_checkpoint(
+    ckpt_dir: str,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: Optional[Any],
+    loader_state: Optional[dict],
+    train_state: dict,
+    spec_yaml: str,
+    rank: int,
+    keep_last: int = 2,
+) -> str:
+    """Collective: every rank calls it. Returns the final checkpoint path."""
+    final = os.path.join(ckpt_dir, f"step_{step:08d}")
+    tmp = final + ".tmp"
+    if rank == 0:
+        os.makedirs(ckpt_dir, exist_ok=True)
+        for name in os.listdir(ckpt_dir):  # leftovers of killed saves
+            if name.endswith(".tmp"):
+                shutil.rmtree(os.path.join(ckpt_dir, name), ignore_errors=True)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.makedirs(tmp)
+    barrier()
+    state: Dict[str, Any] = {"model": _model_state(model)}
+    if optimizer is not None:
+        state["optim"] = optimizer.state_dict()
+    dcp.save(state, checkpoint_id=tmp)
+    if loader_state is not None:
+        torch.save(loader_state, os.path.join(tmp, f"loader_rank{rank}.pt"))
+    barrier()
+    if rank == 0:
+        with open(os.path.join(tmp, "train_state.json"), "w") as f:
+            json.dump(train_state, f, indent=1)
+        with open(os.path.join(tmp, "spec.yaml"), "w") as f:
+            f.write(spec_yaml)
+        with open(os.path.join(tmp, "COMPLETE"), "w") as f:
+            f.write(f"step {step}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, final)
+        for _, old in complete_checkpoints(ckpt_dir)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+        logger.info("checkpoint written: %s", final)
+    barrier()
+    return final
+
+
+def load_checkpoint(
+    path: str,
+    model: torch.nn.Module,
+    optimizer: Optional[Any],
+    rank: int,
+) -> tuple[dict, Optional[dict]]:
+    """Load in place (collective). Returns (train_state, this rank's loader state or None).
+
+    Works when the number of ranks or the sharding plan differs from the saving run (DCP reshards);
+    the loader state is then dropped (the epoch restarts) because row shards differ.
+    """
+    state: Dict[str, Any] = {"model": _model_state(model)}
+    if optimizer is not None:
+        if hasattr(optimizer, "init_state"):
+            optimizer.init_state()  # materialise lazy optimizer state so DCP can load into it
+        state["optim"] = optimizer.state_dict()
+    dcp.load(state, checkpoint_id=path)
+    model.load_state_dict(state["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optim"])
+    with open(os.path.join(path, "train_state.json")) as f:
+        train_state = json.load(f)
+    loader_state = None
+    lp = os.path.join(path, f"loader_rank{rank}.pt")
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    if os.path.isfile(lp) and train_state.get("world_size") == world:
+        loader_state = torch.load(lp, weights_only=False)
+    elif rank == 0:
+        logger.warning("%s: no loader state for world size %d; the epoch restarts", path, world)
+    return train_state, loader_state
+
+
+def export_encoder(out_dir: str, model: torch.nn.Module, spec_yaml: str, meta: dict, rank: int) -> str:
+    """Model-only DCP export (tables + dense) that fine-tuning loads on any number of ranks."""
+    tmp = out_dir.rstrip("/") + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    barrier()
+    dcp.save({"model": _model_state(model)}, checkpoint_id=tmp)
+    barrier()
+    if rank == 0:
+        with open(os.path.join(tmp, "spec.yaml"), "w") as f:
+            f.write(spec_yaml)
+        with open(os.path.join(tmp, "encoder_meta.json"), "w") as f:
+            json.dump(meta, f, indent=1)
+        open(os.path.join(tmp, "COMPLETE"), "w").close()
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.rename(tmp, out_dir)
+        logger.info("encoder exported: %s", out_dir)
+    barrier()
+    return out_dir
+
+
+def load_model_state(path: str, model: torch.nn.Module, strict: bool = True) -> None:
+    """Load only the model part of a checkpoint or encoder export into ``model`` (collective)."""
+    if not os.path.isfile(os.path.join(path, "COMPLETE")):
+        raise FileNotFoundError(f"{path}: not a complete checkpoint (no COMPLETE marker)")
+    state = {"model": _model_state(model)}
+    dcp.load(state, checkpoint_id=path)
+    model.load_state_dict(state["model"], strict=strict)
+
+
+def resolve_resume(ckpt_dir: str, enabled: bool) -> Optional[str]:
+    """Rank 0 picks the newest complete checkpoint; everyone gets the same answer."""
+    path = latest_checkpoint(ckpt_dir) if enabled else None
+    return broadcast_object(path)

@@ -1,0 +1,81 @@
+"""Full-ranking retrieval evaluation (leave-one-out HR@K / NDCG@K over ALL items).
+
+Correct with sharded tables: every rank looks up its slice of the item ids through the (sharded)
+EmbeddingCollection, the slices are all-gathered into the full item matrix [I, D], each rank ranks
+its own users against all items, and the weighted metric sums are all-reduced. No history item is
+filtered from the ranking (the protocol of the generative-recommenders SASRec/HSTU numbers).
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+
+from pinfm_rec.parallel import all_gather_cat, all_reduce_sum
+from pinfm_rec.train.metrics import hr_ndcg_sums, target_ranks
+
+
+@torch.no_grad()
+def all_item_embeddings(model, num_items: int, device: torch.device, chunk: int = 32768) -> torch.Tensor:
+    """Output-space embeddings of every item, on every rank (collective).
+
+    Returns [I, D]. Each round, rank r looks up ids [round*W*S + r*S, ... + S) (padded with id 0 past
+    the end so every rank sends a non-empty, equal-sized request), then the rounds are gathered.
+    """
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    chunk = max(1, min(chunk, math.ceil(num_items / world)))
+    rounds = math.ceil(num_items / (world * chunk))
+    parts = []
+    for c in range(rounds):
+        start = c * world * chunk + rank * chunk
+        ids = torch.arange(start, start + chunk, device=device)
+        ids = torch.where(ids < num_items, ids, torch.zeros_like(ids))
+        emb = model.item_embeddings(ids).float()  # [S, D]
+        parts.append(all_gather_cat(emb))  # [W*S, D]
+    return torch.cat(parts, 0)[:num_items]
+
+
+@torch.no_grad()
+def evaluate_retrieval(
+    model,
+    batches: Iterable,
+    num_items: int,
+    device: torch.device,
+    ks: Sequence[int] = (10, 50, 200),
+    max_batches: int = 0,
+    autocast_dtype=None,
+) -> Dict[str, float]:
+    """HR@K and NDCG@K of the held-out target among all ``num_items`` items.
+
+    model: the unwrapped PinFM (``dmp.module``) with ``encode_users(batch) -> [B, D]`` and
+    ``item_embeddings(ids [I]) -> [I, D]``. batches: SequenceBatch with target_item [B], weights [B].
+    Every rank must iterate the same number of batches (the loader guarantees it).
+    """
+    was_training = model.training
+    model.eval()
+    items = all_item_embeddings(model, num_items, device)  # [I, D]
+    sums: Dict[str, torch.Tensor] = {}
+    for i, batch in enumerate(batches):
+        if max_batches and i >= max_batches:
+            break
+        batch = batch.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            users = model.encode_users(batch)  # [B, D]
+        scores = users.float() @ items.t()  # [B, I]
+        ranks = target_ranks(scores, batch.target_item)
+        w = batch.weights if batch.weights is not None else torch.ones_like(ranks, dtype=torch.float32)
+        for k, v in hr_ndcg_sums(ranks, w, ks).items():
+            sums[k] = sums.get(k, 0) + v.to(device)
+    model.train(was_training)
+    if not sums:
+        return {}
+    keys = sorted(sums)
+    vec = all_reduce_sum(torch.stack([sums[k].to(torch.float64) for k in keys]))
+    tot = dict(zip(keys, vec.tolist()))
+    count = tot.pop("count")
+    out = {k: v / max(count, 1.0) for k, v in tot.items()}
+    out["count"] = count
+    return out

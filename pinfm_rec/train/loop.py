@@ -1,0 +1,166 @@
+"""The shared step loop: forward → NaN guard → backward (fused embedding update) → clip → step.
+
+Recipes (pretrain, finetune) build the pieces and call ``Trainer.fit``; the loop itself knows
+nothing about data sources or sharding.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import resource
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, List, Optional
+
+import torch
+
+from pinfm_rec.parallel import all_reduce_sum
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainSpec:
+    """Optimisation schedule (owned by train/loop.py)."""
+
+    epochs: int = 10
+    max_steps: int = 0  # stop after this many steps in total (0 = run all epochs)
+    lr: float = 1e-3  # dense AdamW
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # cosine decay to lr * min_lr_ratio at the last step
+    grad_clip: float = 1.0
+    log_every: int = 20
+    eval_every_epochs: int = 1  # 0 = only at the end
+    eval_ks: List[int] = field(default_factory=lambda: [10, 50, 200])
+    eval_max_batches: int = 0  # 0 = the whole split
+
+
+def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """Linear warm-up then cosine decay to ``min_ratio``."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if total <= warmup:
+        return 1.0
+    p = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * p))
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Raised when a loss is NaN/inf; names the step and the requests of the batch."""
+
+
+@dataclass
+class LoopState:
+    step: int = 0
+    epoch: int = 0
+    tokens: int = 0
+    history: List[Dict[str, float]] = field(default_factory=list)
+
+
+class Trainer:
+    """Runs epochs of steps with logging, periodic evaluation and checkpoints.
+
+    model: the DMP-wrapped module whose forward(batch) returns a dict with a scalar "loss".
+    dense_params: parameters to clip (the fused embedding optimizer updates tables in backward).
+    dense_groups: param groups whose lr follows the schedule.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer,
+        dense_params: List[torch.nn.Parameter],
+        dense_groups: List[dict],
+        spec: TrainSpec,
+        device: torch.device,
+        world_size: int,
+        log_fn: Callable[[Dict[str, float], int], None],
+        autocast_dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.dense_params = dense_params
+        self.dense_groups = dense_groups
+        self.base_lrs = [g["lr"] for g in dense_groups]
+        self.spec = spec
+        self.device = device
+        self.world_size = world_size
+        self.log_fn = log_fn
+        self.autocast_dtype = autocast_dtype
+
+    def set_lr(self, step: int, total: int) -> float:
+        f = lr_factor(step, total, self.spec.warmup_steps, self.spec.min_lr_ratio)
+        for g, base in zip(self.dense_groups, self.base_lrs):
+            g["lr"] = base * f
+        return self.base_lrs[0] * f if self.base_lrs else 0.0
+
+    def train_step(self, batch, state: LoopState, total_steps: int) -> Dict[str, torch.Tensor]:
+        lr = self.set_lr(state.step, total_steps)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            out = self.model(batch)
+        loss = out["loss"]
+        if not torch.isfinite(loss.detach()).all():
+            ids = batch.request_ids[:8].tolist()
+            parts = {k: float(v) for k, v in out.items() if torch.is_tensor(v) and v.numel() == 1}
+            raise NonFiniteLossError(
+                f"non-finite loss at step {state.step} (epoch {state.epoch}): {parts}; "
+                f"first request ids of the batch: {ids}"
+            )
+        loss.backward()
+        if self.spec.grad_clip > 0 and self.dense_params:
+            torch.nn.utils.clip_grad_norm_(self.dense_params, self.spec.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        out["lr"] = torch.tensor(lr)
+        return out
+
+    def run_epoch(
+        self,
+        batches: Iterable,
+        state: LoopState,
+        total_steps: int,
+        on_step: Optional[Callable[[LoopState], None]] = None,
+    ) -> bool:
+        """One pass over ``batches``. Returns False when max_steps stopped it early."""
+        self.model.train()
+        t0 = time.perf_counter()
+        win_tokens, win_rows, win_steps = 0, 0, 0
+        acc: Dict[str, float] = {}
+        for batch in batches:
+            if self.spec.max_steps and state.step >= self.spec.max_steps:
+                return False
+            batch = batch.to(self.device, non_blocking=True)
+            out = self.train_step(batch, state, total_steps)
+            state.step += 1
+            n_tok = int(batch.timestamps.numel())
+            win_tokens += n_tok
+            win_rows += batch.batch_size
+            win_steps += 1
+            for k, v in out.items():
+                if torch.is_tensor(v) and v.numel() == 1:
+                    acc[k] = acc.get(k, 0.0) + float(v.detach())
+            if state.step % self.spec.log_every == 0:
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                dt = time.perf_counter() - t0
+                counts = all_reduce_sum(torch.tensor([win_tokens, win_rows], dtype=torch.float64))
+                stats = {f"train/{k}": v / win_steps for k, v in acc.items() if k != "lr"}
+                stats["train/lr"] = acc.get("lr", 0.0) / win_steps
+                stats["perf/tokens_per_s"] = float(counts[0]) / dt
+                stats["perf/examples_per_s"] = float(counts[1]) / dt
+                stats["perf/step_ms"] = 1000 * dt / win_steps
+                stats["perf/peak_mem_mb"] = peak_memory_mb(self.device)
+                stats["epoch"] = state.epoch
+                self.log_fn(stats, state.step)
+                acc, win_tokens, win_rows, win_steps = {}, 0, 0, 0
+                t0 = time.perf_counter()
+            if on_step is not None:
+                on_step(state)
+        return True

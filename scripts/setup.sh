@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Create .venv with the pinned CPU stack and pinfm_rec installed editable. Idempotent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+.venv/bin/python -m pip install -q -r requirements-cpu.txt
+.venv/bin/python -m pip install -q --no-deps torchrec==1.8.0
+.venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+.venv/bin/python -c "import torch, torchrec, fbgemm_gpu, pinfm_rec.kernels; print('pinfm_rec env ready: torch', torch.__version__, 'torchrec', torchrec.__version__ if hasattr(torchrec, '__version__') else '1.8.0')"
