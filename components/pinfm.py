@@ -9,7 +9,6 @@ Built on ``torchx.components.dist.ddp`` (c10d rendezvous, one process per ``npro
 the same component runs on the local_cwd, slurm and kubernetes schedulers configured in
 ``.torchxconfig``.
 """
-from __future__ import annotations
 
 from typing import Dict, List, Optional
 

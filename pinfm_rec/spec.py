@@ -6,7 +6,8 @@ turn YAML into such a tree and back:
 
 * unknown keys are errors naming the dotted key and the keys that would be valid;
 * values are type-checked against the field annotation (int, float, str, bool, lists, nested
-  dataclasses, ``Optional``); an int is accepted where a float is expected, nothing else is coerced;
+  dataclasses, ``Optional``); an int (or a YAML string like ``3e-4``) is accepted where a float is
+  expected, nothing else is coerced;
 * overrides ``a.b.c=value`` are parsed as YAML scalars/lists (``x=1e-3``, ``x=[1,2]``, ``x=true``);
 * ``dump_spec`` writes the resolved spec back to YAML (saved beside every checkpoint).
 """
@@ -77,6 +78,11 @@ def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
             raise SpecError(f"{where}: key '{key}' must be an int, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise SpecError(f"{where}: key '{key}' must be a number, got {value!r}")
         return float(value)

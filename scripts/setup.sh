@@ -7,6 +7,7 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+.venv/bin/python -m pip install -q setuptools wheel
 .venv/bin/python -m pip install -q -r requirements-cpu.txt
 .venv/bin/python -m pip install -q --no-deps torchrec==1.8.0
 .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .

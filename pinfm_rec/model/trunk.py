@@ -92,7 +92,7 @@ class TrunkLayer(nn.Module):
 
     def finish(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """x [T, D] residual, attn [T, H, Dh] attention output -> [T, D] layer output."""
-        x = x + self.drop(self.out(attn.reshape(attn.shape[0], -1)))  # [T, D]
+        x = x + self.drop(self.out(attn.flatten(1)))  # [T, D]
         return x + self.drop(self.mlp(self.ln2(x)))
 
     def causal_attention(

@@ -1,0 +1,231 @@
+"""Triton backward kernels for DCAT crossing attention.
+
+Notation: R requests, Cn candidates total, Lc context tokens total, H heads,
+Dh head dim. Two kernels:
+
+* ``_dcat_bwd_dq_kernel``: one program per (candidate tile, head, history
+  split). Computes delta = rowsum(dO * O) for its rows, streams the split's
+  context K/V to accumulate dq, and (split 0) the self term: dq_self,
+  dk_self, dv_self. With several splits, fp32 partial dq are summed after.
+* ``_dcat_bwd_dkdv_kernel``: one program per (context tile, head); iterates
+  over all candidate tiles of the request and accumulates dK_ctx, dV_ctx
+  (tokens outside the ``max_ctx`` window get zeros). Reads delta from the
+  first kernel.
+
+Import lazily (after TRITON_INTERPRET is settled), as for triton_fwd.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_fwd import LOG2E, _splits
+
+BWD_CONFIG = dict(
+    DQ_BLOCK_M=128, DQ_BLOCK_N=64, dq_warps=8, dq_stages=2,
+    KV_BLOCK_N=128, KV_BLOCK_M=64, kv_warps=8, kv_stages=2,
+    waves=2.0, min_split=1024, split_size=None)
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _dcat_bwd_dq_kernel(
+    Q, K, V, KC, VC, O, DO, LSE, CO, XO, DQ, DK, DV, DELTA, PDQ,
+    s_qm, s_qh, s_km, s_kh, s_vm, s_vh, s_kcm, s_kch, s_vcm, s_vch,
+    s_om, s_oh, s_dom, s_doh,
+    Cn, H, n_mtiles, max_ctx, split_size, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLIT: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.program_id(2)
+    r = pid // n_mtiles
+    mt = pid - r * n_mtiles
+    c0 = tl.load(CO + r).to(tl.int64)
+    c1 = tl.load(CO + r + 1).to(tl.int64)
+    m0 = c0 + mt * BLOCK_M
+    x0 = tl.load(XO + r).to(tl.int64)
+    x1 = tl.load(XO + r + 1).to(tl.int64)
+    if max_ctx > 0:
+        x0 = tl.maximum(x0, x1 - max_ctx)
+    n_split_r = tl.maximum(tl.cdiv(x1 - x0, split_size), 1)
+    qk_scale = scale * 1.4426950408889634
+    if (m0 < c1) & (s < n_split_r):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < c1
+        offs_d = tl.arange(0, HEAD_DIM)
+        rmask = mask_m[:, None]
+        q = tl.load(Q + offs_m[:, None] * s_qm + h * s_qh + offs_d[None, :], mask=rmask, other=0.0)
+        do = tl.load(DO + offs_m[:, None] * s_dom + h * s_doh + offs_d[None, :], mask=rmask,
+                     other=0.0)
+        o = tl.load(O + offs_m[:, None] * s_om + h * s_oh + offs_d[None, :], mask=rmask, other=0.0)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+        lse2 = tl.load(LSE + offs_m * H + h, mask=mask_m, other=0.0) * 1.4426950408889634
+        dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        if s == 0:
+            ks = tl.load(K + offs_m[:, None] * s_km + h * s_kh + offs_d[None, :], mask=rmask,
+                         other=0.0).to(tl.float32)
+            vs = tl.load(V + offs_m[:, None] * s_vm + h * s_vh + offs_d[None, :], mask=rmask,
+                         other=0.0).to(tl.float32)
+            qf = q.to(tl.float32)
+            dof = do.to(tl.float32)
+            p_self = tl.math.exp2(tl.sum(qf * ks, 1) * qk_scale - lse2)
+            ds_self = p_self * (tl.sum(dof * vs, 1) - delta)
+            dq = ds_self[:, None] * ks
+            tl.store(DK + offs_m[:, None] * s_km + h * s_kh + offs_d[None, :],
+                     (ds_self[:, None] * qf * scale).to(DK.dtype.element_ty), mask=rmask)
+            tl.store(DV + offs_m[:, None] * s_vm + h * s_vh + offs_d[None, :],
+                     (p_self[:, None] * dof).to(DV.dtype.element_ty), mask=rmask)
+            tl.store(DELTA + offs_m * H + h, delta, mask=mask_m)
+        kstart = x0 + s * split_size
+        kend = tl.minimum(kstart + split_size, x1)
+        offs_n0 = tl.arange(0, BLOCK_N)
+        for n in range(kstart, kend, BLOCK_N):
+            offs_n = n + offs_n0
+            kmask = offs_n < kend
+            kb = tl.load(KC + offs_n[:, None] * s_kcm + h * s_kch + offs_d[None, :],
+                         mask=kmask[:, None], other=0.0)
+            vb = tl.load(VC + offs_n[:, None] * s_vcm + h * s_vch + offs_d[None, :],
+                         mask=kmask[:, None], other=0.0)
+            qk = _dot(q, tl.trans(kb), IEEE)
+            p = tl.math.exp2(qk * qk_scale - lse2[:, None])
+            p = tl.where(kmask[None, :], p, 0.0)
+            dp = _dot(do, tl.trans(vb), IEEE)
+            ds = p * (dp - delta[:, None])
+            dq += _dot(ds.to(kb.dtype), kb, IEEE)
+        dq = dq * scale
+        if SPLIT:
+            prow = (s * Cn + offs_m) * H + h
+            tl.store(PDQ + prow[:, None] * HEAD_DIM + offs_d[None, :], dq, mask=rmask)
+        else:
+            tl.store(DQ + offs_m[:, None] * s_qm + h * s_qh + offs_d[None, :],
+                     dq.to(DQ.dtype.element_ty), mask=rmask)
+
+
+@triton.jit
+def _dcat_bwd_dkdv_kernel(
+    Q, KC, VC, DO, LSE, DELTA, CO, XO, DKC, DVC,
+    s_qm, s_qh, s_kcm, s_kch, s_vcm, s_vch, s_dom, s_doh,
+    H, n_ntiles, max_ctx, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    r = pid // n_ntiles
+    nt = pid - r * n_ntiles
+    x0 = tl.load(XO + r).to(tl.int64)
+    x1 = tl.load(XO + r + 1).to(tl.int64)
+    n0 = x0 + nt * BLOCK_N
+    qk_scale = scale * 1.4426950408889634
+    if n0 < x1:
+        w0 = x0
+        if max_ctx > 0:
+            w0 = tl.maximum(x0, x1 - max_ctx)
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        nmask = offs_n < x1
+        in_win = nmask & (offs_n >= w0)
+        dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+        dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+        if n0 + BLOCK_N > w0:
+            c0 = tl.load(CO + r).to(tl.int64)
+            c1 = tl.load(CO + r + 1).to(tl.int64)
+            kb = tl.load(KC + offs_n[:, None] * s_kcm + h * s_kch + offs_d[None, :],
+                         mask=nmask[:, None], other=0.0)
+            vb = tl.load(VC + offs_n[:, None] * s_vcm + h * s_vch + offs_d[None, :],
+                         mask=nmask[:, None], other=0.0)
+            offs_m0 = tl.arange(0, BLOCK_M)
+            for m in range(c0, c1, BLOCK_M):
+                offs_m = m + offs_m0
+                mask_m = offs_m < c1
+                q = tl.load(Q + offs_m[:, None] * s_qm + h * s_qh + offs_d[None, :],
+                            mask=mask_m[:, None], other=0.0)
+                do = tl.load(DO + offs_m[:, None] * s_dom + h * s_doh + offs_d[None, :],
+                             mask=mask_m[:, None], other=0.0)
+                lse2 = tl.load(LSE + offs_m * H + h, mask=mask_m,
+                               other=float("inf")) * 1.4426950408889634
+                delta = tl.load(DELTA + offs_m * H + h, mask=mask_m, other=0.0)
+                qkT = _dot(kb, tl.trans(q), IEEE)
+                pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
+                dv += _dot(pT.to(do.dtype), do, IEEE)
+                dpT = _dot(vb, tl.trans(do), IEEE)
+                dsT = pT * (dpT - delta[None, :])
+                dk += _dot(dsT.to(q.dtype), q, IEEE)
+            dk = tl.where(in_win[:, None], dk * scale, 0.0)
+            dv = tl.where(in_win[:, None], dv, 0.0)
+        tl.store(DKC + offs_n[:, None] * s_kcm + h * s_kch + offs_d[None, :],
+                 dk.to(DKC.dtype.element_ty), mask=nmask[:, None])
+        tl.store(DVC + offs_n[:, None] * s_vcm + h * s_vch + offs_d[None, :],
+                 dv.to(DVC.dtype.element_ty), mask=nmask[:, None])
+
+
+def dcat_bwd_triton(do, q, k, v, k_ctx, v_ctx, o, lse, cand_offsets, ctx_offsets,
+                    max_ctx: int, scale: float, max_cands: int, max_ctx_len: int,
+                    cfg: dict | None = None):
+    """Backward. do, q, k, v, o: [Cn, H, Dh]; k_ctx, v_ctx: [Lc, H, Dh];
+    lse: [Cn, H] fp32 (natural log, from the forward); offsets [R+1].
+
+    Returns (dq, dk, dv [Cn, H, Dh], dk_ctx, dv_ctx [Lc, H, Dh]) in input dtype.
+    k_ctx rows must all belong to some request (ctx_offsets[0] == 0,
+    ctx_offsets[-1] == Lc), likewise candidates.
+    """
+    cfg = {**BWD_CONFIG, **(cfg or {})}
+    Cn, H, Dh = q.shape
+    Lc = k_ctx.shape[0]
+    R = cand_offsets.numel() - 1
+    # k/v/k_ctx/v_ctx grads reuse the input strides (contiguous last dim).
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    dkc = torch.empty_like(k_ctx)
+    dvc = torch.empty_like(v_ctx)
+    if R == 0:
+        return dq, dk, dv, dkc, dvc
+    interp = os.environ.get("TRITON_INTERPRET") == "1"
+    ieee = q.dtype == torch.float32
+    delta = torch.empty((Cn, H), device=q.device, dtype=torch.float32)
+    if Cn > 0 and max_cands > 0:
+        bm = cfg["DQ_BLOCK_M"]
+        n_mtiles = triton.cdiv(max_cands, bm)
+        n_eff = min(max_ctx_len, max_ctx) if max_ctx > 0 else max_ctx_len
+        sc = {"BLOCK_N": cfg["DQ_BLOCK_N"], "waves": cfg["waves"],
+              "min_split": cfg["min_split"], "split_size": cfg["split_size"]}
+        split_size = _splits(R * n_mtiles * H, n_eff, sc, q.device)
+        n_split = max(1, triton.cdiv(n_eff, split_size))
+        pdq = (torch.zeros((n_split, Cn, H, Dh), device=q.device, dtype=torch.float32)
+               if n_split > 1 else dq)
+        kw = {} if interp else dict(num_warps=cfg["dq_warps"], num_stages=cfg["dq_stages"])
+        _dcat_bwd_dq_kernel[(R * n_mtiles, H, n_split)](
+            q, k, v, k_ctx, v_ctx, o, do, lse, cand_offsets, ctx_offsets, dq, dk, dv, delta, pdq,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            k_ctx.stride(0), k_ctx.stride(1), v_ctx.stride(0), v_ctx.stride(1),
+            o.stride(0), o.stride(1), do.stride(0), do.stride(1),
+            Cn, H, n_mtiles, max_ctx, split_size, scale,
+            HEAD_DIM=Dh, BLOCK_M=bm, BLOCK_N=cfg["DQ_BLOCK_N"], SPLIT=n_split > 1, IEEE=ieee,
+            **kw)
+        if n_split > 1:
+            torch.sum(pdq, dim=0, out=dq) if q.dtype == torch.float32 else dq.copy_(pdq.sum(0))
+    if Lc > 0 and max_ctx_len > 0:
+        bn = cfg["KV_BLOCK_N"]
+        n_ntiles = triton.cdiv(max_ctx_len, bn)
+        kw = {} if interp else dict(num_warps=cfg["kv_warps"], num_stages=cfg["kv_stages"])
+        _dcat_bwd_dkdv_kernel[(R * n_ntiles, H)](
+            q, k_ctx, v_ctx, do, lse, delta, cand_offsets, ctx_offsets, dkc, dvc,
+            q.stride(0), q.stride(1), k_ctx.stride(0), k_ctx.stride(1),
+            v_ctx.stride(0), v_ctx.stride(1), do.stride(0), do.stride(1),
+            H, n_ntiles, max_ctx, scale,
+            HEAD_DIM=Dh, BLOCK_M=cfg["KV_BLOCK_M"], BLOCK_N=bn, IEEE=ieee, **kw)
+    return dq, dk, dv, dkc, dvc
