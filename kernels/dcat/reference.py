@@ -199,7 +199,8 @@ def dcat_sdpa(q: Tensor, k: Tensor, v: Tensor, k_ctx: Tensor, v_ctx: Tensor,
     if max_ctx_len is None:
         max_ctx_len = int(_lengths(ctx_offsets).max().item()) if Lc > 0 else 0
     dense = (R * max_cands == Cn and R * max_ctx_len == Lc
-             and (max_ctx <= 0 or max_ctx >= max_ctx_len))
+             and (max_ctx <= 0 or max_ctx >= max_ctx_len)
+             and not (q.is_cuda and q.dtype == torch.float32))  # eff. kernel needs a bias
     if dense:
         def cview(t, n):
             return t.view(R, n, H, Dh).transpose(1, 2)

@@ -12,6 +12,7 @@ columns and hand them to ``schema.write_prepared``. Parsing is two-speed:
 from __future__ import annotations
 
 import io
+import logging
 import os
 import re
 import zipfile
@@ -24,8 +25,10 @@ from tqdm.auto import tqdm
 
 from .schema import DataFormatError
 
+logger = logging.getLogger(__name__)
+
 DATA_DIR_ENV = "PINFM_DATA_DIR"
-_INT_RE = re.compile(rb"\s*-?\d+\s*")
+_INT_RE = re.compile(rb"[ \t]*-?\d+[ \t]*")  # pyarrow also accepts padding
 
 
 def resolve_data_path(path: str) -> str:
@@ -132,6 +135,8 @@ def parse_int_table(
     nonneg = tuple(columns if nonneg is None else nonneg)
     if not data.strip():
         raise DataFormatError(f"{name}: empty file (expected lines of {' '.join(columns)})")
+    if not data.endswith(b"\n"):
+        logger.warning("%s does not end with a newline: if it was cut inside the last field, that row is wrong", name)
     bsep = sep.encode()
     fast = data
     delim = sep

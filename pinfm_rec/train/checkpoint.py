@@ -4,7 +4,7 @@ Layout under ``<ckpt_dir>``::
 
     step_00000200/            one complete checkpoint
         .metadata, *.distcp     DCP shards: sharded tables, dense trunk, optimizer state
-        loader_rank{r}.pt       each rank's data-loader state (exact mid-epoch resume)
+        loader_rank{r}.pt       each rank's data-loader + RNG state (exact mid-epoch resume)
         train_state.json        step, epoch, world size, metrics so far
         spec.yaml               the resolved spec that produced it
         COMPLETE                written last: a directory without it is never loaded
@@ -20,11 +20,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import re
 import shutil
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
+import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 
@@ -63,6 +65,21 @@ def latest_checkpoint(ckpt_dir: str) -> Optional[str]:
     return ck[-1][1] if ck else None
 
 
+def _rng_state() -> dict:
+    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    np.random.set_state(st["numpy"])
+    random.setstate(st["python"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
 def _model_state(model: torch.nn.Module) -> Dict[str, Any]:
     return model.state_dict()
 
@@ -94,8 +111,7 @@ def save_checkpoint(
     if optimizer is not None:
         state["optim"] = optimizer.state_dict()
     dcp.save(state, checkpoint_id=tmp)
-    if loader_state is not None:
-        torch.save(loader_state, os.path.join(tmp, f"loader_rank{rank}.pt"))
+    torch.save({"loader": loader_state, "rng": _rng_state()}, os.path.join(tmp, f"loader_rank{rank}.pt"))
     barrier()
     if rank == 0:
         with open(os.path.join(tmp, "train_state.json"), "w") as f:
@@ -140,7 +156,9 @@ def load_checkpoint(
     lp = os.path.join(path, f"loader_rank{rank}.pt")
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     if os.path.isfile(lp) and train_state.get("world_size") == world:
-        loader_state = torch.load(lp, weights_only=False)
+        saved = torch.load(lp, weights_only=False)
+        loader_state = saved["loader"]
+        _set_rng_state(saved["rng"])
     elif rank == 0:
         logger.warning("%s: no loader state for world size %d; the epoch restarts", path, world)
     return train_state, loader_state

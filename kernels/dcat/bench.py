@@ -1,0 +1,340 @@
+"""GPU benchmark + correctness check for DCAT crossing attention.
+
+Run: ``python -m pinfm_rec.kernels.dcat.bench --out dcat.json`` (CUDA needed).
+Shapes (R requests, L history per request, C candidates per request), H=8,
+Dh=64, bf16. Kernels: ours (triton) vs stock (``dcat_sdpa``: SDPA + LSE
+merge) vs duplicating the history for every candidate (causal SDPA over
+[history; candidate], measured on a subset of candidates and scaled).
+``--sweep`` also times launch-config variants of the Triton kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pinfm_rec.kernels.dcat import dcat_attention, dcat_reference
+
+SHAPES = [(8, 512, 256), (4, 2048, 256), (2, 2048, 1024), (1, 8192, 512), (1, 16384, 1024)]
+H, DH, D = 8, 64, 512
+DUP_BYTES = 1 << 30  # cap on one duplicated [B, H, L+1, Dh] tensor
+
+
+def _do_bench(fn, grad_to_none=None, rep=100):
+    import triton
+    return triton.testing.do_bench(fn, warmup=25, rep=rep, grad_to_none=grad_to_none,
+                                   return_mode="median")
+
+
+def offsets(lens, dev):
+    return torch.tensor([0] + list(torch.tensor(lens).cumsum(0).tolist()), device=dev)
+
+
+def make(R, L, C, dtype, dev, grad=False):
+    g = dict(device=dev, dtype=dtype, requires_grad=grad)
+    q, k, v = (torch.randn(R * C, H, DH, **g) for _ in range(3))
+    qc, kc, vc = (torch.randn(R * L, H, DH, **g) for _ in range(3))
+    return q, k, v, qc, kc, vc, offsets([C] * R, dev), offsets([L] * R, dev)
+
+
+def flops_fwd(R, L, C):
+    return 4 * R * C * (L + 1) * H * DH
+
+
+# --------------------------------------------------------------- correctness
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def correctness(dev):
+    cases = [  # (cand lens, ctx lens, max_ctx, heads, Dh)
+        ([0, 1, 37, 200, 5, 130], [0, 700, 33, 1500, 1, 64], 0, 4, 64),
+        ([0, 1, 37, 200, 5, 130], [0, 700, 33, 1500, 1, 64], 100, 4, 64),
+        ([256] * 2, [1024] * 2, 0, 8, 64),
+        ([3, 70], [90, 300], 0, 2, 32),
+        ([3, 70], [90, 300], 50, 2, 128),
+    ]
+    res = {}
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        worst = {"triton": 0.0, "sdpa": 0.0}
+        for cl, xl, mc, h, dh in cases:
+            co, xo = offsets(cl, dev), offsets(xl, dev)
+            ins = [torch.randn(n, h, dh, device=dev, dtype=dtype)
+                   for n in (sum(cl),) * 3 + (sum(xl),) * 2]
+            ref_in = [t.double().requires_grad_() for t in ins]
+            ref = dcat_reference(*ref_in, co, xo, max_ctx=mc)
+            g = torch.randn_like(ref)
+            ref_g = torch.autograd.grad(ref, ref_in, g)
+            kernels = ["triton"] + (["sdpa"] if dh == 64 or dtype != torch.float32 else [])
+            for kern in kernels:
+                xs = [t.clone().requires_grad_() for t in ins]
+                try:
+                    out = dcat_attention(*xs, co, xo, max_ctx=mc, kernel=kern)
+                    grads = torch.autograd.grad(out, xs, g.to(dtype))
+                except Exception as e:  # noqa: BLE001  (report, keep going)
+                    print(f"  check {dtype} {kern} FAILED: {type(e).__name__}: {e}"[:400])
+                    worst[kern] = float("nan")
+                    continue
+                errs = [rel(out, ref)] + [rel(a, b) for a, b in zip(grads, ref_g)]
+                bad = not all(torch.isfinite(t).all() for t in (out,) + grads)
+                e = float("nan") if bad else max(errs)
+                worst[kern] = e if math.isnan(e) else max(worst[kern], e)
+                print(f"  check {str(dtype):15s} {kern:6s} cands={cl} ctx={xl} max_ctx={mc} "
+                      f"H={h} Dh={dh}: out/dq/dk/dv/dkc/dvc rel err "
+                      + " ".join(f"{x:.1e}" for x in errs), flush=True)
+        res[str(dtype).replace("torch.", "")] = worst
+    return res
+
+
+# --------------------------------------------------------------- paths
+def dup_inputs(q, k, v, qc, kc, vc, R, L, C, nsub):
+    """[nsub, H, L+1, Dh]: history of the candidate's request + the candidate."""
+    idx = torch.arange(nsub, device=q.device)
+    req = idx // C
+
+    def cat(ctx, cand):
+        return torch.cat([ctx.view(R, L, H, DH)[req], cand[idx, None]], 1).transpose(1, 2)
+    return cat(qc, q), cat(kc, k), cat(vc, v)
+
+
+def dup_attn(q, k, v, qc, kc, vc, R, L, C, nsub):
+    qd, kd, vd = dup_inputs(q, k, v, qc, kc, vc, R, L, C, nsub)
+    return F.scaled_dot_product_attention(qd, kd, vd, is_causal=True)[:, :, -1]
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(D), nn.LayerNorm(D)
+        self.qkv, self.out = nn.Linear(D, 3 * D), nn.Linear(D, D)
+        self.mlp = nn.Sequential(nn.Linear(D, 4 * D), nn.GELU(), nn.Linear(4 * D, D))
+
+
+def model_crossing(blocks, x, ctx_kv, co, xo, C, L, kernel):
+    n = x.shape[0]
+    for blk, (kc, vc) in zip(blocks, ctx_kv):
+        q, k, v = blk.qkv(blk.ln1(x)).view(n, 3, H, DH).unbind(1)
+        o = dcat_attention(q, k, v, kc, vc, co, xo, max_cands=C, max_ctx_len=L, kernel=kernel)
+        x = x + blk.out(o.reshape(n, D))
+        x = x + blk.mlp(blk.ln2(x))
+    return x
+
+
+def model_dup(blocks, x_hist, x, R, L, C, nsub):
+    idx = torch.arange(nsub, device=x.device)
+    xs = torch.cat([x_hist.view(R, L, D)[idx // C], x[idx, None]], 1)
+    b, t = xs.shape[:2]
+    for blk in blocks:
+        qkv = blk.qkv(blk.ln1(xs)).view(b, t, 3, H, DH).permute(2, 0, 3, 1, 4)
+        o = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=True)
+        xs = xs + blk.out(o.transpose(1, 2).reshape(b, t, D))
+        xs = xs + blk.mlp(blk.ln2(xs))
+    return xs[:, -1]
+
+
+def nsub_for(R, L, C, per_tok_bytes):
+    return max(1, min(R * C, DUP_BYTES // ((L + 1) * per_tok_bytes)))
+
+
+# --------------------------------------------------------------- timing
+def bench_shape(R, L, C, dev, dup_bwd=True):
+    out = {}
+    fl = flops_fwd(R, L, C)
+    q, k, v, qc, kc, vc, co, xo = make(R, L, C, torch.bfloat16, dev, grad=True)
+    g = torch.randn_like(q)
+    leaves = [q, k, v, kc, vc]
+    for kern in ("triton", "sdpa"):
+        def f(kern=kern):
+            return dcat_attention(q, k, v, kc, vc, co, xo, max_cands=C, max_ctx_len=L,
+                                  kernel=kern)
+        with torch.no_grad():
+            t = _do_bench(f)
+        out[f"{kern}_fwd_ms"] = t
+        out[f"{kern}_fwd_tflops"] = fl / t / 1e9
+        t = _do_bench(lambda f=f: f().backward(g), grad_to_none=leaves)
+        out[f"{kern}_fwdbwd_ms"] = t
+        out[f"{kern}_fwdbwd_tflops"] = 3.5 * fl / t / 1e9
+    nsub = nsub_for(R, L, C, H * DH * 2)
+    scale = R * C / nsub
+    with torch.no_grad():
+        t = _do_bench(lambda: dup_attn(q, k, v, qc, kc, vc, R, L, C, nsub), rep=50)
+    out["dup_fwd_ms"] = t * scale
+    out["dup_subset"] = nsub
+    if dup_bwd:
+        gs = torch.randn(nsub, H, DH, device=dev, dtype=q.dtype)
+        t = _do_bench(lambda: dup_attn(q, k, v, qc, kc, vc, R, L, C, nsub).backward(gs),
+                      grad_to_none=leaves + [qc], rep=50)
+        out["dup_fwdbwd_ms"] = t * scale
+    else:
+        out["dup_fwdbwd_ms"] = None
+    for key in ("fwd", "fwdbwd"):
+        out[f"{key}_speedup_vs_stock"] = out[f"sdpa_{key}_ms"] / out[f"triton_{key}_ms"]
+        d = out[f"dup_{key}_ms"]
+        out[f"{key}_speedup_vs_dup"] = None if d is None else d / out[f"triton_{key}_ms"]
+    for kern in ("triton", "sdpa", "dup"):
+        out[f"{kern}_fwd_cands_per_s"] = R * C / (out[f"{kern}_fwd_ms"] * 1e-3)
+    return out
+
+
+def bench_model(R, L, C, dev):
+    torch.manual_seed(0)
+    blocks = nn.ModuleList([Block(), Block()]).to(dev, torch.bfloat16)
+    x = torch.randn(R * C, D, device=dev, dtype=torch.bfloat16)
+    x_hist = torch.randn(R * L, D, device=dev, dtype=torch.bfloat16)
+    ctx_kv = [(torch.randn(R * L, H, DH, device=dev, dtype=torch.bfloat16),
+               torch.randn(R * L, H, DH, device=dev, dtype=torch.bfloat16)) for _ in range(2)]
+    co, xo = offsets([C] * R, dev), offsets([L] * R, dev)
+    res = {}
+    with torch.no_grad():
+        for kern in ("triton", "sdpa"):
+            t = _do_bench(lambda kern=kern: model_crossing(blocks, x, ctx_kv, co, xo, C, L, kern))
+            res[f"model_{kern}_ms"] = t
+            res[f"model_{kern}_cands_per_s"] = R * C / (t * 1e-3)
+        nsub = nsub_for(R, L, C, D * 2 * 8)
+        t = _do_bench(lambda: model_dup(blocks, x_hist, x, R, L, C, nsub), rep=50)
+        res["model_dup_ms"] = t * R * C / nsub
+        res["model_dup_subset"] = nsub
+        res["model_dup_cands_per_s"] = nsub / (t * 1e-3)
+    res["model_speedup_vs_stock"] = res["model_sdpa_ms"] / res["model_triton_ms"]
+    res["model_speedup_vs_dup"] = res["model_dup_ms"] / res["model_triton_ms"]
+    return res
+
+
+def sweep(dev):
+    """Kernel-only timings of launch configs (forward, backward)."""
+    from pinfm_rec.kernels.dcat.triton_bwd import dcat_bwd_triton
+    from pinfm_rec.kernels.dcat.triton_fwd import dcat_fwd_triton
+    fwd_cfgs = [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
+                for bm in (64, 128) for bn in (64, 128) for w in (4, 8) for s in (2, 3, 4)
+                if not (bm == 64 and w == 8)]
+    waves = [0.5, 1.0, 2.0, 4.0, 8.0]
+    bwd_cfgs = ([dict(DQ_BLOCK_M=bm, DQ_BLOCK_N=bn, dq_warps=w, dq_stages=s)
+                 for bm in (64, 128) for bn in (32, 64) for w in (4, 8) for s in (1, 2, 3)]
+                + [dict(KV_BLOCK_N=bn, KV_BLOCK_M=bm, kv_warps=w, kv_stages=s)
+                   for bn in (64, 128) for bm in (32, 64) for w in (4, 8) for s in (1, 2, 3)])
+    out = {}
+    sc = DH ** -0.5
+    for R, L, C in SHAPES:
+        q, k, v, qc, kc, vc, co, xo = make(R, L, C, torch.bfloat16, dev)
+        fl = flops_fwd(R, L, C)
+        rows = []
+        for cfg in fwd_cfgs:
+            try:
+                t = _do_bench(lambda: dcat_fwd_triton(q, k, v, kc, vc, co, xo, 0, sc, C, L, cfg),
+                              rep=30)
+            except Exception as e:  # noqa: BLE001  (resource limits etc.)
+                print("  fwd cfg failed", cfg, type(e).__name__, flush=True)
+                continue
+            rows.append((t, cfg))
+        rows.sort(key=lambda x: x[0])
+        best = rows[0][1]
+        wrows = []
+        for w in waves:
+            for ms in (256, 512, 1024):
+                cfg = {**best, "waves": w, "min_split": ms}
+                t = _do_bench(lambda: dcat_fwd_triton(q, k, v, kc, vc, co, xo, 0, sc, C, L, cfg),
+                              rep=30)
+                wrows.append((t, cfg))
+        wrows.sort(key=lambda x: x[0])
+        o, lse = dcat_fwd_triton(q, k, v, kc, vc, co, xo, 0, sc, C, L)
+        do = torch.randn_like(o)
+        brows = []
+        for cfg in bwd_cfgs:
+            try:
+                t = _do_bench(lambda: dcat_bwd_triton(do, q, k, v, kc, vc, o, lse, co, xo, 0, sc,
+                                                      C, L, cfg), rep=30)
+            except Exception as e:  # noqa: BLE001
+                print("  bwd cfg failed", cfg, type(e).__name__, flush=True)
+                continue
+            brows.append((t, cfg))
+        brows.sort(key=lambda x: x[0])
+        key = f"{R},{L},{C}"
+        out[key] = dict(fwd=[(t, fl / t / 1e9, c) for t, c in rows[:6]],
+                        fwd_waves=[(t, fl / t / 1e9, c) for t, c in wrows[:6]],
+                        bwd=[(t, 2.5 * fl / t / 1e9, c) for t, c in brows[:8]])
+        print(f"sweep {key}: fwd best {rows[0][0]*1e3:.1f}us {fl/rows[0][0]/1e9:.0f} TF/s "
+              f"{rows[0][1]} | waves best {wrows[0][0]*1e3:.1f}us {fl/wrows[0][0]/1e9:.0f} TF/s "
+              f"{wrows[0][1]} | bwd best {brows[0][0]*1e3:.1f}us "
+              f"{2.5*fl/brows[0][0]/1e9:.0f} TF/s {brows[0][1]}", flush=True)
+    return out
+
+
+def geomean(xs):
+    return math.exp(sum(math.log(x) for x in xs) / len(xs))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="dcat_bench.json")
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--no-model", action="store_true")
+    a = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("CUDA device required", file=sys.stderr)
+        return 1
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    import triton
+    res = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+               triton=triton.__version__, date=datetime.date.today().isoformat(),
+               command=" ".join(["python -m pinfm_rec.kernels.dcat.bench"] + sys.argv[1:]),
+               H=H, Dh=DH, dtype="bfloat16")
+    print("== GPU correctness (rel. Frobenius error vs fp64 reference)", flush=True)
+    res["gpu_max_rel_err"] = correctness(dev)
+    print(json.dumps(res["gpu_max_rel_err"]), flush=True)
+    shapes = {}
+    for R, L, C in SHAPES:
+        key = f"{R},{L},{C}"
+        s = bench_shape(R, L, C, dev, dup_bwd=L * R * C <= 2048 * 1024)
+        if not a.no_model:
+            s.update(bench_model(R, L, C, dev))
+        shapes[key] = s
+        print(key, json.dumps({k_: (round(v_, 4) if isinstance(v_, float) else v_)
+                               for k_, v_ in s.items()}), flush=True)
+        with open(a.out, "w") as fh:
+            json.dump({**res, "shapes": shapes}, fh, indent=1)
+    fs = {k_: s["fwd_speedup_vs_stock"] for k_, s in shapes.items()}
+    res.update(shapes=shapes, fwd_speedup_vs_stock=fs,
+               geomean_fwd_speedup_vs_stock=geomean(list(fs.values())),
+               min_fwd_speedup_vs_stock=min(fs.values()),
+               fwdbwd_speedup_vs_stock={k_: s["fwdbwd_speedup_vs_stock"] for k_, s in shapes.items()},
+               geomean_fwdbwd_speedup_vs_stock=geomean(
+                   [s["fwdbwd_speedup_vs_stock"] for s in shapes.values()]),
+               crossing_tflops_L16384_C1024=shapes["1,16384,1024"]["triton_fwd_tflops"],
+               speedup_vs_dup_L2048_C256=shapes["4,2048,256"]["fwd_speedup_vs_dup"])
+    with open(a.out, "w") as fh:
+        json.dump(res, fh, indent=1)
+    hdr = (f"{'R,L,C':>14} | {'ours fwd us':>11} {'TF/s':>5} | {'stock us':>9} {'TF/s':>5} | "
+           f"{'x stock':>7} | {'fwdbwd ours':>11} {'stock':>9} {'x':>5} | {'x dup':>7} | "
+           f"{'model cand/s ours':>17} {'stock':>9} {'dup':>9}")
+    print(hdr)
+    for key, s in shapes.items():
+        print(f"{key:>14} | {s['triton_fwd_ms']*1e3:11.1f} {s['triton_fwd_tflops']:5.0f} | "
+              f"{s['sdpa_fwd_ms']*1e3:9.1f} {s['sdpa_fwd_tflops']:5.0f} | "
+              f"{s['fwd_speedup_vs_stock']:7.2f} | {s['triton_fwdbwd_ms']*1e3:11.1f} "
+              f"{s['sdpa_fwdbwd_ms']*1e3:9.1f} {s['fwdbwd_speedup_vs_stock']:5.2f} | "
+              f"{s['fwd_speedup_vs_dup']:7.0f} | "
+              + (f"{s['model_triton_cands_per_s']:17.3e} {s['model_sdpa_cands_per_s']:9.2e} "
+                 f"{s['model_dup_cands_per_s']:9.2e}" if "model_triton_ms" in s else ""))
+    print(f"geomean fwd x stock {res['geomean_fwd_speedup_vs_stock']:.2f} (min "
+          f"{res['min_fwd_speedup_vs_stock']:.2f}); geomean fwd+bwd x stock "
+          f"{res['geomean_fwdbwd_speedup_vs_stock']:.2f}; TF/s at L16384,C1024 "
+          f"{res['crossing_tflops_L16384_C1024']:.0f}; x dup at L2048,C256 "
+          f"{res['speedup_vs_dup_L2048_C256']:.0f}", flush=True)
+    if a.sweep:
+        res["sweep"] = sweep(dev)
+        with open(a.out, "w") as fh:
+            json.dump(res, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

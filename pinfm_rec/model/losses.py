@@ -1,0 +1,229 @@
+"""PinFM training losses: sampled softmax over shared negatives, vectorised over jagged rows.
+
+Every query token t (hidden state h_t [D]) is scored against its positive(s) and one shared set of
+M negatives = in-batch targets (sampled) ++ uniformly sampled ids (``neg_item_id``):
+
+    logit(t, i) = sim(h_t, e_i) / temperature  - [negatives only] logQ_i
+    ce(t, pos)  = -logit(t, pos) + log(exp(logit(t, pos)) + sum_{n not masked} exp(logit(t, n)))
+
+sim is the cosine when ``l2_norm`` (else the dot product).
+
+logQ (``logq_correction``): negatives are drawn from a mixture, so each negative i is corrected by
+the log of its expected number of occurrences in the whole negative set,
+    logQ_i = log(M_b * q_b(i) + K_u / num_items),
+q_b(i) = i's share of the batch's next-token targets (or of ``item_counts`` when given), M_b the
+number of in-batch negatives, K_u the number of uniform negatives; a term is present only when its
+pool is on. With one pool this is log(M_b * share) resp. log(K_u / num_items): the shifts of the
+classic in-batch and uniform corrections (a pool-wide constant only differs when pools are mixed).
+
+Masking: with ``user_masking`` a negative whose id occurs anywhere in the token's row gets -inf
+(computed per row [B, M], then gathered to tokens); this includes every positive of the row. Without
+it, only negatives equal to the next-token positive are masked (accidental hits), and only for the
+next-token loss.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from pinfm_rec.model.trunk import jagged_index
+
+
+@dataclass
+class LossSpec:
+    temperature: float = 0.05
+    l2_norm: bool = True
+    in_batch_negatives: int = 1024  # batch targets sampled as shared negatives (0 = off)
+    use_sampled_negatives: bool = True  # the neg_item_id rows
+    logq_correction: bool = True
+    user_masking: bool = True
+    engaged_actions: List[int] = field(default_factory=lambda: [1, 2])
+    positives_only_engaged: bool = True
+    next_token_weight: float = 1.0
+    multi_token_k: int = 0  # each of the next K engaged items is a positive for h_t
+    multi_token_weight: float = 0.0
+    future_window_s: int = 0  # engaged items within this many seconds after t are positives
+    future_weight: float = 0.0
+    future_max_targets: int = 32  # cap on future-window positives per token (memory O(L * cap))
+
+
+def _safe_logsumexp(x: torch.Tensor) -> torch.Tensor:
+    """logsumexp over the last dim; -inf (with finite gradients) where every entry is -inf."""
+    dead = torch.isneginf(x).all(-1)  # [Q]
+    x = torch.where(dead[..., None], torch.zeros_like(x), x)
+    return torch.where(dead, torch.full_like(dead, float("-inf"), dtype=x.dtype), torch.logsumexp(x, -1))
+
+
+def _row_membership(
+    rows: torch.Tensor, ids: torch.Tensor, num_rows: int, cand: torch.Tensor, num_items: int
+) -> torch.Tensor:
+    """[B, M] bool: cand[m] occurs among ids of row b (ids [L] jagged with row ids rows [L])."""
+    if ids.numel() == 0 or cand.numel() == 0:
+        return torch.zeros(num_rows, cand.numel(), dtype=torch.bool, device=cand.device)
+    keys = torch.sort(rows * num_items + ids).values  # [L]
+    q = torch.arange(num_rows, device=ids.device)[:, None] * num_items + cand[None, :]  # [B, M]
+    at = torch.searchsorted(keys, q).clamp(max=keys.numel() - 1)
+    return keys[at] == q
+
+
+def _next_qualifying(
+    qual: torch.Tensor, row_end: torch.Tensor, k: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """For each token t, the positions of the next k qualifying tokens after t in its row.
+
+    Returns (idx [L, k] long, valid [L, k] bool). Vectorised via the global qualifying rank.
+    """
+    total = qual.numel()
+    qpos = torch.nonzero(qual).squeeze(1)  # [Q] ascending
+    if qpos.numel() == 0 or k <= 0:
+        z = torch.zeros(total, max(k, 0), dtype=torch.long, device=qual.device)
+        return z, z.bool()
+    rank = torch.cumsum(qual.long(), 0)  # [L] qualifying tokens at or before t
+    r = rank[:, None] + torch.arange(k, device=qual.device)[None, :]  # [L, k]
+    valid = r < qpos.numel()
+    idx = qpos[r.clamp(max=qpos.numel() - 1)]  # [L, k]
+    return idx, valid & (idx < row_end[:, None])
+
+
+def sequence_losses(
+    spec: LossSpec,
+    h: torch.Tensor,
+    offsets: torch.Tensor,
+    item_ids: torch.Tensor,
+    actions: torch.Tensor,
+    timestamps: Optional[torch.Tensor],
+    item_emb: torch.Tensor,
+    neg_ids: Optional[torch.Tensor],
+    neg_emb: Optional[torch.Tensor],
+    num_items: int,
+    item_counts: Optional[torch.Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+    id_space: Optional[int] = None,
+) -> Dict[str, torch.Tensor]:
+    """Next-token (+ optional multi-token / future-window) sampled-softmax losses.
+
+    h [L, D] trunk outputs (output space) jagged by offsets [B+1]; item_ids, actions,
+    timestamps [L]; item_emb [L, D] embeddings of item_ids (positives and in-batch negatives are
+    taken from it); neg_ids [K_u], neg_emb [K_u, D] uniform negatives; item_counts [num_items]
+    optional train counts for the in-batch logQ; num_items is the uniform sampler's range (logQ);
+    id_space (default num_items) bounds every id (used for row-membership keys). Returns scalar tensors: "next_token",
+    "multi_token", "future_token" (those enabled), "loss" (weighted total), "num_targets" (number
+    of next-token targets, no grad). Memory O(L * (M + K)).
+    """
+    total, b = item_ids.numel(), offsets.numel() - 1
+    dev = h.device
+    tau = spec.temperature
+    rows, _ = jagged_index(offsets, total, 0)  # [L]
+    row_end = offsets[1:][rows]  # [L] exclusive end of each token's row
+    ar = torch.arange(total, device=dev)
+    if spec.positives_only_engaged:
+        eng = torch.tensor(spec.engaged_actions, dtype=actions.dtype, device=dev)
+        qual = torch.isin(actions, eng)  # [L]
+    else:
+        qual = torch.ones(total, dtype=torch.bool, device=dev)
+
+    hn = h.float()
+    en = item_emb.float()
+    if spec.l2_norm:
+        hn, en = F.normalize(hn, dim=-1), F.normalize(en, dim=-1)
+
+    # ---- positives of each objective (token index, positive index) ----
+    has_next = (ar + 1) < row_end
+    nt_tok = torch.nonzero(has_next & torch.roll(qual, -1)).squeeze(1)  # [T]
+    nt_pos = nt_tok + 1  # [T]
+    n_t = nt_tok.numel()
+    multi = spec.multi_token_k > 0 and spec.multi_token_weight > 0
+    future = spec.future_window_s > 0 and spec.future_weight > 0
+    groups = {}
+    if multi:
+        groups["multi_token"] = _next_qualifying(qual, row_end, spec.multi_token_k)
+    if future:
+        if timestamps is None:
+            raise ValueError("future-token loss needs timestamps")
+        idx, valid = _next_qualifying(qual, row_end, spec.future_max_targets)
+        valid = valid & ((timestamps[idx] - timestamps[:, None]) <= spec.future_window_s)
+        groups["future_token"] = (idx, valid)
+
+    # ---- shared negatives [M] ----
+    neg_id_parts, neg_emb_parts = [], []
+    m_b = 0
+    if spec.in_batch_negatives > 0 and n_t > 0:
+        sel = nt_pos
+        if n_t > spec.in_batch_negatives:
+            perm = torch.randperm(n_t, device=dev, generator=generator)[: spec.in_batch_negatives]
+            sel = sel[perm]
+        m_b = sel.numel()
+        neg_id_parts.append(item_ids[sel])
+        neg_emb_parts.append(en[sel])
+    k_u = 0
+    if spec.use_sampled_negatives and neg_ids is not None and neg_ids.numel() > 0:
+        k_u = neg_ids.numel()
+        ne = neg_emb.float()
+        neg_id_parts.append(neg_ids)
+        neg_emb_parts.append(F.normalize(ne, dim=-1) if spec.l2_norm else ne)
+    if neg_id_parts:
+        all_ids = torch.cat(neg_id_parts)  # [M]
+        all_emb = torch.cat(neg_emb_parts)  # [M, D]
+    else:
+        all_ids = item_ids.new_zeros(0)
+        all_emb = en.new_zeros(0, en.shape[-1])
+    logq = None
+    if spec.logq_correction and all_ids.numel() > 0:
+        expected = torch.zeros(all_ids.numel(), device=dev)
+        if m_b > 0:
+            if item_counts is not None:
+                c = item_counts.to(device=dev, dtype=torch.float32)
+                share = c[all_ids] / c.sum().clamp_min(1.0)
+            else:
+                tgt = torch.sort(item_ids[nt_pos]).values
+                cnt = torch.searchsorted(tgt, all_ids, right=True) - torch.searchsorted(tgt, all_ids)
+                share = cnt.float() / n_t
+            expected = expected + m_b * share
+        if k_u > 0:
+            expected = expected + k_u / float(num_items)
+        logq = torch.log(expected.clamp_min(1e-12))  # [M]
+
+    # ---- negative logits of the query tokens [Q, M] ----
+    need = torch.zeros(total, dtype=torch.bool, device=dev)
+    need[nt_tok] = True
+    for idx, valid in groups.values():
+        need |= valid.any(1)
+    q_tok = torch.nonzero(need).squeeze(1)  # [Q]
+    q_of_tok = torch.cumsum(need.long(), 0) - 1  # [L] query index of each needed token
+    neg_logits = hn[q_tok] @ all_emb.t() / tau  # [Q, M]
+    if logq is not None:
+        neg_logits = neg_logits - logq
+    if spec.user_masking:
+        row_mask = _row_membership(rows, item_ids, b, all_ids, max(num_items, id_space or 0))  # [B, M]
+        neg_logits = neg_logits.masked_fill(row_mask[rows[q_tok]], float("-inf"))
+    lse = _safe_logsumexp(neg_logits)  # [Q]
+
+    out: Dict[str, torch.Tensor] = {}
+    # next token
+    s_pos = (hn[nt_tok] * en[nt_pos]).sum(-1) / tau  # [T]
+    qi = q_of_tok[nt_tok]
+    if spec.user_masking:
+        lse_nt = lse[qi]
+    else:  # accidental hits only
+        hit = item_ids[nt_pos][:, None] == all_ids[None, :]  # [T, M]
+        lse_nt = _safe_logsumexp(neg_logits[qi].masked_fill(hit, float("-inf")))
+    ce = torch.logaddexp(s_pos, lse_nt) - s_pos  # [T]
+    out["next_token"] = ce.sum() / max(n_t, 1)
+    total_loss = spec.next_token_weight * out["next_token"]
+    # multi-positive objectives: mean over each token's positives, then over tokens
+    for name, (idx, valid) in groups.items():
+        tok = torch.nonzero(valid.any(1)).squeeze(1)  # [T']
+        idx, valid = idx[tok], valid[tok]  # [T', K]
+        s = torch.einsum("td,tkd->tk", hn[tok], en[idx]) / tau  # [T', K]
+        ce_k = torch.logaddexp(s, lse[q_of_tok[tok]][:, None]) - s  # [T', K]
+        ce_k = torch.where(valid, ce_k, torch.zeros_like(ce_k))
+        per_tok = ce_k.sum(1) / valid.sum(1).clamp_min(1)  # [T']
+        out[name] = per_tok.sum() / max(tok.numel(), 1)
+        w = spec.multi_token_weight if name == "multi_token" else spec.future_weight
+        total_loss = total_loss + w * out[name]
+    out["loss"] = total_loss
+    out["num_targets"] = torch.tensor(float(n_t), device=dev)
+    return out

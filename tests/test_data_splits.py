@@ -1,0 +1,58 @@
+"""Leave-one-out splits on a hand-made example (exact histories and targets)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pinfm_rec.data.splits import gather_index, leave_one_out, request_offsets, train_item_counts
+
+# request 0: events 0..4 (5 events), request 1: 5..7 (3), request 2: 8..9 (2), request 3: 10 (1)
+REQ = np.array([0, 0, 0, 0, 0, 1, 1, 1, 2, 2, 3])
+OFF = request_offsets(REQ)
+
+
+def ranges(rows):
+    return [list(range(s, e)) for s, e in zip(rows.start, rows.end)]
+
+
+def test_offsets():
+    np.testing.assert_array_equal(OFF, [0, 5, 8, 10, 11])
+
+
+def test_leave_one_out_min3():
+    tr = leave_one_out(OFF, "train", max_len=10, min_events=3)
+    assert tr.request_id.tolist() == [0, 1] and tr.target is None
+    assert ranges(tr) == [[0, 1, 2], [5]]
+    va = leave_one_out(OFF, "valid", max_len=10, min_events=3)
+    assert ranges(va) == [[0, 1, 2], [5]] and va.target.tolist() == [3, 6]
+    te = leave_one_out(OFF, "test", max_len=10, min_events=3)
+    assert ranges(te) == [[0, 1, 2, 3], [5, 6]] and te.target.tolist() == [4, 7]
+    assert te.num_short_dropped == 2 and te.num_empty_dropped == 0
+
+
+def test_truncation_keeps_last_max_len():
+    te = leave_one_out(OFF, "test", max_len=2, min_events=3)
+    assert ranges(te) == [[2, 3], [5, 6]] and te.target.tolist() == [4, 7]
+    assert te.lengths.tolist() == [2, 2]
+
+
+def test_empty_histories_are_dropped_and_counted():
+    va = leave_one_out(OFF, "valid", max_len=10, min_events=1)
+    # request 2 (2 events): valid history e[:0] empty; request 3 (1 event): no valid target
+    assert va.request_id.tolist() == [0, 1] and va.num_empty_dropped == 2
+    te = leave_one_out(OFF, "test", max_len=10, min_events=1)
+    assert te.request_id.tolist() == [0, 1, 2] and ranges(te)[2] == [8] and te.target.tolist() == [4, 7, 9]
+    assert te.num_empty_dropped == 1
+
+
+def test_gather_and_item_counts():
+    np.testing.assert_array_equal(gather_index(np.array([2, 7]), np.array([4, 8])), [2, 3, 7])
+    items = np.array([0, 1, 2, 2, 1, 3, 3, 0, 1, 1, 2])
+    counts = train_item_counts(items, OFF, num_items=4, max_len=2, min_events=3)
+    # train rows: request 0 -> events [1, 2] (truncated), request 1 -> [5]
+    np.testing.assert_array_equal(counts, [0, 1, 1, 1])
+
+
+def test_bad_split():
+    with pytest.raises(ValueError):
+        leave_one_out(OFF, "dev", 10)

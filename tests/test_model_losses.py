@@ -1,0 +1,191 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pinfm_rec.model.losses import LossSpec, sequence_losses
+
+I, D = 12, 8
+
+
+def _case(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = [4, 1, 9, 0, 5]
+    L = sum(lengths)
+    offsets = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist())
+    items = torch.randint(0, I, (L,), generator=g)
+    actions = torch.tensor([0, 1, 2, 1, 2, 3])[torch.randint(0, 6, (L,), generator=g)]
+    actions[1:4] = 1  # make sure row 0 has targets
+    ts = torch.cat([torch.sort(torch.randint(0, 100, (n,), generator=g)).values for n in lengths])
+    h = torch.randn(L, D, generator=g)
+    table = torch.randn(I, D, generator=g)
+    neg = torch.randint(0, I, (6,), generator=g)
+    return lengths, offsets, items, actions, ts, h, table, neg
+
+
+def _run(spec, case, item_counts=None):
+    lengths, offsets, items, actions, ts, h, table, neg = case
+    return sequence_losses(spec, h, offsets, items, actions, ts, table[items], neg, table[neg], I,
+                           item_counts=item_counts)
+
+
+def ref_losses(spec, case, item_counts=None):
+    """Plain-Python loops over rows/tokens (independent of the vectorised code)."""
+    lengths, offsets, items, actions, ts, h, table, neg = case
+    it, ac, tl = items.tolist(), actions.tolist(), ts.tolist()
+    norm = (lambda x: F.normalize(x, dim=-1)) if spec.l2_norm else (lambda x: x)
+    hn, en = norm(h), norm(table)
+    sim = lambda t, i: float(hn[t] @ en[i]) / spec.temperature
+    ok = lambda j: (ac[j] in spec.engaged_actions) or not spec.positives_only_engaged
+    rows = [(int(offsets[r]), int(offsets[r + 1])) for r in range(len(lengths))]
+    targets = [(t, t + 1) for a, b in rows for t in range(a, b - 1) if ok(t + 1)]
+    pool = [it[j] for _, j in targets] if spec.in_batch_negatives else []
+    assert len(pool) <= spec.in_batch_negatives or not pool
+    uni = neg.tolist() if spec.use_sampled_negatives else []
+    negs = pool + uni
+    def logq(i):
+        if not spec.logq_correction:
+            return 0.0
+        e = 0.0
+        if pool:
+            share = (item_counts[i] / item_counts.sum()).item() if item_counts is not None \
+                else sum(x == i for x in pool) / len(pool)
+            e += len(pool) * share
+        if uni:
+            e += len(uni) / I
+        return math.log(e)
+    def ce(t, j, a, b, accidental):
+        s = sim(t, it[j])
+        z = math.exp(s)
+        for n in negs:
+            if spec.user_masking and n in it[a:b]:
+                continue
+            if accidental and n == it[j]:
+                continue
+            z += math.exp(sim(t, n) - logq(n))
+        return math.log(z) - s
+    out = {"next_token": sum(ce(t, j, *[ab for ab in rows if ab[0] <= t < ab[1]][0], True)
+                             for t, j in targets) / max(len(targets), 1)}
+    total = spec.next_token_weight * out["next_token"]
+    for name, k, window, w in (("multi_token", spec.multi_token_k, None, spec.multi_token_weight),
+                               ("future_token", spec.future_max_targets, spec.future_window_s,
+                                spec.future_weight)):
+        if not (w > 0 and k > 0 and (window is None or window > 0)):
+            continue
+        per = []
+        for a, b in rows:
+            for t in range(a, b):
+                pos = [j for j in range(t + 1, b) if ok(j)][:k]
+                if window is not None:
+                    pos = [j for j in pos if tl[j] - tl[t] <= window]
+                if pos:
+                    per.append(sum(ce(t, j, a, b, False) for j in pos) / len(pos))
+        out[name] = sum(per) / max(len(per), 1)
+        total += w * out[name]
+    out["loss"] = total
+    out["num_targets"] = len(targets)
+    return out
+
+
+def _close(got, want):
+    assert set(want) <= set(got), (set(want), set(got))
+    for k, v in want.items():
+        assert abs(float(got[k]) - v) < 1e-5 * max(1.0, abs(v)), (k, float(got[k]), v)
+
+
+@pytest.mark.parametrize("kw", [
+    {},
+    {"logq_correction": False},
+    {"user_masking": False},
+    {"l2_norm": False, "temperature": 1.0},
+    {"in_batch_negatives": 0},
+    {"use_sampled_negatives": False},
+    {"positives_only_engaged": False},
+    {"multi_token_k": 3, "multi_token_weight": 0.5},
+    {"future_window_s": 30, "future_weight": 0.7, "future_max_targets": 4},
+    {"future_window_s": 1000, "future_weight": 0.5, "future_max_targets": 2},
+    {"multi_token_k": 2, "multi_token_weight": 0.3, "future_window_s": 50, "future_weight": 0.2,
+     "positives_only_engaged": False, "next_token_weight": 0.0},
+])
+def test_matches_reference(kw):
+    spec = LossSpec(**kw)
+    for seed in range(3):
+        case = _case(seed)
+        got = _run(spec, case)
+        _close(got, ref_losses(spec, case))
+        assert torch.isfinite(got["loss"])
+
+
+def test_item_counts_logq():
+    spec = LossSpec()
+    case = _case(1)
+    counts = torch.arange(1, I + 1).float()
+    _close(_run(spec, case, counts), ref_losses(spec, case, counts))
+
+
+def test_user_masking_removes_history_negative_exactly():
+    # one row [5, 7, 9] all engaged; negatives [5, 11]: 5 is history (never a positive of the row)
+    spec = LossSpec(in_batch_negatives=0, logq_correction=False, temperature=0.5)
+    g = torch.Generator().manual_seed(3)
+    items = torch.tensor([5, 7, 9])
+    h, table = torch.randn(3, D, generator=g), torch.randn(I, D, generator=g)
+    neg = torch.tensor([5, 11])
+    args = (h, torch.tensor([0, 3]), items, torch.ones(3, dtype=torch.long), None, table[items],
+            neg, table[neg], I)
+    on = sequence_losses(spec, *args)["next_token"]
+    off = sequence_losses(LossSpec(in_batch_negatives=0, logq_correction=False, temperature=0.5,
+                                   user_masking=False), *args)["next_token"]
+    hn, en = F.normalize(h, dim=-1), F.normalize(table, dim=-1)
+    s = lambda t, i: hn[t] @ en[i] / 0.5
+    want_on = sum(torch.logaddexp(s(t, items[t + 1]), s(t, 11)) - s(t, items[t + 1])
+                  for t in range(2)) / 2
+    want_off = sum(torch.logsumexp(torch.stack([s(t, items[t + 1]), s(t, 5), s(t, 11)]), 0)
+                   - s(t, items[t + 1]) for t in range(2)) / 2
+    torch.testing.assert_close(on, want_on)
+    torch.testing.assert_close(off, want_off)
+    assert off > on
+
+
+def test_logq_shift_uniform():
+    spec_on = LossSpec(in_batch_negatives=0, user_masking=False, temperature=0.5)
+    spec_off = LossSpec(in_batch_negatives=0, user_masking=False, temperature=0.5,
+                        logq_correction=False)
+    g = torch.Generator().manual_seed(4)
+    items = torch.tensor([1, 2, 3, 4])
+    h, table = torch.randn(4, D, generator=g), torch.randn(I, D, generator=g)
+    neg = torch.tensor([6, 8, 10])
+    args = (h, torch.tensor([0, 4]), items, torch.ones(4, dtype=torch.long), None, table[items],
+            neg, table[neg], I)
+    on, off = sequence_losses(spec_on, *args), sequence_losses(spec_off, *args)
+    hn, en = F.normalize(h, dim=-1), F.normalize(table, dim=-1)
+    shift = math.log(3 / I)  # every uniform negative's logit moves by -log(k / num_items)
+    want = []
+    for t in range(3):
+        s = hn[t] @ en[items[t + 1]] / 0.5
+        n = hn[t] @ en[neg].t() / 0.5
+        want.append(torch.logsumexp(torch.cat([s[None], n - shift]), 0) - s)
+    torch.testing.assert_close(on["next_token"], torch.stack(want).mean())
+    assert on["next_token"] > off["next_token"]  # log(3/12) < 0 -> negatives up-weighted
+
+
+def test_in_batch_subsampling_and_no_targets():
+    spec = LossSpec(in_batch_negatives=2)
+    case = _case(0)
+    got = _run(spec, case)
+    assert torch.isfinite(got["loss"]) and got["num_targets"] > 2
+    # no engaged positives at all -> zero loss, finite gradients
+    lengths, offsets, items, actions, ts, h, table, neg = case
+    h = h.clone().requires_grad_()
+    out = sequence_losses(LossSpec(), h, offsets, items, torch.zeros_like(actions), ts,
+                          table[items], neg, table[neg], I)
+    out["loss"].backward()
+    assert out["loss"].item() == 0.0 and torch.isfinite(h.grad).all()
+    # every negative masked (all ids in the row) -> finite loss and gradients
+    items2 = torch.arange(6)
+    h2 = torch.randn(6, D, requires_grad=True)
+    out = sequence_losses(LossSpec(in_batch_negatives=0), h2, torch.tensor([0, 6]), items2,
+                          torch.ones(6, dtype=torch.long), None, table[items2],
+                          torch.tensor([0, 1]), table[:2], I)
+    out["loss"].backward()
+    assert out["loss"].item() == 0.0 and torch.isfinite(h2.grad).all()

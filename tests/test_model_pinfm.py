@@ -1,0 +1,116 @@
+import pytest
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from pinfm_rec.data.batch import SequenceBatch
+from pinfm_rec.model import EmbeddingSpec, LossSpec, ModelSpec, PinFM, TrunkSpec
+from pinfm_rec.model.features import log_bucket, time_gaps
+
+I, A, S = 30, 4, 3
+
+
+def _batch(seed=0, lengths=(6, 3, 8, 1), k=4, train=True, items=None):
+    g = torch.Generator().manual_seed(seed)
+    L, B = sum(lengths), len(lengths)
+    if items is None:  # learnable: next item = item + 1 (mod I)
+        starts = torch.randint(0, I, (B,), generator=g)
+        items = torch.cat([(s + torch.arange(n)) % I for s, n in zip(starts, lengths)])
+    actions = torch.tensor([1, 2, 0])[torch.randint(0, 3, (L,), generator=g)]
+    surfaces = torch.randint(0, S, (L,), generator=g)
+    keys = ["item_id", "action", "surface"]
+    vals, lens = [items, actions, surfaces], [torch.tensor(lengths)] * 3
+    if train:
+        keys.append("neg_item_id")
+        vals.append(torch.randint(0, I, (B * k,), generator=g))
+        lens.append(torch.full((B,), k))
+    kjt = KeyedJaggedTensor.from_lengths_sync(keys=keys, values=torch.cat(vals), lengths=torch.cat(lens))
+    ts = torch.cat([torch.cumsum(torch.randint(1, 5000, (n,), generator=g), 0) for n in lengths])
+    return SequenceBatch(features=kjt, timestamps=ts, request_ids=torch.arange(B), max_len=max(lengths))
+
+
+def _model(**loss_kw):
+    torch.manual_seed(0)
+    spec = ModelSpec(
+        embedding=EmbeddingSpec(dim=16),
+        trunk=TrunkSpec(d_model=32, n_layers=2, n_heads=2, max_len=10, dropout=0.0),
+        loss=LossSpec(**loss_kw),
+    )
+    return PinFM(spec, I, A, S, device="cpu")
+
+
+def test_forward_finite_and_sgd_reduces_loss():
+    model = _model(temperature=0.1)
+    assert {n for n, _ in model.named_modules()} >= {"ec", "trunk", "head", "time"}
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    batch = _batch(0)
+    first = model(batch)
+    assert {"loss", "next_token", "num_targets"} <= set(first)
+    assert torch.isfinite(first["loss"]) and first["loss"].dim() == 0 and first["num_targets"] > 0
+    losses = []
+    for step in range(30):
+        out = model(_batch(step % 3))
+        opt.zero_grad()
+        out["loss"].backward()
+        if step == 0:  # shared item table gets gradients (inputs, positives, negatives)
+            assert model.ec.embeddings["t_item"].weight.grad.abs().sum() > 0
+        opt.step()
+        losses.append(float(out["loss"]))
+    assert sum(losses[-3:]) < 0.7 * sum(losses[:3]), losses
+
+
+def test_eval_encoders_and_options():
+    model = _model(multi_token_k=2, multi_token_weight=0.5, future_window_s=10_000, future_weight=0.5).eval()
+    out = model(_batch(1))
+    assert {"multi_token", "future_token"} <= set(out) and torch.isfinite(out["loss"])
+    eval_batch = _batch(2, lengths=(4, 0, 2), train=False)  # no neg_item_id, an empty row
+    u = model.encode_users(eval_batch)
+    assert u.shape == (3, 16)
+    torch.testing.assert_close(u.norm(dim=-1), torch.tensor([1.0, 0.0, 1.0]))
+    e = model.item_embeddings(torch.arange(I))
+    assert e.shape == (I, 16)
+    torch.testing.assert_close(e.norm(dim=-1), torch.ones(I))
+    # users are the hidden state of each row's last token: row 0 alone gives the same vector
+    f = eval_batch.features
+    kjt0 = KeyedJaggedTensor.from_lengths_sync(
+        keys=["item_id", "action", "surface"],
+        values=torch.cat([f[k].values()[:4] for k in ("item_id", "action", "surface")]),
+        lengths=torch.tensor([4, 4, 4]))
+    alone = model.encode_users(SequenceBatch(kjt0, eval_batch.timestamps[:4], torch.arange(1), 4))
+    torch.testing.assert_close(alone[0], u[0], atol=1e-5, rtol=0)
+    h, cache = model.encode_context(eval_batch)
+    assert h.shape == (6, 32) and len(cache.k) == 2
+
+
+def test_ids_checked_and_hash_mode():
+    model = _model()
+    bad = _batch(0, lengths=(3, 2), items=torch.tensor([1, 2, 3, 4, I + 5]))
+    with pytest.raises(ValueError, match=r"item_id.*t_item.*35"):
+        model(bad)
+    torch.manual_seed(0)
+    spec = ModelSpec(embedding=EmbeddingSpec(dim=16, id_mode="hash"),
+                     trunk=TrunkSpec(d_model=16, max_len=10))
+    hashed = PinFM(spec, I, A, S, device="cpu")
+    assert isinstance(hashed.in_proj, torch.nn.Identity)
+    assert torch.isfinite(hashed(bad)["loss"])
+
+
+def test_time_features():
+    ts = torch.tensor([100, 101, 1100, 50, 60])
+    gap_prev, gap_last, first = time_gaps(ts, torch.tensor([0, 3, 3, 5]))
+    assert gap_prev.tolist() == [0, 1, 999, 0, 10]
+    assert gap_last.tolist() == [1000, 999, 0, 10, 0]
+    assert first.tolist() == [True, False, False, True, False]
+    assert log_bucket(torch.tensor([0, 1, 3, 1000, -5, 10**12])).tolist() == [0, 1, 2, 9, 0, 31]
+
+
+def test_ec_always_gets_all_features_in_one_order():
+    from pinfm_rec.model.embedding import EC_FEATURES
+
+    model = _model()
+    seen = []
+    model.ec.register_forward_pre_hook(lambda m, args: seen.append((args[0].keys(), args[0].stride())))
+    model(_batch(0))
+    model.encode_users(_batch(1, train=False))
+    model.item_embeddings(torch.tensor([3, 4, 5]))
+    assert [k for k, _ in seen] == [EC_FEATURES] * 3
+    assert [s for _, s in seen] == [4, 4, 1]
