@@ -96,21 +96,12 @@ def test_ids_checked_and_hash_mode():
 
 def test_time_features():
     ts = torch.tensor([100, 101, 1100, 50, 60])
-    gap_prev, gap_last, first = time_gaps(ts, torch.tensor([0, 3, 3, 5]))
+    off = torch.tensor([0, 3, 3, 5])
+    gap_prev, gap_next, first, unknown = time_gaps(ts, off)
     assert gap_prev.tolist() == [0, 1, 999, 0, 10]
-    assert gap_last.tolist() == [1000, 999, 0, 10, 0]
+    assert gap_next.tolist() == [1, 999, 0, 10, 0]
     assert first.tolist() == [True, False, False, True, False]
+    assert unknown.tolist() == [False, False, True, False, True]
+    _, gap_next, _, unknown = time_gaps(ts, off, request_ts=torch.tensor([1200, 0, 61]))
+    assert gap_next.tolist() == [1, 999, 100, 10, 1] and not unknown.any()
     assert log_bucket(torch.tensor([0, 1, 3, 1000, -5, 10**12])).tolist() == [0, 1, 2, 9, 0, 31]
-
-
-def test_ec_always_gets_all_features_in_one_order():
-    from pinfm_rec.model.embedding import EC_FEATURES
-
-    model = _model()
-    seen = []
-    model.ec.register_forward_pre_hook(lambda m, args: seen.append((args[0].keys(), args[0].stride())))
-    model(_batch(0))
-    model.encode_users(_batch(1, train=False))
-    model.item_embeddings(torch.tensor([3, 4, 5]))
-    assert [k for k, _ in seen] == [EC_FEATURES] * 3
-    assert [s for _, s in seen] == [4, 4, 1]

@@ -111,8 +111,9 @@ def test_kv_cache_equivalence_catches_wrong_position():
         _kv_cache_check(shifted)
 
 
-def test_kv_cache_equivalence_dcat_op():
+@pytest.mark.parametrize("kernel", ["auto", "pytorch", "sdpa"])
+def test_kv_cache_equivalence_dcat_op(kernel):
     dcat = pytest.importorskip("pinfm_rec.kernels.dcat")
     if not hasattr(dcat, "dcat_attention"):
         pytest.skip("dcat_attention not landed yet")
-    _kv_cache_check(None, kernel="pytorch")
+    _kv_cache_check(None, kernel=kernel)  # attn_fn=None: the trunk imports the real op

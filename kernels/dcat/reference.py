@@ -210,6 +210,11 @@ def dcat_sdpa(q: Tensor, k: Tensor, v: Tensor, k_ctx: Tensor, v_ctx: Tensor,
         has_ctx = torch.full((R,), max_ctx_len > 0, device=q.device, dtype=torch.bool)
         o = _CtxAttnMerged.apply(qp, kp, vp, ks, vs, bias, has_ctx, scale)
         return o.transpose(1, 2).reshape(Cn, H, Dh)
+    odt = q.dtype
+    if q.is_cuda and odt != torch.float32:
+        # the memory-efficient kernel's half-precision backward with a padding mask
+        # gave wrong dq/dk (NaN) on H100 with torch 2.11: run the ragged case in fp32.
+        q, k, v, k_ctx, v_ctx = (t.float() for t in (q, k, v, k_ctx, v_ctx))
     creq, cpos, cmax = pad_index(cand_offsets, max_cands)
     xreq, xpos, nmax = pad_index(ctx_offsets, max_ctx_len)
     if max_ctx > 0:
@@ -236,4 +241,4 @@ def dcat_sdpa(q: Tensor, k: Tensor, v: Tensor, k_ctx: Tensor, v_ctx: Tensor,
     bias = bias.masked_fill(~valid[:, None, None, :], float("-inf"))
     bias = bias.expand(R, H, cmax, nal).contiguous()[..., :nmax]
     o = _CtxAttnMerged.apply(qp, kp, vp, ks, vs, bias, lens > 0, scale)
-    return o.transpose(1, 2)[creq, cpos]
+    return o.transpose(1, 2)[creq, cpos].to(odt)

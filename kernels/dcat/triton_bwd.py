@@ -26,7 +26,7 @@ import triton.language as tl
 from .triton_fwd import LOG2E, _splits
 
 BWD_CONFIG = dict(
-    DQ_BLOCK_M=128, DQ_BLOCK_N=64, dq_warps=8, dq_stages=2,
+    DQ_BLOCK_M=128, DQ_BLOCK_N=32, dq_warps=4, dq_stages=3,
     KV_BLOCK_N=128, KV_BLOCK_M=64, kv_warps=8, kv_stages=2,
     waves=2.0, min_split=1024, split_size=None)
 
@@ -42,14 +42,14 @@ def _dot(a, b, IEEE: tl.constexpr):
 @triton.jit
 def _dcat_bwd_dq_kernel(
     Q, K, V, KC, VC, O, DO, LSE, CO, XO, DQ, DK, DV, DELTA, PDQ,
-    s_qm, s_qh, s_km, s_kh, s_vm, s_vh, s_kcm, s_kch, s_vcm, s_vch,
-    s_om, s_oh, s_dom, s_doh,
     Cn, H, n_mtiles, max_ctx, split_size, scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr, IEEE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     h = tl.program_id(1)
+    s_qm = H * HEAD_DIM  # all tensors contiguous [rows, H, HEAD_DIM]
+    s_qh = HEAD_DIM
     s = tl.program_id(2)
     r = pid // n_mtiles
     mt = pid - r * n_mtiles
@@ -68,25 +68,25 @@ def _dcat_bwd_dq_kernel(
         offs_d = tl.arange(0, HEAD_DIM)
         rmask = mask_m[:, None]
         q = tl.load(Q + offs_m[:, None] * s_qm + h * s_qh + offs_d[None, :], mask=rmask, other=0.0)
-        do = tl.load(DO + offs_m[:, None] * s_dom + h * s_doh + offs_d[None, :], mask=rmask,
+        do = tl.load(DO + offs_m[:, None] * s_qm + h * s_qh + offs_d[None, :], mask=rmask,
                      other=0.0)
-        o = tl.load(O + offs_m[:, None] * s_om + h * s_oh + offs_d[None, :], mask=rmask, other=0.0)
+        o = tl.load(O + offs_m[:, None] * s_qm + h * s_qh + offs_d[None, :], mask=rmask, other=0.0)
         delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
         lse2 = tl.load(LSE + offs_m * H + h, mask=mask_m, other=0.0) * 1.4426950408889634
         dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
         if s == 0:
-            ks = tl.load(K + offs_m[:, None] * s_km + h * s_kh + offs_d[None, :], mask=rmask,
+            ks = tl.load(K + offs_m[:, None] * s_qm + h * s_qh + offs_d[None, :], mask=rmask,
                          other=0.0).to(tl.float32)
-            vs = tl.load(V + offs_m[:, None] * s_vm + h * s_vh + offs_d[None, :], mask=rmask,
+            vs = tl.load(V + offs_m[:, None] * s_qm + h * s_qh + offs_d[None, :], mask=rmask,
                          other=0.0).to(tl.float32)
             qf = q.to(tl.float32)
             dof = do.to(tl.float32)
             p_self = tl.math.exp2(tl.sum(qf * ks, 1) * qk_scale - lse2)
             ds_self = p_self * (tl.sum(dof * vs, 1) - delta)
             dq = ds_self[:, None] * ks
-            tl.store(DK + offs_m[:, None] * s_km + h * s_kh + offs_d[None, :],
+            tl.store(DK + offs_m[:, None] * s_qm + h * s_qh + offs_d[None, :],
                      (ds_self[:, None] * qf * scale).to(DK.dtype.element_ty), mask=rmask)
-            tl.store(DV + offs_m[:, None] * s_vm + h * s_vh + offs_d[None, :],
+            tl.store(DV + offs_m[:, None] * s_qm + h * s_qh + offs_d[None, :],
                      (p_self[:, None] * dof).to(DV.dtype.element_ty), mask=rmask)
             tl.store(DELTA + offs_m * H + h, delta, mask=mask_m)
         kstart = x0 + s * split_size
@@ -95,9 +95,9 @@ def _dcat_bwd_dq_kernel(
         for n in range(kstart, kend, BLOCK_N):
             offs_n = n + offs_n0
             kmask = offs_n < kend
-            kb = tl.load(KC + offs_n[:, None] * s_kcm + h * s_kch + offs_d[None, :],
+            kb = tl.load(KC + offs_n[:, None] * s_qm + h * s_qh + offs_d[None, :],
                          mask=kmask[:, None], other=0.0)
-            vb = tl.load(VC + offs_n[:, None] * s_vcm + h * s_vch + offs_d[None, :],
+            vb = tl.load(VC + offs_n[:, None] * s_qm + h * s_qh + offs_d[None, :],
                          mask=kmask[:, None], other=0.0)
             qk = _dot(q, tl.trans(kb), IEEE)
             p = tl.math.exp2(qk * qk_scale - lse2[:, None])
@@ -117,13 +117,14 @@ def _dcat_bwd_dq_kernel(
 @triton.jit
 def _dcat_bwd_dkdv_kernel(
     Q, KC, VC, DO, LSE, DELTA, CO, XO, DKC, DVC,
-    s_qm, s_qh, s_kcm, s_kch, s_vcm, s_vch, s_dom, s_doh,
     H, n_ntiles, max_ctx, scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IEEE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     h = tl.program_id(1)
+    s_qm = H * HEAD_DIM  # all tensors contiguous [rows, H, HEAD_DIM]
+    s_qh = HEAD_DIM
     r = pid // n_ntiles
     nt = pid - r * n_ntiles
     x0 = tl.load(XO + r).to(tl.int64)
@@ -143,9 +144,9 @@ def _dcat_bwd_dkdv_kernel(
         if n0 + BLOCK_N > w0:
             c0 = tl.load(CO + r).to(tl.int64)
             c1 = tl.load(CO + r + 1).to(tl.int64)
-            kb = tl.load(KC + offs_n[:, None] * s_kcm + h * s_kch + offs_d[None, :],
+            kb = tl.load(KC + offs_n[:, None] * s_qm + h * s_qh + offs_d[None, :],
                          mask=nmask[:, None], other=0.0)
-            vb = tl.load(VC + offs_n[:, None] * s_vcm + h * s_vch + offs_d[None, :],
+            vb = tl.load(VC + offs_n[:, None] * s_qm + h * s_qh + offs_d[None, :],
                          mask=nmask[:, None], other=0.0)
             offs_m0 = tl.arange(0, BLOCK_M)
             for m in range(c0, c1, BLOCK_M):
@@ -153,7 +154,7 @@ def _dcat_bwd_dkdv_kernel(
                 mask_m = offs_m < c1
                 q = tl.load(Q + offs_m[:, None] * s_qm + h * s_qh + offs_d[None, :],
                             mask=mask_m[:, None], other=0.0)
-                do = tl.load(DO + offs_m[:, None] * s_dom + h * s_doh + offs_d[None, :],
+                do = tl.load(DO + offs_m[:, None] * s_qm + h * s_qh + offs_d[None, :],
                              mask=mask_m[:, None], other=0.0)
                 lse2 = tl.load(LSE + offs_m * H + h, mask=mask_m,
                                other=float("inf")) * 1.4426950408889634
@@ -166,9 +167,9 @@ def _dcat_bwd_dkdv_kernel(
                 dk += _dot(dsT.to(q.dtype), q, IEEE)
             dk = tl.where(in_win[:, None], dk * scale, 0.0)
             dv = tl.where(in_win[:, None], dv, 0.0)
-        tl.store(DKC + offs_n[:, None] * s_kcm + h * s_kch + offs_d[None, :],
+        tl.store(DKC + offs_n[:, None] * s_qm + h * s_qh + offs_d[None, :],
                  dk.to(DKC.dtype.element_ty), mask=nmask[:, None])
-        tl.store(DVC + offs_n[:, None] * s_vcm + h * s_vch + offs_d[None, :],
+        tl.store(DVC + offs_n[:, None] * s_qm + h * s_qh + offs_d[None, :],
                  dv.to(DVC.dtype.element_ty), mask=nmask[:, None])
 
 
@@ -186,12 +187,9 @@ def dcat_bwd_triton(do, q, k, v, k_ctx, v_ctx, o, lse, cand_offsets, ctx_offsets
     Cn, H, Dh = q.shape
     Lc = k_ctx.shape[0]
     R = cand_offsets.numel() - 1
-    # k/v/k_ctx/v_ctx grads reuse the input strides (contiguous last dim).
-    dq = torch.empty_like(q)
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
-    dkc = torch.empty_like(k_ctx)
-    dvc = torch.empty_like(v_ctx)
+    # all inputs must be contiguous; grads are contiguous too.
+    dq, dk, dv = (torch.empty(q.shape, device=q.device, dtype=q.dtype) for _ in range(3))
+    dkc, dvc = (torch.empty(k_ctx.shape, device=q.device, dtype=q.dtype) for _ in range(2))
     if R == 0:
         return dq, dk, dv, dkc, dvc
     interp = os.environ.get("TRITON_INTERPRET") == "1"
@@ -210,9 +208,6 @@ def dcat_bwd_triton(do, q, k, v, k_ctx, v_ctx, o, lse, cand_offsets, ctx_offsets
         kw = {} if interp else dict(num_warps=cfg["dq_warps"], num_stages=cfg["dq_stages"])
         _dcat_bwd_dq_kernel[(R * n_mtiles, H, n_split)](
             q, k, v, k_ctx, v_ctx, o, do, lse, cand_offsets, ctx_offsets, dq, dk, dv, delta, pdq,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            k_ctx.stride(0), k_ctx.stride(1), v_ctx.stride(0), v_ctx.stride(1),
-            o.stride(0), o.stride(1), do.stride(0), do.stride(1),
             Cn, H, n_mtiles, max_ctx, split_size, scale,
             HEAD_DIM=Dh, BLOCK_M=bm, BLOCK_N=cfg["DQ_BLOCK_N"], SPLIT=n_split > 1, IEEE=ieee,
             **kw)
@@ -224,8 +219,6 @@ def dcat_bwd_triton(do, q, k, v, k_ctx, v_ctx, o, lse, cand_offsets, ctx_offsets
         kw = {} if interp else dict(num_warps=cfg["kv_warps"], num_stages=cfg["kv_stages"])
         _dcat_bwd_dkdv_kernel[(R * n_ntiles, H)](
             q, k_ctx, v_ctx, do, lse, delta, cand_offsets, ctx_offsets, dkc, dvc,
-            q.stride(0), q.stride(1), k_ctx.stride(0), k_ctx.stride(1),
-            v_ctx.stride(0), v_ctx.stride(1), do.stride(0), do.stride(1),
             H, n_ntiles, max_ctx, scale,
             HEAD_DIM=Dh, BLOCK_M=cfg["KV_BLOCK_M"], BLOCK_N=bn, IEEE=ieee, **kw)
     return dq, dk, dv, dkc, dvc

@@ -56,7 +56,6 @@ def _attn_block(q, kc_ptrs, vc_ptrs, m_i, l_i, acc, qk_scale, kmask,
 @triton.jit
 def _dcat_fwd_kernel(
     Q, K, V, KC, VC, CO, XO, O, LSE, PO, PL,
-    s_qm, s_qh, s_km, s_kh, s_vm, s_vh, s_kcm, s_kch, s_vcm, s_vch, s_om, s_oh,
     Cn, H, n_mtiles, max_ctx, split_size, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr, IEEE: tl.constexpr,
@@ -64,6 +63,9 @@ def _dcat_fwd_kernel(
     pid = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.program_id(2)
+    # all tensors contiguous [rows, H, HEAD_DIM]
+    s_qm = H * HEAD_DIM
+    s_qh = HEAD_DIM
     r = pid // n_mtiles
     mt = pid - r * n_mtiles
     c0 = tl.load(CO + r).to(tl.int64)
@@ -84,9 +86,9 @@ def _dcat_fwd_kernel(
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
         if s == 0:
-            ks = tl.load(K + offs_m[:, None] * s_km + h * s_kh + offs_d[None, :],
+            ks = tl.load(K + offs_m[:, None] * s_qm + h * s_qh + offs_d[None, :],
                          mask=mask_m[:, None], other=0.0)
-            vs = tl.load(V + offs_m[:, None] * s_vm + h * s_vh + offs_d[None, :],
+            vs = tl.load(V + offs_m[:, None] * s_qm + h * s_qh + offs_d[None, :],
                          mask=mask_m[:, None], other=0.0)
             m_i = tl.sum(q.to(tl.float32) * ks.to(tl.float32), 1) * qk_scale
             l_i = tl.full([BLOCK_M], 1.0, tl.float32)
@@ -95,13 +97,13 @@ def _dcat_fwd_kernel(
         kend = tl.minimum(kstart + split_size, x1)
         n_full = (kend - kstart) // BLOCK_N
         offs_n = kstart + tl.arange(0, BLOCK_N)
-        kc_ptrs = KC + offs_n[:, None] * s_kcm + h * s_kch + offs_d[None, :]
-        vc_ptrs = VC + offs_n[:, None] * s_vcm + h * s_vch + offs_d[None, :]
+        kc_ptrs = KC + offs_n[:, None] * s_qm + h * s_qh + offs_d[None, :]
+        vc_ptrs = VC + offs_n[:, None] * s_qm + h * s_qh + offs_d[None, :]
         for _ in range(0, n_full):
             m_i, l_i, acc = _attn_block(q, kc_ptrs, vc_ptrs, m_i, l_i, acc, qk_scale,
                                         offs_n, False, IEEE)
-            kc_ptrs += BLOCK_N * s_kcm
-            vc_ptrs += BLOCK_N * s_vcm
+            kc_ptrs += BLOCK_N * s_qm
+            vc_ptrs += BLOCK_N * s_qm
         tail = kstart + n_full * BLOCK_N
         if tail < kend:
             kmask = (tail + tl.arange(0, BLOCK_N)) < kend
@@ -114,18 +116,20 @@ def _dcat_fwd_kernel(
             tl.store(PO + prow[:, None] * HEAD_DIM + offs_d[None, :], o, mask=mask_m[:, None])
             tl.store(PL + prow, lse2, mask=mask_m)
         else:
-            tl.store(O + offs_m[:, None] * s_om + h * s_oh + offs_d[None, :],
+            tl.store(O + offs_m[:, None] * s_qm + h * s_qh + offs_d[None, :],
                      o.to(O.dtype.element_ty), mask=mask_m[:, None])
             tl.store(LSE + offs_m * H + h, lse2 * 0.6931471805599453, mask=mask_m)
 
 
 @triton.jit
 def _dcat_combine_kernel(
-    CO, XO, O, LSE, PO, PL, s_om, s_oh, Cn, H, n_mtiles, max_ctx, split_size,
+    CO, XO, O, LSE, PO, PL, Cn, H, n_mtiles, max_ctx, split_size,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     pid = tl.program_id(0)
     h = tl.program_id(1)
+    s_qm = H * HEAD_DIM
+    s_qh = HEAD_DIM
     r = pid // n_mtiles
     mt = pid - r * n_mtiles
     c0 = tl.load(CO + r).to(tl.int64)
@@ -155,7 +159,7 @@ def _dcat_combine_kernel(
             acc = acc * alpha[:, None] + w[:, None] * o_s
             m_i = m_new
         o = acc / l_i[:, None]
-        tl.store(O + offs_m[:, None] * s_om + h * s_oh + offs_d[None, :],
+        tl.store(O + offs_m[:, None] * s_qm + h * s_qh + offs_d[None, :],
                  o.to(O.dtype.element_ty), mask=mask_m[:, None])
         tl.store(LSE + offs_m * H + h, (m_i + tl.math.log2(l_i)) * 0.6931471805599453,
                  mask=mask_m)
@@ -193,7 +197,8 @@ def _splits(base: int, n_eff_max: int, cfg: dict, device) -> int:
 
 def dcat_fwd_triton(q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, max_ctx: int,
                     scale: float, max_cands: int, max_ctx_len: int, cfg: dict | None = None):
-    """Forward. q, k, v: [Cn, H, Dh]; k_ctx, v_ctx: [Lc, H, Dh]; offsets [R+1].
+    """Forward. q, k, v: [Cn, H, Dh]; k_ctx, v_ctx: [Lc, H, Dh] (all contiguous);
+    offsets [R+1].
 
     max_cands / max_ctx_len: max candidates / history tokens per request.
     Returns (o [Cn, H, Dh] in q's dtype, lse [Cn, H] fp32, natural log).
@@ -221,9 +226,6 @@ def dcat_fwd_triton(q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, max_ctx: i
     grid = (R * n_mtiles, H, n_split)
     _dcat_fwd_kernel[grid](
         q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, o, lse, po, pl,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_ctx.stride(0), k_ctx.stride(1), v_ctx.stride(0), v_ctx.stride(1),
-        o.stride(0), o.stride(1),
         Cn, H, n_mtiles, max_ctx, split_size, scale * LOG2E,
         HEAD_DIM=Dh, BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N"], SPLIT=SPLIT,
         IEEE=q.dtype == torch.float32, **kw)
@@ -231,7 +233,7 @@ def dcat_fwd_triton(q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, max_ctx: i
         cbm = 64
         cm = triton.cdiv(max_cands, cbm)
         _dcat_combine_kernel[(R * cm, H)](
-            cand_offsets, ctx_offsets, o, lse, po, pl, o.stride(0), o.stride(1),
+            cand_offsets, ctx_offsets, o, lse, po, pl,
             Cn, H, cm, max_ctx, split_size, HEAD_DIM=Dh, BLOCK_M=cbm,
             **({} if kw == {} else dict(num_warps=4)))
     return o, lse

@@ -48,7 +48,7 @@ class EmbeddingSpec:
     action: TableSpec = field(default_factory=TableSpec)
     surface: TableSpec = field(default_factory=TableSpec)
     id_mode: str = "error"  # error: out-of-range id raises | hash: id modulo table size
-    init_scale: float = 0.1  # weights ~ U(-init_scale, init_scale) (0 -> TorchRec default)
+    init_scale: float = 0.03  # weights ~ U(-init_scale, init_scale) (0 -> TorchRec default)
 
 
 def _table_specs(spec: EmbeddingSpec) -> Dict[str, TableSpec]:

@@ -111,12 +111,23 @@ def sequence_losses(
     optional train counts for the in-batch logQ; num_items is the uniform sampler's range (logQ);
     id_space (default num_items) bounds every id (used for row-membership keys). Returns scalar tensors: "next_token",
     "multi_token", "future_token" (those enabled), "loss" (weighted total), "num_targets" (number
-    of next-token targets, no grad). Memory O(L * (M + K)).
+    of next-token targets, no grad). Memory O(L * (M + K)). Runs in fp32 with autocast off.
     """
+    with torch.autocast(device_type=h.device.type, enabled=False):
+        return _sequence_losses(
+            spec, h, offsets, item_ids, actions, timestamps, item_emb, neg_ids, neg_emb,
+            num_items, item_counts, generator, id_space,
+        )
+
+
+def _sequence_losses(
+    spec, h, offsets, item_ids, actions, timestamps, item_emb, neg_ids, neg_emb,
+    num_items, item_counts, generator, id_space,
+) -> Dict[str, torch.Tensor]:
     total, b = item_ids.numel(), offsets.numel() - 1
     dev = h.device
     tau = spec.temperature
-    rows, _ = jagged_index(offsets, total, 0)  # [L]
+    rows, _ = jagged_index(offsets, total)  # [L]
     row_end = offsets[1:][rows]  # [L] exclusive end of each token's row
     ar = torch.arange(total, device=dev)
     if spec.positives_only_engaged:

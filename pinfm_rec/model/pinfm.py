@@ -85,7 +85,14 @@ class PinFM(nn.Module):
             spec.embedding, num_items, num_actions, num_surfaces, device=device
         )
         dd = torch.device(dense_device)
-        self.time = TimeFeatures(dim).to(dd) if spec.time_features else None
+        self.time = (
+            TimeFeatures(dim, init_scale=spec.embedding.init_scale or 0.03).to(dd)
+            if spec.time_features
+            else None
+        )
+        # small tables (fast angular learning of the l2-normalised item vectors) but O(1) inputs:
+        # the summed input is scaled by sqrt(dim) (+0.03 HR@10 on ML-1M at 60 epochs vs no scale)
+        self.input_scale = float(dim) ** 0.5
         self.in_proj = nn.Linear(dim, d_model).to(dd) if dim != d_model else nn.Identity()
         self.trunk = Trunk(spec.trunk).to(dd)
         self.head = nn.Linear(d_model, dim).to(dd)  # back to the item-embedding space
@@ -109,8 +116,8 @@ class PinFM(nn.Module):
         offsets = items.offsets()  # [B+1]
         x = items.values() + emb[ACTION_KEY].values() + emb[SURFACE_KEY].values()  # [L, dim]
         if self.time is not None:
-            x = x + self.time(batch.timestamps, offsets)
-        return self.in_proj(x), offsets, kjt, emb
+            x = x + self.time(batch.timestamps, offsets, batch.target_timestamp)
+        return self.in_proj(x * self.input_scale), offsets, kjt, emb
 
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(x.float(), dim=-1) if self.spec.loss.l2_norm else x.float()

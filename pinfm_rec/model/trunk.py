@@ -43,7 +43,7 @@ class KVCache:
     max_len: int
 
 
-def jagged_index(offsets: torch.Tensor, total: int, max_len: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def jagged_index(offsets: torch.Tensor, total: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Row id and position in row of each jagged element: (row [L], pos [L]). No host sync."""
     lengths = offsets[1:] - offsets[:-1]
     rows = torch.repeat_interleave(
@@ -141,7 +141,7 @@ class Trunk(nn.Module):
     ) -> Tuple[torch.Tensor, List[torch.Tensor], List[torch.Tensor]]:
         self._check_len(max_len)
         total, b = x.shape[0], offsets.numel() - 1
-        rows, pos = jagged_index(offsets, total, max_len)
+        rows, pos = jagged_index(offsets, total)
         flat_idx = rows * max_len + pos  # [L]
         h = self.in_drop(x + self.pos_emb(pos))  # [L, D]
         ks: List[torch.Tensor] = []
@@ -193,7 +193,7 @@ class Trunk(nn.Module):
             raise ValueError(f"cache has {len(cache.k)} layers, trunk has {len(self.layers)}")
         self._check_len(cache.max_len)
         c = cand_x.shape[0]
-        cand_rows, _ = jagged_index(cand_offsets, c, 0)  # [C]
+        cand_rows, _ = jagged_index(cand_offsets, c)  # [C]
         ctx_len = cache.offsets[1:] - cache.offsets[:-1]  # [U]
         h = self.in_drop(cand_x + self.pos_emb(ctx_len[cand_rows]))  # [C, D]
         scale = 1.0 / math.sqrt(self.spec.d_model // self.spec.n_heads)
