@@ -181,8 +181,13 @@ def shard_model(
     for ec in ecs.values():
         apply_optimizer_in_backward(opt_cls, ec.parameters(), opt_kwargs)
 
+    all_tables = [cfg.name for ec in ecs.values() for cfg in ec.embedding_configs()]
+    unknown = sorted(set(table_shardings) - set(all_tables))
+    if unknown:
+        raise ValueError(f"sharding given for unknown tables {unknown}; the model has {all_tables}")
     constraints = {}
-    for table, st in table_shardings.items():
+    for table in all_tables:
+        st = table_shardings.get(table, "auto")
         if st == "auto":
             types = list(SHARDING_TYPES)
         elif st in SHARDING_TYPES:
@@ -197,9 +202,8 @@ def shard_model(
         world_size=env.world_size,
         compute_device=env.device.type,
         local_world_size=local_world,
-        batch_size=batch_size or 512,
     )
-    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
+    planner = EmbeddingShardingPlanner(topology=topology, batch_size=batch_size, constraints=constraints)
     sharders = [EmbeddingCollectionSharder()]
     pg = dist.GroupMember.WORLD
     plan = planner.collective_plan(model, sharders, pg)

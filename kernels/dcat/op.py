@@ -121,7 +121,8 @@ def dcat_attention(q: Tensor, k: Tensor, v: Tensor, k_ctx: Tensor, v_ctx: Tensor
     ``o_j = softmax_t(q_j . k_t * scale) v_t``. Returns o [Cn, H, Dh] in q's
     dtype (fp32 accumulation). ``max_cands`` / ``max_ctx_len`` are optional
     host-side max per-request counts (avoid a device sync). ``kernel``:
-    "auto" (triton on CUDA or under TRITON_INTERPRET=1, else pytorch),
+    "auto" (triton on CUDA or under TRITON_INTERPRET=1 when Dh is a power of two >= 16,
+    else pytorch),
     "triton", "pytorch" (dense reference) or "sdpa" (stock SDPA path).
     """
     if q.dim() != 3 or k_ctx.dim() != 3:
@@ -130,7 +131,8 @@ def dcat_attention(q: Tensor, k: Tensor, v: Tensor, k_ctx: Tensor, v_ctx: Tensor
     if scale is None:
         scale = 1.0 / math.sqrt(Dh)
     if kernel == "auto":
-        kernel = ("triton" if q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+        triton_ok = Dh >= 16 and not Dh & (Dh - 1)
+        kernel = ("triton" if triton_ok and (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
                   else "pytorch")
     if kernel == "pytorch":
         return dcat_reference(q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets,

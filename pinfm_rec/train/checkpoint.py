@@ -72,7 +72,8 @@ def _rng_state() -> dict:
     return st
 
 
-def _set_rng_state(st: dict) -> None:
+def set_rng_state(st: dict) -> None:
+    """Restore the torch/numpy/python (and CUDA) RNG state saved by a checkpoint."""
     torch.set_rng_state(st["torch"])
     np.random.set_state(st["numpy"])
     random.setstate(st["python"])
@@ -135,8 +136,12 @@ def load_checkpoint(
     model: torch.nn.Module,
     optimizer: Optional[Any],
     rank: int,
-) -> tuple[dict, Optional[dict]]:
-    """Load in place (collective). Returns (train_state, this rank's loader state or None).
+) -> tuple[dict, Optional[dict], Optional[dict]]:
+    """Load in place (collective). Returns (train_state, this rank's loader state or None,
+    this rank's RNG state or None).
+
+    The RNG state is returned, not applied: the caller restores it with ``set_rng_state`` right
+    before the first resumed step (creating the loader iterator draws from the global RNG).
 
     Works when the number of ranks or the sharding plan differs from the saving run (DCP reshards);
     the loader state is then dropped (the epoch restarts) because row shards differ.
@@ -152,16 +157,16 @@ def load_checkpoint(
         optimizer.load_state_dict(state["optim"])
     with open(os.path.join(path, "train_state.json")) as f:
         train_state = json.load(f)
-    loader_state = None
+    loader_state, rng_state = None, None
     lp = os.path.join(path, f"loader_rank{rank}.pt")
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     if os.path.isfile(lp) and train_state.get("world_size") == world:
         saved = torch.load(lp, weights_only=False)
         loader_state = saved["loader"]
-        _set_rng_state(saved["rng"])
+        rng_state = saved["rng"]
     elif rank == 0:
         logger.warning("%s: no loader state for world size %d; the epoch restarts", path, world)
-    return train_state, loader_state
+    return train_state, loader_state, rng_state
 
 
 def export_encoder(out_dir: str, model: torch.nn.Module, spec_yaml: str, meta: dict, rank: int) -> str:

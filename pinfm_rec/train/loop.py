@@ -15,6 +15,7 @@ from typing import Callable, Dict, Iterable, List, Optional
 import torch
 
 from pinfm_rec.parallel import all_reduce_sum
+from pinfm_rec.train.checkpoint import set_rng_state
 
 logger = logging.getLogger(__name__)
 
@@ -127,13 +128,21 @@ class Trainer:
         state: LoopState,
         total_steps: int,
         on_step: Optional[Callable[[LoopState], None]] = None,
+        rng_state: Optional[dict] = None,
     ) -> bool:
-        """One pass over ``batches``. Returns False when max_steps stopped it early."""
+        """One pass over ``batches``. Returns False when max_steps stopped it early.
+
+        rng_state: a checkpoint's RNG state, restored after the loader iterator is created (which
+        draws from the global RNG) so a resumed run continues the exact random stream.
+        """
         self.model.train()
         t0 = time.perf_counter()
         win_tokens, win_rows, win_steps = 0, 0, 0
         acc: Dict[str, float] = {}
-        for batch in batches:
+        it = iter(batches)
+        if rng_state is not None:
+            set_rng_state(rng_state)
+        for batch in it:
             if self.spec.max_steps and state.step >= self.spec.max_steps:
                 return False
             batch = batch.to(self.device, non_blocking=True)

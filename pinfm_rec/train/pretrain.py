@@ -177,10 +177,10 @@ def pretrain(spec: PretrainSpec, force_cpu: bool = False) -> Dict[str, float]:
     if spec.train.max_steps:
         total = min(total, spec.train.max_steps)
     state = LoopState()
-    loader_state = None
+    loader_state, rng_state = None, None
     resume = resolve_resume(ckpt_dir, spec.checkpoint.resume)
     if resume:
-        ts, loader_state = load_checkpoint(resume, b.model, b.optimizer, env.rank)
+        ts, loader_state, rng_state = load_checkpoint(resume, b.model, b.optimizer, env.rank)
         state.step, state.epoch = ts["step"], ts["epoch"]
         state.history = ts.get("history", [])
         logger.info("resumed from %s (step %d, epoch %d)", resume, state.step, state.epoch)
@@ -209,7 +209,8 @@ def pretrain(spec: PretrainSpec, force_cpu: bool = False) -> Dict[str, float]:
             loader_state = None
         else:
             _set_epoch(train_loader, epoch)
-        finished = trainer.run_epoch(train_loader, state, total, on_step)
+        finished = trainer.run_epoch(train_loader, state, total, on_step, rng_state=rng_state)
+        rng_state = None
         if not finished:
             if spec.checkpoint.every_steps:
                 checkpoint(state)
