@@ -1,23 +1,21 @@
 #!/usr/bin/env bash
-# GPU host: ML-1M pretraining runs side by side on one GPU (small model, the GPU has room), each a
-# plain `pinfm pretrain` command. Usage: bash scripts/gpu/ml1m_sweep.sh EPOCHS  (results under $OUT)
+# GPU host: ML-1M pretraining runs side by side on one GPU (small models, the GPU has room), each a
+# plain `pinfm pretrain` command. Usage:
+#   bash scripts/gpu/ml1m_sweep.sh EPOCHS "overrides of run 1" "overrides of run 2" ...   (results under $OUT)
 set -uo pipefail
 export PYTHONPATH=/root/site:${PYTHONPATH:-}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-E=${1:-200}
-declare -A V
-V[a]=""
-V[b]="model.embedding.dim=128 model.trunk.d_model=128"
-V[c]="data.num_negatives_per_row=64 model.loss.in_batch_negatives=4096"
-V[d]="train.lr=0.002 parallel.embedding_lr=0.002"
-for k in a b c d; do
-  cmd="python3 -m pinfm_rec.cli pretrain --spec specs/pretrain/ml1m-gpu.yaml name=ml1m-$k train.epochs=$E train.eval_every_epochs=$((E / 4)) ${V[$k]}"
-  echo "$cmd" > "runs_cmd_$k.txt"
-  ( /usr/bin/time -f "wall %e s" $cmd > "ml1m_$k.log" 2>&1 ) &
+E=${1:-100}; shift
+i=0
+for ov in "$@"; do
+  i=$((i + 1))
+  cmd="python3 -m pinfm_rec.cli pretrain --spec specs/pretrain/ml1m-gpu.yaml name=ml1m-$i train.epochs=$E train.eval_every_epochs=$((E / 4)) $ov"
+  echo "$cmd" > "runs_cmd_$i.txt"
+  ( /usr/bin/time -f "wall %e s" $cmd > "ml1m_$i.log" 2>&1 ) &
 done
 wait
-for k in a b c d; do
-  { echo "\$ $(cat runs_cmd_$k.txt)"; grep -E "valid \{|final|wall |Error" "ml1m_$k.log" | cut -c1-700; } >> "$OUT/ml1m_sweep.log"
-  cp "runs/ml1m-$k/results.json" "$OUT/ml1m_$k.json" 2>/dev/null || true
+for j in $(seq 1 $i); do
+  { echo "\$ $(cat runs_cmd_$j.txt)"; grep -E "valid \{|final|wall |Error" "ml1m_$j.log" | cut -c1-600; } >> "$OUT/ml1m_sweep.log"
+  cp "runs/ml1m-$j/results.json" "$OUT/ml1m_$j.json" 2>/dev/null || true
 done
 cat "$OUT/ml1m_sweep.log"
