@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.model_parallel import (
     DataParallelWrapper,
@@ -31,7 +32,7 @@ from torchrec.distributed.model_parallel import (
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.distributed.types import ShardingEnv, ShardingPlan
-from torchrec.modules.embedding_modules import EmbeddingCollection
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
@@ -146,7 +147,10 @@ class FSDP2Wrapper(DataParallelWrapper):
 
         root = dmp._dmp_wrapped_module
         for name, child in list(root.named_children()):
-            if any(isinstance(m, EmbeddingCollection) or hasattr(m, "_lookups") for m in child.modules()):
+            if any(
+                isinstance(m, (EmbeddingCollection, EmbeddingBagCollection)) or hasattr(m, "_lookups")
+                for m in child.modules()
+            ):
                 continue  # sharded tables stay with DMP
             if not any(p.requires_grad for p in child.parameters()):
                 continue
@@ -158,8 +162,12 @@ class FSDP2Wrapper(DataParallelWrapper):
             raise ValueError(f"FSDP2 wrapping: parameters directly on the root module are not supported: {stray}")
 
 
-def _find_embedding_collections(model: nn.Module) -> Dict[str, EmbeddingCollection]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, EmbeddingCollection)}
+def _find_embedding_collections(model: nn.Module) -> Dict[str, nn.Module]:
+    """EmbeddingCollection (sequence tables) and EmbeddingBagCollection (pooled, e.g. a ranker's)
+    modules by path."""
+    return {
+        n: m for n, m in model.named_modules() if isinstance(m, (EmbeddingCollection, EmbeddingBagCollection))
+    }
 
 
 def shard_model(
@@ -168,18 +176,27 @@ def shard_model(
     env: DistEnv,
     table_shardings: Dict[str, str],
     batch_size: Optional[int] = None,
+    lr_mult: Optional[Dict[str, float]] = None,
 ) -> tuple[DistributedModelParallel, ShardingPlan]:
-    """Wrap ``model`` (its EmbeddingCollection on ``meta``) in DMP under the spec's constraints.
+    """Wrap ``model`` (its EmbeddingCollection / EmbeddingBagCollection modules on ``meta``) in DMP
+    under the spec's constraints.
 
-    table_shardings: table name → one of table_wise | row_wise | column_wise | auto.
+    table_shardings: table name → one of table_wise | row_wise | column_wise | auto (tables not
+        named get auto).
+    lr_mult: module path prefix → multiplier of ``spec.embedding_lr`` for the tables under it
+        (e.g. {"encoder": 0.1} for a pretrained encoder inside a ranker).
     Returns the DMP module and the plan (also logged on rank 0).
     """
     ecs = _find_embedding_collections(model)
     if not ecs:
-        raise ValueError("shard_model: the model has no EmbeddingCollection")
+        raise ValueError("shard_model: the model has no EmbeddingCollection or EmbeddingBagCollection")
     opt_cls, opt_kwargs = _embedding_optimizer(spec, env.device)
-    for ec in ecs.values():
-        apply_optimizer_in_backward(opt_cls, ec.parameters(), opt_kwargs)
+    for path, ec in ecs.items():
+        kwargs = dict(opt_kwargs)
+        for prefix, mult in (lr_mult or {}).items():
+            if path == prefix or path.startswith(prefix + "."):
+                kwargs["lr"] = kwargs["lr"] * mult
+        apply_optimizer_in_backward(opt_cls, ec.parameters(), kwargs)
 
     all_tables = [cfg.name for ec in ecs.values() for cfg in ec.embedding_configs()]
     unknown = sorted(set(table_shardings) - set(all_tables))
@@ -204,7 +221,7 @@ def shard_model(
         local_world_size=local_world,
     )
     planner = EmbeddingShardingPlanner(topology=topology, batch_size=batch_size, constraints=constraints)
-    sharders = [EmbeddingCollectionSharder()]
+    sharders = [EmbeddingCollectionSharder(), EmbeddingBagCollectionSharder()]
     pg = dist.GroupMember.WORLD
     plan = planner.collective_plan(model, sharders, pg)
     if env.is_main:

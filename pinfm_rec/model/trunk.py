@@ -129,17 +129,17 @@ class Trunk(nn.Module):
         self.layers = nn.ModuleList(TrunkLayer(spec) for _ in range(spec.n_layers))
         self.final_ln = nn.LayerNorm(spec.d_model)
 
-    def _check_len(self, max_len: int) -> None:
-        if max_len > self.spec.max_len:
+    def _check_len(self, max_len: int, slack: int = 0) -> None:
+        if max_len > self.spec.max_len + slack:
             raise ValueError(
                 f"sequence length {max_len} exceeds trunk.max_len {self.spec.max_len}; "
                 f"truncate histories in the loader or raise trunk.max_len"
             )
 
     def _encode(
-        self, x: torch.Tensor, offsets: torch.Tensor, max_len: int, keep_cache: bool
+        self, x: torch.Tensor, offsets: torch.Tensor, max_len: int, keep_cache: bool, slack: int = 0
     ) -> Tuple[torch.Tensor, List[torch.Tensor], List[torch.Tensor]]:
-        self._check_len(max_len)
+        self._check_len(max_len, slack)
         total, b = x.shape[0], offsets.numel() - 1
         rows, pos = jagged_index(offsets, total)
         flat_idx = rows * max_len + pos  # [L]
@@ -161,6 +161,12 @@ class Trunk(nn.Module):
     def forward(self, x: torch.Tensor, offsets: torch.Tensor, max_len: int) -> torch.Tensor:
         """x [L, D] jagged by offsets [B+1] (max_len = N, longest row) -> hidden [L, D]."""
         return self._encode(x, offsets, max_len, keep_cache=False)[0]
+
+    def forward_appended(self, x: torch.Tensor, offsets: torch.Tensor, max_len: int) -> torch.Tensor:
+        """Like ``forward`` for rows = a history (<= trunk.max_len tokens) + one appended candidate
+        at position n_r (so rows may hold max_len + 1 tokens): the "candidate appended to the
+        sequence" reference of ``score_candidates``. x [L, D], offsets [B+1] -> [L, D]."""
+        return self._encode(x, offsets, max_len, keep_cache=False, slack=1)[0]
 
     def encode_context(
         self, x: torch.Tensor, offsets: torch.Tensor, max_len: int

@@ -1,0 +1,189 @@
+"""PinFMEncoder: the pretrained PinFM as a feature extractor for ranking models.
+
+Per batch of U requests with C candidates (``RankingBatch``):
+
+1. one EC call looks up the histories (item/action/surface, U rows) and the candidates (under the
+   item table's second feature ``neg_item_id``, lengths = candidates per request);
+2. context pass: ``trunk.encode_context`` runs each history ONCE and caches K/V per layer;
+3. crossing pass: ``trunk.score_candidates`` (DCAT kernel) — candidate j of request r attends r's
+   cache plus itself, never the other candidates;
+4. features per candidate: [crossing output (d_model), retrieval score cos(u_r, e_j) / tau (1)]
+   projected to ``out_dim``; plus the pooled user vector u [U, dim] (the pretrained next-item
+   query of the last history token).
+
+``mode="flat"`` computes the same thing the expensive way (each candidate appended to its
+request's history, full causal forward): the reference for tests and the baseline for benchmarks.
+
+A candidate token is the candidate's item embedding + a learned candidate-type vector (init 0)
++ the time feature of its gap to the last history event (the request time); it sits at position
+n_r.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from pinfm_rec.data.batch import ACTION_KEY, ITEM_KEY, NEG_ITEM_KEY, SURFACE_KEY
+from pinfm_rec.data.ranking_batch import RankingBatch
+from pinfm_rec.model.embedding import check_ids
+from pinfm_rec.model.features import log_bucket
+from pinfm_rec.model.pinfm import ModelSpec, PinFM, to_ec_kjt
+from pinfm_rec.model.trunk import jagged_index
+
+MODES = ("dcat", "flat")
+
+
+@dataclass
+class EncoderSpec:
+    """How the pretrained encoder joins a ranker (owned by model/encoder.py)."""
+
+    init: str = "pretrained"  # pretrained | random | none (ranker alone)
+    checkpoint: str = ""  # pretraining checkpoint dir or encoder export (init=pretrained)
+    freeze: bool = False  # no gradient into tables or trunk (the projection still trains)
+    lr_mult: float = 1.0  # encoder lr = lr_mult * lr (dense) and * embedding_lr (tables)
+    cand_id_dropout: float = 0.0  # train-time prob. of zeroing a candidate's item embedding
+    out_dim: int = 32  # D_out, features per candidate handed to the ranker
+    kernel: str = "auto"  # DCAT kernel: auto | triton | pytorch | sdpa
+    max_ctx: int = 0  # candidates attend the last max_ctx history tokens (0 = all)
+
+    def __post_init__(self) -> None:
+        if self.init not in ("pretrained", "random", "none"):
+            raise ValueError(f"encoder.init must be pretrained|random|none, got {self.init!r}")
+        if not 0.0 <= self.cand_id_dropout < 1.0:
+            raise ValueError(f"encoder.cand_id_dropout must be in [0, 1), got {self.cand_id_dropout}")
+
+
+def append_tokens(
+    values: torch.Tensor, offsets: torch.Tensor, extra: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """values [L, *S] jagged by offsets [B+1], extra [B, *S] -> (values [L+B, *S] with extra[b]
+    appended to row b, offsets [B+1])."""
+    b = offsets.numel() - 1
+    lengths = offsets[1:] - offsets[:-1]
+    new_off = torch.zeros_like(offsets)
+    new_off[1:] = torch.cumsum(lengths + 1, 0)
+    total = values.shape[0] + b
+    rows, pos = jagged_index(offsets, values.shape[0])
+    out = values.new_zeros((total,) + tuple(values.shape[1:]))
+    out = out.index_copy(0, new_off[:-1][rows] + pos, values)
+    return out.index_copy(0, new_off[1:] - 1, extra), new_off
+
+
+class PinFMEncoder(nn.Module):
+    """Pretrained PinFM -> per-candidate features [C, out_dim] and user vectors [U, dim]."""
+
+    def __init__(
+        self,
+        model_spec: ModelSpec,
+        spec: EncoderSpec,
+        num_items: int,
+        num_actions: int,
+        num_surfaces: int,
+        device: str | torch.device = "meta",
+        dense_device: str | torch.device = "cpu",
+    ) -> None:
+        super().__init__()
+        self.spec = spec
+        self.fm = PinFM(model_spec, num_items, num_actions, num_surfaces, device=device, dense_device=dense_device)
+        dim, d_model = model_spec.embedding.dim, model_spec.trunk.d_model
+        self.cand_type = nn.Parameter(torch.zeros(dim, device=dense_device))
+        self.proj = nn.Linear(d_model + 1, spec.out_dim).to(dense_device)
+        self.temperature = model_spec.loss.temperature
+
+    @property
+    def out_dim(self) -> int:
+        return self.spec.out_dim
+
+    # ---- inputs ----
+    def _lookup(self, batch: RankingBatch) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One EC call -> (history x [L, dim] before scaling, offsets [U+1], candidate emb [C, dim])."""
+        fm = self.fm
+        hist = batch.history.features
+        u = batch.num_requests
+        cand_len = batch.cand_offsets[1:] - batch.cand_offsets[:-1]  # [U]
+        cand_kjt = KeyedJaggedTensor(keys=[NEG_ITEM_KEY], values=batch.cand_item.long(), lengths=cand_len, stride=u)
+        keys = [k for k in hist.keys() if k in (ITEM_KEY, ACTION_KEY, SURFACE_KEY)]
+        kjt = KeyedJaggedTensor.concat([hist.permute([hist.keys().index(k) for k in keys]), cand_kjt])
+        kjt = check_ids(kjt, fm.sizes, fm.spec.embedding.id_mode)
+        emb = fm.ec(to_ec_kjt(kjt))
+        items = emb[ITEM_KEY]
+        x = items.values() + emb[ACTION_KEY].values() + emb[SURFACE_KEY].values()  # [L, dim]
+        return x, items.offsets(), emb[NEG_ITEM_KEY].values()  # [C, dim]
+
+    def _cand_time(self, batch: RankingBatch, offsets: torch.Tensor) -> torch.Tensor:
+        """[C, dim] time feature of each candidate token (gap from the last history event to the
+        request; "first event" when the history is empty; next gap unknown)."""
+        tf = self.fm.time
+        rows = batch.expand_index()  # [C]
+        lengths = offsets[1:] - offsets[:-1]
+        ts = batch.history.timestamps
+        last_ts = ts[(offsets[1:] - 1).clamp_min(0)] if ts.numel() else torch.zeros_like(lengths)
+        req_ts = batch.history.target_timestamp
+        gap = (req_ts - last_ts)[rows]
+        special = torch.full_like(gap, tf.num_buckets)
+        b_prev = torch.where(lengths[rows] > 0, log_bucket(gap, tf.num_buckets), special)
+        return tf.prev(b_prev) + tf.next(special)
+
+    def _inputs(self, batch: RankingBatch):
+        fm = self.fm
+        x, offsets, e_cand = self._lookup(batch)  # [L, dim], [U+1], [C, dim]
+        if fm.time is not None:
+            x = x + fm.time(batch.history.timestamps, offsets, batch.history.target_timestamp)
+        e_in = e_cand
+        if self.training and self.spec.cand_id_dropout > 0:
+            keep = torch.rand(e_cand.shape[0], 1, device=e_cand.device) >= self.spec.cand_id_dropout
+            e_in = e_cand * keep
+        cx = e_in + self.cand_type
+        if fm.time is not None:
+            cx = cx + self._cand_time(batch, offsets)
+        return fm.in_proj(x * fm.input_scale), offsets, fm.in_proj(cx * fm.input_scale), e_cand
+
+    # ---- forward ----
+    def forward(self, batch: RankingBatch, mode: str = "dcat") -> Tuple[torch.Tensor, torch.Tensor]:
+        """batch (U requests, C candidates) -> (features [C, out_dim], user vectors [U, dim]).
+
+        mode "dcat": context pass once per request + DCAT crossing. mode "flat": every candidate
+        appended to its history, full causal forward (same result; the reference/baseline).
+        """
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        fm = self.fm
+        trunk = fm.trunk
+        x, offsets, cx, e_cand = self._inputs(batch)
+        lengths = offsets[1:] - offsets[:-1]  # [U]
+        last = (offsets[1:] - 1).clamp_min(0)
+        n = batch.history.max_len
+        if mode == "dcat":
+            h, cache = trunk.encode_context(x, offsets, n)  # [L, d_model]
+            hc = trunk.score_candidates(
+                cx, batch.cand_offsets, cache, kernel=self.spec.kernel, max_ctx=self.spec.max_ctx
+            )  # [C, d_model]
+        else:
+            rows = batch.expand_index()  # [C]
+            starts, cl = offsets[:-1][rows], lengths[rows]  # [C]
+            rep_off = torch.zeros(rows.numel() + 1, dtype=offsets.dtype, device=offsets.device)
+            rep_off[1:] = torch.cumsum(cl, 0)
+            r_rows, r_pos = jagged_index(rep_off, int(cl.sum()))
+            xr = x[starts[r_rows] + r_pos]  # [sum_c n_r, d_model]: history repeated per candidate
+            xa, off_a = append_tokens(xr, rep_off, cx)
+            ha = trunk.forward_appended(xa, off_a, n + 1)  # [sum_c (n_r + 1), d_model]
+            hc = ha[off_a[1:] - 1]  # [C, d_model]
+            h = torch.zeros(x.shape[0], hc.shape[-1], dtype=ha.dtype, device=ha.device)
+            if x.shape[0]:  # history outputs from each request's first candidate (causal: all equal)
+                first = batch.cand_offsets[:-1].clamp(max=max(rows.numel() - 1, 0))
+                has = (batch.cand_offsets[1:] > batch.cand_offsets[:-1]) & (lengths > 0)
+                src_rows, src_pos = jagged_index(offsets, x.shape[0])
+                ok = has[src_rows]
+                src = off_a[first[src_rows]] + src_pos
+                h = torch.where(ok[:, None], ha[src.clamp(max=ha.shape[0] - 1)], h)
+        user = fm._normalize(fm.head(h[last]))  # [U, dim]
+        user = torch.where((lengths > 0)[:, None], user, torch.zeros_like(user))
+        rows = batch.expand_index()
+        sim = (user[rows] * fm._normalize(e_cand)).sum(-1, keepdim=True) / self.temperature  # [C, 1]
+        feats = self.proj(torch.cat([hc.float(), sim], -1))  # [C, out_dim]
+        return feats, user
