@@ -47,6 +47,19 @@ class RankingBatch:
     def num_candidates(self) -> int:
         return int(self.cand_item.numel())
 
+    # what the shared step loop (train/loop.py) reads: examples = candidates, tokens = history
+    @property
+    def batch_size(self) -> int:
+        return self.num_candidates
+
+    @property
+    def timestamps(self) -> torch.Tensor:
+        return self.history.timestamps
+
+    @property
+    def request_ids(self) -> torch.Tensor:
+        return self.history.request_ids
+
     def expand_index(self) -> torch.Tensor:
         """[C] int64: the request (row of ``history``) of each candidate (= inverse_indices)."""
         lengths = self.cand_offsets[1:] - self.cand_offsets[:-1]  # [U]

@@ -144,14 +144,23 @@ class PinFMEncoder(nn.Module):
         return fm.in_proj(x * fm.input_scale), offsets, fm.in_proj(cx * fm.input_scale), e_cand
 
     # ---- forward ----
-    def forward(self, batch: RankingBatch, mode: str = "dcat") -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, batch: RankingBatch, mode: str = "dcat", frozen: bool = False
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         """batch (U requests, C candidates) -> (features [C, out_dim], user vectors [U, dim]).
 
         mode "dcat": context pass once per request + DCAT crossing. mode "flat": every candidate
         appended to its history, full causal forward (same result; the reference/baseline).
+        frozen: no gradient into the pretrained part (tables, trunk); the projection still trains.
         """
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+            hc, sim, user = self._encode(batch, mode)
+        return self.proj(torch.cat([hc.float(), sim], -1)), user  # [C, out_dim], [U, dim]
+
+    def _encode(self, batch: RankingBatch, mode: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (crossing output [C, d_model], retrieval score [C, 1], user vectors [U, dim])."""
         fm = self.fm
         trunk = fm.trunk
         x, offsets, cx, e_cand = self._inputs(batch)
@@ -185,5 +194,4 @@ class PinFMEncoder(nn.Module):
         user = torch.where((lengths > 0)[:, None], user, torch.zeros_like(user))
         rows = batch.expand_index()
         sim = (user[rows] * fm._normalize(e_cand)).sum(-1, keepdim=True) / self.temperature  # [C, 1]
-        feats = self.proj(torch.cat([hc.float(), sim], -1))  # [C, out_dim]
-        return feats, user
+        return hc, sim, user
