@@ -4,6 +4,7 @@
     torchx run -s slurm components/pinfm.py:pretrain --spec specs/pretrain/ml1m-gpu.yaml -j 2x8 --gpu 8
     torchx run components/pinfm.py:evaluate --spec specs/pretrain/ml1m-cpu.yaml
     torchx run components/pinfm.py:smoke
+    torchx run components/pinfm.py:finetune --spec specs/finetune/synthetic-tiny.yaml -j 1x2
 
 Built on ``torchx.components.dist.ddp`` (c10d rendezvous, one process per ``nproc_per_node``), so
 the same component runs on the local_cwd, slurm and kubernetes schedulers configured in
@@ -155,3 +156,38 @@ def smoke(
     """
     return _app("smoke", spec, list(overrides), ["--steps", str(steps)], name, image, j, cpu, gpu, memMB, None, env,
                 0, 29500)
+
+
+def finetune(
+    *overrides: str,
+    spec: str = "specs/finetune/synthetic-tiny.yaml",
+    name: str = "pinfm-finetune",
+    image: str = ".",
+    j: str = "1x2",
+    cpu: int = 2,
+    gpu: int = 0,
+    memMB: int = 8192,
+    h: Optional[str] = None,
+    env: Optional[Dict[str, str]] = None,
+    max_retries: int = 0,
+    rdzv_port: int = 29500,
+) -> specs.AppDef:
+    """Fine-tune a TorchRec ranker (DLRM / DLRM_DCN) with the pretrained PinFM encoder (DCAT) on
+    request-deduplicated impressions; reports AUC / GAUC / logloss.
+
+    Args:
+        overrides: dotted spec overrides, e.g. encoder.checkpoint=runs/mind-pre/encoder encoder.init=random
+        spec: YAML spec path (relative to the job's working directory)
+        name: job name
+        image: image for the scheduler (local_cwd: the working directory)
+        j: {nnodes}x{nproc_per_node}; any world size can load a pretraining checkpoint
+        cpu: CPUs per replica
+        gpu: GPUs per replica (0 = CPU/gloo)
+        memMB: host memory per replica in MB
+        h: a registered named resource (overrides cpu/gpu/memMB)
+        env: extra environment variables, e.g. PINFM_DATA_DIR=/data
+        max_retries: scheduler retries (a retried job resumes from its last checkpoint)
+        rdzv_port: c10d rendezvous port on rank 0's host (multi-node)
+    """
+    return _app("finetune", spec, list(overrides), [], name, image, j, cpu, gpu, memMB, h, env, max_retries,
+                rdzv_port)

@@ -1,9 +1,10 @@
-"""``pinfm`` command line: pretrain | eval | smoke | prepare-data.
+"""``pinfm`` command line: pretrain | eval | smoke | prepare-data | finetune.
 
     pinfm pretrain --spec specs/pretrain/synthetic-tiny.yaml train.epochs=2 data.batch_size=64
     pinfm eval     --spec specs/pretrain/ml1m-cpu.yaml [--checkpoint runs/ml1m-cpu/checkpoints/step_00001000]
     pinfm smoke    [--steps 30]          # CUDA + nccl + FBGEMM fused kernels + bf16 when a GPU is present
     pinfm prepare-data --spec specs/pretrain/ml1m-cpu.yaml
+    pinfm finetune --spec specs/finetune/synthetic-tiny.yaml encoder.checkpoint=runs/ft-pre/encoder
 
 Run under ``torchrun`` (or ``torchx run components/pinfm.py:pretrain``) for several ranks.
 Every ``key=value`` after the options is a dotted spec override; unknown keys are errors.
@@ -73,6 +74,13 @@ def cmd_prepare(args) -> int:
     return 0
 
 
+def cmd_finetune(args) -> int:
+    from pinfm_rec.train.finetune import FinetuneSpec, finetune
+
+    finetune(load_spec(FinetuneSpec, resolve_spec_path(args.spec), args.overrides), force_cpu=args.cpu)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pinfm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -81,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("eval", cmd_eval, "full-ranking HR/NDCG of a checkpoint on valid and test"),
         ("smoke", cmd_smoke, "a few steps on GPU (or CPU) printing the sharding plan and step times"),
         ("prepare-data", cmd_prepare, "convert/generate the dataset of a spec into the Parquet cache"),
+        ("finetune", cmd_finetune, "train a TorchRec ranker (DLRM) + the pretrained encoder on ranking data"),
     ):
         sp = sub.add_parser(name, help=helptext)
         sp.add_argument("--spec", default=None if name != "smoke" else "pretrain/synthetic-tiny",

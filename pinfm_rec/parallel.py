@@ -198,7 +198,11 @@ def shard_model(
                 kwargs["lr"] = kwargs["lr"] * mult
         apply_optimizer_in_backward(opt_cls, ec.parameters(), kwargs)
 
-    all_tables = [cfg.name for ec in ecs.values() for cfg in ec.embedding_configs()]
+    all_tables = [
+        cfg.name
+        for ec in ecs.values()
+        for cfg in (ec.embedding_configs() if isinstance(ec, EmbeddingCollection) else ec.embedding_bag_configs())
+    ]
     unknown = sorted(set(table_shardings) - set(all_tables))
     if unknown:
         raise ValueError(f"sharding given for unknown tables {unknown}; the model has {all_tables}")

@@ -6,7 +6,8 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from pinfm_rec.data.batch import ACTION_KEY, ITEM_KEY, SURFACE_KEY, SequenceBatch
-from pinfm_rec.data.ranking_batch import RankingBatch
+from pinfm_rec.data.ranking_batch import RankingBatch, flatten_batch
+from pinfm_rec.data.ranking_batch import random_ranking_batch as _rrb
 from pinfm_rec.model.embedding import EmbeddingSpec
 from pinfm_rec.model.encoder import EncoderSpec, PinFMEncoder, append_tokens
 from pinfm_rec.model.pinfm import ModelSpec
@@ -15,27 +16,9 @@ from pinfm_rec.model.trunk import TrunkSpec
 NUM_ITEMS, NUM_ACTIONS, NUM_SURFACES = 50, 4, 3
 
 
-def random_ranking_batch(gen: torch.Generator, hist_lens, cand_lens, num_dense: int = 2) -> RankingBatch:
-    """RankingBatch with the given history [U] and candidate [U] counts (zeros allowed)."""
-    hl = torch.tensor(hist_lens, dtype=torch.long)
-    cl = torch.tensor(cand_lens, dtype=torch.long)
-    u, total, c = hl.numel(), int(hl.sum()), int(cl.sum())
-    values = torch.cat([
-        torch.randint(0, NUM_ITEMS, (total,), generator=gen),
-        torch.randint(0, NUM_ACTIONS, (total,), generator=gen),
-        torch.randint(0, NUM_SURFACES, (total,), generator=gen),
-    ])
-    kjt = KeyedJaggedTensor(keys=[ITEM_KEY, ACTION_KEY, SURFACE_KEY], values=values, lengths=hl.repeat(3), stride=u)
-    ts = torch.cumsum(torch.randint(1, 5000, (total,), generator=gen), 0)
-    req_ts = torch.full((u,), int(ts[-1]) + 100 if total else 100, dtype=torch.long)
-    hist = SequenceBatch(features=kjt, timestamps=ts, request_ids=torch.arange(u), max_len=int(hl.max()),
-                         target_timestamp=req_ts)
-    co = torch.zeros(u + 1, dtype=torch.long)
-    co[1:] = torch.cumsum(cl, 0)
-    return RankingBatch(
-        history=hist, cand_item=torch.randint(0, NUM_ITEMS, (c,), generator=gen), cand_offsets=co,
-        labels=torch.randint(0, 2, (c,), generator=gen).float(), dense=torch.randn(c, num_dense, generator=gen),
-        cand_new=torch.zeros(c, dtype=torch.bool))
+def random_ranking_batch(gen, hist_lens, cand_lens, num_dense: int = 2) -> RankingBatch:
+    return _rrb(gen, hist_lens, cand_lens, num_items=NUM_ITEMS, num_actions=NUM_ACTIONS, num_surfaces=NUM_SURFACES,
+                num_dense=num_dense)
 
 
 def make_encoder(seed: int = 0, kernel: str = "pytorch", **enc) -> PinFMEncoder:
@@ -115,3 +98,13 @@ def test_cand_id_dropout_only_in_training():
     f_train, _ = enc(b)
     differs = (f_train - f_eval).abs().amax(-1) > 1e-6
     assert 0.2 < differs.float().mean() < 0.8
+
+
+def test_flat_layout_batch_gives_same_features():
+    """flatten_batch (history copied per candidate) + flat mode == dedup batch + DCAT."""
+    gen = torch.Generator().manual_seed(4)
+    b = random_ranking_batch(gen, [3, 0, 7], [2, 3, 4])
+    fb = flatten_batch(b)
+    assert fb.num_requests == 9 and fb.history.features["item_id"].lengths().tolist() == [3, 3, 0, 0, 0] + [7] * 4
+    enc = make_encoder(2)
+    torch.testing.assert_close(enc(fb, mode="flat")[0], enc(b, mode="dcat")[0], atol=2e-5, rtol=2e-5)

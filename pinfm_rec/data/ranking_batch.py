@@ -81,3 +81,59 @@ class RankingBatch:
 
     def pin_memory(self) -> "RankingBatch":
         return self._map(lambda v: v.pin_memory())
+
+
+def flatten_batch(batch: RankingBatch) -> RankingBatch:
+    """The flat layout: every candidate becomes its own request carrying a copy of its request's
+    history (U' = C rows, each with 1 candidate). Runs on the batch's device; request_ids are
+    kept (candidate j keeps its request's id), so per-request metrics are unchanged."""
+    hist = batch.history
+    rows = batch.expand_index()  # [C]
+    c = batch.num_candidates
+    kjt = hist.features
+    offsets = kjt[kjt.keys()[0]].offsets()  # [U+1]
+    lengths = offsets[1:] - offsets[:-1]
+    cl = lengths[rows]  # [C]
+    rep = torch.zeros(c + 1, dtype=torch.long, device=cl.device)
+    rep[1:] = torch.cumsum(cl, 0)
+    total = int(rep[-1])
+    r_rows = torch.repeat_interleave(torch.arange(c, device=cl.device), cl, output_size=total)
+    src = offsets[:-1][rows][r_rows] + (torch.arange(total, device=cl.device) - rep[:-1][r_rows])  # [sum n_r]
+    keys = list(kjt.keys())
+    values = torch.cat([kjt[k].values()[src] for k in keys])
+    new_kjt = KeyedJaggedTensor(keys=keys, values=values, lengths=cl.repeat(len(keys)), stride=c)
+    tts = hist.target_timestamp[rows] if hist.target_timestamp is not None else None
+    new_hist = SequenceBatch(features=new_kjt, timestamps=hist.timestamps[src], request_ids=hist.request_ids[rows],
+                             max_len=hist.max_len, target_timestamp=tts)
+    co = torch.arange(c + 1, dtype=batch.cand_offsets.dtype, device=batch.cand_offsets.device)
+    return RankingBatch(history=new_hist, cand_item=batch.cand_item, cand_offsets=co, labels=batch.labels,
+                        dense=batch.dense, cand_new=batch.cand_new, weights=batch.weights)
+
+
+def random_ranking_batch(
+    gen: torch.Generator, hist_lens, cand_lens, *, num_items: int = 50, num_actions: int = 4,
+    num_surfaces: int = 3, num_dense: int = 2,
+) -> RankingBatch:
+    """A random RankingBatch (CPU) with the given history [U] and candidate [U] counts (0 allowed):
+    for tests and benchmarks."""
+    from pinfm_rec.data.batch import ACTION_KEY, ITEM_KEY, SURFACE_KEY
+
+    hl = torch.tensor(list(hist_lens), dtype=torch.long)
+    cl = torch.tensor(list(cand_lens), dtype=torch.long)
+    u, total, c = hl.numel(), int(hl.sum()), int(cl.sum())
+    values = torch.cat([
+        torch.randint(0, num_items, (total,), generator=gen),
+        torch.randint(0, num_actions, (total,), generator=gen),
+        torch.randint(0, num_surfaces, (total,), generator=gen),
+    ])
+    kjt = KeyedJaggedTensor(keys=[ITEM_KEY, ACTION_KEY, SURFACE_KEY], values=values, lengths=hl.repeat(3), stride=u)
+    ts = torch.cumsum(torch.randint(1, 5000, (total,), generator=gen), 0)
+    req_ts = torch.full((u,), (int(ts[-1]) if total else 0) + 100, dtype=torch.long)
+    hist = SequenceBatch(features=kjt, timestamps=ts, request_ids=torch.arange(u), max_len=int(hl.max()) if u else 0,
+                         target_timestamp=req_ts)
+    co = torch.zeros(u + 1, dtype=torch.long)
+    co[1:] = torch.cumsum(cl, 0)
+    return RankingBatch(
+        history=hist, cand_item=torch.randint(0, num_items, (c,), generator=gen), cand_offsets=co,
+        labels=torch.randint(0, 2, (c,), generator=gen).float(), dense=torch.randn(c, num_dense, generator=gen),
+        cand_new=torch.zeros(c, dtype=torch.bool), weights=torch.ones(c))
