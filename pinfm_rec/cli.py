@@ -4,6 +4,7 @@
     pinfm eval     --spec specs/pretrain/ml1m-cpu.yaml [--checkpoint runs/ml1m-cpu/checkpoints/step_00001000]
     pinfm smoke    [--steps 30]          # CUDA + nccl + FBGEMM fused kernels + bf16 when a GPU is present
     pinfm prepare-data --spec specs/pretrain/ml1m-cpu.yaml
+    pinfm prepare-ranking --spec specs/finetune/mind.yaml    # prints pretrain_dir, storage ratio
     pinfm finetune --spec specs/finetune/synthetic-tiny.yaml encoder.checkpoint=runs/ft-pre/encoder
 
 Run under ``torchrun`` (or ``torchx run components/pinfm.py:pretrain``) for several ranks.
@@ -81,6 +82,20 @@ def cmd_finetune(args) -> int:
     return 0
 
 
+def cmd_prepare_ranking(args) -> int:
+    from dataclasses import asdict
+
+    from pinfm_rec.data.ranking import prepare_ranking, storage_report
+    from pinfm_rec.train.finetune import FinetuneSpec
+
+    spec = load_spec(FinetuneSpec, resolve_spec_path(args.spec), args.overrides)
+    info = prepare_ranking(spec.data)
+    out = asdict(info)
+    out["storage"] = storage_report(info.root)
+    print(json.dumps(out, indent=1, default=str))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pinfm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -89,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("eval", cmd_eval, "full-ranking HR/NDCG of a checkpoint on valid and test"),
         ("smoke", cmd_smoke, "a few steps on GPU (or CPU) printing the sharding plan and step times"),
         ("prepare-data", cmd_prepare, "convert/generate the dataset of a spec into the Parquet cache"),
+        ("prepare-ranking", cmd_prepare_ranking,
+         "convert ranking data of a finetune spec (prints its pretraining corpus dir and storage sizes)"),
         ("finetune", cmd_finetune, "train a TorchRec ranker (DLRM) + the pretrained encoder on ranking data"),
     ):
         sp = sub.add_parser(name, help=helptext)

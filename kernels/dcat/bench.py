@@ -1,6 +1,11 @@
 """GPU benchmark + correctness check for DCAT crossing attention.
 
-Run: ``python -m pinfm_rec.kernels.dcat.bench --out dcat.json`` (CUDA needed).
+Run: ``python -m pinfm_rec.kernels.dcat.bench --correctness quick --sweep --out dcat.json``
+(CUDA needed; about 3 minutes on an H100). ``--correctness`` off|quick|full: the GPU
+check against an fp64 reference (quick: 3 cases at H=8, Dh=64 per dtype; full: 5 cases
+incl. Dh 32/128, many more compiles). The JSON at --out is rewritten after every phase
+and shape, so a run cut short still leaves its numbers. Headline times are CUDA-graph
+replays (GPU time); eager op-level times (host overhead included) are reported too.
 Shapes (R requests, L history per request, C candidates per request), H=8,
 Dh=64, bf16. Kernels: ours (triton) vs stock (``dcat_sdpa``: SDPA + LSE
 merge) vs duplicating the history for every candidate (causal SDPA over
@@ -81,17 +86,28 @@ def rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def correctness(dev):
-    cases = [  # (cand lens, ctx lens, max_ctx, heads, Dh)
-        ([0, 1, 37, 200, 5, 130], [0, 700, 33, 1500, 1, 64], 0, 4, 64),
-        ([0, 1, 37, 200, 5, 130], [0, 700, 33, 1500, 1, 64], 100, 4, 64),
-        ([256] * 2, [1024] * 2, 0, 8, 64),
-        ([3, 70], [90, 300], 0, 2, 32),
-        ([3, 70], [90, 300], 50, 2, 128),
-    ]
+CASES_FULL = [  # (cand lens, ctx lens, max_ctx, heads, Dh)
+    ([0, 1, 37, 200, 5, 130], [0, 700, 33, 1500, 1, 64], 0, 4, 64),
+    ([0, 1, 37, 200, 5, 130], [0, 700, 33, 1500, 1, 64], 100, 4, 64),
+    ([256] * 2, [1024] * 2, 0, 8, 64),
+    ([3, 70], [90, 300], 0, 2, 32),
+    ([3, 70], [90, 300], 50, 2, 128),
+]
+# quick: the benchmark's H=8, Dh=64 (kernels shared with the timed part, so few compiles);
+# ragged with empty requests and histories, one case with a split history (1500 tokens),
+# one with a max_ctx window, one dense (the stock path's flash case in half precision).
+CASES_QUICK = [
+    ([0, 1, 37, 200, 5, 130], [0, 700, 33, 1500, 1, 64], 0, 8, 64),
+    ([0, 1, 37, 200, 5, 130], [0, 700, 33, 1500, 1, 64], 100, 8, 64),
+    ([256] * 2, [1024] * 2, 0, 8, 64),
+]
+
+
+def correctness(dev, cases=CASES_FULL, dtypes=(torch.bfloat16, torch.float16, torch.float32),
+                kernels=("triton", "sdpa")):
     res = {}
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        worst = {"triton": 0.0, "sdpa": 0.0}
+    for dtype in dtypes:
+        worst = {kern: 0.0 for kern in kernels}
         for cl, xl, mc, h, dh in cases:
             co, xo = offsets(cl, dev), offsets(xl, dev)
             ins = [torch.randn(n, h, dh, device=dev, dtype=dtype)
@@ -100,8 +116,9 @@ def correctness(dev):
             ref = dcat_reference(*ref_in, co, xo, max_ctx=mc)
             g = torch.randn_like(ref)
             ref_g = torch.autograd.grad(ref, ref_in, g)
-            kernels = ["triton"] + (["sdpa"] if dh == 64 or dtype != torch.float32 else [])
             for kern in kernels:
+                if kern == "sdpa" and dh != 64 and dtype == torch.float32:
+                    continue
                 xs = [t.clone().requires_grad_() for t in ins]
                 try:
                     out = dcat_attention(*xs, co, xo, max_ctx=mc, kernel=kern)
@@ -186,13 +203,30 @@ def bench_shape(R, L, C, dev, dup_bwd=True):
             f().backward(g)
         with torch.no_grad():
             out[f"{kern}_fwd_eager_ms"] = _do_bench(f)
-            out[f"{kern}_fwd_ms"] = _graph_bench(f) or out[f"{kern}_fwd_eager_ms"]
+            out[f"{kern}_fwd_ms"] = _graph_bench(f)
         out[f"{kern}_fwdbwd_eager_ms"] = _do_bench(fb, grad_to_none=leaves)
-        out[f"{kern}_fwdbwd_ms"] = (_graph_bench(fb, grad_to_none=leaves)
-                                    or out[f"{kern}_fwdbwd_eager_ms"])
+        out[f"{kern}_fwdbwd_ms"] = _graph_bench(fb, grad_to_none=leaves)
+        for key in ("fwd", "fwdbwd"):  # graph capture failed: eager time, flagged
+            if out[f"{kern}_{key}_ms"] is None:
+                out[f"{kern}_{key}_ms"] = out[f"{kern}_{key}_eager_ms"]
+                out.setdefault("graph_failed", []).append(f"{kern}_{key}")
         for key, mult in (("fwd", 1.0), ("fwdbwd", 3.5)):
             out[f"{kern}_{key}_tflops"] = mult * fl / out[f"{kern}_{key}_ms"] / 1e9
             out[f"{kern}_{key}_eager_tflops"] = mult * fl / out[f"{kern}_{key}_eager_ms"] / 1e9
+    # kernel launchers alone (no autograd / op dispatch), CUDA-graph GPU time
+    from pinfm_rec.kernels.dcat import triton_bwd, triton_fwd
+    sc = DH ** -0.5
+    with torch.no_grad():
+        args = (q.detach(), k.detach(), v.detach(), kc.detach(), vc.detach(), co, xo, 0, sc, C, L)
+        o_, lse_ = triton_fwd.dcat_fwd_triton(*args)
+        t = _graph_bench(lambda: triton_fwd.dcat_fwd_triton(*args))
+        out["kern_fwd_ms"] = t
+        out["kern_fwd_tflops"] = None if t is None else fl / t / 1e9
+        bargs = (g, q.detach(), k.detach(), v.detach(), kc.detach(), vc.detach(), o_, lse_, co,
+                 xo, 0, sc, C, L)
+        t = _graph_bench(lambda: triton_bwd.dcat_bwd_triton(*bargs))
+        out["kern_bwd_ms"] = t
+        out["kern_bwd_tflops"] = None if t is None else 2.5 * fl / t / 1e9
     nsub = nsub_for(R, L, C, H * DH * 2)
     scale = R * C / nsub
     with torch.no_grad():
@@ -253,17 +287,24 @@ def sweep(dev, budget_s=120.0):
 
     from pinfm_rec.kernels.dcat import triton_bwd, triton_fwd
     t0 = time.time()
-    tiles = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 4, 3),
-             (64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 4, 4)]
-    fwd = [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, waves=wv, min_split=256)
-           for bm, bn, w, st in tiles for wv in (0.25, 1.0, 2.0, 4.0)]
+    # most promising first (the time share may cut the list). GPU run 2 picked BM64 BN128
+    # w4 s3 waves 1, run 3 the same tile with waves 1.5 and tma (now the default);
+    # tma: full history blocks through tensor descriptors.
+    fwd = [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, waves=wv, min_split=256,
+                tma=tma)
+           for bm, bn, w, st, wv in ((64, 128, 4, 3, 1.0), (64, 128, 4, 3, 2.0),
+                                     (64, 128, 4, 2, 1.0), (64, 128, 4, 4, 1.0),
+                                     (128, 128, 4, 3, 2.0), (64, 64, 4, 3, 1.0),
+                                     (128, 128, 8, 3, 1.0), (64, 128, 4, 3, 1.5))
+           for tma in (False, True)]
     dqs = [dict(DQ_BLOCK_M=bm, DQ_BLOCK_N=bn, dq_warps=w, dq_stages=st, waves=wv)
-           for bm, bn, w, st in ((128, 32, 4, 3), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 2),
-                                 (128, 64, 4, 3)) for wv in (1.0, 4.0)]
+           for bm, bn, w, st in ((64, 32, 4, 3), (64, 64, 4, 2), (128, 64, 4, 3), (128, 32, 4, 3),
+                                 (64, 32, 4, 4)) for wv in (2.0, 3.8)]
     kvs = [dict(KV_BLOCK_N=bn, KV_BLOCK_M=bm, kv_warps=w, kv_stages=st)
-           for bn, bm, w, st in ((128, 64, 8, 2), (128, 32, 4, 2), (64, 64, 4, 1), (128, 64, 4, 3),
-                                 (128, 128, 8, 2), (64, 32, 4, 2))]
+           for bn, bm, w, st in ((128, 32, 4, 2), (64, 64, 4, 1), (128, 32, 4, 3), (64, 64, 4, 2),
+                                 (128, 64, 8, 2), (64, 32, 4, 2))]
     sc = DH ** -0.5
+    fwd_default, bwd_default = dict(triton_fwd.FWD_CONFIG), dict(triton_bwd.BWD_CONFIG)
     data = [(R, L, C, make(R, L, C, torch.bfloat16, dev)) for R, L, C in SHAPES]
 
     def run(cands, mk, share):
@@ -275,7 +316,7 @@ def sweep(dev, budget_s=120.0):
             row = []
             for R, L, C, ins in data:
                 try:
-                    row.append(_graph_bench(mk(cfg, R, L, C, ins), rep=10))
+                    row.append(_graph_bench(mk(cfg, R, L, C, ins), rep=5))
                 except Exception as e:  # noqa: BLE001
                     print("  cfg failed", cfg, type(e).__name__, flush=True)
                     row.append(None)
@@ -288,7 +329,12 @@ def sweep(dev, budget_s=120.0):
                         key=lambda x: x[0])
         for sco, c, r in scored[:5]:
             print(f"  {sco:.3f} {c} " + " ".join(f"{t*1e3:.1f}" for t in r), flush=True)
-        return [dict(score=sco, cfg=c, us=[t * 1e3 for t in r]) for sco, c, r in scored]
+        print("  per-shape best us: " + " ".join(f"{b*1e3:.1f}" for b in best), flush=True)
+        out = [dict(score=sco, cfg=c, us=[t * 1e3 for t in r]) for sco, c, r in scored]
+        out[0]["per_shape_best"] = [
+            dict(us=best[i] * 1e3, cfg=min(times, key=lambda x: x[1][i])[0])
+            for i in range(len(SHAPES))]
+        return out
 
     def mk_fwd(cfg, R, L, C, ins):
         q, k, v, qc, kc, vc, co, xo = ins
@@ -311,19 +357,60 @@ def sweep(dev, budget_s=120.0):
     triton_bwd.BWD_CONFIG.update(rk[0]["cfg"])
     print("chosen FWD_CONFIG", triton_fwd.FWD_CONFIG, "BWD_CONFIG", triton_bwd.BWD_CONFIG,
           flush=True)
+    # the chosen configs (possibly a variant the correctness phase did not run, e.g. tma)
+    # against the fp64 reference; fall back to the checked-in defaults if they fail
+    chk = correctness(dev, CASES_QUICK[:2], (torch.bfloat16, torch.float32), kernels=("triton",))
+    errs = [v["triton"] for v in chk.values()]
+    worst = float("nan") if any(math.isnan(e) for e in errs) else max(errs)
+    if not worst < 2e-2:
+        print("  chosen configs FAILED the check, back to defaults", flush=True)
+        triton_fwd.FWD_CONFIG.clear()
+        triton_fwd.FWD_CONFIG.update(fwd_default)
+        triton_bwd.BWD_CONFIG.clear()
+        triton_bwd.BWD_CONFIG.update(bwd_default)
     return dict(fwd=rf[:8], dq=rq[:5], dkdv=rk[:5], fwd_config=dict(triton_fwd.FWD_CONFIG),
-                bwd_config=dict(triton_bwd.BWD_CONFIG), seconds=time.time() - t0)
+                bwd_config=dict(triton_bwd.BWD_CONFIG), chosen_config_check=chk,
+                chosen_config_reverted=not worst < 2e-2, seconds=time.time() - t0)
 
 
 def geomean(xs):
     return math.exp(sum(math.log(x) for x in xs) / len(xs))
 
 
+def summary(shapes):
+    """The issue's headline keys, from whatever shapes are done so far."""
+    if not shapes:
+        return {}
+    fs = {k_: s["fwd_speedup_vs_stock"] for k_, s in shapes.items()}
+    fbs = {k_: s["fwdbwd_speedup_vs_stock"] for k_, s in shapes.items()}
+    res = dict(fwd_speedup_vs_stock=fs,
+               geomean_fwd_speedup_vs_stock=geomean(list(fs.values())),
+               min_fwd_speedup_vs_stock=min(fs.values()),
+               fwdbwd_speedup_vs_stock=fbs,
+               geomean_fwdbwd_speedup_vs_stock=geomean(list(fbs.values())),
+               eager_geomean_fwd_speedup_vs_stock=geomean(
+                   [s["eager_fwd_speedup_vs_stock"] for s in shapes.values()]),
+               eager_geomean_fwdbwd_speedup_vs_stock=geomean(
+                   [s["eager_fwdbwd_speedup_vs_stock"] for s in shapes.values()]),
+               shapes_done=len(shapes), shapes_total=len(SHAPES))
+    if "1,16384,1024" in shapes:
+        res["crossing_tflops_L16384_C1024"] = shapes["1,16384,1024"]["triton_fwd_tflops"]
+        res["kernel_only_tflops_L16384_C1024"] = shapes["1,16384,1024"]["kern_fwd_tflops"]
+    if "4,2048,256" in shapes:
+        res["speedup_vs_dup_L2048_C256"] = shapes["4,2048,256"]["fwd_speedup_vs_dup"]
+    return res
+
+
 def main(argv=None):
+    import time
+    t_start = time.time()
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="dcat_bench.json")
+    ap.add_argument("--correctness", choices=("off", "quick", "full"), default="quick",
+                    help="GPU check vs an fp64 reference: quick = 3 ragged/dense cases at "
+                         "H=8, Dh=64 per dtype; full = 5 cases incl. Dh 32/128 (many compiles)")
     ap.add_argument("--sweep", action="store_true")
-    ap.add_argument("--sweep-seconds", type=float, default=120.0)
+    ap.add_argument("--sweep-seconds", type=float, default=60.0)
     ap.add_argument("--no-model", action="store_true")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -335,16 +422,43 @@ def main(argv=None):
     res = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                triton=triton.__version__, date=datetime.date.today().isoformat(),
                command=" ".join(["python -m pinfm_rec.kernels.dcat.bench"] + sys.argv[1:]),
-               H=H, Dh=DH, dtype="bfloat16")
-    print("== GPU correctness (rel. Frobenius error vs fp64 reference)", flush=True)
-    res["gpu_max_rel_err"] = correctness(dev)
-    print(json.dumps(res["gpu_max_rel_err"]), flush=True)
+               H=H, Dh=DH, dtype="bfloat16", phase_seconds={},
+               timing=("*_ms / speedups / TFLOP/s: GPU time, fn captured in a CUDA graph and "
+                       "replayed (triton.testing.do_bench_cudagraph, median; no L2 flush); "
+                       "*_eager_*: triton.testing.do_bench(return_mode='median') in eager mode, "
+                       "includes host overhead; kern_*: the Triton launchers alone, CUDA graph; "
+                       "dup_*: eager, on a subset of candidates, scaled; FLOPs fwd = "
+                       "4*R*C*(L+1)*H*Dh, fwd+bwd = 3.5x that"))
+    shapes: dict = {}
+
+    def save(final=False):
+        with open(a.out, "w") as fh:
+            json.dump({**res, **summary(shapes), "shapes": shapes, "complete": final}, fh,
+                      indent=1)
+
+    def phase(name, t0):
+        res["phase_seconds"][name] = round(time.time() - t0, 1)
+        print(f"[{time.time() - t_start:6.1f}s] {name} done in {time.time() - t0:.1f}s",
+              flush=True)
+        save()
+
+    if a.correctness != "off":
+        t0 = time.time()
+        print(f"== GPU correctness ({a.correctness}; rel. Frobenius error vs fp64 reference)",
+              flush=True)
+        res["correctness_mode"] = a.correctness
+        res["gpu_max_rel_err"] = correctness(
+            dev, CASES_QUICK if a.correctness == "quick" else CASES_FULL)
+        print(json.dumps(res["gpu_max_rel_err"]), flush=True)
+        phase("correctness", t0)
     if a.sweep:
+        t0 = time.time()
         res["sweep"] = sweep(dev, a.sweep_seconds)
+        phase("sweep", t0)
     from pinfm_rec.kernels.dcat import triton_bwd, triton_fwd
     res["fwd_config"], res["bwd_config"] = dict(triton_fwd.FWD_CONFIG), dict(triton_bwd.BWD_CONFIG)
-    shapes = {}
     for R, L, C in SHAPES:
+        t0 = time.time()
         key = f"{R},{L},{C}"
         s = bench_shape(R, L, C, dev, dup_bwd=L * R * C <= 2048 * 1024)
         if not a.no_model:
@@ -352,34 +466,18 @@ def main(argv=None):
         shapes[key] = s
         print(key, json.dumps({k_: (round(v_, 4) if isinstance(v_, float) else v_)
                                for k_, v_ in s.items()}), flush=True)
-        with open(a.out, "w") as fh:
-            json.dump({**res, "shapes": shapes}, fh, indent=1)
-    fs = {k_: s["fwd_speedup_vs_stock"] for k_, s in shapes.items()}
-    res.update(shapes=shapes, fwd_speedup_vs_stock=fs,
-               geomean_fwd_speedup_vs_stock=geomean(list(fs.values())),
-               min_fwd_speedup_vs_stock=min(fs.values()),
-               fwdbwd_speedup_vs_stock={k_: s["fwdbwd_speedup_vs_stock"] for k_, s in shapes.items()},
-               geomean_fwdbwd_speedup_vs_stock=geomean(
-                   [s["fwdbwd_speedup_vs_stock"] for s in shapes.values()]),
-               crossing_tflops_L16384_C1024=shapes["1,16384,1024"]["triton_fwd_tflops"],
-               speedup_vs_dup_L2048_C256=shapes["4,2048,256"]["fwd_speedup_vs_dup"],
-               eager_geomean_fwd_speedup_vs_stock=geomean(
-                   [s["eager_fwd_speedup_vs_stock"] for s in shapes.values()]),
-               eager_geomean_fwdbwd_speedup_vs_stock=geomean(
-                   [s["eager_fwdbwd_speedup_vs_stock"] for s in shapes.values()]),
-               timing=("*_ms / speedups / TFLOP/s: GPU time, fn captured in a CUDA graph and "
-                       "replayed (triton.testing.do_bench_cudagraph, median); *_eager_*: "
-                       "triton.testing.do_bench(return_mode='median'), includes host overhead; "
-                       "dup_*: eager do_bench on a subset of candidates, scaled"))
-    with open(a.out, "w") as fh:
-        json.dump(res, fh, indent=1)
-    hdr = (f"{'R,L,C':>14} | {'ours fwd us':>11} {'TF/s':>5} | {'stock us':>9} {'TF/s':>5} | "
-           f"{'x stock':>7} | {'fwdbwd ours':>11} {'stock':>9} {'x':>5} | {'x dup':>7} | "
-           f"{'model cand/s ours':>17} {'stock':>9} {'dup':>9}")
+        phase(f"shape {key}", t0)
+    res["total_seconds"] = round(time.time() - t_start, 1)
+    save(final=True)
+    res.update(summary(shapes))
+    hdr = (f"{'R,L,C':>14} | {'ours fwd us':>11} {'TF/s':>5} {'kern':>5} | {'stock us':>9} "
+           f"{'TF/s':>5} | {'x stock':>7} | {'fwdbwd ours':>11} {'stock':>9} {'x':>5} | "
+           f"{'x dup':>7} | {'model cand/s ours':>17} {'stock':>9} {'dup':>9}")
     print(hdr)
     for key, s in shapes.items():
-        print(f"{key:>14} | {s['triton_fwd_ms']*1e3:11.1f} {s['triton_fwd_tflops']:5.0f} | "
-              f"{s['sdpa_fwd_ms']*1e3:9.1f} {s['sdpa_fwd_tflops']:5.0f} | "
+        kt = s["kern_fwd_tflops"] or float("nan")
+        print(f"{key:>14} | {s['triton_fwd_ms']*1e3:11.1f} {s['triton_fwd_tflops']:5.0f} "
+              f"{kt:5.0f} | {s['sdpa_fwd_ms']*1e3:9.1f} {s['sdpa_fwd_tflops']:5.0f} | "
               f"{s['fwd_speedup_vs_stock']:7.2f} | {s['triton_fwdbwd_ms']*1e3:11.1f} "
               f"{s['sdpa_fwdbwd_ms']*1e3:9.1f} {s['fwdbwd_speedup_vs_stock']:5.2f} | "
               f"{s['fwd_speedup_vs_dup']:7.0f} | "
@@ -392,7 +490,8 @@ def main(argv=None):
           f"{res['min_fwd_speedup_vs_stock']:.2f}); geomean fwd+bwd x stock "
           f"{res['geomean_fwdbwd_speedup_vs_stock']:.2f}; TF/s at L16384,C1024 "
           f"{res['crossing_tflops_L16384_C1024']:.0f}; x dup at L2048,C256 "
-          f"{res['speedup_vs_dup_L2048_C256']:.0f}", flush=True)
+          f"{res['speedup_vs_dup_L2048_C256']:.0f}; total {res['total_seconds']:.0f}s",
+          flush=True)
     return 0
 
 

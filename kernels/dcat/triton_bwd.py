@@ -25,9 +25,10 @@ import triton.language as tl
 
 from .triton_fwd import LOG2E, _splits
 
+# the config the CUDA-graph sweep chose in GPU run 3 (H100, 2026-11-23; see NOTES.md)
 BWD_CONFIG = dict(
-    DQ_BLOCK_M=128, DQ_BLOCK_N=32, dq_warps=4, dq_stages=3,
-    KV_BLOCK_N=128, KV_BLOCK_M=64, kv_warps=8, kv_stages=2,
+    DQ_BLOCK_M=64, DQ_BLOCK_N=32, dq_warps=4, dq_stages=4,
+    KV_BLOCK_N=64, KV_BLOCK_M=64, kv_warps=4, kv_stages=1,
     waves=2.0, min_split=1024, split_size=None)
 
 
@@ -40,6 +41,15 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _dot_acc(a, b, acc, IEEE: tl.constexpr):
+    """acc + a @ b with the MMA accumulating into acc."""
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit(do_not_specialize=["Cn", "H", "n_mtiles", "max_ctx", "split_size"])
 def _dcat_bwd_dq_kernel(
     Q, K, V, KC, VC, O, DO, LSE, CO, XO, DQ, DK, DV, DELTA, PDQ,
     Cn, H, n_mtiles, max_ctx, split_size, scale,
@@ -62,6 +72,14 @@ def _dcat_bwd_dq_kernel(
         x0 = tl.maximum(x0, x1 - max_ctx)
     n_split_r = tl.maximum(tl.cdiv(x1 - x0, split_size), 1)
     qk_scale = scale * 1.4426950408889634
+    if SPLIT:
+        # splits past this request's history: zero partials (PDQ is not pre-zeroed)
+        if (m0 < c1) & (s >= n_split_r):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            offs_d = tl.arange(0, HEAD_DIM)
+            prow = (s * Cn + offs_m) * H + h
+            tl.store(PDQ + prow[:, None] * HEAD_DIM + offs_d[None, :],
+                     tl.zeros([BLOCK_M, HEAD_DIM], tl.float32), mask=(offs_m < c1)[:, None])
     if (m0 < c1) & (s < n_split_r):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < c1
@@ -104,7 +122,7 @@ def _dcat_bwd_dq_kernel(
             p = tl.where(kmask[None, :], p, 0.0)
             dp = _dot(do, tl.trans(vb), IEEE)
             ds = p * (dp - delta[:, None])
-            dq += _dot(ds.to(kb.dtype), kb, IEEE)
+            dq = _dot_acc(ds.to(kb.dtype), kb, dq, IEEE)
         dq = dq * scale
         if SPLIT:
             prow = (s * Cn + offs_m) * H + h
@@ -114,7 +132,7 @@ def _dcat_bwd_dq_kernel(
                      dq.to(DQ.dtype.element_ty), mask=rmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "n_ntiles", "max_ctx"])
 def _dcat_bwd_dkdv_kernel(
     Q, KC, VC, DO, LSE, DELTA, CO, XO, DKC, DVC,
     H, n_ntiles, max_ctx, scale,
@@ -161,10 +179,10 @@ def _dcat_bwd_dkdv_kernel(
                 delta = tl.load(DELTA + offs_m * H + h, mask=mask_m, other=0.0)
                 qkT = _dot(kb, tl.trans(q), IEEE)
                 pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
-                dv += _dot(pT.to(do.dtype), do, IEEE)
+                dv = _dot_acc(pT.to(do.dtype), do, dv, IEEE)
                 dpT = _dot(vb, tl.trans(do), IEEE)
                 dsT = pT * (dpT - delta[None, :])
-                dk += _dot(dsT.to(q.dtype), q, IEEE)
+                dk = _dot_acc(dsT.to(q.dtype), q, dk, IEEE)
             dk = tl.where(in_win[:, None], dk * scale, 0.0)
             dv = tl.where(in_win[:, None], dv, 0.0)
         tl.store(DKC + offs_n[:, None] * s_qm + h * s_qh + offs_d[None, :],
@@ -203,7 +221,7 @@ def dcat_bwd_triton(do, q, k, v, k_ctx, v_ctx, o, lse, cand_offsets, ctx_offsets
               "min_split": cfg["min_split"], "split_size": cfg["split_size"]}
         split_size = _splits(R * n_mtiles * H, n_eff, sc, q.device)
         n_split = max(1, triton.cdiv(n_eff, split_size))
-        pdq = (torch.zeros((n_split, Cn, H, Dh), device=q.device, dtype=torch.float32)
+        pdq = (torch.empty((n_split, Cn, H, Dh), device=q.device, dtype=torch.float32)
                if n_split > 1 else dq)
         kw = {} if interp else dict(num_warps=cfg["dq_warps"], num_stages=cfg["dq_stages"])
         _dcat_bwd_dq_kernel[(R * n_mtiles, H, n_split)](

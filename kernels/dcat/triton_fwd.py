@@ -35,31 +35,45 @@ def _attn_block(q, kc_ptrs, vc_ptrs, m_i, l_i, acc, qk_scale, kmask,
     else:
         kb = tl.load(kc_ptrs)
         vb = tl.load(vc_ptrs)
+    return _attn_update(q, kb, vb, m_i, l_i, acc, qk_scale, kmask, MASKED, IEEE)
+
+
+@triton.jit
+def _attn_update(q, kb, vb, m_i, l_i, acc, qk_scale, kmask,
+                 MASKED: tl.constexpr, IEEE: tl.constexpr):
     if IEEE:
         qk = tl.dot(q, tl.trans(kb), input_precision="ieee")
     else:
         qk = tl.dot(q, tl.trans(kb))
-    qk = qk * qk_scale
     if MASKED:
         qk = tl.where(kmask[None, :], qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    p = tl.math.exp2(qk - m_new[:, None])
+    # qk_scale > 0 (the launcher flips q's sign otherwise): max before scaling, then one
+    # FMA per element (qk * scale - m) instead of a multiply and a subtract.
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    p = tl.math.exp2(qk * qk_scale - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    # accumulate in place (the MMA adds into acc: no separate product tile + add)
     if IEEE:
-        acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb, input_precision="ieee")
+        acc = tl.dot(p.to(vb.dtype), vb, acc, input_precision="ieee")
     else:
-        acc = acc * alpha[:, None] + tl.dot(p.to(vb.dtype), vb)
+        acc = tl.dot(p.to(vb.dtype), vb, acc)
     return m_new, l_i, acc
 
 
-@triton.jit
+# Integer arguments are not specialised (value 1 / divisibility by 16): every ragged batch
+# would otherwise compile its own variant (the GPU correctness phase compiled ~100).
+@triton.jit(do_not_specialize=["Cn", "H", "n_mtiles", "max_ctx", "split_size"])
 def _dcat_fwd_kernel(
-    Q, K, V, KC, VC, CO, XO, O, LSE, PO, PL,
+    Q, K, V, KC, VC, CO, XO, O, LSE, PO, PL, KC_DESC, VC_DESC,
     Cn, H, n_mtiles, max_ctx, split_size, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPLIT: tl.constexpr, IEEE: tl.constexpr,
+    SPLIT: tl.constexpr, IEEE: tl.constexpr, USE_TMA: tl.constexpr,
 ):
+    # USE_TMA: full history blocks come through host tensor descriptors over the
+    # [Lc, H*HEAD_DIM] view (bulk tensor copies on Hopper); the ragged tail block keeps
+    # masked pointer loads, so no row of another request enters the softmax.
     pid = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.program_id(2)
@@ -99,11 +113,23 @@ def _dcat_fwd_kernel(
         offs_n = kstart + tl.arange(0, BLOCK_N)
         kc_ptrs = KC + offs_n[:, None] * s_qm + h * s_qh + offs_d[None, :]
         vc_ptrs = VC + offs_n[:, None] * s_qm + h * s_qh + offs_d[None, :]
-        for _ in range(0, n_full):
-            m_i, l_i, acc = _attn_block(q, kc_ptrs, vc_ptrs, m_i, l_i, acc, qk_scale,
-                                        offs_n, False, IEEE)
-            kc_ptrs += BLOCK_N * s_qm
-            vc_ptrs += BLOCK_N * s_qm
+        if USE_TMA:
+            row = kstart.to(tl.int32)
+            col = (h * HEAD_DIM).to(tl.int32)
+            for _ in range(0, n_full):
+                kb = KC_DESC.load([row, col])
+                vb = VC_DESC.load([row, col])
+                m_i, l_i, acc = _attn_update(q, kb, vb, m_i, l_i, acc, qk_scale, offs_n,
+                                             False, IEEE)
+                row += BLOCK_N
+            kc_ptrs += n_full * BLOCK_N * s_qm
+            vc_ptrs += n_full * BLOCK_N * s_qm
+        else:
+            for _ in range(0, n_full):
+                m_i, l_i, acc = _attn_block(q, kc_ptrs, vc_ptrs, m_i, l_i, acc, qk_scale,
+                                            offs_n, False, IEEE)
+                kc_ptrs += BLOCK_N * s_qm
+                vc_ptrs += BLOCK_N * s_qm
         tail = kstart + n_full * BLOCK_N
         if tail < kend:
             kmask = (tail + tl.arange(0, BLOCK_N)) < kend
@@ -121,7 +147,7 @@ def _dcat_fwd_kernel(
             tl.store(LSE + offs_m * H + h, lse2 * 0.6931471805599453, mask=mask_m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Cn", "H", "n_mtiles", "max_ctx", "split_size"])
 def _dcat_combine_kernel(
     CO, XO, O, LSE, PO, PL, Cn, H, n_mtiles, max_ctx, split_size,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -177,11 +203,23 @@ def sm_count(device: torch.device) -> int:
     return _SM_COUNT[idx]
 
 
-# Default launch configuration (tuned on H100, see NOTES.md). Keys:
-# BLOCK_M, BLOCK_N, num_warps, num_stages, waves (programs target = waves*SMs),
-# min_split (fewest history keys per split), split_size (force, else None).
-FWD_CONFIG = dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3, waves=2.0,
-                  min_split=512, split_size=None)
+# Default launch configuration: the config the CUDA-graph sweep chose in GPU run 3
+# (H100, 2026-11-23, docs/benchmarks/dcat.md; see NOTES.md). Keys: BLOCK_M, BLOCK_N,
+# num_warps, num_stages, waves (programs target = waves*SMs), min_split (fewest history
+# keys per split), split_size (force, else None), tma (full history blocks through tensor
+# descriptors; used only on CUDA, compute capability >= 9, outside the interpreter).
+FWD_CONFIG = dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, waves=1.5,
+                  min_split=256, split_size=None, tma=True)
+
+
+def _tma_ok(t) -> bool:
+    if os.environ.get("TRITON_INTERPRET") == "1" or not t.is_cuda:
+        return False
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.get_device_capability(t.device)[0] >= 9
 
 
 def _splits(base: int, n_eff_max: int, cfg: dict, device) -> int:
@@ -204,6 +242,8 @@ def dcat_fwd_triton(q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, max_ctx: i
     Returns (o [Cn, H, Dh] in q's dtype, lse [Cn, H] fp32, natural log).
     """
     cfg = {**FWD_CONFIG, **(cfg or {})}
+    if scale < 0:  # the kernel takes the row max before scaling: needs scale > 0
+        q, scale = -q, -scale
     Cn, H, Dh = q.shape
     R = cand_offsets.numel() - 1
     o = torch.empty_like(q)
@@ -224,11 +264,19 @@ def dcat_fwd_triton(q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, max_ctx: i
     kw = {} if os.environ.get("TRITON_INTERPRET") == "1" else dict(
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     grid = (R * n_mtiles, H, n_split)
+    use_tma = bool(cfg.get("tma")) and k_ctx.shape[0] > 0 and _tma_ok(q)
+    if use_tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        Lc, bn = k_ctx.shape[0], cfg["BLOCK_N"]
+        kd, vd = (TensorDescriptor(t, [Lc, H * Dh], [H * Dh, 1], [bn, Dh])
+                  for t in (k_ctx, v_ctx))
+    else:
+        kd, vd = k_ctx, v_ctx
     _dcat_fwd_kernel[grid](
-        q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, o, lse, po, pl,
+        q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, o, lse, po, pl, kd, vd,
         Cn, H, n_mtiles, max_ctx, split_size, scale * LOG2E,
         HEAD_DIM=Dh, BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N"], SPLIT=SPLIT,
-        IEEE=q.dtype == torch.float32, **kw)
+        IEEE=q.dtype == torch.float32, USE_TMA=use_tma, **kw)
     if SPLIT:
         cbm = 64
         cm = triton.cdiv(max_cands, cbm)

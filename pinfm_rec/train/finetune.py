@@ -1,0 +1,262 @@
+"""Fine-tuning recipe: a TorchRec ranker (DLRM / DLRM_DCN) + the pretrained PinFM encoder on
+request-deduplicated impressions.
+
+setup: process group, ranking data (prepared once by rank 0), encoder (architecture from the
+pretraining checkpoint's spec.yaml when ``encoder.init=pretrained``), ranker, DMP sharding of the
+encoder's EmbeddingCollection and the ranker's EmbeddingBagCollection (fused optimizer, encoder
+tables at ``lr_mult`` x lr), pretrained weights loaded through DCP (any number of ranks), dense
+AdamW (encoder group at ``lr_mult`` x lr). loop: ``Trainer`` epochs, valid AUC/GAUC each epoch,
+checkpoints. cleanup: test metrics, results.json.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+import torch
+import torch.distributed.checkpoint as dcp
+import yaml
+
+from pinfm_rec.data.ranking import RankingDataSpec, RankingInfo, build_ranking_loader, prepare_ranking
+from pinfm_rec.model.embedding import table_shardings
+from pinfm_rec.model.encoder import EncoderSpec, PinFMEncoder
+from pinfm_rec.model.pinfm import ModelSpec
+from pinfm_rec.parallel import DistEnv, ParallelSpec, barrier, init_distributed, shard_model, shutdown_distributed
+from pinfm_rec.rankers.dlrm import RankerSpec, RankerWithEncoder, build_ranker
+from pinfm_rec.spec import dump_spec, from_dict
+from pinfm_rec.train.checkpoint import CheckpointSpec, load_checkpoint, resolve_resume, save_checkpoint
+from pinfm_rec.train.loop import LoopState, Trainer, TrainSpec
+from pinfm_rec.train.pretrain import _set_epoch, seed_everything, setup_logging
+from pinfm_rec.train.rank_eval import evaluate_ranking
+from pinfm_rec.train.tblog import TBLogger
+
+logger = logging.getLogger("pinfm_rec")
+
+
+@dataclass
+class FinetuneSpec:
+    """Top-level spec of ``pinfm finetune``."""
+
+    name: str = "finetune"
+    seed: int = 0
+    run_dir: str = ""  # empty → runs/<name>
+    tensorboard: bool = True
+    data: RankingDataSpec = field(default_factory=RankingDataSpec)
+    model: ModelSpec = field(default_factory=ModelSpec)  # encoder architecture (init=random)
+    encoder: EncoderSpec = field(default_factory=EncoderSpec)
+    ranker: RankerSpec = field(default_factory=RankerSpec)
+    parallel: ParallelSpec = field(default_factory=ParallelSpec)
+    train: TrainSpec = field(default_factory=lambda: TrainSpec(epochs=3, warmup_steps=20, eval_every_epochs=1))
+    checkpoint: CheckpointSpec = field(default_factory=lambda: CheckpointSpec(every_steps=0))
+
+
+def pretrained_model_spec(path: str) -> ModelSpec:
+    """The ``model`` section of the spec.yaml saved beside a pretraining checkpoint/export."""
+    p = os.path.join(path, "spec.yaml")
+    if not os.path.isfile(p):
+        raise FileNotFoundError(f"{p}: missing; encoder.checkpoint must be a pretraining checkpoint or "
+                                f"encoder export (runs/<name>/encoder)")
+    with open(p) as f:
+        raw = yaml.safe_load(f) or {}
+    return from_dict(ModelSpec, raw.get("model") or {}, where=f"{p}: model")
+
+
+def _check_vocab(path: str, info: RankingInfo) -> None:
+    meta_p = os.path.join(path, "encoder_meta.json")
+    if not os.path.isfile(meta_p):
+        return
+    with open(meta_p) as f:
+        meta = json.load(f)
+    for k in ("num_items", "num_actions", "num_surfaces"):
+        if k in meta and int(meta[k]) != int(getattr(info, k)):
+            raise ValueError(f"{meta_p}: {k}={meta[k]} but the ranking data has {getattr(info, k)}; the encoder "
+                             f"must be pretrained on this dataset's pretraining corpus ({info.pretrain_dir})")
+
+
+ENCODER_PREFIX = "encoder.fm."
+
+
+def load_pretrained_encoder(model: torch.nn.Module, path: str) -> int:
+    """Load the pretrained PinFM (tables + dense) into ``model``'s ``encoder.fm`` (collective).
+
+    Works for any number of ranks and any sharding plan (DCP reshards). Returns the number of
+    tensors loaded. The checkpoint's keys are ``model.<PinFM state key>``.
+    """
+    if not os.path.isfile(os.path.join(path, "COMPLETE")):
+        raise FileNotFoundError(f"{path}: not a complete checkpoint or encoder export (no COMPLETE marker)")
+    full = model.state_dict()
+    sub = {}
+    for k, v in full.items():
+        i = k.find(ENCODER_PREFIX)
+        if i >= 0:
+            sub[k[i + len(ENCODER_PREFIX):]] = v
+    if not sub:
+        raise ValueError("load_pretrained_encoder: the model has no encoder.fm parameters")
+    state = {"model": sub}
+    dcp.load(state, checkpoint_id=path)
+    loaded = {}
+    for k in full:
+        i = k.find(ENCODER_PREFIX)
+        if i >= 0:
+            loaded[k] = state["model"][k[i + len(ENCODER_PREFIX):]]
+    model.load_state_dict(loaded, strict=False)
+    return len(loaded)
+
+
+@dataclass
+class FTBuilt:
+    env: DistEnv
+    info: RankingInfo
+    model: torch.nn.Module  # DMP
+    optimizer: object
+    dense_params: list
+    dense_groups: list
+    autocast: Optional[torch.dtype]
+
+
+def _dense_optimizer(dmp, spec: FinetuneSpec):
+    from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+    from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+    dense = {k: p for k, p in in_backward_optimizer_filter(dmp.named_parameters(), include=False) if p.requires_grad}
+    enc = [p for k, p in dense.items() if ".encoder." in f".{k}"]
+    rest = [p for k, p in dense.items() if ".encoder." not in f".{k}"]
+    lr, wd = spec.train.lr, spec.train.weight_decay
+    groups = [{"params": rest, "lr": lr}] + ([{"params": enc, "lr": lr * spec.encoder.lr_mult}] if enc else [])
+    dense_opt = KeyedOptimizerWrapper(dense, lambda _: torch.optim.AdamW(groups, lr=lr, weight_decay=wd,
+                                                                         betas=(0.9, 0.98)))
+    return CombinedOptimizer([("emb", dmp.fused_optimizer), ("dense", dense_opt)]), dense_opt
+
+
+def build_finetune(spec: FinetuneSpec, env: DistEnv) -> FTBuilt:
+    if env.is_main:
+        info = prepare_ranking(spec.data)
+    barrier()
+    if not env.is_main:
+        info = prepare_ranking(spec.data)
+    seed_everything(spec.seed)
+    enc_spec = spec.encoder
+    encoder = None
+    model_spec = spec.model
+    if enc_spec.init == "pretrained" and not enc_spec.checkpoint:
+        raise ValueError("encoder.init=pretrained needs encoder.checkpoint (a pretraining run's encoder dir)")
+    if enc_spec.checkpoint and enc_spec.init != "none":
+        # the architecture always comes from the checkpoint, so init=random is the same model untrained
+        model_spec = pretrained_model_spec(enc_spec.checkpoint)
+        _check_vocab(enc_spec.checkpoint, info)
+    if enc_spec.init != "none":
+        encoder = PinFMEncoder(model_spec, enc_spec, info.num_items, info.num_actions, info.num_surfaces,
+                               device="meta", dense_device=env.device)
+        if enc_spec.freeze:
+            for p in encoder.fm.parameters():
+                if p.device.type != "meta":
+                    p.requires_grad_(False)
+    dense_in = info.num_dense + (enc_spec.out_dim if encoder is not None else 0)
+    ranker = build_ranker(spec.ranker, info.num_items, dense_in, device="meta", dense_device=env.device)
+    model = RankerWithEncoder(ranker, encoder, spec.ranker.history_bag_len, freeze_encoder=enc_spec.freeze)
+    shardings = table_shardings(model_spec.embedding) if encoder is not None else {}
+    dmp, _ = shard_model(model, spec.parallel, env, shardings, spec.data.batch_size,
+                         lr_mult={"encoder": enc_spec.lr_mult})
+    if encoder is not None and enc_spec.init == "pretrained":
+        n = load_pretrained_encoder(dmp, enc_spec.checkpoint)
+        logger.info("loaded %d pretrained encoder tensors from %s", n, enc_spec.checkpoint)
+    optimizer, dense_opt = _dense_optimizer(dmp, spec)
+    groups = dense_opt.param_groups
+    params = [p for g in groups for p in g["params"]]
+    autocast = torch.bfloat16 if (env.device.type == "cuda" and spec.parallel.bf16) else None
+    return FTBuilt(env, info, dmp, optimizer, params, groups, autocast)
+
+
+def _eval(b: FTBuilt, spec: FinetuneSpec, split: str) -> Dict[str, float]:
+    loader = build_ranking_loader(spec.data, b.info, split, rank=b.env.rank, world_size=b.env.world_size,
+                                  seed=spec.seed)
+    return evaluate_ranking(b.model.module, loader, b.env.device, b.autocast, spec.train.eval_max_batches)
+
+
+def finetune(spec: FinetuneSpec, force_cpu: bool = False) -> Dict[str, float]:
+    """Run fine-tuning end to end; returns final metrics (also in <run_dir>/results.json)."""
+    wall0 = time.perf_counter()
+    env = init_distributed(spec.parallel, force_cpu=force_cpu)
+    setup_logging(env.rank)
+    run_dir = spec.run_dir or os.path.join("runs", spec.name)
+    ckpt_dir = spec.checkpoint.dir or os.path.join(run_dir, "checkpoints")
+    spec_yaml = dump_spec(spec)
+    if env.is_main:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "spec.yaml"), "w") as f:
+            f.write(spec_yaml)
+        logger.info("resolved spec:\n%s", spec_yaml)
+    b = build_finetune(spec, env)
+    tb = TBLogger(run_dir, enabled=spec.tensorboard and env.is_main)
+    tb.text("spec", spec_yaml)
+
+    def log_fn(stats: Dict[str, float], step: int) -> None:
+        tb.scalars(stats, step)
+        if env.is_main:
+            logger.info("step %d %s", step, " ".join(f"{k}={v:.4g}" for k, v in stats.items()))
+
+    loader = build_ranking_loader(spec.data, b.info, "train", rank=env.rank, world_size=env.world_size,
+                                  seed=spec.seed)
+    total = spec.train.epochs * len(loader)
+    if spec.train.max_steps:
+        total = min(total, spec.train.max_steps)
+    state = LoopState()
+    loader_state, rng_state = None, None
+    resume = resolve_resume(ckpt_dir, spec.checkpoint.resume)
+    if resume:
+        ts, loader_state, rng_state = load_checkpoint(resume, b.model, b.optimizer, env.rank)
+        state.step, state.epoch, state.history = ts["step"], ts["epoch"], ts.get("history", [])
+        logger.info("resumed from %s (step %d, epoch %d)", resume, state.step, state.epoch)
+    trainer = Trainer(b.model, b.optimizer, b.dense_params, b.dense_groups, spec.train, env.device,
+                      env.world_size, log_fn, b.autocast)
+
+    def checkpoint(st: LoopState, epoch_done: bool = False) -> None:
+        ts = {"step": st.step, "epoch": st.epoch + (1 if epoch_done else 0), "world_size": env.world_size,
+              "history": st.history}
+        save_checkpoint(ckpt_dir, st.step, b.model, b.optimizer, None if epoch_done else loader.state_dict(),
+                        ts, spec_yaml, env.rank, spec.checkpoint.keep_last)
+
+    def on_step(st: LoopState) -> None:
+        if spec.checkpoint.every_steps and st.step % spec.checkpoint.every_steps == 0:
+            checkpoint(st)
+
+    logger.info("finetune: %d steps/epoch x %d epochs on %d rank(s), device %s, encoder %s",
+                len(loader), spec.train.epochs, env.world_size, env.device, spec.encoder.init)
+    for epoch in range(state.epoch, spec.train.epochs):
+        state.epoch = epoch
+        if loader_state is not None:
+            loader.load_state_dict(loader_state)
+            loader_state = None
+        else:
+            _set_epoch(loader, epoch)
+        finished = trainer.run_epoch(loader, state, total, on_step, rng_state=rng_state)
+        rng_state = None
+        ev = spec.train.eval_every_epochs
+        if finished and ev and (epoch + 1) % ev == 0 and epoch + 1 < spec.train.epochs:
+            m = _eval(b, spec, "valid")
+            tb.scalars({f"valid/{k}": v for k, v in m.items()}, state.step)
+            state.history.append({"epoch": epoch + 1, "step": state.step, **{f"valid_{k}": v for k, v in m.items()}})
+            logger.info("epoch %d valid %s", epoch + 1, json.dumps({k: round(v, 4) for k, v in m.items()}))
+        if spec.checkpoint.every_steps or not finished or epoch + 1 == spec.train.epochs:
+            checkpoint(state, epoch_done=finished)
+        if not finished:
+            break
+    valid, test = _eval(b, spec, "valid"), _eval(b, spec, "test")
+    results = {f"valid_{k}": v for k, v in valid.items()}
+    results.update({f"test_{k}": v for k, v in test.items()})
+    results.update({"steps": state.step, "world_size": env.world_size, "device": str(env.device),
+                    "encoder_init": spec.encoder.init, "wall_s": time.perf_counter() - wall0,
+                    "history": state.history})
+    tb.scalars({f"test/{k}": v for k, v in test.items()}, state.step)
+    if env.is_main:
+        logger.info("final %s", json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
+                                            for k, v in results.items() if k != "history"}))
+        with open(os.path.join(run_dir, "results.json"), "w") as f:
+            json.dump(results, f, indent=1)
+    tb.close()
+    shutdown_distributed()
+    return results
