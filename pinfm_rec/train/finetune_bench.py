@@ -75,6 +75,7 @@ def main(argv=None) -> Dict:
     ap.add_argument("--cands-per-step", type=int, default=2048)
     ap.add_argument("--hist", type=int, default=256, help="history tokens per request")
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--profile", action="store_true", help="print a torch.profiler table of one dedup step")
     args = ap.parse_args(argv)
     d_model, n_layers, n_heads, num_items = 256, 4, 4, 100_000
     if args.tiny:
@@ -93,6 +94,15 @@ def main(argv=None) -> Dict:
                  for _ in range(3)]
         flat = [flatten_batch(b) for b in dedup]
         t_d = time_steps(dmp, optimizer, dedup, "dcat", args.steps, 3, dev, autocast)
+        if args.profile:
+            from torch.profiler import ProfilerActivity, profile
+
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+            with profile(activities=acts) as prof:
+                time_steps(dmp, optimizer, dedup, "dcat", 2, 0, dev, autocast)
+            key = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
+            print(prof.key_averages().table(sort_by=key, row_limit=25), flush=True)
+            print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=15), flush=True)
         t_f = time_steps(dmp, optimizer, flat, "flat", args.steps, 3, dev, autocast)
         n = u * c
         rows.append({"cands_per_request": c, "requests_per_step": u, "examples_per_step": n,

@@ -9,7 +9,7 @@ E=${1:-100}; shift
 i=0
 for ov in "$@"; do
   i=$((i + 1))
-  cmd="python3 -m pinfm_rec.cli pretrain --spec specs/pretrain/ml1m-gpu.yaml name=ml1m-$i train.epochs=$E train.eval_every_epochs=$((E / 4)) $ov"
+  cmd="python3 -m pinfm_rec.cli pretrain --spec specs/pretrain/ml1m-gpu.yaml name=ml1m-$i train.epochs=$E train.eval_every_epochs=$((E / 4)) checkpoint.resume=false checkpoint.every_steps=0 $ov"
   echo "$cmd" > "runs_cmd_$i.txt"
   ( /usr/bin/time -f "wall %e s" $cmd > "ml1m_$i.log" 2>&1 ) &
 done
