@@ -264,19 +264,31 @@ def load_ranking_store(root: str) -> RankingStore:
     return _load(root, os.stat(os.path.join(root, REQUESTS_FILE)).st_mtime_ns)
 
 
-def write_flat_layout(ranking_dir: str, out_path: str, chunk_requests: int = 4096) -> int:
+def write_flat_layout(ranking_dir: str, out_path: str, chunk_requests: int = 4096,
+                      shuffle_seed: Optional[int] = None) -> int:
     """Write the flat layout of ``ranking_dir``: one row per candidate with every request column (history
     lists included) repeated, same column types and ``PARQUET_OPTIONS``. Returns the file size in bytes.
-    Written ``chunk_requests`` requests at a time (bounded memory)."""
+
+    Rows are in request order (a request's candidates adjacent: the best case for the flat layout's
+    compression) unless ``shuffle_seed`` is given: then rows are globally shuffled, as flat training
+    tables usually are so that reading them is IID. Written in chunks (bounded memory)."""
     st = load_ranking_store(ranking_dir)
     t, f = st.tables, st.dense.shape[1]
+    ncand_all = t.cand_offsets[1:] - t.cand_offsets[:-1]
+    cand_req = np.repeat(np.arange(t.num_requests), ncand_all)  # [C] request of each candidate
+    if shuffle_seed is None:
+        order = np.arange(cand_req.size)
+        bounds = [int(t.cand_offsets[min(lo, t.num_requests)]) for lo in range(0, t.num_requests, chunk_requests)]
+    else:
+        order = np.random.default_rng(shuffle_seed).permutation(cand_req.size)
+        step = max(1, int(chunk_requests * max(1.0, cand_req.size / max(t.num_requests, 1))))
+        bounds = list(range(0, cand_req.size, step))
+    bounds.append(cand_req.size)
     writer: Optional[pq.ParquetWriter] = None
     try:
-        for lo in range(0, t.num_requests, chunk_requests):
-            rows = np.arange(lo, min(lo + chunk_requests, t.num_requests))
-            ncand = t.cand_offsets[rows + 1] - t.cand_offsets[rows]
-            req = np.repeat(rows, ncand)  # [C'] request of each flat row
-            cidx = np.arange(t.cand_offsets[rows[0]], t.cand_offsets[rows[-1] + 1])
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            cidx = order[a:b]
+            req = cand_req[cidx]  # [C'] request of each flat row
             hs, he = t.hist_offsets[req], t.hist_offsets[req + 1]
             hidx = gather_index(hs, he)
             hoff = np.r_[0, np.cumsum(he - hs)]
@@ -311,14 +323,18 @@ def _column_bytes(path: str, compressed: bool = True) -> Dict[str, int]:
 def storage_report(ranking_dir: str, flat_path: Optional[str] = None) -> Dict[str, object]:
     """Bytes of the deduplicated layout (requests + candidates files) vs the flat layout, and ratio
     flat / dedup: whole files, the request-level ("user-heavy") columns ``USER_COLUMNS`` only (compressed
-    column-chunk bytes), and all columns before compression ("uncompressed": encoded page bytes). The flat
-    file is written to ``flat_path`` when given (kept), else to a temporary file (deleted)."""
+    column-chunk bytes), all columns before compression ("uncompressed": encoded page bytes), and against a
+    flat file whose rows are shuffled ("shuffled_flat"). The request-ordered flat file is written to
+    ``flat_path`` when given (kept), else to a temporary file (deleted)."""
     req_path, cand_path = (os.path.join(ranking_dir, n) for n in (REQUESTS_FILE, CANDIDATES_FILE))
     with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(ranking_dir))) as tmp:
         path = flat_path or os.path.join(tmp, "flat.parquet")
         flat_bytes = write_flat_layout(ranking_dir, path)
         flat_cols = _column_bytes(path)
         flat_raw = sum(_column_bytes(path, compressed=False).values())
+        shuf_path = os.path.join(tmp, "flat_shuffled.parquet")
+        shuf_bytes = write_flat_layout(ranking_dir, shuf_path, shuffle_seed=0)
+        shuf_cols = _column_bytes(shuf_path)
     req_bytes, cand_bytes = os.path.getsize(req_path), os.path.getsize(cand_path)
     req_cols = _column_bytes(req_path)
     dedup_raw = sum(sum(_column_bytes(p, compressed=False).values()) for p in (req_path, cand_path))
@@ -334,6 +350,8 @@ def storage_report(ranking_dir: str, flat_path: Optional[str] = None) -> Dict[st
         "uncompressed": {"dedup_bytes": dedup_raw, "flat_bytes": flat_raw, "ratio": flat_raw / max(dedup_raw, 1)},
         "user_columns": {"columns": list(USER_COLUMNS), "dedup_bytes": user_dedup, "flat_bytes": user_flat,
                          "ratio": user_flat / max(user_dedup, 1)},
+        "shuffled_flat": {"flat_bytes": shuf_bytes, "ratio": shuf_bytes / (req_bytes + cand_bytes),
+                          "user_columns_ratio": sum(shuf_cols[c] for c in USER_COLUMNS) / max(user_dedup, 1)},
     }
 
 
