@@ -13,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PATH = os.path.join(ROOT, "components", "pinfm.py")
 
 
-@pytest.mark.parametrize("fn", ["pretrain", "evaluate", "smoke"])
+@pytest.mark.parametrize("fn", ["pretrain", "evaluate", "smoke", "finetune"])
 def test_component_passes_torchx_linter(fn):
     assert file_linter.validate(PATH, fn) == []
 
@@ -43,6 +43,12 @@ def test_eval_and_smoke_args():
     assert "pinfm_rec.cli eval --spec specs/pretrain/synthetic-tiny.yaml --checkpoint runs/x/checkpoints/step_00000010" in ev
     sm = _cmd(materialize_appdef(comp.smoke, ["--steps", "7"]))
     assert "pinfm_rec.cli smoke --spec specs/pretrain/synthetic-tiny.yaml --steps 7" in sm
+
+
+def test_finetune_appdef():
+    cmd = _cmd(materialize_appdef(comp.finetune, ["-j", "1x2", "encoder.init=random"]))
+    assert "--nproc_per_node 2" in cmd
+    assert "pinfm_rec.cli finetune --spec specs/finetune/synthetic-tiny.yaml encoder.init=random" in cmd
 
 
 def test_help_is_the_docstring():
