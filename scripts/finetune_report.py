@@ -1,6 +1,6 @@
 """Collect fine-tuning results into docs/benchmarks/finetune.json.
 
-    python scripts/finetune_report.py   # reads runs/ft-{mind,movielens}-{none,random,pretrained}/results.json,
+    PINFM_DATA_DIR=../shared/data python scripts/finetune_report.py   # reads runs/ft-{mind,movielens}-{none,random,pretrained}/results.json,
                                         # docs/benchmarks/raw/finetune_throughput_*.json, storage reports
 """
 import json
