@@ -108,3 +108,13 @@ def test_flat_layout_batch_gives_same_features():
     assert fb.num_requests == 9 and fb.history.features["item_id"].lengths().tolist() == [3, 3, 0, 0, 0] + [7] * 4
     enc = make_encoder(2)
     torch.testing.assert_close(enc(fb, mode="flat")[0], enc(b, mode="dcat")[0], atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("mode", ["dcat", "flat"])
+def test_all_histories_empty_or_no_candidates(mode):
+    gen = torch.Generator().manual_seed(6)
+    enc = make_encoder(0)
+    f, u = enc(random_ranking_batch(gen, [0, 0], [2, 3]), mode=mode)
+    assert f.shape == (5, enc.out_dim) and torch.isfinite(f).all() and (u == 0).all()
+    f, u = enc(random_ranking_batch(gen, [3, 2], [0, 0]), mode=mode)
+    assert f.shape == (0, enc.out_dim)

@@ -141,20 +141,23 @@ class PinFMEncoder(nn.Module):
         cx = e_in + self.cand_type
         if fm.time is not None:
             cx = cx + self._cand_time(batch, offsets)
-        return fm.in_proj(x * fm.input_scale), offsets, fm.in_proj(cx * fm.input_scale), e_cand
+        return fm.in_proj(x * fm.input_scale), offsets, fm.in_proj(cx * fm.input_scale), e_in
 
     # ---- forward ----
     def forward(
-        self, batch: RankingBatch, mode: str = "dcat", frozen: bool = False
+        self, batch: RankingBatch, mode: str = "dcat", frozen: Optional[bool] = None
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """batch (U requests, C candidates) -> (features [C, out_dim], user vectors [U, dim]).
 
         mode "dcat": context pass once per request + DCAT crossing. mode "flat": every candidate
         appended to its history, full causal forward (same result; the reference/baseline).
         frozen: no gradient into the pretrained part (tables, trunk); the projection still trains.
+            None = ``spec.freeze``.
         """
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if frozen is None:
+            frozen = self.spec.freeze
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
             hc, sim, user = self._encode(batch, mode)
         return self.proj(torch.cat([hc.float(), sim], -1)), user  # [C, out_dim], [U, dim]
@@ -183,14 +186,15 @@ class PinFMEncoder(nn.Module):
             ha = trunk.forward_appended(xa, off_a, n + 1)  # [sum_c (n_r + 1), d_model]
             hc = ha[off_a[1:] - 1]  # [C, d_model]
             h = torch.zeros(x.shape[0], hc.shape[-1], dtype=ha.dtype, device=ha.device)
-            if x.shape[0]:  # history outputs from each request's first candidate (causal: all equal)
+            if x.shape[0] and ha.shape[0]:  # history outputs from each request's first candidate (causal)
                 first = batch.cand_offsets[:-1].clamp(max=max(rows.numel() - 1, 0))
                 has = (batch.cand_offsets[1:] > batch.cand_offsets[:-1]) & (lengths > 0)
                 src_rows, src_pos = jagged_index(offsets, x.shape[0])
                 ok = has[src_rows]
                 src = off_a[first[src_rows]] + src_pos
                 h = torch.where(ok[:, None], ha[src.clamp(max=ha.shape[0] - 1)], h)
-        user = fm._normalize(fm.head(h[last]))  # [U, dim]
+        h_last = h[last] if h.shape[0] else h.new_zeros(lengths.numel(), h.shape[-1])  # [U, d_model]
+        user = fm._normalize(fm.head(h_last))  # [U, dim]
         user = torch.where((lengths > 0)[:, None], user, torch.zeros_like(user))
         rows = batch.expand_index()
         sim = (user[rows] * fm._normalize(e_cand)).sum(-1, keepdim=True) / self.temperature  # [C, 1]

@@ -112,7 +112,8 @@ def ranker_features(batch: RankingBatch, history_bag_len: int) -> KeyedJaggedTen
 class RankerWithEncoder(nn.Module):
     """An unchanged TorchRec ranker + (optionally) the PinFM encoder feeding its dense input.
 
-    forward(batch) -> {"loss": weighted BCE (mean), "logits": [C], "num_targets": C}.
+    forward(batch) -> {"loss": weighted BCE (mean), "bce": the same (detached), "num_targets": C};
+    logits(batch) -> [C].
     """
 
     def __init__(self, ranker: nn.Module, encoder: Optional[PinFMEncoder], history_bag_len: int,
