@@ -200,6 +200,39 @@ def load_model_state(path: str, model: torch.nn.Module, strict: bool = True) -> 
     model.load_state_dict(state["model"], strict=strict)
 
 
+def _flatten(d: Any, prefix: str = "") -> Dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def check_resume_compatible(path: str, spec_yaml: str, sections: tuple = ("model",)) -> None:
+    """Raise a clear error when the checkpoint at ``path`` was written by a run whose ``sections`` of
+    the spec (the model architecture) differ from the current spec: its tensors would not fit."""
+    import yaml
+
+    saved_p = os.path.join(path, "spec.yaml")
+    if not os.path.isfile(saved_p):
+        return
+    with open(saved_p) as f:
+        saved = yaml.safe_load(f) or {}
+    now = yaml.safe_load(spec_yaml) or {}
+    diffs = []
+    for sec in sections:
+        a, b = _flatten(saved.get(sec) or {}, sec), _flatten(now.get(sec) or {}, sec)
+        diffs += [f"{k}: checkpoint {a.get(k)!r} != now {b.get(k)!r}" for k in sorted(set(a) | set(b))
+                  if a.get(k) != b.get(k)]
+    if diffs:
+        raise ValueError(
+            f"cannot resume from {path}: its run used a different {'/'.join(sections)} spec ("
+            + "; ".join(diffs[:8]) + (" ..." if len(diffs) > 8 else "")
+            + "). Use a new run name (name=...) or checkpoint.resume=false to start fresh."
+        )
+
+
 def resolve_resume(ckpt_dir: str, enabled: bool) -> Optional[str]:
     """Rank 0 picks the newest complete checkpoint; everyone gets the same answer."""
     path = latest_checkpoint(ckpt_dir) if enabled else None

@@ -28,7 +28,13 @@ from pinfm_rec.model.pinfm import ModelSpec
 from pinfm_rec.parallel import DistEnv, ParallelSpec, barrier, init_distributed, shard_model, shutdown_distributed
 from pinfm_rec.rankers.dlrm import RankerSpec, RankerWithEncoder, build_ranker
 from pinfm_rec.spec import dump_spec, from_dict
-from pinfm_rec.train.checkpoint import CheckpointSpec, load_checkpoint, resolve_resume, save_checkpoint
+from pinfm_rec.train.checkpoint import (
+    CheckpointSpec,
+    check_resume_compatible,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+)
 from pinfm_rec.train.loop import LoopState, Trainer, TrainSpec
 from pinfm_rec.train.pretrain import _set_epoch, seed_everything, setup_logging
 from pinfm_rec.train.rank_eval import evaluate_ranking
@@ -213,6 +219,7 @@ def finetune(spec: FinetuneSpec, force_cpu: bool = False) -> Dict[str, float]:
     loader_state, rng_state = None, None
     resume = resolve_resume(ckpt_dir, spec.checkpoint.resume)
     if resume:
+        check_resume_compatible(resume, spec_yaml, ("model", "ranker"))
         ts, loader_state, rng_state = load_checkpoint(resume, b.model, b.optimizer, env.rank)
         state.step, state.epoch, state.history = ts["step"], ts["epoch"], ts.get("history", [])
         logger.info("resumed from %s (step %d, epoch %d)", resume, state.step, state.epoch)

@@ -34,6 +34,7 @@ from pinfm_rec.parallel import (
 )
 from pinfm_rec.spec import dump_spec
 from pinfm_rec.train.checkpoint import (
+    check_resume_compatible,
     CheckpointSpec,
     export_encoder,
     load_checkpoint,
@@ -180,6 +181,7 @@ def pretrain(spec: PretrainSpec, force_cpu: bool = False) -> Dict[str, float]:
     loader_state, rng_state = None, None
     resume = resolve_resume(ckpt_dir, spec.checkpoint.resume)
     if resume:
+        check_resume_compatible(resume, spec_yaml, ("model",))
         ts, loader_state, rng_state = load_checkpoint(resume, b.model, b.optimizer, env.rank)
         state.step, state.epoch = ts["step"], ts["epoch"]
         state.history = ts.get("history", [])
