@@ -35,8 +35,8 @@ from pinfm_rec.train.checkpoint import (
     resolve_resume,
     save_checkpoint,
 )
-from pinfm_rec.train.loop import LoopState, Trainer, TrainSpec
-from pinfm_rec.train.pretrain import _set_epoch, seed_everything, setup_logging
+from pinfm_rec.train.loop import LoopState, Trainer, TrainSpec, run_epochs
+from pinfm_rec.train.pretrain import seed_everything, setup_logging
 from pinfm_rec.train.rank_eval import evaluate_ranking
 from pinfm_rec.train.tblog import TBLogger
 
@@ -238,25 +238,17 @@ def finetune(spec: FinetuneSpec, force_cpu: bool = False) -> Dict[str, float]:
 
     logger.info("finetune: %d steps/epoch x %d epochs on %d rank(s), device %s, encoder %s",
                 len(loader), spec.train.epochs, env.world_size, env.device, spec.encoder.init)
-    for epoch in range(state.epoch, spec.train.epochs):
-        state.epoch = epoch
-        if loader_state is not None:
-            loader.load_state_dict(loader_state)
-            loader_state = None
-        else:
-            _set_epoch(loader, epoch)
-        finished = trainer.run_epoch(loader, state, total, on_step, rng_state=rng_state)
-        rng_state = None
-        ev = spec.train.eval_every_epochs
-        if finished and ev and (epoch + 1) % ev == 0 and epoch + 1 < spec.train.epochs:
-            m = _eval(b, spec, "valid")
-            tb.scalars({f"valid/{k}": v for k, v in m.items()}, state.step)
-            state.history.append({"epoch": epoch + 1, "step": state.step, **{f"valid_{k}": v for k, v in m.items()}})
-            logger.info("epoch %d valid %s", epoch + 1, json.dumps({k: round(v, 4) for k, v in m.items()}))
-        if spec.checkpoint.every_steps or not finished or epoch + 1 == spec.train.epochs:
+    def eval_valid() -> Dict[str, float]:
+        m = _eval(b, spec, "valid")
+        tb.scalars({f"valid/{k}": v for k, v in m.items()}, state.step)
+        return m
+
+    def on_epoch_end(finished: bool) -> None:
+        if spec.checkpoint.every_steps or not finished or state.epoch + 1 == spec.train.epochs:
             checkpoint(state, epoch_done=finished)
-        if not finished:
-            break
+
+    run_epochs(trainer, loader, state, total, on_step=on_step, eval_valid=eval_valid, on_epoch_end=on_epoch_end,
+               loader_state=loader_state, rng_state=rng_state)
     valid, test = _eval(b, spec, "valid"), _eval(b, spec, "test")
     results = {f"valid_{k}": v for k, v in valid.items()}
     results.update({f"test_{k}": v for k, v in test.items()})

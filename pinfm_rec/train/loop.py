@@ -1,10 +1,11 @@
 """The shared step loop: forward → NaN guard → backward (fused embedding update) → clip → step.
 
-Recipes (pretrain, finetune) build the pieces and call ``Trainer.fit``; the loop itself knows
-nothing about data sources or sharding.
+Recipes (pretrain, finetune) build the pieces and call ``run_epochs`` with a ``Trainer``; the loop
+itself knows nothing about data sources or sharding.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import resource
@@ -173,3 +174,51 @@ class Trainer:
             if on_step is not None:
                 on_step(state)
         return True
+
+
+def set_loader_epoch(loader, epoch: int) -> None:
+    """Tell the loader (or its sampler) which epoch's order to produce."""
+    for obj in (loader, getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)):
+        if obj is not None and hasattr(obj, "set_epoch"):
+            obj.set_epoch(epoch)
+            return
+
+
+def run_epochs(
+    trainer: Trainer,
+    loader,
+    state: LoopState,
+    total_steps: int,
+    *,
+    on_step: Optional[Callable[[LoopState], None]],
+    eval_valid: Callable[[], Dict[str, float]],
+    on_epoch_end: Callable[[bool], None],
+    loader_state: Optional[dict] = None,
+    rng_state: Optional[dict] = None,
+) -> None:
+    """The epoch loop shared by the recipes, from ``state.epoch`` to ``trainer.spec.epochs``.
+
+    A resumed mid-epoch ``loader_state`` is restored for the first epoch (else the loader's epoch
+    is set), ``rng_state`` right before its first step. After every ``eval_every_epochs`` finished
+    epochs except the last, ``eval_valid()`` runs and its metrics join ``state.history``. Then
+    ``on_epoch_end(finished)`` applies the recipe's checkpoint policy; an epoch cut short by
+    ``max_steps`` (finished False) ends the loop.
+    """
+    spec = trainer.spec
+    for epoch in range(state.epoch, spec.epochs):
+        state.epoch = epoch
+        if loader_state is not None:
+            loader.load_state_dict(loader_state)
+            loader_state = None
+        else:
+            set_loader_epoch(loader, epoch)
+        finished = trainer.run_epoch(loader, state, total_steps, on_step, rng_state=rng_state)
+        rng_state = None
+        ev = spec.eval_every_epochs
+        if finished and ev and (epoch + 1) % ev == 0 and epoch + 1 < spec.epochs:
+            m = eval_valid()
+            state.history.append({"epoch": epoch + 1, "step": state.step, **{f"valid_{k}": v for k, v in m.items()}})
+            logger.info("epoch %d valid %s", epoch + 1, json.dumps({k: round(v, 4) for k, v in m.items()}))
+        on_epoch_end(finished)
+        if not finished:
+            break

@@ -42,7 +42,7 @@ from pinfm_rec.train.checkpoint import (
     save_checkpoint,
 )
 from pinfm_rec.train.evaluate import evaluate_retrieval
-from pinfm_rec.train.loop import LoopState, Trainer, TrainSpec
+from pinfm_rec.train.loop import LoopState, Trainer, TrainSpec, run_epochs
 from pinfm_rec.train.tblog import TBLogger
 
 logger = logging.getLogger("pinfm_rec")
@@ -127,13 +127,6 @@ def build(spec: PretrainSpec, env: DistEnv, with_optimizer: bool = True) -> Buil
     return Built(env, info, dmp, optimizer, dense_params, dense_groups, autocast)
 
 
-def _set_epoch(loader, epoch: int) -> None:
-    for obj in (loader, getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)):
-        if obj is not None and hasattr(obj, "set_epoch"):
-            obj.set_epoch(epoch)
-            return
-
-
 def run_eval(b: Built, spec: PretrainSpec, split: str) -> Dict[str, float]:
     loader = build_loader(spec.data, b.info, split, rank=b.env.rank, world_size=b.env.world_size, seed=spec.seed)
     return evaluate_retrieval(
@@ -204,26 +197,19 @@ def pretrain(spec: PretrainSpec, force_cpu: bool = False) -> Dict[str, float]:
 
     logger.info("train: %d steps/epoch x %d epochs (total %d steps) on %d rank(s), device %s",
                 steps_per_epoch, spec.train.epochs, total, env.world_size, env.device)
-    for epoch in range(state.epoch, spec.train.epochs):
-        state.epoch = epoch
-        if loader_state is not None:
-            train_loader.load_state_dict(loader_state)
-            loader_state = None
-        else:
-            _set_epoch(train_loader, epoch)
-        finished = trainer.run_epoch(train_loader, state, total, on_step, rng_state=rng_state)
-        rng_state = None
-        if not finished:
-            if spec.checkpoint.every_steps:
-                checkpoint(state)
-            break
-        ev = spec.train.eval_every_epochs
-        if ev and (epoch + 1) % ev == 0 and epoch + 1 < spec.train.epochs:
-            m = run_eval(b, spec, "valid")
-            tb.scalars({f"valid/{k}": v for k, v in m.items() if k != "count"}, state.step)
-            state.history.append({"epoch": epoch + 1, "step": state.step, **{f"valid_{k}": v for k, v in m.items()}})
-            logger.info("epoch %d valid %s", epoch + 1, json.dumps({k: round(v, 4) for k, v in m.items()}))
-        checkpoint(state, epoch_done=True)
+    def eval_valid() -> Dict[str, float]:
+        m = run_eval(b, spec, "valid")
+        tb.scalars({f"valid/{k}": v for k, v in m.items() if k != "count"}, state.step)
+        return m
+
+    def on_epoch_end(finished: bool) -> None:
+        if finished:
+            checkpoint(state, epoch_done=True)
+        elif spec.checkpoint.every_steps:
+            checkpoint(state)
+
+    run_epochs(trainer, train_loader, state, total, on_step=on_step, eval_valid=eval_valid,
+               on_epoch_end=on_epoch_end, loader_state=loader_state, rng_state=rng_state)
 
     valid = run_eval(b, spec, "valid")
     test = run_eval(b, spec, "test")
