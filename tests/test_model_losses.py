@@ -189,3 +189,37 @@ def test_in_batch_subsampling_and_no_targets():
                           torch.tensor([0, 1]), table[:2], I)
     out["loss"].backward()
     assert out["loss"].item() == 0.0 and torch.isfinite(h2.grad).all()
+
+
+def test_full_catalogue_is_exact_cross_entropy():
+    lengths, offsets, items, actions, ts, h, table, _ = _case(2)
+    all_ids = torch.arange(I)
+    for engaged_only in (True, False):
+        spec = LossSpec(full_catalogue=True, user_masking=False, temperature=0.2,
+                        positives_only_engaged=engaged_only)
+        got = sequence_losses(spec, h, offsets, items, actions, ts, table[items], all_ids, table, I)
+        hn, en = F.normalize(h, dim=-1), F.normalize(table, dim=-1)
+        ends = offsets[1:].tolist()
+        tok = [t for t in range(len(items)) if t + 1 not in ends and t + 1 < len(items)
+               and (actions[t + 1].item() in (1, 2) or not engaged_only)]
+        tok = [t for t in tok if any(offsets[r] <= t < offsets[r + 1] - 1 for r in range(len(lengths)))]
+        want = F.cross_entropy(hn[tok] @ en.t() / 0.2, items[[t + 1 for t in tok]])
+        torch.testing.assert_close(got["next_token"], want)
+    # user masking: the row's other items leave the sum, the positive stays
+    spec = LossSpec(full_catalogue=True, user_masking=True, temperature=0.2)
+    one = torch.tensor([3, 5, 7])
+    hh = torch.randn(3, D)
+    got = sequence_losses(spec, hh, torch.tensor([0, 3]), one, torch.ones(3, dtype=torch.long), None,
+                          table[one], all_ids, table, I)["next_token"]
+    hn, en = F.normalize(hh, dim=-1), F.normalize(table, dim=-1)
+    keep = torch.ones(I, dtype=torch.bool)
+    keep[one] = False
+    want = []
+    for t in range(2):
+        logits = hn[t] @ en.t() / 0.2
+        pos = logits[one[t + 1]]
+        want.append(torch.logaddexp(pos, torch.logsumexp(logits[keep], 0)) - pos)
+    torch.testing.assert_close(got, torch.stack(want).mean())
+    with pytest.raises(ValueError, match="full_catalogue"):
+        sequence_losses(spec, hh, torch.tensor([0, 3]), one, torch.ones(3, dtype=torch.long), None,
+                        table[one], all_ids[:5], table[:5], I)

@@ -105,3 +105,23 @@ def test_time_features():
     _, gap_next, _, unknown = time_gaps(ts, off, request_ts=torch.tensor([1200, 0, 61]))
     assert gap_next.tolist() == [1, 999, 100, 10, 1] and not unknown.any()
     assert log_bucket(torch.tensor([0, 1, 3, 1000, -5, 10**12])).tolist() == [0, 1, 2, 9, 0, 31]
+
+
+def test_full_catalogue_forward_scores_every_item():
+    F = torch.nn.functional
+    model = _model(full_catalogue=True, user_masking=False, temperature=0.1)
+    model.trunk.train(False)  # no dropout, so the hand recomputation below is exact
+    batch = _batch(0)  # its loader negatives are replaced (not joined) by the whole catalogue
+    got = model(batch)["next_token"]
+    with torch.no_grad():  # independent recomputation: softmax over all I items per next-token position
+        x, offsets, kjt, _ = model._embed(batch)
+        h = F.normalize(model.head(model.trunk(x, offsets, batch.max_len)), dim=-1)
+        table = F.normalize(model.ec.embeddings["t_item"].weight, dim=-1)
+        items, act = kjt["item_id"].values(), kjt["action"].values()
+        tok = [t for t in range(items.numel() - 1)
+               if (t + 1) not in offsets.tolist() and int(act[t + 1]) in (1, 2)]
+        want = F.cross_entropy(h[tok] @ table[:I].t() / 0.1, items[[t + 1 for t in tok]])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    got.backward()
+    assert (model.ec.embeddings["t_item"].weight.grad[:I].abs().sum(1) > 0).all()  # every item row
+    assert torch.isfinite(model(_batch(1, train=False))["loss"])  # no loader negatives needed

@@ -63,6 +63,18 @@ def to_ec_kjt(kjt: KeyedJaggedTensor, features=EC_FEATURES) -> KeyedJaggedTensor
     return kjt
 
 
+def with_feature_values(kjt: KeyedJaggedTensor, key: str, values: torch.Tensor) -> KeyedJaggedTensor:
+    """``kjt`` with feature ``key`` replaced by ``values`` [M] (spread over the B rows; the rows of
+    a negatives feature carry no meaning). Other features are unchanged; same stride."""
+    b = kjt.stride()
+    m = values.numel()
+    lengths = torch.full((b,), m // b, dtype=torch.long, device=values.device)
+    lengths[: m % b] += 1
+    jts = {k: jt for k, jt in kjt.to_dict().items() if k != key}
+    jts[key] = JaggedTensor(values=values, lengths=lengths)
+    return KeyedJaggedTensor.from_jt_dict(jts)
+
+
 class PinFM(nn.Module):
     """PinFM foundation model (pretraining objective + user/item encoders for eval)."""
 
@@ -110,7 +122,11 @@ class PinFM(nn.Module):
         self, batch: SequenceBatch
     ) -> Tuple[torch.Tensor, torch.Tensor, KeyedJaggedTensor, Dict[str, JaggedTensor]]:
         """-> (token inputs x [L, d_model], offsets [B+1], checked KJT, EC output)."""
-        kjt = check_ids(batch.features, self.sizes, self.spec.embedding.id_mode)
+        kjt = batch.features
+        if self.training and self.spec.loss.full_catalogue:  # negatives = every item (exact softmax)
+            ids = torch.arange(self.num_items, device=kjt.values().device)
+            kjt = with_feature_values(kjt, NEG_ITEM_KEY, ids)
+        kjt = check_ids(kjt, self.sizes, self.spec.embedding.id_mode)
         emb = self.ec(to_ec_kjt(kjt))  # the one EC call
         items = emb[ITEM_KEY]
         offsets = items.offsets()  # [B+1]
