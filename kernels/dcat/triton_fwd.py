@@ -26,21 +26,43 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
 
+# EXP_MODE: how the probabilities p = exp2(x) (x <= 0) of a score tile are computed.
+#   0: fp32 exp2 (MUFU ex2.approx.f32, one element per instruction), p cast for the PV MMA;
+#   1: x rounded to bf16, MUFU ex2.approx.ftz.bf16x2 (sm_90+): two elements per instruction,
+#      p comes out in bf16, the MMA operand type of bf16 inputs;
+#   2: the same in fp16 (ex2.approx.f16x2, sm_75+) for fp16 inputs.
+# At Dh=64 the forward is bound by MUFU exp2 as much as by the MMAs (NOTES.md); the packed
+# forms halve the MUFU work. Accuracy: p is rounded to the MMA's 16-bit type anyway; rounding
+# x to bf16 adds at most |x|*2^-9*ln2 relative error, largest where p is small (the absolute
+# error stays below ~2^-9 * 0.37, the size of the bf16 rounding of p itself). Modes 1/2
+# need the compiler (no interpreter), see dcat_fwd_triton.
+@triton.jit
+def _exp2_packed(x, EXP_MODE: tl.constexpr):
+    if EXP_MODE == 1:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 t; cvt.rn.bf16x2.f32 t, $2, $1; ex2.approx.ftz.bf16x2 $0, t; }",
+            "=r,r,r", [x], dtype=tl.bfloat16, is_pure=True, pack=2)
+    else:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 t; cvt.rn.f16x2.f32 t, $2, $1; ex2.approx.f16x2 $0, t; }",
+            "=r,r,r", [x], dtype=tl.float16, is_pure=True, pack=2)
+
+
 @triton.jit
 def _attn_block(q, kc_ptrs, vc_ptrs, m_i, l_i, acc, qk_scale, kmask,
-                MASKED: tl.constexpr, IEEE: tl.constexpr):
+                MASKED: tl.constexpr, IEEE: tl.constexpr, EXP_MODE: tl.constexpr):
     if MASKED:
         kb = tl.load(kc_ptrs, mask=kmask[:, None], other=0.0)
         vb = tl.load(vc_ptrs, mask=kmask[:, None], other=0.0)
     else:
         kb = tl.load(kc_ptrs)
         vb = tl.load(vc_ptrs)
-    return _attn_update(q, kb, vb, m_i, l_i, acc, qk_scale, kmask, MASKED, IEEE)
+    return _attn_update(q, kb, vb, m_i, l_i, acc, qk_scale, kmask, MASKED, IEEE, EXP_MODE)
 
 
 @triton.jit
 def _attn_update(q, kb, vb, m_i, l_i, acc, qk_scale, kmask,
-                 MASKED: tl.constexpr, IEEE: tl.constexpr):
+                 MASKED: tl.constexpr, IEEE: tl.constexpr, EXP_MODE: tl.constexpr):
     if IEEE:
         qk = tl.dot(q, tl.trans(kb), input_precision="ieee")
     else:
@@ -50,15 +72,21 @@ def _attn_update(q, kb, vb, m_i, l_i, acc, qk_scale, kmask,
     # qk_scale > 0 (the launcher flips q's sign otherwise): max before scaling, then one
     # FMA per element (qk * scale - m) instead of a multiply and a subtract.
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-    p = tl.math.exp2(qk * qk_scale - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
+    if EXP_MODE == 0:
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        p = p.to(vb.dtype)
+    else:  # packed 16-bit exp2; the row sum adds exactly the p the MMA sees
+        p = _exp2_packed(qk * qk_scale - m_new[:, None], EXP_MODE)
+        l_i = l_i * alpha + tl.sum(p.to(tl.float32), 1)
+        p = p.to(vb.dtype)
     acc = acc * alpha[:, None]
     # accumulate in place (the MMA adds into acc: no separate product tile + add)
     if IEEE:
-        acc = tl.dot(p.to(vb.dtype), vb, acc, input_precision="ieee")
+        acc = tl.dot(p, vb, acc, input_precision="ieee")
     else:
-        acc = tl.dot(p.to(vb.dtype), vb, acc)
+        acc = tl.dot(p, vb, acc)
     return m_new, l_i, acc
 
 
@@ -69,7 +97,7 @@ def _dcat_fwd_kernel(
     Q, K, V, KC, VC, CO, XO, O, LSE, PO, PL, KC_DESC, VC_DESC,
     Cn, H, n_mtiles, max_ctx, split_size, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPLIT: tl.constexpr, IEEE: tl.constexpr, USE_TMA: tl.constexpr,
+    SPLIT: tl.constexpr, IEEE: tl.constexpr, USE_TMA: tl.constexpr, EXP_MODE: tl.constexpr,
 ):
     # USE_TMA: full history blocks come through host tensor descriptors over the
     # [Lc, H*HEAD_DIM] view (bulk tensor copies on Hopper); the ragged tail block keeps
@@ -120,21 +148,21 @@ def _dcat_fwd_kernel(
                 kb = KC_DESC.load([row, col])
                 vb = VC_DESC.load([row, col])
                 m_i, l_i, acc = _attn_update(q, kb, vb, m_i, l_i, acc, qk_scale, offs_n,
-                                             False, IEEE)
+                                             False, IEEE, EXP_MODE)
                 row += BLOCK_N
             kc_ptrs += n_full * BLOCK_N * s_qm
             vc_ptrs += n_full * BLOCK_N * s_qm
         else:
             for _ in range(0, n_full):
                 m_i, l_i, acc = _attn_block(q, kc_ptrs, vc_ptrs, m_i, l_i, acc, qk_scale,
-                                            offs_n, False, IEEE)
+                                            offs_n, False, IEEE, EXP_MODE)
                 kc_ptrs += BLOCK_N * s_qm
                 vc_ptrs += BLOCK_N * s_qm
         tail = kstart + n_full * BLOCK_N
         if tail < kend:
             kmask = (tail + tl.arange(0, BLOCK_N)) < kend
             m_i, l_i, acc = _attn_block(q, kc_ptrs, vc_ptrs, m_i, l_i, acc, qk_scale,
-                                        kmask, True, IEEE)
+                                        kmask, True, IEEE, EXP_MODE)
         o = acc / l_i[:, None]
         lse2 = m_i + tl.math.log2(l_i)
         if SPLIT:
@@ -207,9 +235,22 @@ def sm_count(device: torch.device) -> int:
 # (H100, 2026-11-23, docs/benchmarks/dcat.md; see NOTES.md). Keys: BLOCK_M, BLOCK_N,
 # num_warps, num_stages, waves (programs target = waves*SMs), min_split (fewest history
 # keys per split), split_size (force, else None), tma (full history blocks through tensor
-# descriptors; used only on CUDA, compute capability >= 9, outside the interpreter).
+# descriptors; used only on CUDA, compute capability >= 9, outside the interpreter),
+# packed_exp (EXP_MODE 1/2 above for bf16/fp16 inputs; compiled CUDA only, bf16 needs sm_90).
 FWD_CONFIG = dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, waves=1.5,
-                  min_split=256, split_size=None, tma=True)
+                  min_split=256, split_size=None, tma=True, packed_exp=False)
+
+
+def exp_mode(t, cfg: dict) -> int:
+    """EXP_MODE of the forward kernel for inputs like ``t`` under ``cfg`` (0 = fp32 exp2)."""
+    if not cfg.get("packed_exp") or os.environ.get("TRITON_INTERPRET") == "1" or not t.is_cuda:
+        return 0
+    major = torch.cuda.get_device_capability(t.device)[0]
+    if t.dtype == torch.bfloat16 and major >= 9:
+        return 1
+    if t.dtype == torch.float16 and major >= 8:
+        return 2
+    return 0
 
 
 def _tma_ok(t) -> bool:
@@ -276,7 +317,7 @@ def dcat_fwd_triton(q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, max_ctx: i
         q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, o, lse, po, pl, kd, vd,
         Cn, H, n_mtiles, max_ctx, split_size, scale * LOG2E,
         HEAD_DIM=Dh, BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N"], SPLIT=SPLIT,
-        IEEE=q.dtype == torch.float32, USE_TMA=use_tma, **kw)
+        IEEE=q.dtype == torch.float32, USE_TMA=use_tma, EXP_MODE=exp_mode(q, cfg), **kw)
     if SPLIT:
         cbm = 64
         cm = triton.cdiv(max_cands, cbm)
