@@ -125,3 +125,14 @@ def test_full_catalogue_forward_scores_every_item():
     got.backward()
     assert (model.ec.embeddings["t_item"].weight.grad[:I].abs().sum(1) > 0).all()  # every item row
     assert torch.isfinite(model(_batch(1, train=False))["loss"])  # no loader negatives needed
+
+
+def test_output_head_off_scores_trunk_output_directly():
+    torch.manual_seed(0)
+    spec = ModelSpec(embedding=EmbeddingSpec(dim=32), trunk=TrunkSpec(d_model=32, n_layers=1, n_heads=2, max_len=10),
+                     output_head=False)
+    model = PinFM(spec, I, A, S, device="cpu")
+    assert isinstance(model.head, torch.nn.Identity) and torch.isfinite(model(_batch(0))["loss"])
+    with pytest.raises(ValueError, match="output_head"):
+        PinFM(ModelSpec(embedding=EmbeddingSpec(dim=16), trunk=TrunkSpec(d_model=32, n_heads=2),
+                        output_head=False), I, A, S, device="cpu")

@@ -35,6 +35,9 @@ class ModelSpec:
     trunk: TrunkSpec = field(default_factory=TrunkSpec)
     loss: LossSpec = field(default_factory=LossSpec)
     time_features: bool = True
+    # Linear(d_model, dim) from the trunk's output to the item-embedding space; false = the
+    # trunk output is scored against the item table directly (SASRec), needs d_model == dim
+    output_head: bool = True
 
 
 def to_ec_kjt(kjt: KeyedJaggedTensor, features=EC_FEATURES) -> KeyedJaggedTensor:
@@ -107,7 +110,13 @@ class PinFM(nn.Module):
         self.input_scale = float(dim) ** 0.5
         self.in_proj = nn.Linear(dim, d_model).to(dd) if dim != d_model else nn.Identity()
         self.trunk = Trunk(spec.trunk).to(dd)
-        self.head = nn.Linear(d_model, dim).to(dd)  # back to the item-embedding space
+        if not spec.output_head and d_model != dim:
+            raise ValueError(
+                f"model.output_head=false needs model.trunk.d_model ({d_model}) == "
+                f"model.embedding.dim ({dim})"
+            )
+        # back to the item-embedding space
+        self.head = nn.Linear(d_model, dim).to(dd) if spec.output_head else nn.Identity()
         if item_counts is not None:
             item_counts = item_counts.to(device=dd, dtype=torch.float32)
             if item_counts.numel() < self.sizes[ITEM_TABLE]:
