@@ -92,12 +92,13 @@ def _attn_update(q, kb, vb, m_i, l_i, acc, qk_scale, kmask,
 
 # Integer arguments are not specialised (value 1 / divisibility by 16): every ragged batch
 # would otherwise compile its own variant (the GPU correctness phase compiled ~100).
-@triton.jit(do_not_specialize=["Cn", "H", "n_mtiles", "max_ctx", "split_size"])
+@triton.jit(do_not_specialize=["Cn", "H", "n_mtiles", "max_ctx", "split_size", "Lc"])
 def _dcat_fwd_kernel(
     Q, K, V, KC, VC, CO, XO, O, LSE, PO, PL, KC_DESC, VC_DESC,
-    Cn, H, n_mtiles, max_ctx, split_size, qk_scale,
+    Cn, H, n_mtiles, max_ctx, split_size, qk_scale, Lc,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr, IEEE: tl.constexpr, USE_TMA: tl.constexpr, EXP_MODE: tl.constexpr,
+    WS: tl.constexpr, WS_STAGES: tl.constexpr,
 ):
     # USE_TMA: full history blocks come through host tensor descriptors over the
     # [Lc, H*HEAD_DIM] view (bulk tensor copies on Hopper); the ragged tail block keeps
@@ -141,7 +142,23 @@ def _dcat_fwd_kernel(
         offs_n = kstart + tl.arange(0, BLOCK_N)
         kc_ptrs = KC + offs_n[:, None] * s_qm + h * s_qh + offs_d[None, :]
         vc_ptrs = VC + offs_n[:, None] * s_qm + h * s_qh + offs_d[None, :]
-        if USE_TMA:
+        if WS:
+            # warp-specialised loop (Triton's Hopper/Blackwell partitioner: producer warps
+            # issue the TMA loads, consumer warpgroups run MMA + softmax) over on-device
+            # descriptors of this head's [Lc, HEAD_DIM] slice
+            kd = tl.make_tensor_descriptor(KC + h * HEAD_DIM, shape=[Lc, HEAD_DIM],
+                                           strides=[s_qm, 1], block_shape=[BLOCK_N, HEAD_DIM])
+            vd = tl.make_tensor_descriptor(VC + h * HEAD_DIM, shape=[Lc, HEAD_DIM],
+                                           strides=[s_qm, 1], block_shape=[BLOCK_N, HEAD_DIM])
+            row = kstart.to(tl.int32)
+            for it in tl.range(0, n_full, num_stages=WS_STAGES, warp_specialize=True):
+                kb = kd.load([row + it * BLOCK_N, 0])
+                vb = vd.load([row + it * BLOCK_N, 0])
+                m_i, l_i, acc = _attn_update(q, kb, vb, m_i, l_i, acc, qk_scale, offs_n,
+                                             False, IEEE, EXP_MODE)
+            kc_ptrs += n_full * BLOCK_N * s_qm
+            vc_ptrs += n_full * BLOCK_N * s_qm
+        elif USE_TMA:
             row = kstart.to(tl.int32)
             col = (h * HEAD_DIM).to(tl.int32)
             for _ in range(0, n_full):
@@ -237,8 +254,20 @@ def sm_count(device: torch.device) -> int:
 # keys per split), split_size (force, else None), tma (full history blocks through tensor
 # descriptors; used only on CUDA, compute capability >= 9, outside the interpreter),
 # packed_exp (EXP_MODE 1/2 above for bf16/fp16 inputs; compiled CUDA only, bf16 needs sm_90).
+# ws (experimental): warp-specialised history loop over on-device TMA descriptors.
 FWD_CONFIG = dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, waves=1.5,
-                  min_split=256, split_size=None, tma=True, packed_exp=False)
+                  min_split=256, split_size=None, tma=True, packed_exp=False, ws=False)
+
+_ALLOCATOR_SET = False
+
+
+def _ensure_allocator() -> None:
+    """On-device tensor descriptors need a global scratch allocator (set once)."""
+    global _ALLOCATOR_SET
+    if not _ALLOCATOR_SET:
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8,
+                                                                     device="cuda"))
+        _ALLOCATOR_SET = True
 
 
 def exp_mode(t, cfg: dict) -> int:
@@ -306,6 +335,10 @@ def dcat_fwd_triton(q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, max_ctx: i
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     grid = (R * n_mtiles, H, n_split)
     use_tma = bool(cfg.get("tma")) and k_ctx.shape[0] > 0 and _tma_ok(q)
+    use_ws = bool(cfg.get("ws")) and k_ctx.shape[0] > 0 and _tma_ok(q)
+    if use_ws:
+        _ensure_allocator()
+        use_tma = False
     if use_tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
         Lc, bn = k_ctx.shape[0], cfg["BLOCK_N"]
@@ -315,9 +348,10 @@ def dcat_fwd_triton(q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, max_ctx: i
         kd, vd = k_ctx, v_ctx
     _dcat_fwd_kernel[grid](
         q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, o, lse, po, pl, kd, vd,
-        Cn, H, n_mtiles, max_ctx, split_size, scale * LOG2E,
+        Cn, H, n_mtiles, max_ctx, split_size, scale * LOG2E, k_ctx.shape[0],
         HEAD_DIM=Dh, BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N"], SPLIT=SPLIT,
-        IEEE=q.dtype == torch.float32, USE_TMA=use_tma, EXP_MODE=exp_mode(q, cfg), **kw)
+        IEEE=q.dtype == torch.float32, USE_TMA=use_tma, EXP_MODE=exp_mode(q, cfg),
+        WS=use_ws, WS_STAGES=cfg["num_stages"], **kw)
     if SPLIT:
         cbm = 64
         cm = triton.cdiv(max_cands, cbm)
