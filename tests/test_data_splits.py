@@ -56,3 +56,27 @@ def test_gather_and_item_counts():
 def test_bad_split():
     with pytest.raises(ValueError):
         leave_one_out(OFF, "dev", 10)
+
+
+@pytest.mark.parametrize("max_len", [2, 3, 5, 200])
+def test_train_windows_cover_every_target_once(max_len):
+    rng = np.random.default_rng(max_len)
+    lengths = rng.integers(3, 40, size=30)
+    lengths[:3] = [3, 4, max_len + 2]  # 1- and 2-token train histories, one exactly one window
+    offsets = np.r_[0, np.cumsum(lengths)]
+    last = leave_one_out(offsets, "train", max_len, min_events=3)
+    rows = leave_one_out(offsets, "train", max_len, min_events=3, train_windows=True)
+    assert (rows.lengths >= 1).all() and (rows.lengths <= max_len).all()
+    assert (np.diff(rows.request_id) >= 0).all()  # a request's rows adjacent, in request order
+    for r in range(lengths.size):
+        mine = np.flatnonzero(rows.request_id == r)
+        assert (np.diff(rows.start[mine]) > 0).all()  # time order inside a request
+        # the latest window is the default (last max_len) row
+        assert rows.start[mine[-1]] == last.start[r] and rows.end[mine[-1]] == last.end[r]
+        # next-token targets (every token but a window's first) = e[first+1 : stop-2], each once
+        targets = np.concatenate([np.arange(s + 1, e) for s, e in zip(rows.start[mine], rows.end[mine])])
+        np.testing.assert_array_equal(targets, np.arange(offsets[r] + 1, offsets[r + 1] - 2))
+    # item counts follow the same rows
+    items = rng.integers(0, 7, size=int(offsets[-1]))
+    counts = train_item_counts(items, offsets, 7, max_len, 3, train_windows=True)
+    assert counts.sum() == rows.lengths.sum()

@@ -6,7 +6,8 @@ a set of event ranges (``splits.leave_one_out``). A stateful sampler yields batc
 (vectorised gather + ``KeyedJaggedTensor.from_lengths_sync``), so every batch is a pure function of
 (seed, epoch, step, rank, world_size) and resuming only needs (epoch, next step).
 
-Train (``split="train"``): one row per request (history e[:-2], last N events). Each epoch the R
+Train (``split="train"``): one row per request (history e[:-2], last N events), or with
+``train_windows`` several rows per long request (``splits`` module doc). Each epoch the R
 rows are permuted with ``np.random.default_rng([seed, epoch])``; the permutation is cut to a
 multiple of ``world_size`` (at most world_size - 1 rows dropped per epoch, different ones each
 epoch) and dealt round-robin, so every rank has exactly ``R // world_size`` rows and the same
@@ -216,7 +217,7 @@ def build_loader(spec: DataSpec, info: DatasetInfo, split: str, *, rank: int = 0
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     store = load_event_store(info.root)
-    rows = leave_one_out(store.offsets, split, spec.max_len, spec.min_events)
+    rows = leave_one_out(store.offsets, split, spec.max_len, spec.min_events, spec.train_windows)
     if rows.num_empty_dropped or rows.num_short_dropped:
         logger.warning("%s: dropped %d requests with an empty history and %d with < %d events; %d rows remain",
                        split, rows.num_empty_dropped, rows.num_short_dropped, spec.min_events, len(rows))

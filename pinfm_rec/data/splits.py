@@ -6,7 +6,11 @@ For a request with events e[0..n-1] (chronological):
     valid  history e[:-2], target e[-2]
     test   history e[:-1], target e[-1]
 
-Histories keep their last ``max_len`` (N) events. Nothing is copied: a split is, per row, a
+Histories keep their last ``max_len`` (N) events. With ``train_windows`` the train split instead
+covers a long history e[:-2] with windows of at most N events, latest first, each starting one
+event before the previous one's start (stride N - 1), so every next-token target of e[:-2] is
+trained exactly once (the default keeps only the last window: SASRec drops the rest). The rows of a
+request stay adjacent, in time order. Nothing is copied: a split is, per row, a
 half-open event range [start, end) plus the target event index, all int64 positions into the
 event columns. Requests with fewer than ``min_events`` events are left out of every split. Rows
 whose history would be empty (n <= 2 for train/valid, n == 1 for test; only possible when
@@ -54,7 +58,8 @@ def request_offsets(request_id: np.ndarray, num_requests: Optional[int] = None) 
     return np.r_[0, np.cumsum(counts)].astype(np.int64)
 
 
-def leave_one_out(offsets: np.ndarray, split: str, max_len: int, min_events: int = 1) -> SplitRows:
+def leave_one_out(offsets: np.ndarray, split: str, max_len: int, min_events: int = 1,
+                  train_windows: bool = False) -> SplitRows:
     """Rows of ``split`` (train | valid | test) from request ``offsets`` [U + 1]; see module doc."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -73,9 +78,26 @@ def leave_one_out(offsets: np.ndarray, split: str, max_len: int, min_events: int
     keep = np.flatnonzero(ok & nonempty)
     end = end[keep]
     start = np.maximum(first[keep], end - max_len)
+    if train_windows and split == "train":
+        return _train_windows(keep, first[keep], end, max_len, empty, short)
     return SplitRows(split=split, request_id=keep.astype(np.int64), start=start.astype(np.int64),
                      end=end.astype(np.int64), target=None if split == "train" else target[keep].astype(np.int64),
                      num_empty_dropped=empty, num_short_dropped=short)
+
+
+def _train_windows(req: np.ndarray, first: np.ndarray, end: np.ndarray, max_len: int,
+                   empty: int, short: int) -> SplitRows:
+    """Train rows covering [first, end) of each request with windows of <= max_len events."""
+    n = end - first  # >= 1
+    stride = max(max_len - 1, 1)
+    k = np.maximum(1, -(-(n - 1) // stride))  # windows per request
+    rid = np.repeat(np.arange(req.size), k)
+    j = np.arange(int(k.sum())) - np.repeat(np.cumsum(k) - k, k)  # 0 = latest window
+    j = np.repeat(k, k) - 1 - j  # time order inside a request: earliest window first
+    w_end = end[rid] - j * stride
+    w_start = np.maximum(first[rid], w_end - max_len)
+    return SplitRows(split="train", request_id=req[rid].astype(np.int64), start=w_start.astype(np.int64),
+                     end=w_end.astype(np.int64), target=None, num_empty_dropped=empty, num_short_dropped=short)
 
 
 def gather_index(start: np.ndarray, end: np.ndarray) -> np.ndarray:
@@ -89,9 +111,9 @@ def gather_index(start: np.ndarray, end: np.ndarray) -> np.ndarray:
 
 
 def train_item_counts(item_id: np.ndarray, offsets: np.ndarray, num_items: int, max_len: int,
-                      min_events: int = 1) -> np.ndarray:
+                      min_events: int = 1, train_windows: bool = False) -> np.ndarray:
     """[num_items] int64 occurrences of each item in the train rows exactly as the loader emits
     them (histories e[:-2], truncated to the last ``max_len`` events): the empirical item
     distribution seen by training, used for logQ correction of sampled softmax."""
-    rows = leave_one_out(offsets, "train", max_len, min_events)
+    rows = leave_one_out(offsets, "train", max_len, min_events, train_windows)
     return np.bincount(item_id[gather_index(rows.start, rows.end)], minlength=num_items).astype(np.int64)
