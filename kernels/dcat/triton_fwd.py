@@ -151,9 +151,10 @@ def _dcat_fwd_kernel(
             vd = tl.make_tensor_descriptor(VC + h * HEAD_DIM, shape=[Lc, HEAD_DIM],
                                            strides=[s_qm, 1], block_shape=[BLOCK_N, HEAD_DIM])
             row = kstart.to(tl.int32)
-            for it in tl.range(0, n_full, num_stages=WS_STAGES, warp_specialize=True):
-                kb = kd.load([row + it * BLOCK_N, 0])
-                vb = vd.load([row + it * BLOCK_N, 0])
+            for it in tl.range(0, n_full.to(tl.int32), num_stages=WS_STAGES, warp_specialize=True):
+                off = (row + it * BLOCK_N).to(tl.int32)
+                kb = kd.load([off, 0])
+                vb = vd.load([off, 0])
                 m_i, l_i, acc = _attn_update(q, kb, vb, m_i, l_i, acc, qk_scale, offs_n,
                                              False, IEEE, EXP_MODE)
             kc_ptrs += n_full * BLOCK_N * s_qm
