@@ -288,17 +288,14 @@ def sweep(dev, budget_s=120.0):
     from pinfm_rec.kernels.dcat import triton_bwd, triton_fwd
     t0 = time.time()
     # most promising first (the time share may cut the list). GPU run 2 picked BM64 BN128
-    # w4 s3 waves 1, run 3 the same tile with waves 1.5 and tma (the default); run 4 adds
-    # packed_exp (bf16x2 exp2: half the MUFU work; no gain in run 4) and ws (Triton warp
-    # specialisation of the history loop, on-device TMA descriptors).
+    # w4 s3 waves 1, run 3 the same tile with waves 1.5 and tma (now the default); runs 4-5
+    # (packed bf16x2 exp2, Triton warp specialisation) found nothing faster (NOTES.md).
     fwd = [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, waves=wv, min_split=256,
-                tma=tma, packed_exp=pe, ws=ws)
-           for bm, bn, w, st, wv, tma, pe, ws in (
-               (64, 128, 4, 3, 1.5, True, False, False), (128, 128, 4, 2, 1.5, True, False, True),
-               (128, 128, 8, 2, 1.5, True, False, True), (64, 128, 4, 3, 1.5, True, False, True),
-               (128, 64, 4, 3, 1.5, True, False, True), (128, 128, 4, 3, 1.5, True, False, True),
-               (128, 128, 4, 2, 1.0, True, False, True), (128, 128, 4, 2, 1.5, True, True, True),
-               (64, 128, 4, 3, 1.5, True, True, False), (128, 128, 8, 3, 1.5, True, False, False))]
+                tma=tma)
+           for bm, bn, w, st, wv, tma in (
+               (64, 128, 4, 3, 1.5, True), (64, 128, 4, 3, 1.0, True), (64, 128, 4, 3, 1.5, False),
+               (64, 128, 4, 4, 1.5, True), (64, 128, 4, 2, 1.5, True), (128, 128, 8, 3, 1.5, True),
+               (64, 64, 4, 3, 1.5, True), (128, 64, 8, 3, 1.5, True), (64, 128, 4, 3, 2.0, True))]
     dqs = [dict(DQ_BLOCK_M=bm, DQ_BLOCK_N=bn, dq_warps=w, dq_stages=st, waves=wv)
            for bm, bn, w, st in ((64, 32, 4, 3), (64, 64, 4, 2), (128, 64, 4, 3), (128, 32, 4, 3),
                                  (64, 32, 4, 4)) for wv in (2.0, 3.8)]

@@ -26,43 +26,21 @@ LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
 
-# EXP_MODE: how the probabilities p = exp2(x) (x <= 0) of a score tile are computed.
-#   0: fp32 exp2 (MUFU ex2.approx.f32, one element per instruction), p cast for the PV MMA;
-#   1: x rounded to bf16, MUFU ex2.approx.ftz.bf16x2 (sm_90+): two elements per instruction,
-#      p comes out in bf16, the MMA operand type of bf16 inputs;
-#   2: the same in fp16 (ex2.approx.f16x2, sm_75+) for fp16 inputs.
-# At Dh=64 the forward is bound by MUFU exp2 as much as by the MMAs (NOTES.md); the packed
-# forms halve the MUFU work. Accuracy: p is rounded to the MMA's 16-bit type anyway; rounding
-# x to bf16 adds at most |x|*2^-9*ln2 relative error, largest where p is small (the absolute
-# error stays below ~2^-9 * 0.37, the size of the bf16 rounding of p itself). Modes 1/2
-# need the compiler (no interpreter), see dcat_fwd_triton.
-@triton.jit
-def _exp2_packed(x, EXP_MODE: tl.constexpr):
-    if EXP_MODE == 1:
-        return tl.inline_asm_elementwise(
-            "{ .reg .b32 t; cvt.rn.bf16x2.f32 t, $2, $1; ex2.approx.ftz.bf16x2 $0, t; }",
-            "=r,r,r", [x], dtype=tl.bfloat16, is_pure=True, pack=2)
-    else:
-        return tl.inline_asm_elementwise(
-            "{ .reg .b32 t; cvt.rn.f16x2.f32 t, $2, $1; ex2.approx.f16x2 $0, t; }",
-            "=r,r,r", [x], dtype=tl.float16, is_pure=True, pack=2)
-
-
 @triton.jit
 def _attn_block(q, kc_ptrs, vc_ptrs, m_i, l_i, acc, qk_scale, kmask,
-                MASKED: tl.constexpr, IEEE: tl.constexpr, EXP_MODE: tl.constexpr):
+                MASKED: tl.constexpr, IEEE: tl.constexpr):
     if MASKED:
         kb = tl.load(kc_ptrs, mask=kmask[:, None], other=0.0)
         vb = tl.load(vc_ptrs, mask=kmask[:, None], other=0.0)
     else:
         kb = tl.load(kc_ptrs)
         vb = tl.load(vc_ptrs)
-    return _attn_update(q, kb, vb, m_i, l_i, acc, qk_scale, kmask, MASKED, IEEE, EXP_MODE)
+    return _attn_update(q, kb, vb, m_i, l_i, acc, qk_scale, kmask, MASKED, IEEE)
 
 
 @triton.jit
 def _attn_update(q, kb, vb, m_i, l_i, acc, qk_scale, kmask,
-                 MASKED: tl.constexpr, IEEE: tl.constexpr, EXP_MODE: tl.constexpr):
+                 MASKED: tl.constexpr, IEEE: tl.constexpr):
     if IEEE:
         qk = tl.dot(q, tl.trans(kb), input_precision="ieee")
     else:
@@ -72,33 +50,26 @@ def _attn_update(q, kb, vb, m_i, l_i, acc, qk_scale, kmask,
     # qk_scale > 0 (the launcher flips q's sign otherwise): max before scaling, then one
     # FMA per element (qk * scale - m) instead of a multiply and a subtract.
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    p = tl.math.exp2(qk * qk_scale - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
-    if EXP_MODE == 0:
-        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        p = p.to(vb.dtype)
-    else:  # packed 16-bit exp2; the row sum adds exactly the p the MMA sees
-        p = _exp2_packed(qk * qk_scale - m_new[:, None], EXP_MODE)
-        l_i = l_i * alpha + tl.sum(p.to(tl.float32), 1)
-        p = p.to(vb.dtype)
+    l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     # accumulate in place (the MMA adds into acc: no separate product tile + add)
     if IEEE:
-        acc = tl.dot(p, vb, acc, input_precision="ieee")
+        acc = tl.dot(p.to(vb.dtype), vb, acc, input_precision="ieee")
     else:
-        acc = tl.dot(p, vb, acc)
+        acc = tl.dot(p.to(vb.dtype), vb, acc)
     return m_new, l_i, acc
 
 
 # Integer arguments are not specialised (value 1 / divisibility by 16): every ragged batch
 # would otherwise compile its own variant (the GPU correctness phase compiled ~100).
-@triton.jit(do_not_specialize=["Cn", "H", "n_mtiles", "max_ctx", "split_size", "Lc"])
+@triton.jit(do_not_specialize=["Cn", "H", "n_mtiles", "max_ctx", "split_size"])
 def _dcat_fwd_kernel(
     Q, K, V, KC, VC, CO, XO, O, LSE, PO, PL, KC_DESC, VC_DESC,
-    Cn, H, n_mtiles, max_ctx, split_size, qk_scale, Lc,
+    Cn, H, n_mtiles, max_ctx, split_size, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPLIT: tl.constexpr, IEEE: tl.constexpr, USE_TMA: tl.constexpr, EXP_MODE: tl.constexpr,
-    WS: tl.constexpr, WS_STAGES: tl.constexpr,
+    SPLIT: tl.constexpr, IEEE: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     # USE_TMA: full history blocks come through host tensor descriptors over the
     # [Lc, H*HEAD_DIM] view (bulk tensor copies on Hopper); the ragged tail block keeps
@@ -142,45 +113,28 @@ def _dcat_fwd_kernel(
         offs_n = kstart + tl.arange(0, BLOCK_N)
         kc_ptrs = KC + offs_n[:, None] * s_qm + h * s_qh + offs_d[None, :]
         vc_ptrs = VC + offs_n[:, None] * s_qm + h * s_qh + offs_d[None, :]
-        if WS:
-            # warp-specialised loop (Triton's Hopper/Blackwell partitioner: producer warps
-            # issue the TMA loads, consumer warpgroups run MMA + softmax) over on-device
-            # descriptors of this head's [Lc, HEAD_DIM] slice
-            kd = tl.make_tensor_descriptor(KC + h * HEAD_DIM, shape=[Lc, HEAD_DIM],
-                                           strides=[s_qm, 1], block_shape=[BLOCK_N, HEAD_DIM])
-            vd = tl.make_tensor_descriptor(VC + h * HEAD_DIM, shape=[Lc, HEAD_DIM],
-                                           strides=[s_qm, 1], block_shape=[BLOCK_N, HEAD_DIM])
-            row = kstart.to(tl.int32)
-            for it in tl.range(0, n_full.to(tl.int32), num_stages=WS_STAGES, warp_specialize=True):
-                off = (row + it * BLOCK_N).to(tl.int32)
-                kb = kd.load([off, 0])
-                vb = vd.load([off, 0])
-                m_i, l_i, acc = _attn_update(q, kb, vb, m_i, l_i, acc, qk_scale, offs_n,
-                                             False, IEEE, EXP_MODE)
-            kc_ptrs += n_full * BLOCK_N * s_qm
-            vc_ptrs += n_full * BLOCK_N * s_qm
-        elif USE_TMA:
+        if USE_TMA:
             row = kstart.to(tl.int32)
             col = (h * HEAD_DIM).to(tl.int32)
             for _ in range(0, n_full):
                 kb = KC_DESC.load([row, col])
                 vb = VC_DESC.load([row, col])
                 m_i, l_i, acc = _attn_update(q, kb, vb, m_i, l_i, acc, qk_scale, offs_n,
-                                             False, IEEE, EXP_MODE)
+                                             False, IEEE)
                 row += BLOCK_N
             kc_ptrs += n_full * BLOCK_N * s_qm
             vc_ptrs += n_full * BLOCK_N * s_qm
         else:
             for _ in range(0, n_full):
                 m_i, l_i, acc = _attn_block(q, kc_ptrs, vc_ptrs, m_i, l_i, acc, qk_scale,
-                                            offs_n, False, IEEE, EXP_MODE)
+                                            offs_n, False, IEEE)
                 kc_ptrs += BLOCK_N * s_qm
                 vc_ptrs += BLOCK_N * s_qm
         tail = kstart + n_full * BLOCK_N
         if tail < kend:
             kmask = (tail + tl.arange(0, BLOCK_N)) < kend
             m_i, l_i, acc = _attn_block(q, kc_ptrs, vc_ptrs, m_i, l_i, acc, qk_scale,
-                                        kmask, True, IEEE, EXP_MODE)
+                                        kmask, True, IEEE)
         o = acc / l_i[:, None]
         lse2 = m_i + tl.math.log2(l_i)
         if SPLIT:
@@ -253,34 +207,9 @@ def sm_count(device: torch.device) -> int:
 # (H100, 2026-11-23, docs/benchmarks/dcat.md; see NOTES.md). Keys: BLOCK_M, BLOCK_N,
 # num_warps, num_stages, waves (programs target = waves*SMs), min_split (fewest history
 # keys per split), split_size (force, else None), tma (full history blocks through tensor
-# descriptors; used only on CUDA, compute capability >= 9, outside the interpreter),
-# packed_exp (EXP_MODE 1/2 above for bf16/fp16 inputs; compiled CUDA only, bf16 needs sm_90).
-# ws (experimental): warp-specialised history loop over on-device TMA descriptors.
+# descriptors; used only on CUDA, compute capability >= 9, outside the interpreter).
 FWD_CONFIG = dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, waves=1.5,
-                  min_split=256, split_size=None, tma=True, packed_exp=False, ws=False)
-
-_ALLOCATOR_SET = False
-
-
-def _ensure_allocator() -> None:
-    """On-device tensor descriptors need a global scratch allocator (set once)."""
-    global _ALLOCATOR_SET
-    if not _ALLOCATOR_SET:
-        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8,
-                                                                     device="cuda"))
-        _ALLOCATOR_SET = True
-
-
-def exp_mode(t, cfg: dict) -> int:
-    """EXP_MODE of the forward kernel for inputs like ``t`` under ``cfg`` (0 = fp32 exp2)."""
-    if not cfg.get("packed_exp") or os.environ.get("TRITON_INTERPRET") == "1" or not t.is_cuda:
-        return 0
-    major = torch.cuda.get_device_capability(t.device)[0]
-    if t.dtype == torch.bfloat16 and major >= 9:
-        return 1
-    if t.dtype == torch.float16 and major >= 8:
-        return 2
-    return 0
+                  min_split=256, split_size=None, tma=True)
 
 
 def _tma_ok(t) -> bool:
@@ -336,10 +265,6 @@ def dcat_fwd_triton(q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, max_ctx: i
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     grid = (R * n_mtiles, H, n_split)
     use_tma = bool(cfg.get("tma")) and k_ctx.shape[0] > 0 and _tma_ok(q)
-    use_ws = bool(cfg.get("ws")) and k_ctx.shape[0] > 0 and _tma_ok(q)
-    if use_ws:
-        _ensure_allocator()
-        use_tma = False
     if use_tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
         Lc, bn = k_ctx.shape[0], cfg["BLOCK_N"]
@@ -349,10 +274,9 @@ def dcat_fwd_triton(q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, max_ctx: i
         kd, vd = k_ctx, v_ctx
     _dcat_fwd_kernel[grid](
         q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, o, lse, po, pl, kd, vd,
-        Cn, H, n_mtiles, max_ctx, split_size, scale * LOG2E, k_ctx.shape[0],
+        Cn, H, n_mtiles, max_ctx, split_size, scale * LOG2E,
         HEAD_DIM=Dh, BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N"], SPLIT=SPLIT,
-        IEEE=q.dtype == torch.float32, USE_TMA=use_tma, EXP_MODE=exp_mode(q, cfg),
-        WS=use_ws, WS_STAGES=cfg["num_stages"], **kw)
+        IEEE=q.dtype == torch.float32, USE_TMA=use_tma, **kw)
     if SPLIT:
         cbm = 64
         cm = triton.cdiv(max_cands, cbm)
