@@ -180,3 +180,19 @@ def test_finetune_cli_end_to_end_learns(tmp_path):
     assert res["test_gauc"] > 0.65 and res["test_auc"] > 0.65, res
     assert 0 < res["test_logloss"] < 0.69  # better than a constant 0.5 prediction
     assert any(p.name.startswith("events.out.tfevents") for p in (run / "tb").iterdir())
+
+
+def test_ranker_ids_checked_or_hashed():
+    b = random_ranking_batch(torch.Generator().manual_seed(3), [4, 2], [2, 3], num_items=NUM_ITEMS)
+    model = _model(0, with_encoder=False)
+    model.ranker_sizes = {"r_cand_item": NUM_ITEMS, "r_hist_items": NUM_ITEMS}
+    want = model.logits(b)
+    vals = b.history.features["item_id"].values()
+    vals[-1] = NUM_ITEMS + 5  # an out-of-range history id, within the last history_bag_len items
+    with pytest.raises(ValueError, match=r"r_hist_items.*id 45"):
+        model.logits(b)
+    model.id_mode = "hash"
+    got = model.logits(b)  # hashed: id 45 -> 5, finite and different from the original batch
+    assert torch.isfinite(got).all() and not torch.allclose(got, want)
+    vals[-1] = 5
+    torch.testing.assert_close(got, model.logits(b))

@@ -250,7 +250,8 @@ class RankingBatchDataset(Dataset):
             cand_offsets=torch.from_numpy(np.r_[0, np.cumsum(ncand)].astype(np.int64)),
             labels=torch.from_numpy(t.label[cidx].astype(np.float32)),
             dense=torch.from_numpy(np.ascontiguousarray(self.store.dense[cidx])),
-            cand_new=torch.from_numpy(self.store.is_new[cidx]), weights=torch.from_numpy(np.repeat(weight, ncand)))
+            cand_new=torch.from_numpy(self.store.is_new[cidx]), weights=torch.from_numpy(np.repeat(weight, ncand)),
+            max_cands=int(ncand.max(initial=0)))
 
 
 def build_ranking_loader(spec: RankingDataSpec, info: RankingInfo, split: str, *, rank: int = 0, world_size: int = 1,

@@ -29,6 +29,8 @@ class RankingBatch:
     dense: [C, F] float32 per-candidate dense features (F may be 0).
     cand_new: [C] bool, True where the candidate item never occurs in the pretraining data.
     weights: [C] float32, 0 for padding rows added to equalise ranks (metrics ignore them).
+    max_cands: host int, the most candidates of one request (the loader knows it; it saves the
+        DCAT crossing a device sync), or None (computed on demand).
     """
 
     history: SequenceBatch
@@ -38,6 +40,7 @@ class RankingBatch:
     dense: torch.Tensor
     cand_new: torch.Tensor
     weights: Optional[torch.Tensor] = None
+    max_cands: Optional[int] = None
 
     @property
     def num_requests(self) -> int:
@@ -107,7 +110,8 @@ def flatten_batch(batch: RankingBatch) -> RankingBatch:
                              max_len=hist.max_len, target_timestamp=tts)
     co = torch.arange(c + 1, dtype=batch.cand_offsets.dtype, device=batch.cand_offsets.device)
     return RankingBatch(history=new_hist, cand_item=batch.cand_item, cand_offsets=co, labels=batch.labels,
-                        dense=batch.dense, cand_new=batch.cand_new, weights=batch.weights)
+                        dense=batch.dense, cand_new=batch.cand_new, weights=batch.weights,
+                        max_cands=1 if c else 0)
 
 
 def random_ranking_batch(
@@ -136,4 +140,5 @@ def random_ranking_batch(
     return RankingBatch(
         history=hist, cand_item=torch.randint(0, num_items, (c,), generator=gen), cand_offsets=co,
         labels=torch.randint(0, 2, (c,), generator=gen).float(), dense=torch.randn(c, num_dense, generator=gen),
-        cand_new=torch.zeros(c, dtype=torch.bool), weights=torch.ones(c))
+        cand_new=torch.zeros(c, dtype=torch.bool), weights=torch.ones(c),
+        max_cands=int(cl.max()) if u else 0)

@@ -173,7 +173,8 @@ class PinFMEncoder(nn.Module):
         if mode == "dcat":
             h, cache = trunk.encode_context(x, offsets, n)  # [L, d_model]
             hc = trunk.score_candidates(
-                cx, batch.cand_offsets, cache, kernel=self.spec.kernel, max_ctx=self.spec.max_ctx
+                cx, batch.cand_offsets, cache, kernel=self.spec.kernel, max_ctx=self.spec.max_ctx,
+                max_cands=batch.max_cands,
             )  # [C, d_model]
         else:
             rows = batch.expand_index()  # [C]

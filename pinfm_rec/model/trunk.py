@@ -199,6 +199,9 @@ class Trunk(nn.Module):
             raise ValueError(f"cache has {len(cache.k)} layers, trunk has {len(self.layers)}")
         self._check_len(cache.max_len)
         c = cand_x.shape[0]
+        if max_cands is None:  # one device sync per call, not one per layer inside the op
+            n_req = cand_offsets.numel() - 1
+            max_cands = int((cand_offsets[1:] - cand_offsets[:-1]).max()) if n_req > 0 else 0
         cand_rows, _ = jagged_index(cand_offsets, c)  # [C]
         ctx_len = cache.offsets[1:] - cache.offsets[:-1]  # [U]
         h = self.in_drop(cand_x + self.pos_emb(ctx_len[cand_rows]))  # [C, D]

@@ -27,6 +27,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from pinfm_rec.data.batch import ITEM_KEY
 from pinfm_rec.data.ranking_batch import RankingBatch
+from pinfm_rec.model.embedding import check_ids
 from pinfm_rec.model.encoder import PinFMEncoder
 from pinfm_rec.model.trunk import jagged_index
 
@@ -117,8 +118,16 @@ class RankerWithEncoder(nn.Module):
     """
 
     def __init__(self, ranker: nn.Module, encoder: Optional[PinFMEncoder], history_bag_len: int,
-                 freeze_encoder: bool = False) -> None:
+                 freeze_encoder: bool = False, num_items: Optional[int] = None,
+                 id_mode: str = "error") -> None:
+        """num_items: rows of the ranker's item tables; when given, the ranker's ids are checked
+        (``id_mode`` "error": a clear error naming the feature and id) or hashed ("hash") like
+        the encoder's, before they reach the EmbeddingBagCollection."""
         super().__init__()
+        self.ranker_sizes = (
+            {CAND_FEATURE: int(num_items), HIST_FEATURE: int(num_items)} if num_items else None
+        )
+        self.id_mode = id_mode
         self.ranker = ranker
         self.encoder = encoder
         self.history_bag_len = history_bag_len
@@ -131,7 +140,10 @@ class RankerWithEncoder(nn.Module):
         if self.encoder is not None:
             feats, _ = self.encoder(batch, mode=self.mode, frozen=self.freeze_encoder)
             dense = torch.cat([dense, feats.to(dense.dtype)], -1)  # [C, F + out_dim]
-        return self.ranker(dense, ranker_features(batch, self.history_bag_len)).squeeze(-1).float()
+        sparse = ranker_features(batch, self.history_bag_len)
+        if self.ranker_sizes is not None:
+            sparse = check_ids(sparse, self.ranker_sizes, self.id_mode)
+        return self.ranker(dense, sparse).squeeze(-1).float()
 
     def forward(self, batch: RankingBatch) -> Dict[str, torch.Tensor]:
         logits = self.logits(batch)

@@ -168,7 +168,8 @@ def build_finetune(spec: FinetuneSpec, env: DistEnv) -> FTBuilt:
                     p.requires_grad_(False)
     dense_in = info.num_dense + (enc_spec.out_dim if encoder is not None else 0)
     ranker = build_ranker(spec.ranker, info.num_items, dense_in, device="meta", dense_device=env.device)
-    model = RankerWithEncoder(ranker, encoder, spec.ranker.history_bag_len, freeze_encoder=enc_spec.freeze)
+    model = RankerWithEncoder(ranker, encoder, spec.ranker.history_bag_len, freeze_encoder=enc_spec.freeze,
+                              num_items=info.num_items, id_mode=model_spec.embedding.id_mode)
     shardings = table_shardings(model_spec.embedding) if encoder is not None else {}
     dmp, _ = shard_model(model, spec.parallel, env, shardings, spec.data.batch_size,
                          lr_mult={"encoder": enc_spec.lr_mult})
