@@ -139,27 +139,49 @@ def _embedding_optimizer(spec: ParallelSpec, device: torch.device):
     return torch.optim.Adam, {"lr": spec.embedding_lr, "eps": 1e-8, "weight_decay": spec.embedding_weight_decay}
 
 
+def _holds_tables(module: nn.Module) -> bool:
+    return any(
+        isinstance(m, (EmbeddingCollection, EmbeddingBagCollection)) or hasattr(m, "_lookups")
+        for m in module.modules()
+    )
+
+
 class FSDP2Wrapper(DataParallelWrapper):
-    """Shards the dense rest of the model with FSDP2: each trunk block, then every dense child."""
+    """Shards the dense rest of the model with FSDP2 (``fully_shard``), torchtitan style.
+
+    Walks the module tree from the root: a child without tables becomes an FSDP2 unit (each of its
+    ``layers`` first, then the child itself); a child holding sharded tables (an EC/EBC inside) is
+    walked into, so e.g. the ranker's dense arches and the encoder's trunk inside a fine-tuning
+    model are all sharded; the tables stay with DMP. Frozen children (no trainable parameter) are
+    left replicated. Public methods other than ``forward`` that a unit's callers use are listed in
+    the module's ``fsdp_forward_methods`` and registered so FSDP2 unshards around them too.
+    Parameters held directly by a module that also holds tables cannot be placed: an error.
+    """
 
     def wrap(self, dmp: DistributedModelParallel, env: ShardingEnv, device: torch.device) -> None:
-        from torch.distributed.fsdp import fully_shard  # torch >= 2.6
+        self._walk(dmp._dmp_wrapped_module, "")
 
-        root = dmp._dmp_wrapped_module
-        for name, child in list(root.named_children()):
-            if any(
-                isinstance(m, (EmbeddingCollection, EmbeddingBagCollection)) or hasattr(m, "_lookups")
-                for m in child.modules()
-            ):
+    def _walk(self, module: nn.Module, prefix: str) -> None:
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method  # torch >= 2.6
+
+        stray = [f"{prefix}{n}" for n, _ in module.named_parameters(recurse=False)]
+        if stray:
+            raise ValueError(
+                f"FSDP2 wrapping: parameters held next to sharded tables are not supported: {stray}"
+            )
+        for name, child in module.named_children():
+            if isinstance(child, (EmbeddingCollection, EmbeddingBagCollection)) or hasattr(child, "_lookups"):
                 continue  # sharded tables stay with DMP
+            if _holds_tables(child):
+                self._walk(child, f"{prefix}{name}.")
+                continue
             if not any(p.requires_grad for p in child.parameters()):
                 continue
             for block in getattr(child, "layers", []) or []:
                 fully_shard(block)
             fully_shard(child)
-        stray = [n for n, p in root.named_parameters(recurse=False)]
-        if stray:
-            raise ValueError(f"FSDP2 wrapping: parameters directly on the root module are not supported: {stray}")
+            for method in getattr(child, "fsdp_forward_methods", ()):
+                register_fsdp_forward_method(child, method)
 
 
 def _find_embedding_collections(model: nn.Module) -> Dict[str, nn.Module]:

@@ -27,7 +27,7 @@ def make_encoder(seed: int = 0, kernel: str = "pytorch", **enc) -> PinFMEncoder:
                                                                     max_len=12))
     m = PinFMEncoder(ms, EncoderSpec(kernel=kernel, **enc), NUM_ITEMS, NUM_ACTIONS, NUM_SURFACES, device="cpu")
     with torch.no_grad():
-        m.cand_type.normal_(0, 0.1)  # non-zero so the candidate-type path is exercised
+        m.cand_type.weight.normal_(0, 0.1)  # non-zero so the candidate-type path is exercised
     return m.eval()
 
 

@@ -103,10 +103,10 @@ def _ranking_spec(tmp: str) -> RankingDataSpec:
 
 def _encoder_output(spec, batch_seed: int):
     """Build the finetune model (collective), return encoder features + user vectors on a fixed batch."""
-    from pinfm_rec.parallel import ParallelSpec, init_distributed
+    from pinfm_rec.parallel import init_distributed
     from pinfm_rec.train.finetune import build_finetune
 
-    env = init_distributed(ParallelSpec(timeout_s=120), force_cpu=True)  # a hang fails instead
+    env = init_distributed(spec.parallel, force_cpu=True)
     b = build_finetune(spec, env)
     info = b.info
     batch = random_ranking_batch(torch.Generator().manual_seed(batch_seed), [0, 5, 20, 11], [2, 3, 4, 1],
@@ -118,7 +118,7 @@ def _encoder_output(spec, batch_seed: int):
     return feats, user
 
 
-def _worker(rank: int, world: int, port: int, port2: int, tmp: str, pretrain_dir: str) -> None:
+def _worker(rank: int, world: int, port: int, port2: int, tmp: str, pretrain_dir: str, dense: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     from pinfm_rec.parallel import shutdown_distributed
@@ -135,24 +135,30 @@ def _worker(rank: int, world: int, port: int, port2: int, tmp: str, pretrain_dir
                       "trunk": {"d_model": 32, "n_layers": 2, "n_heads": 2, "dropout": 0.0, "max_len": 20}},
             "train": {"epochs": 1, "max_steps": 4, "eval_every_epochs": 0, "eval_max_batches": 1},
             "checkpoint": {"every_steps": 0},
-            "parallel": {"timeout_s": 120},
+            "parallel": {"timeout_s": 120, "dense": dense},
         })
         pretrain(spec, force_cpu=True)
         # a fresh rendezvous port for the second process group: re-using the first one right after
         # destroy_process_group can hang on the old TCPStore
         os.environ["MASTER_PORT"] = str(port2)
-    feats, user = _encoder_output(_ft_spec(tmp, ckpt), batch_seed=3)
+    ft = _ft_spec(tmp, ckpt)
+    ft.parallel.timeout_s = 120  # a hang fails instead
+    ft.parallel.dense = dense
+    feats, user = _encoder_output(ft, batch_seed=3)
     if rank == 0:
         torch.save({"feats": feats, "user": user}, os.path.join(tmp, f"out_world{world}.pt"))
     shutdown_distributed()
 
 
 @pytest.mark.slow
-def test_checkpoint_from_2_ranks_loads_on_1_rank(tmp_path):
+@pytest.mark.parametrize("dense", ["ddp", "fsdp2"])
+def test_checkpoint_from_2_ranks_loads_on_1_rank(tmp_path, dense):
+    """Pretrain on 2 ranks (dense part in DDP or FSDP2), build the fine-tuning model from its encoder
+    on 2 ranks (same dense wrapper) and on 1 rank: the encoder computes the same thing."""
     tmp = str(tmp_path)
     info = prepare_ranking(_ranking_spec(tmp))
-    mp.spawn(_worker, args=(2, _free_port(), _free_port(), tmp, info.pretrain_dir), nprocs=2, join=True)
-    mp.spawn(_worker, args=(1, _free_port(), _free_port(), tmp, info.pretrain_dir), nprocs=1, join=True)
+    mp.spawn(_worker, args=(2, _free_port(), _free_port(), tmp, info.pretrain_dir, dense), nprocs=2, join=True)
+    mp.spawn(_worker, args=(1, _free_port(), _free_port(), tmp, info.pretrain_dir, "ddp"), nprocs=1, join=True)
     two = torch.load(os.path.join(tmp, "out_world2.pt"))
     one = torch.load(os.path.join(tmp, "out_world1.pt"))
     torch.testing.assert_close(one["user"], two["user"], atol=1e-6, rtol=1e-5)

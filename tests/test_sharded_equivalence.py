@@ -2,7 +2,8 @@
 
 Two processes shard a small PinFM with ``pinfm_rec.parallel.shard_model`` (tables built on
 ``meta``, FUSED kernel, SGD embedding optimizer applied in backward, dense part in DDP) once per
-sharding type of the tables (row_wise, table_wise, column_wise). Each rank runs one forward and one
+sharding type of the tables (row_wise, table_wise, column_wise), and once more with the dense part
+in FSDP2 (row_wise tables; gradients compared as full tensors). Each rank runs one forward and one
 backward on its own fixed batch and saves: its loss, the dense gradients after backward, and (via a
 gather of the ShardedTensor ``state_dict``) the full tables before and after the step. The test
 process then builds the same model unsharded on CPU from the saved initial weights, runs both
@@ -34,6 +35,8 @@ from pinfm_rec.model import EmbeddingSpec, ModelSpec, PinFM, TableSpec, TrunkSpe
 
 WORLD = 2
 SHARDINGS = ("row_wise", "table_wise", "column_wise")
+# (table sharding, dense wrapper): every sharding type with DDP, and FSDP2 for the dense part
+CASES = [(s, "ddp") for s in SHARDINGS] + [("row_wise", "fsdp2")]
 TABLES = ("t_item", "t_action", "t_surface")
 LR = 0.1  # fused SGD learning rate of the tables
 I, A, S = 30, 4, 3  # table rows
@@ -102,25 +105,29 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     pspec = ParallelSpec(backend="gloo", embedding_optimizer="sgd", embedding_lr=LR, timeout_s=120)
     env = init_distributed(pspec, force_cpu=True)
     assert env.world_size == WORLD and env.rank == rank
+    full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t  # FSDP2 DTensor -> full
     try:
-        for sharding in SHARDINGS:
+        for sharding, dense in CASES:
+            pspec.dense = dense
             spec = _spec(sharding)
             torch.manual_seed(0)
             model = PinFM(spec, I, A, S, item_counts=_item_counts(), device="meta")
             dmp, plan = shard_model(model, pspec, env, table_shardings(spec.embedding), batch_size=4)
             before = _full_tables(dmp)
-            dense_init = {k: v.detach().clone() for k, v in dmp.module.state_dict().items()
+            dense_init = {k: full(v).detach().clone() for k, v in dmp.module.state_dict().items()
                           if not k.startswith("ec.")}
             out = dmp(_batch(seed=rank))
             out["loss"].backward()  # DDP all-reduces dense grads; fused SGD updates the tables
-            grads = {n: p.grad.detach().clone() for n, p in dmp.module.named_parameters()
+            grads = {n: full(p.grad).detach().clone() for n, p in dmp.module.named_parameters()
                      if not n.startswith("ec.")}
             after = _full_tables(dmp)
-            res = {"loss": out["loss"].detach().clone(), "dense_grads": grads}
+            res = {"loss": out["loss"].detach().clone(), "dense_grads": grads,
+                   "dtensor_grads": all(hasattr(p.grad, "full_tensor") for n, p in dmp.module.named_parameters()
+                                        if not n.startswith("ec.") and p.grad is not None)}
             if rank == 0:
                 res.update(plan=format_plan(plan), before=before, after=after, dense_init=dense_init,
                            gradient_division=comm_ops.get_gradient_division())
-            torch.save(res, os.path.join(out_dir, f"{sharding}_rank{rank}.pt"))
+            torch.save(res, os.path.join(out_dir, f"{sharding}-{dense}_rank{rank}.pt"))
             dist.barrier()
     finally:
         dist.barrier()
@@ -138,8 +145,8 @@ def sharded_results(tmp_path_factory):
     """One 2-process run covering every sharding type: {sharding: [rank0 result, rank1 result]}."""
     out_dir = tmp_path_factory.mktemp("sharded")
     mp.spawn(_worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=True)
-    return {s: [torch.load(out_dir / f"{s}_rank{r}.pt", weights_only=False) for r in range(WORLD)]
-            for s in SHARDINGS}
+    return {f"{s}-{d}": [torch.load(out_dir / f"{s}-{d}_rank{r}.pt", weights_only=False) for r in range(WORLD)]
+            for s, d in CASES}
 
 
 def _reference(sharding: str, r0: dict):
@@ -163,10 +170,11 @@ def _reference(sharding: str, r0: dict):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sharding", SHARDINGS)
-def test_sharded_forward_and_gradients_equal_unsharded(sharded_results, sharding):
-    res = sharded_results[sharding]
+@pytest.mark.parametrize("sharding,dense", CASES)
+def test_sharded_forward_and_gradients_equal_unsharded(sharded_results, sharding, dense):
+    res = sharded_results[f"{sharding}-{dense}"]
     r0 = res[0]
+    assert r0["dtensor_grads"] == (dense == "fsdp2")  # FSDP2 really sharded every dense parameter
     # the plan really uses the requested sharding type for every table
     for t in TABLES:
         line = next(l for l in r0["plan"].splitlines() if f"ec.{t}:" in l)
@@ -220,9 +228,9 @@ def test_sharded_forward_and_gradients_equal_unsharded(sharded_results, sharding
 def test_equivalence_check_detects_a_perturbed_table(sharded_results):
     """The comparison is not vacuous: one perturbed row of the initial item table changes the loss
     by far more than the tolerance."""
-    r0 = sharded_results["row_wise"][0]
+    r0 = sharded_results["row_wise-ddp"][0]
     used = _batch(seed=0).features["item_id"].values()[0]
     perturbed = dict(r0, before={**r0["before"], "t_item": r0["before"]["t_item"].clone()})
     perturbed["before"]["t_item"][used] += 0.05
     ref = _reference("row_wise", perturbed)
-    assert not torch.allclose(sharded_results["row_wise"][0]["loss"], ref[0]["loss"], **LOSS_TOL)
+    assert not torch.allclose(sharded_results["row_wise-ddp"][0]["loss"], ref[0]["loss"], **LOSS_TOL)

@@ -74,6 +74,18 @@ def append_tokens(
     return out.index_copy(0, new_off[1:] - 1, extra), new_off
 
 
+class AddVector(nn.Module):
+    """x [N, D] -> x + weight [D] (a learned type vector, zero-initialised). A module rather than a
+    bare Parameter on the encoder, so data-parallel wrappers (FSDP2 units) can own it."""
+
+    def __init__(self, dim: int, device=None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.weight
+
+
 class PinFMEncoder(nn.Module):
     """Pretrained PinFM -> per-candidate features [C, out_dim] and user vectors [U, dim]."""
 
@@ -91,7 +103,7 @@ class PinFMEncoder(nn.Module):
         self.spec = spec
         self.fm = PinFM(model_spec, num_items, num_actions, num_surfaces, device=device, dense_device=dense_device)
         dim, d_model = model_spec.embedding.dim, model_spec.trunk.d_model
-        self.cand_type = nn.Parameter(torch.zeros(dim, device=dense_device))
+        self.cand_type = AddVector(dim, device=dense_device)
         self.proj = nn.Linear(d_model + 1, spec.out_dim).to(dense_device)
         self.temperature = model_spec.loss.temperature
 
@@ -138,7 +150,7 @@ class PinFMEncoder(nn.Module):
         if self.training and self.spec.cand_id_dropout > 0:
             keep = torch.rand(e_cand.shape[0], 1, device=e_cand.device) >= self.spec.cand_id_dropout
             e_in = e_cand * keep
-        cx = e_in + self.cand_type
+        cx = self.cand_type(e_in)
         if fm.time is not None:
             cx = cx + self._cand_time(batch, offsets)
         return fm.in_proj(x * fm.input_scale), offsets, fm.in_proj(cx * fm.input_scale), e_in

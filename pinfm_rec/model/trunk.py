@@ -7,6 +7,7 @@ Jagged tensors travel as ``(values [L, ...], offsets [B+1])``; rows are padded o
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Tuple
@@ -65,6 +66,10 @@ def unpad_jagged(dense: torch.Tensor, flat_idx: torch.Tensor) -> torch.Tensor:
     return dense.reshape((-1,) + tuple(dense.shape[2:]))[flat_idx]  # [L, *S]
 
 
+def _no_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return q  # empty batch: [0, H, Dh]
+
+
 class TrunkLayer(nn.Module):
     def __init__(self, spec: TrunkSpec) -> None:
         super().__init__()
@@ -84,6 +89,18 @@ class TrunkLayer(nn.Module):
             nn.Linear(spec.ffn_mult * d, d),
         )
         self.drop = nn.Dropout(spec.dropout)
+
+    def forward(
+        self, x: torch.Tensor, attend: Callable[..., torch.Tensor]
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One block: x [T, D] -> (layer output [T, D], k [T, H, Dh], v [T, H, Dh]).
+
+        ``attend(q, k, v) -> [T, H, Dh]`` is the attention of the caller (causal self-attention
+        over jagged rows, or the DCAT crossing over a KV cache). Going through ``forward`` (not
+        the helpers below) is what lets DDP/FSDP2 hooks see every use of the block's weights.
+        """
+        q, k, v = self.qkv_heads(x)
+        return self.finish(x, attend(q, k, v)), k, v
 
     def qkv_heads(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [T, D] (residual stream) -> q, k, v [T, H, Dh] of the normed input."""
@@ -116,6 +133,9 @@ class TrunkLayer(nn.Module):
 class Trunk(nn.Module):
     """Pre-norm causal transformer with learned absolute positions (added inside the trunk)."""
 
+    # entry points besides forward (FSDP2 unshards the trunk's own weights around them)
+    fsdp_forward_methods = ("encode_context", "score_candidates", "forward_appended")
+
     def __init__(self, spec: TrunkSpec) -> None:
         super().__init__()
         if spec.d_model % spec.n_heads:
@@ -147,15 +167,14 @@ class Trunk(nn.Module):
         ks: List[torch.Tensor] = []
         vs: List[torch.Tensor] = []
         for layer in self.layers:
-            q, k, v = layer.qkv_heads(h)  # [L, H, Dh] each
+            if total == 0:
+                attend = _no_attention
+            else:  # causal self-attention within each row: [L, H, Dh]
+                attend = functools.partial(layer.causal_attention, flat_idx=flat_idx, b=b, n=max_len)
+            h, k, v = layer(h, attend)  # [L, D], [L, H, Dh] x 2
             if keep_cache:
                 ks.append(k)
                 vs.append(v)
-            if total == 0:
-                attn = q
-            else:
-                attn = layer.causal_attention(q, k, v, flat_idx, b, max_len)  # [L, H, Dh]
-            h = layer.finish(h, attn)
         return self.final_ln(h), ks, vs
 
     def forward(self, x: torch.Tensor, offsets: torch.Tensor, max_len: int) -> torch.Tensor:
@@ -207,11 +226,12 @@ class Trunk(nn.Module):
         h = self.in_drop(cand_x + self.pos_emb(ctx_len[cand_rows]))  # [C, D]
         scale = 1.0 / math.sqrt(self.spec.d_model // self.spec.n_heads)
         for layer, k_ctx, v_ctx in zip(self.layers, cache.k, cache.v):
-            q, k, v = layer.qkv_heads(h)  # [C, H, Dh] each
-            attn = attn_fn(
-                q, k, v, k_ctx, v_ctx, cand_offsets, cache.offsets,
-                max_ctx=max_ctx, scale=scale, max_cands=max_cands,
-                max_ctx_len=cache.max_len, kernel=kernel,
-            )  # [C, H, Dh]
-            h = layer.finish(h, attn)
+            def attend(q, k, v, k_ctx=k_ctx, v_ctx=v_ctx):  # q, k, v [C, H, Dh] -> [C, H, Dh]
+                return attn_fn(
+                    q, k, v, k_ctx, v_ctx, cand_offsets, cache.offsets,
+                    max_ctx=max_ctx, scale=scale, max_cands=max_cands,
+                    max_ctx_len=cache.max_len, kernel=kernel,
+                )
+
+            h, _, _ = layer(h, attend)
         return self.final_ln(h)

@@ -139,11 +139,6 @@ def _dense_optimizer(dmp, spec: FinetuneSpec):
 
 
 def build_finetune(spec: FinetuneSpec, env: DistEnv) -> FTBuilt:
-    if spec.parallel.dense != "ddp":
-        # FSDP2Wrapper skips children that hold tables; here both children (ranker, encoder) do, so
-        # nothing would be sharded or synchronised. Until it recurses into them, refuse.
-        raise ValueError("finetune supports parallel.dense=ddp only (fsdp2 would leave the encoder and "
-                         "ranker dense layers unsynchronised across ranks)")
     if env.is_main:
         info = prepare_ranking(spec.data)
     barrier()
