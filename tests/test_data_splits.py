@@ -80,3 +80,8 @@ def test_train_windows_cover_every_target_once(max_len):
     items = rng.integers(0, 7, size=int(offsets[-1]))
     counts = train_item_counts(items, offsets, 7, max_len, 3, train_windows=True)
     assert counts.sum() == rows.lengths.sum()
+
+
+def test_train_windows_need_two_events_per_window():
+    with pytest.raises(ValueError, match="max_len >= 2"):
+        leave_one_out(OFF, "train", max_len=1, min_events=3, train_windows=True)

@@ -125,6 +125,15 @@ def test_full_catalogue_forward_scores_every_item():
     got.backward()
     assert (model.ec.embeddings["t_item"].weight.grad[:I].abs().sum(1) > 0).all()  # every item row
     assert torch.isfinite(model(_batch(1, train=False))["loss"])  # no loader negatives needed
+    model.eval()  # eval-mode forward (e.g. a validation loss) scores the catalogue too, same value
+    torch.testing.assert_close(model(batch)["next_token"], got.detach(), rtol=1e-5, atol=1e-5)
+    # a hashed item table smaller than the catalogue would repeat rows inside the softmax
+    from pinfm_rec.model.embedding import TableSpec
+    small = ModelSpec(embedding=EmbeddingSpec(dim=16, id_mode="hash", item=TableSpec(num_embeddings=I - 5)),
+                      trunk=TrunkSpec(d_model=32, n_layers=1, n_heads=2, max_len=10),
+                      loss=LossSpec(full_catalogue=True))
+    with pytest.raises(ValueError, match="full_catalogue"):
+        PinFM(small, I, A, S, device="cpu")
 
 
 def test_output_head_off_scores_trunk_output_directly():

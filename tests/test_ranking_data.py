@@ -130,9 +130,12 @@ def test_two_rank_sharding(synth):
                 w = b.history.weights
                 real += b.history.request_ids[w > 0].tolist()
                 assert torch.equal(b.weights, torch.repeat_interleave(w, b.cand_offsets.diff()))
+                # the host-side max the DCAT crossing trusts (padding rows included)
+                assert b.max_cands == int(b.cand_offsets.diff().max()) and b.max_cands > 0
         assert sorted(real) == sorted(set(real)) and len(real) == info.num_requests[split]
     train = [build_ranking_loader(spec, info, "train", rank=r, world_size=2, seed=1) for r in (0, 1)]
     ids = [torch.cat([b.history.request_ids for b in ld]).tolist() for ld in train]
+    assert all(b.max_cands == int(b.cand_offsets.diff().max()) for b in train[0])
     assert len(ids[0]) == len(ids[1]) and not set(ids[0]) & set(ids[1])
     assert len(ids[0]) + len(ids[1]) >= info.num_requests["train"] - 1
 

@@ -19,3 +19,36 @@ def test_resume_with_other_model_spec_is_a_clear_error(tmp_path):
     other = dump_spec(load_spec(PretrainSpec, TINY, ["model.trunk.d_model=64"]))
     with pytest.raises(ValueError, match=r"model\.trunk\.d_model: checkpoint 32 != now 64.*name=|checkpoint\.resume=false"):
         check_resume_compatible(str(tmp_path), other)
+
+
+def test_checkpoint_from_before_a_new_model_key_resumes(tmp_path):
+    """A spec.yaml written before a model key existed (here: output_head, loss.full_catalogue) holds
+    the defaults of those keys, not None: resuming it with the defaults is fine, with others not."""
+    import yaml
+
+    saved = yaml.safe_load(dump_spec(load_spec(PretrainSpec, TINY)))
+    del saved["model"]["output_head"], saved["model"]["loss"]["full_catalogue"]
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(saved))
+    now = dump_spec(load_spec(PretrainSpec, TINY))
+    check_resume_compatible(str(tmp_path), now, ("model",), PretrainSpec)
+    with pytest.raises(ValueError, match="before"):  # without the class the missing keys read None
+        try:
+            check_resume_compatible(str(tmp_path), now, ("model",))
+        except ValueError as e:
+            assert "model.output_head: checkpoint None != now True" in str(e)
+            raise ValueError("before") from e
+    changed = dump_spec(load_spec(PretrainSpec, TINY, ["model.loss.full_catalogue=true"]))
+    with pytest.raises(ValueError, match=r"model\.loss\.full_catalogue: checkpoint False != now True"):
+        check_resume_compatible(str(tmp_path), changed, ("model",), PretrainSpec)
+
+
+def test_resume_with_other_loader_rows_is_a_clear_error(tmp_path):
+    from pinfm_rec.train.pretrain import LOADER_KEYS
+
+    (tmp_path / "spec.yaml").write_text(dump_spec(load_spec(PretrainSpec, TINY)))
+    ok = dump_spec(load_spec(PretrainSpec, TINY, ["train.epochs=9", "data.num_workers=0"]))
+    check_resume_compatible(str(tmp_path), ok, ("model",), PretrainSpec, LOADER_KEYS)
+    for override, key in (("data.train_windows=true", "data.train_windows"), ("data.batch_size=7", "data.batch_size")):
+        other = dump_spec(load_spec(PretrainSpec, TINY, [override]))
+        with pytest.raises(ValueError, match=rf"{key}: checkpoint .* != now"):
+            check_resume_compatible(str(tmp_path), other, ("model",), PretrainSpec, LOADER_KEYS)

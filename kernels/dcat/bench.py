@@ -293,9 +293,10 @@ def sweep(dev, budget_s=120.0):
     fwd = [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, waves=wv, min_split=256,
                 tma=tma)
            for bm, bn, w, st, wv, tma in (
-               (64, 128, 4, 3, 1.5, True), (64, 128, 4, 3, 1.0, True), (64, 128, 4, 3, 1.5, False),
-               (64, 128, 4, 4, 1.5, True), (64, 128, 4, 2, 1.5, True), (128, 128, 8, 3, 1.5, True),
-               (64, 64, 4, 3, 1.5, True), (128, 64, 8, 3, 1.5, True), (64, 128, 4, 3, 2.0, True))]
+               (64, 128, 4, 3, 1.5, True), (128, 64, 4, 3, 1.5, True), (128, 64, 4, 4, 1.5, True),
+               (128, 128, 4, 2, 1.5, True), (64, 256, 4, 2, 1.5, True), (64, 128, 8, 3, 1.5, True),
+               (64, 128, 4, 3, 1.0, True), (64, 128, 4, 4, 1.5, True), (128, 128, 8, 3, 1.5, True),
+               (64, 64, 4, 3, 1.5, True), (64, 128, 4, 3, 2.0, True))]
     dqs = [dict(DQ_BLOCK_M=bm, DQ_BLOCK_N=bn, dq_warps=w, dq_stages=st, waves=wv)
            for bm, bn, w, st in ((64, 32, 4, 3), (64, 64, 4, 2), (128, 64, 4, 3), (128, 32, 4, 3),
                                  (64, 32, 4, 4)) for wv in (2.0, 3.8)]

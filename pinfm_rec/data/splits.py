@@ -7,9 +7,10 @@ For a request with events e[0..n-1] (chronological):
     test   history e[:-1], target e[-1]
 
 Histories keep their last ``max_len`` (N) events. With ``train_windows`` the train split instead
-covers a long history e[:-2] with windows of at most N events, latest first, each starting one
-event before the previous one's start (stride N - 1), so every next-token target of e[:-2] is
-trained exactly once (the default keeps only the last window: SASRec drops the rest). The rows of a
+covers a long history e[:-2] with windows of at most N events: the last N events, then windows
+ending one event after the start of the next (later) one (stride N - 1, one event of overlap: that
+event is the earlier window's last target and the later window's first input), so every next-token
+target of e[:-2] is trained exactly once (the default keeps only the last window: SASRec drops the rest). The rows of a
 request stay adjacent, in time order. Nothing is copied: a split is, per row, a
 half-open event range [start, end) plus the target event index, all int64 positions into the
 event columns. Requests with fewer than ``min_events`` events are left out of every split. Rows
@@ -79,6 +80,8 @@ def leave_one_out(offsets: np.ndarray, split: str, max_len: int, min_events: int
     end = end[keep]
     start = np.maximum(first[keep], end - max_len)
     if train_windows and split == "train":
+        if max_len < 2:
+            raise ValueError(f"train_windows needs max_len >= 2 (a window of 1 event has no target), got {max_len}")
         return _train_windows(keep, first[keep], end, max_len, empty, short)
     return SplitRows(split=split, request_id=keep.astype(np.int64), start=start.astype(np.int64),
                      end=end.astype(np.int64), target=None if split == "train" else target[keep].astype(np.int64),
@@ -113,7 +116,8 @@ def gather_index(start: np.ndarray, end: np.ndarray) -> np.ndarray:
 def train_item_counts(item_id: np.ndarray, offsets: np.ndarray, num_items: int, max_len: int,
                       min_events: int = 1, train_windows: bool = False) -> np.ndarray:
     """[num_items] int64 occurrences of each item in the train rows exactly as the loader emits
-    them (histories e[:-2], truncated to the last ``max_len`` events): the empirical item
+    them (histories e[:-2], truncated to the last ``max_len`` events, or all windows with
+    ``train_windows``): the empirical item
     distribution seen by training, used for logQ correction of sampled softmax."""
     rows = leave_one_out(offsets, "train", max_len, min_events, train_windows)
     return np.bincount(item_id[gather_index(rows.start, rows.end)], minlength=num_items).astype(np.int64)

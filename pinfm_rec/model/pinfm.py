@@ -110,6 +110,11 @@ class PinFM(nn.Module):
         self.input_scale = float(dim) ** 0.5
         self.in_proj = nn.Linear(dim, d_model).to(dd) if dim != d_model else nn.Identity()
         self.trunk = Trunk(spec.trunk).to(dd)
+        if spec.loss.full_catalogue and self.sizes[ITEM_TABLE] < self.num_items:
+            raise ValueError(
+                f"model.loss.full_catalogue needs an item table of >= num_items ({self.num_items}) "
+                f"rows, it has {self.sizes[ITEM_TABLE]}: hashed ids would repeat rows in the softmax"
+            )
         if not spec.output_head and d_model != dim:
             raise ValueError(
                 f"model.output_head=false needs model.trunk.d_model ({d_model}) == "
@@ -128,11 +133,15 @@ class PinFM(nn.Module):
 
     # ---- shared pieces ----
     def _embed(
-        self, batch: SequenceBatch
+        self, batch: SequenceBatch, all_items_as_negatives: bool = False
     ) -> Tuple[torch.Tensor, torch.Tensor, KeyedJaggedTensor, Dict[str, JaggedTensor]]:
-        """-> (token inputs x [L, d_model], offsets [B+1], checked KJT, EC output)."""
+        """-> (token inputs x [L, d_model], offsets [B+1], checked KJT, EC output).
+
+        all_items_as_negatives: the ``neg_item_id`` feature becomes arange(num_items) (the loss's
+        full catalogue), looked up in the same EC call.
+        """
         kjt = batch.features
-        if self.training and self.spec.loss.full_catalogue:  # negatives = every item (exact softmax)
+        if all_items_as_negatives:
             ids = torch.arange(self.num_items, device=kjt.values().device)
             kjt = with_feature_values(kjt, NEG_ITEM_KEY, ids)
         kjt = check_ids(kjt, self.sizes, self.spec.embedding.id_mode)
@@ -150,7 +159,7 @@ class PinFM(nn.Module):
     # ---- training ----
     def forward(self, batch: SequenceBatch) -> Dict[str, torch.Tensor]:
         """Losses of one batch: {"next_token", ... , "loss" (weighted total), "num_targets"}."""
-        x, offsets, kjt, emb = self._embed(batch)
+        x, offsets, kjt, emb = self._embed(batch, all_items_as_negatives=self.spec.loss.full_catalogue)
         h = self.head(self.trunk(x, offsets, batch.max_len))  # [L, dim]
         neg_ids = kjt[NEG_ITEM_KEY].values() if NEG_ITEM_KEY in kjt.keys() else None
         return sequence_losses(

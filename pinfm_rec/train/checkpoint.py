@@ -209,25 +209,42 @@ def _flatten(d: Any, prefix: str = "") -> Dict[str, Any]:
     return out
 
 
-def check_resume_compatible(path: str, spec_yaml: str, sections: tuple = ("model",)) -> None:
+def check_resume_compatible(path: str, spec_yaml: str, sections: tuple = ("model",),
+                            spec_cls: Optional[type] = None, keys: tuple = ()) -> None:
     """Raise a clear error when the checkpoint at ``path`` was written by a run whose ``sections`` of
-    the spec (the model architecture) differ from the current spec: its tensors would not fit."""
+    the spec (the model architecture) differ from the current spec: its tensors would not fit.
+    ``keys``: single dotted keys that must match too (those defining the loader's rows and batches,
+    whose saved (epoch, step) position would otherwise silently point at other data).
+
+    spec_cls (the top-level spec dataclass): the saved spec is re-validated through it first, so a
+    key added to the code after the checkpoint was written compares as its default, not as None.
+    """
     import yaml
+
+    from pinfm_rec.spec import from_dict, to_dict
 
     saved_p = os.path.join(path, "spec.yaml")
     if not os.path.isfile(saved_p):
         return
     with open(saved_p) as f:
         saved = yaml.safe_load(f) or {}
+    if spec_cls is not None:
+        try:
+            saved = to_dict(from_dict(spec_cls, saved))
+        except (ValueError, TypeError):
+            pass  # a spec with keys removed since: compare it as written
     now = yaml.safe_load(spec_yaml) or {}
     diffs = []
     for sec in sections:
         a, b = _flatten(saved.get(sec) or {}, sec), _flatten(now.get(sec) or {}, sec)
         diffs += [f"{k}: checkpoint {a.get(k)!r} != now {b.get(k)!r}" for k in sorted(set(a) | set(b))
                   if a.get(k) != b.get(k)]
+    flat_a, flat_b = _flatten(saved, ""), _flatten(now, "")
+    diffs += [f"{k}: checkpoint {flat_a.get(k)!r} != now {flat_b.get(k)!r}" for k in keys
+              if flat_a.get(k) != flat_b.get(k)]
     if diffs:
         raise ValueError(
-            f"cannot resume from {path}: its run used a different {'/'.join(sections)} spec ("
+            f"cannot resume from {path}: its run used a different {'/'.join(sections + keys)} spec ("
             + "; ".join(diffs[:8]) + (" ..." if len(diffs) > 8 else "")
             + "). Use a new run name (name=...) or checkpoint.resume=false to start fresh."
         )

@@ -215,7 +215,7 @@ def finetune(spec: FinetuneSpec, force_cpu: bool = False) -> Dict[str, float]:
     loader_state, rng_state = None, None
     resume = resolve_resume(ckpt_dir, spec.checkpoint.resume)
     if resume:
-        check_resume_compatible(resume, spec_yaml, ("model", "ranker"))
+        check_resume_compatible(resume, spec_yaml, ("model", "ranker"), FinetuneSpec)
         ts, loader_state, rng_state = load_checkpoint(resume, b.model, b.optimizer, env.rank)
         state.step, state.epoch, state.history = ts["step"], ts["epoch"], ts.get("history", [])
         logger.info("resumed from %s (step %d, epoch %d)", resume, state.step, state.epoch)

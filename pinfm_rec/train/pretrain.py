@@ -63,6 +63,11 @@ class PretrainSpec:
     checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
 
 
+# spec keys that define the train loader's rows and batches (a resumed (epoch, step) must mean the same)
+LOADER_KEYS = ("data.source", "data.path", "data.max_len", "data.min_events", "data.batch_size",
+               "data.train_windows", "seed")
+
+
 def setup_logging(rank: int) -> None:
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,
@@ -174,7 +179,7 @@ def pretrain(spec: PretrainSpec, force_cpu: bool = False) -> Dict[str, float]:
     loader_state, rng_state = None, None
     resume = resolve_resume(ckpt_dir, spec.checkpoint.resume)
     if resume:
-        check_resume_compatible(resume, spec_yaml, ("model",))
+        check_resume_compatible(resume, spec_yaml, ("model",), PretrainSpec, LOADER_KEYS)
         ts, loader_state, rng_state = load_checkpoint(resume, b.model, b.optimizer, env.rank)
         state.step, state.epoch = ts["step"], ts["epoch"]
         state.history = ts.get("history", [])
