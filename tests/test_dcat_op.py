@@ -122,3 +122,15 @@ def test_bad_kernel_and_head_dim():
         dcat_attention(*ins, co, xo, kernel="triton")
     with pytest.raises(ValueError):
         dcat_attention(*ins, co, xo, kernel="nope")
+
+
+def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    ins, co, xo = _case([2], [3])
+    if ins[0].is_cuda:
+        pytest.skip("CPU-only check")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        dcat_attention(*ins, co, xo, kernel="triton")
+    from pinfm_rec.model.encoder import EncoderSpec
+    with pytest.raises(ValueError, match="encoder.kernel"):
+        EncoderSpec(kernel="tritn")

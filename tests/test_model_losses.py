@@ -223,3 +223,18 @@ def test_full_catalogue_is_exact_cross_entropy():
     with pytest.raises(ValueError, match="full_catalogue"):
         sequence_losses(spec, hh, torch.tensor([0, 3]), one, torch.ones(3, dtype=torch.long), None,
                         table[one], all_ids[:5], table[:5], I)
+
+
+def test_loss_specs_that_would_train_nothing_are_errors():
+    with pytest.raises(ValueError, match="no negatives"):
+        LossSpec(in_batch_negatives=0, use_sampled_negatives=False)
+    with pytest.raises(ValueError, match="multi_token_k=3 and model.loss.multi_token_weight=0.0"):
+        LossSpec(multi_token_k=3)
+    with pytest.raises(ValueError, match="future_window_s=0 and model.loss.future_weight=0.5"):
+        LossSpec(future_weight=0.5)
+    LossSpec(full_catalogue=True, in_batch_negatives=0, use_sampled_negatives=False)  # fine
+    # sampled negatives expected but none in the batch (data.num_negatives_per_row=0)
+    lengths, offsets, items, actions, ts, h, table, neg = _case(0)
+    with pytest.raises(ValueError, match="no negatives"):
+        sequence_losses(LossSpec(in_batch_negatives=0), h, offsets, items, actions, ts, table[items],
+                        None, None, I)

@@ -52,3 +52,17 @@ def test_resume_with_other_loader_rows_is_a_clear_error(tmp_path):
         other = dump_spec(load_spec(PretrainSpec, TINY, [override]))
         with pytest.raises(ValueError, match=rf"{key}: checkpoint .* != now"):
             check_resume_compatible(str(tmp_path), other, ("model",), PretrainSpec, LOADER_KEYS)
+
+
+def test_eval_with_another_model_spec_is_a_clear_error(tmp_path):
+    """`pinfm eval` checks the checkpoint's saved spec before loading (no silent partial load)."""
+    from pinfm_rec.train.standalone_eval import evaluate_checkpoint
+
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    (ck / "spec.yaml").write_text(dump_spec(load_spec(PretrainSpec, TINY)))
+    (ck / "COMPLETE").write_text("step 1\n")
+    spec = load_spec(PretrainSpec, TINY, ["model.trunk.n_layers=1", f"run_dir={tmp_path / 'run'}",
+                                          f"data.cache_dir={tmp_path / 'cache'}"])
+    with pytest.raises(ValueError, match=r"model\.trunk\.n_layers: checkpoint 2 != now 1"):
+        evaluate_checkpoint(spec, str(ck), force_cpu=True)

@@ -70,3 +70,19 @@ def test_dump_round_trip(tmp_path):
 def test_missing_file():
     with pytest.raises(SpecError, match="not found"):
         load_spec(Outer, "/nonexistent/spec.yaml")
+
+
+def test_data_longer_than_the_trunk_is_refused_before_training(tmp_path):
+    import os
+
+    import torch
+
+    from pinfm_rec.parallel import DistEnv
+    from pinfm_rec.spec import load_spec
+    from pinfm_rec.train.pretrain import PretrainSpec, build
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = load_spec(PretrainSpec, os.path.join(root, "specs", "pretrain", "synthetic-tiny.yaml"),
+                     ["data.max_len=64", "model.trunk.max_len=32", f"data.cache_dir={tmp_path}"])
+    with pytest.raises(ValueError, match=r"data.max_len \(64\) > model.trunk.max_len \(32\)"):
+        build(spec, DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo"))

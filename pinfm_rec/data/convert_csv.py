@@ -119,7 +119,7 @@ def convert_event_log(path: str, out_dir: str, *, mapping: ColumnMapping, fmt: s
 
     Events of a request are ordered by timestamp, ties in file order.
     """
-    src = locate_input(path, ["events.csv", "events.parquet"])
+    src = locate_input(path, ["events.parquet"] if fmt == "parquet" else ["events.csv"])
     data = b""
     if fmt == "csv":
         table, data, name = _read_csv(src, mapping, progress)

@@ -56,6 +56,8 @@ class EncoderSpec:
             raise ValueError(f"encoder.init must be pretrained|random|none, got {self.init!r}")
         if not 0.0 <= self.cand_id_dropout < 1.0:
             raise ValueError(f"encoder.cand_id_dropout must be in [0, 1), got {self.cand_id_dropout}")
+        if self.kernel not in ("auto", "triton", "pytorch", "sdpa"):
+            raise ValueError(f"encoder.kernel must be auto|triton|pytorch|sdpa, got {self.kernel!r}")
 
 
 def append_tokens(

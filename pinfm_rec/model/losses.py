@@ -59,6 +59,20 @@ class LossSpec:
     # = 0.35 GB; for catalogues beyond a few 10^4 items use the sampled negatives instead.
     full_catalogue: bool = False
 
+    def __post_init__(self) -> None:
+        if not self.full_catalogue and self.in_batch_negatives <= 0 and not self.use_sampled_negatives:
+            raise ValueError(
+                "model.loss has no negatives: set in_batch_negatives > 0, use_sampled_negatives=true "
+                "(with data.num_negatives_per_row > 0) or full_catalogue=true"
+            )
+        for k_key, k, w_key, w in (("multi_token_k", self.multi_token_k, "multi_token_weight", self.multi_token_weight),
+                                   ("future_window_s", self.future_window_s, "future_weight", self.future_weight)):
+            if (k > 0) != (w > 0):
+                raise ValueError(
+                    f"model.loss.{k_key}={k} and model.loss.{w_key}={w}: set both > 0 to use the "
+                    f"objective, or both to 0"
+                )
+
 
 def _safe_logsumexp(x: torch.Tensor) -> torch.Tensor:
     """logsumexp over the last dim; -inf (with finite gradients) where every entry is -inf."""
@@ -191,6 +205,11 @@ def _sequence_losses(
         ne = neg_emb.float()
         neg_id_parts.append(neg_ids)
         neg_emb_parts.append(F.normalize(ne, dim=-1) if spec.l2_norm else ne)
+    if not neg_id_parts and n_t > 0:
+        raise ValueError(
+            "sequence_losses: this batch has next-token targets but no negatives (in-batch negatives "
+            "off and no sampled ids: is data.num_negatives_per_row 0 while the loss expects them?)"
+        )
     if neg_id_parts:
         all_ids = torch.cat(neg_id_parts)  # [M]
         all_emb = torch.cat(neg_emb_parts)  # [M, D]

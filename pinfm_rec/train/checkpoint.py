@@ -52,11 +52,16 @@ def complete_checkpoints(ckpt_dir: str) -> list[tuple[int, str]]:
     if not os.path.isdir(ckpt_dir):
         return []
     out = []
-    for name in os.listdir(ckpt_dir):
+    names = set(os.listdir(ckpt_dir))
+    for name in names:
         m = _STEP_RE.match(name)
         path = os.path.join(ckpt_dir, name)
         if m and os.path.isfile(os.path.join(path, "COMPLETE")):
             out.append((int(m.group(1)), path))
+        elif name.endswith(".old") and name[:-4] not in names:  # a re-save killed between renames
+            m = _STEP_RE.match(name[:-4])
+            if m and os.path.isfile(os.path.join(path, "COMPLETE")):
+                out.append((int(m.group(1)), path))
     return sorted(out)
 
 
@@ -104,8 +109,6 @@ def save_checkpoint(
         for name in os.listdir(ckpt_dir):  # leftovers of killed saves
             if name.endswith(".tmp"):
                 shutil.rmtree(os.path.join(ckpt_dir, name), ignore_errors=True)
-        if os.path.exists(final):
-            shutil.rmtree(final)
         os.makedirs(tmp)
     barrier()
     state: Dict[str, Any] = {"model": _model_state(model)}
@@ -123,7 +126,14 @@ def save_checkpoint(
             f.write(f"step {step}\n")
             f.flush()
             os.fsync(f.fileno())
+        # a step saved twice (e.g. every_steps and the end of the run) is replaced without a
+        # moment with no complete copy: the old one moves aside (still found by
+        # complete_checkpoints as step_N.old) until the new one is in place
+        if os.path.exists(final):
+            shutil.rmtree(final + ".old", ignore_errors=True)
+            os.rename(final, final + ".old")
         os.rename(tmp, final)
+        shutil.rmtree(final + ".old", ignore_errors=True)
         for _, old in complete_checkpoints(ckpt_dir)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
         logger.info("checkpoint written: %s", final)
@@ -244,9 +254,10 @@ def check_resume_compatible(path: str, spec_yaml: str, sections: tuple = ("model
               if flat_a.get(k) != flat_b.get(k)]
     if diffs:
         raise ValueError(
-            f"cannot resume from {path}: its run used a different {'/'.join(sections + keys)} spec ("
-            + "; ".join(diffs[:8]) + (" ..." if len(diffs) > 8 else "")
-            + "). Use a new run name (name=...) or checkpoint.resume=false to start fresh."
+            f"cannot resume from / load {path}: its run used a different {'/'.join(sections + keys)} "
+            "spec (" + "; ".join(diffs[:8]) + (" ..." if len(diffs) > 8 else "")
+            + "). To train, use a new run name (name=...) or checkpoint.resume=false to start "
+            "fresh; to evaluate it, pass the spec.yaml saved beside it."
         )
 
 

@@ -155,6 +155,9 @@ def build_finetune(spec: FinetuneSpec, env: DistEnv) -> FTBuilt:
         model_spec = pretrained_model_spec(enc_spec.checkpoint)
         _check_vocab(enc_spec.checkpoint, info)
     if enc_spec.init != "none":
+        if spec.data.max_len > model_spec.trunk.max_len:
+            raise ValueError(f"data.max_len ({spec.data.max_len}) > the encoder trunk's max_len "
+                             f"({model_spec.trunk.max_len}): histories would not fit its positions")
         encoder = PinFMEncoder(model_spec, enc_spec, info.num_items, info.num_actions, info.num_surfaces,
                                device="meta", dense_device=env.device)
         if enc_spec.freeze:

@@ -109,6 +109,9 @@ class Built:
 
 
 def build(spec: PretrainSpec, env: DistEnv, with_optimizer: bool = True) -> Built:
+    if spec.data.max_len > spec.model.trunk.max_len:  # else it fails only when a long batch comes
+        raise ValueError(f"data.max_len ({spec.data.max_len}) > model.trunk.max_len "
+                         f"({spec.model.trunk.max_len}): histories would not fit the trunk's positions")
     info = prepare_on_rank0(spec.data, env)
     seed_everything(spec.seed)
     counts = torch.as_tensor(np.asarray(info.item_counts), dtype=torch.float64)
@@ -208,10 +211,9 @@ def pretrain(spec: PretrainSpec, force_cpu: bool = False) -> Dict[str, float]:
         return m
 
     def on_epoch_end(finished: bool) -> None:
-        if finished:
-            checkpoint(state, epoch_done=True)
-        elif spec.checkpoint.every_steps:
-            checkpoint(state)
+        # every finished epoch, and the last (partial) epoch when train.max_steps stops it: the end
+        # of a run always leaves a checkpoint, whatever checkpoint.every_steps is
+        checkpoint(state, epoch_done=finished)
 
     run_epochs(trainer, train_loader, state, total, on_step=on_step, eval_valid=eval_valid,
                on_epoch_end=on_epoch_end, loader_state=loader_state, rng_state=rng_state)
