@@ -215,3 +215,16 @@ def test_real_ml1m_raw_partial_matches_sasrec_order(tmp_path):
             assert item_map[seq].tolist() == expected, orig_user
             compared += 1
     assert compared == 2999
+
+
+def test_directory_with_both_formats_reads_the_requested_one(tmp_path):
+    d = tmp_path / "both"
+    d.mkdir()
+    (d / "events.csv").write_text("user_id,item_id,timestamp\n1,2,0\n1,3,1\n")
+    pq.write_table(pa.table({"user_id": [7, 7, 7], "item_id": [4, 5, 6], "timestamp": [0, 1, 2]}),
+                   d / "events.parquet")
+    meta = convert_event_log(str(d), str(tmp_path / "out_pq"), mapping=ColumnMapping(), fmt="parquet",
+                             source="parquet")
+    assert meta.num_events == 3
+    meta = convert_event_log(str(d), str(tmp_path / "out_csv"), mapping=ColumnMapping(), fmt="csv", source="csv")
+    assert meta.num_events == 2
