@@ -5,7 +5,7 @@ Layout under ``<ckpt_dir>``::
     step_00000200/            one complete checkpoint
         .metadata, *.distcp     DCP shards: sharded tables, dense trunk, optimizer state
         loader_rank{r}.pt       each rank's data-loader + RNG state (exact mid-epoch resume)
-        train_state.json        step, epoch, world size, metrics so far
+        train_state.json        step, epoch, world size, metrics so far (pretraining: vocabulary sizes)
         spec.yaml               the resolved spec that produced it
         COMPLETE                written last: a directory without it is never loaded
     step_00000300.tmp/        a save in progress (or killed mid-way): ignored, removed next save

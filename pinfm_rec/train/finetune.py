@@ -72,7 +72,11 @@ def pretrained_model_spec(path: str) -> ModelSpec:
 
 
 def _check_vocab(path: str, info: RankingInfo) -> None:
+    """The encoder at ``path`` (an export's encoder_meta.json, or a pretraining checkpoint's
+    train_state.json) must have the ranking data's vocabulary sizes."""
     meta_p = os.path.join(path, "encoder_meta.json")
+    if not os.path.isfile(meta_p):
+        meta_p = os.path.join(path, "train_state.json")
     if not os.path.isfile(meta_p):
         return
     with open(meta_p) as f:

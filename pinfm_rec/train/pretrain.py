@@ -194,7 +194,8 @@ def pretrain(spec: PretrainSpec, force_cpu: bool = False) -> Dict[str, float]:
 
     def checkpoint(st: LoopState, epoch_done: bool = False) -> None:
         ts = {"step": st.step, "epoch": st.epoch + (1 if epoch_done else 0), "world_size": env.world_size,
-              "history": st.history}
+              "history": st.history, "num_items": b.info.num_items, "num_actions": b.info.num_actions,
+              "num_surfaces": b.info.num_surfaces}
         lstate = None if epoch_done else train_loader.state_dict()
         save_checkpoint(ckpt_dir, st.step, b.model, b.optimizer, lstate, ts, spec_yaml, env.rank,
                         spec.checkpoint.keep_last)
