@@ -112,3 +112,17 @@ def test_torchx_two_gloo_ranks_shard_tables(tmp_path):
     assert res["world_size"] == 2
     plan_lines = [l for l in text.splitlines() if "t_item:" in l and "row_wise" in l]
     assert plan_lines and "rank0:" in plan_lines[0] and "rank1:" in plan_lines[0], text[-4000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optimizer", ["adagrad", "sgd"])
+def test_other_fused_embedding_optimizers_learn(tmp_path, optimizer):
+    """The other CPU-capable fused table optimizers run end to end: loss falls, HR@10 beats random."""
+    lr = {"adagrad": 0.05, "sgd": 0.5}[optimizer]
+    out = _pinfm(["train.epochs=2", f"parallel.embedding_optimizer={optimizer}", f"parallel.embedding_lr={lr}",
+                  "checkpoint.every_steps=0"], tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    res = json.load(open(tmp_path / "run" / "results.json"))
+    losses = [p["train/loss"] for p in res["perf"]]
+    assert losses[-1] < 0.9 * losses[0], losses
+    assert res["test_hr@10"] > 2 * 10 / 300, res
