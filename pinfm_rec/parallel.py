@@ -139,11 +139,9 @@ def _embedding_optimizer(spec: ParallelSpec, device: torch.device):
     return torch.optim.Adam, {"lr": spec.embedding_lr, "eps": 1e-8, "weight_decay": spec.embedding_weight_decay}
 
 
-def _holds_tables(module: nn.Module) -> bool:
-    return any(
-        isinstance(m, (EmbeddingCollection, EmbeddingBagCollection)) or hasattr(m, "_lookups")
-        for m in module.modules()
-    )
+def _is_tables(m: nn.Module) -> bool:
+    """An EC / EBC, unsharded or sharded by DMP (sharded modules carry ``_lookups``)."""
+    return isinstance(m, (EmbeddingCollection, EmbeddingBagCollection)) or hasattr(m, "_lookups")
 
 
 class FSDP2Wrapper(DataParallelWrapper):
@@ -170,9 +168,9 @@ class FSDP2Wrapper(DataParallelWrapper):
                 f"FSDP2 wrapping: parameters held next to sharded tables are not supported: {stray}"
             )
         for name, child in module.named_children():
-            if isinstance(child, (EmbeddingCollection, EmbeddingBagCollection)) or hasattr(child, "_lookups"):
+            if _is_tables(child):
                 continue  # sharded tables stay with DMP
-            if _holds_tables(child):
+            if any(_is_tables(m) for m in child.modules()):
                 self._walk(child, f"{prefix}{name}.")
                 continue
             if not any(p.requires_grad for p in child.parameters()):

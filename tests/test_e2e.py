@@ -5,7 +5,6 @@ These run real subprocesses (like a user would) on the synthetic default.
 import glob
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys

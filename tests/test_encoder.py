@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from pinfm_rec.data.batch import ACTION_KEY, ITEM_KEY, SURFACE_KEY, SequenceBatch
 from pinfm_rec.data.ranking_batch import RankingBatch, flatten_batch
 from pinfm_rec.data.ranking_batch import random_ranking_batch as _rrb
 from pinfm_rec.model.embedding import EmbeddingSpec

@@ -199,10 +199,8 @@ def test_full_catalogue_is_exact_cross_entropy():
                         positives_only_engaged=engaged_only)
         got = sequence_losses(spec, h, offsets, items, actions, ts, table[items], all_ids, table, I)
         hn, en = F.normalize(h, dim=-1), F.normalize(table, dim=-1)
-        ends = offsets[1:].tolist()
-        tok = [t for t in range(len(items)) if t + 1 not in ends and t + 1 < len(items)
-               and (actions[t + 1].item() in (1, 2) or not engaged_only)]
-        tok = [t for t in tok if any(offsets[r] <= t < offsets[r + 1] - 1 for r in range(len(lengths)))]
+        tok = [t for r in range(len(lengths)) for t in range(int(offsets[r]), int(offsets[r + 1]) - 1)
+               if actions[t + 1].item() in (1, 2) or not engaged_only]
         want = F.cross_entropy(hn[tok] @ en.t() / 0.2, items[[t + 1 for t in tok]])
         torch.testing.assert_close(got["next_token"], want)
     # user masking: the row's other items leave the sum, the positive stays

@@ -101,8 +101,6 @@ def test_kv_cache_equivalence_reference():
 
 
 def test_kv_cache_equivalence_catches_wrong_position():
-    trunk = _trunk()
-
     def shifted(*a, **kw):  # a broken op (drops the candidate's self-attention) must fail
         q, k, v, k_ctx, v_ctx, co, xo = a
         return ref_dcat(q, k, v * 0, k_ctx, v_ctx, co, xo, **kw)
