@@ -2,12 +2,13 @@
 
 Run: ``python -m pinfm_rec.kernels.dcat.bench --correctness quick --sweep --out dcat.json``
 (CUDA needed; about 3 minutes on an H100). ``--correctness`` off|quick|full: the GPU
-check against an fp64 reference (quick: 3 cases at H=8, Dh=64 per dtype; full: 5 cases
+check against an fp64 reference (quick: 4 cases at Dh=64 per dtype; full: 6 cases
 incl. Dh 32/128, many more compiles). The JSON at --out is rewritten after every phase
 and shape, so a run cut short still leaves its numbers. Headline times are CUDA-graph
 replays (GPU time); eager op-level times (host overhead included) are reported too.
 Shapes (R requests, L history per request, C candidates per request), H=8,
-Dh=64, bf16. Kernels: ours (triton) vs stock (``dcat_sdpa``: SDPA + LSE
+Dh=64, bf16. Kernels: ours (``kernel="triton"``: the Gluon forward on Hopper, else the tl
+kernel; tl backward) vs stock (``dcat_sdpa``: SDPA + LSE
 merge) vs duplicating the history for every candidate (causal SDPA over
 [history; candidate], measured on a subset of candidates and scaled).
 ``--sweep`` also times launch-config variants of the Triton kernels.
@@ -92,6 +93,7 @@ CASES_FULL = [  # (cand lens, ctx lens, max_ctx, heads, Dh)
     ([256] * 2, [1024] * 2, 0, 8, 64),
     ([3, 70], [90, 300], 0, 2, 32),
     ([3, 70], [90, 300], 50, 2, 128),
+    ([1, 70, 130], [13000, 0, 12500], 0, 2, 64),
 ]
 # quick: the benchmark's H=8, Dh=64 (kernels shared with the timed part, so few compiles);
 # ragged with empty requests and histories, one case with a split history (1500 tokens),
@@ -100,6 +102,8 @@ CASES_QUICK = [
     ([0, 1, 37, 200, 5, 130], [0, 700, 33, 1500, 1, 64], 0, 8, 64),
     ([0, 1, 37, 200, 5, 130], [0, 700, 33, 1500, 1, 64], 100, 8, 64),
     ([256] * 2, [1024] * 2, 0, 8, 64),
+    # long ragged histories (one empty): the warp-specialised Gluon forward (ws_min_ctx)
+    ([1, 70, 130], [13000, 0, 12500], 0, 2, 64),
 ]
 
 

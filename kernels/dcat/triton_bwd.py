@@ -23,13 +23,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_fwd import _splits
+from .triton_fwd import _splits, fit_smem
 
-# the config the CUDA-graph sweep chose in GPU run 3 (H100, 2026-11-23; see NOTES.md)
+# the config the CUDA-graph sweep chose in the recorded GPU run (H100, 2026-11-23, session 3;
+# docs/benchmarks/dcat.md, NOTES.md); fit_smem shrinks it where fp32 at Dh=128 would not fit
 BWD_CONFIG = dict(
-    DQ_BLOCK_M=64, DQ_BLOCK_N=32, dq_warps=4, dq_stages=4,
-    KV_BLOCK_N=64, KV_BLOCK_M=64, kv_warps=4, kv_stages=1,
-    waves=2.0, min_split=1024, split_size=None)
+    DQ_BLOCK_M=64, DQ_BLOCK_N=32, dq_warps=4, dq_stages=3,
+    KV_BLOCK_N=128, KV_BLOCK_M=32, kv_warps=4, kv_stages=2,
+    waves=3.8, min_split=1024, split_size=None)
 
 
 @triton.jit
@@ -223,20 +224,25 @@ def dcat_bwd_triton(do, q, k, v, k_ctx, v_ctx, o, lse, cand_offsets, ctx_offsets
         n_split = max(1, triton.cdiv(n_eff, split_size))
         pdq = (torch.empty((n_split, Cn, H, Dh), device=q.device, dtype=torch.float32)
                if n_split > 1 else dq)
-        kw = {} if interp else dict(num_warps=cfg["dq_warps"], num_stages=cfg["dq_stages"])
+        # K/V blocks streamed, q and do resident (fp32 at Dh=128 must shrink to fit)
+        dbn, dst = fit_smem(cfg["DQ_BLOCK_N"], bm, cfg["dq_stages"], 2, 2, Dh, q.element_size())
+        kw = {} if interp else dict(num_warps=cfg["dq_warps"], num_stages=dst)
         _dcat_bwd_dq_kernel[(R * n_mtiles, H, n_split)](
             q, k, v, k_ctx, v_ctx, o, do, lse, cand_offsets, ctx_offsets, dq, dk, dv, delta, pdq,
             Cn, H, n_mtiles, max_ctx, split_size, scale,
-            HEAD_DIM=Dh, BLOCK_M=bm, BLOCK_N=cfg["DQ_BLOCK_N"], SPLIT=n_split > 1, IEEE=ieee,
+            HEAD_DIM=Dh, BLOCK_M=bm, BLOCK_N=dbn, SPLIT=n_split > 1, IEEE=ieee,
             **kw)
         if n_split > 1:
             torch.sum(pdq, dim=0, out=dq) if q.dtype == torch.float32 else dq.copy_(pdq.sum(0))
     if Lc > 0 and max_ctx_len > 0:
         bn = cfg["KV_BLOCK_N"]
         n_ntiles = triton.cdiv(max_ctx_len, bn)
-        kw = {} if interp else dict(num_warps=cfg["kv_warps"], num_stages=cfg["kv_stages"])
+        # q/do blocks streamed, the K/V tile resident
+        kbm, kst = fit_smem(cfg["KV_BLOCK_M"], bn, cfg["kv_stages"], 2, 2, Dh,
+                            q.element_size(), min_rows=16)
+        kw = {} if interp else dict(num_warps=cfg["kv_warps"], num_stages=kst)
         _dcat_bwd_dkdv_kernel[(R * n_ntiles, H)](
             q, k_ctx, v_ctx, do, lse, delta, cand_offsets, ctx_offsets, dkc, dvc,
             H, n_ntiles, max_ctx, scale,
-            HEAD_DIM=Dh, BLOCK_M=cfg["KV_BLOCK_M"], BLOCK_N=bn, IEEE=ieee, **kw)
+            HEAD_DIM=Dh, BLOCK_M=kbm, BLOCK_N=bn, IEEE=ieee, **kw)
     return dq, dk, dv, dkc, dvc

@@ -9,6 +9,10 @@ than one split (flash-decoding style, to fill the GPU at long histories with
 few candidates) each program writes a partial (normalised o, log2-LSE) and a
 small combine kernel merges them.
 
+On Hopper, for bf16/fp16 and outside the interpreter, ``dcat_fwd_triton`` runs the Gluon
+kernel of ``gluon_fwd.py`` instead (same grid, partials and combine; FWD_CONFIG["impl"]);
+this module's ``tl`` kernel covers fp32, the interpreter (CI) and other GPUs.
+
 Import this module only after TRITON_INTERPRET is settled (op.py imports it
 lazily): triton.jit picks interpreter vs compiler at decoration time.
 """
@@ -203,13 +207,21 @@ def sm_count(device: torch.device) -> int:
     return _SM_COUNT[idx]
 
 
-# Default launch configuration: the config the CUDA-graph sweep chose in GPU run 3
-# (H100, 2026-11-23, docs/benchmarks/dcat.md; see NOTES.md). Keys: BLOCK_M, BLOCK_N,
+# Default launch configuration: the config the CUDA-graph sweep chose in the recorded GPU run
+# (H100, 2026-11-23, session 3; docs/benchmarks/dcat.md, NOTES.md). Keys: BLOCK_M, BLOCK_N,
 # num_warps, num_stages, waves (programs target = waves*SMs), min_split (fewest history
-# keys per split), split_size (force, else None), tma (full history blocks through tensor
-# descriptors; used only on CUDA, compute capability >= 9, outside the interpreter).
+# keys per split), split_size (force, else None), tma (tl kernel: full history blocks through
+# tensor descriptors; CUDA, compute capability >= 9, outside the interpreter). impl:
+# "gluon" runs gluon_fwd.py where it can (Hopper, bf16/fp16, not the interpreter) and the tl
+# kernel elsewhere; "tl" always the tl kernel. Gluon options (all measured within a few %
+# of each other, see NOTES.md): poly (a quarter of the exp2 by polynomial on the FMA pipe),
+# overlap (softmax during the previous block's PV MMA), q_reg (q as register MMA operand),
+# fuse_combine (split merge in the kernel, no combine launch), ws_min_ctx (histories of at
+# least this many keys use the warp-specialised kernel, 0 = never) with ws_waves.
 FWD_CONFIG = dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, waves=1.5,
-                  min_split=256, split_size=None, tma=True)
+                  min_split=256, split_size=None, tma=True,
+                  impl="gluon", poly=False, overlap=False, q_reg=False, fuse_combine=False,
+                  ws_min_ctx=0, ws_waves=0.95)
 
 
 def _tma_ok(t) -> bool:
@@ -220,6 +232,45 @@ def _tma_ok(t) -> bool:
     except ImportError:
         return False
     return torch.cuda.get_device_capability(t.device)[0] >= 9
+
+
+# Shared memory a tl kernel may take (the H100/H200 limit is 227 KB per block); the estimate
+# below over-counts Triton's real use a little, which keeps the margin on the safe side.
+SMEM_BUDGET = 220 * 1024
+
+
+def fit_smem(stream_rows: int, resident_rows: int, stages: int, n_stream: int,
+             n_resident: int, dh: int, elem: int, min_rows: int = 32):
+    """Shrink a tl kernel's streamed tile (rows, then pipeline stages) until its shared memory
+    estimate fits SMEM_BUDGET: n_stream [stream_rows, dh] tiles per stage plus n_resident
+    [resident_rows, dh] tiles. The bf16/fp16 defaults fit unchanged; fp32 at Dh=128 does not
+    (a 128-key fp32 K/V block pipelined 3 deep asks for 360 KB)."""
+    def est(rows, st):
+        return (st * n_stream * rows + n_resident * resident_rows) * dh * elem
+    while est(stream_rows, stages) > SMEM_BUDGET and stream_rows > min_rows:
+        stream_rows //= 2
+    while est(stream_rows, stages) > SMEM_BUDGET and stages > 1:
+        stages -= 1
+    return stream_rows, stages
+
+
+def ws_config(cfg: dict, n_eff: int) -> dict:
+    """The launch config for a history of n_eff keys per request: the warp-specialised Gluon
+    kernel (128 candidate rows per CTA, one CTA per SM) once the history is long enough
+    (cfg["ws_min_ctx"]) for its longer per-CTA loop to pay for its fewer CTAs; else cfg."""
+    if cfg.get("impl") != "gluon" or not cfg.get("ws_min_ctx") or n_eff < cfg["ws_min_ctx"]:
+        return cfg
+    return {**cfg, "ws": True, "BLOCK_M": 128, "waves": cfg.get("ws_waves", 0.95)}
+
+
+def _gluon_usable(q, k_ctx, v_ctx, cfg) -> bool:
+    if os.environ.get("TRITON_INTERPRET") == "1" or not q.is_cuda:
+        return False
+    try:
+        from . import gluon_fwd
+    except ImportError:  # a Triton without Gluon's Hopper module
+        return False
+    return gluon_fwd.usable(q, k_ctx, v_ctx, cfg)
 
 
 def _splits(base: int, n_eff_max: int, cfg: dict, device) -> int:
@@ -250,9 +301,12 @@ def dcat_fwd_triton(q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, max_ctx: i
     lse = torch.empty((Cn, H), device=q.device, dtype=torch.float32)
     if Cn == 0 or R == 0 or max_cands <= 0:
         return o, lse
+    n_eff = min(max_ctx_len, max_ctx) if max_ctx > 0 else max_ctx_len
+    ws_cfg = ws_config(cfg, n_eff)
+    if ws_cfg is not cfg and _gluon_usable(q, k_ctx, v_ctx, ws_cfg):
+        cfg = ws_cfg
     bm = cfg["BLOCK_M"]
     n_mtiles = triton.cdiv(max_cands, bm)
-    n_eff = min(max_ctx_len, max_ctx) if max_ctx > 0 else max_ctx_len
     split_size = _splits(R * n_mtiles * H, n_eff, cfg, q.device)
     n_split = max(1, triton.cdiv(n_eff, split_size))
     SPLIT = n_split > 1
@@ -261,27 +315,38 @@ def dcat_fwd_triton(q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, max_ctx: i
         pl = torch.empty((n_split, Cn, H), device=q.device, dtype=torch.float32)
     else:
         po, pl = o, lse
-    kw = {} if os.environ.get("TRITON_INTERPRET") == "1" else dict(
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    interp = os.environ.get("TRITON_INTERPRET") == "1"
     grid = (R * n_mtiles, H, n_split)
-    use_tma = bool(cfg.get("tma")) and k_ctx.shape[0] > 0 and _tma_ok(q)
-    if use_tma:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-        Lc, bn = k_ctx.shape[0], cfg["BLOCK_N"]
-        kd, vd = (TensorDescriptor(t, [Lc, H * Dh], [H * Dh, 1], [bn, Dh])
-                  for t in (k_ctx, v_ctx))
+    args = (q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, o, lse, po, pl)
+    combined = False
+    if cfg.get("impl") == "gluon" and _gluon_usable(q, k_ctx, v_ctx, cfg):
+        from . import gluon_fwd
+        combined = gluon_fwd.launch(grid, *args, Cn, H, n_mtiles, max_ctx, split_size,
+                                    scale * LOG2E, cfg, SPLIT)
     else:
-        kd, vd = k_ctx, v_ctx
-    _dcat_fwd_kernel[grid](
-        q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, o, lse, po, pl, kd, vd,
-        Cn, H, n_mtiles, max_ctx, split_size, scale * LOG2E,
-        HEAD_DIM=Dh, BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N"], SPLIT=SPLIT,
-        IEEE=q.dtype == torch.float32, USE_TMA=use_tma, **kw)
-    if SPLIT:
+        use_tma = bool(cfg.get("tma")) and k_ctx.shape[0] > 0 and _tma_ok(q)
+        if use_tma:
+            from triton.tools.tensor_descriptor import TensorDescriptor
+            Lc, bn = k_ctx.shape[0], cfg["BLOCK_N"]
+            kd, vd = (TensorDescriptor(t, [Lc, H * Dh], [H * Dh, 1], [bn, Dh])
+                      for t in (k_ctx, v_ctx))
+        else:
+            kd, vd = k_ctx, v_ctx
+        # split_size stays a multiple of the (possibly halved) key block
+        bn, stages = fit_smem(cfg["BLOCK_N"], bm, cfg["num_stages"], 2, 1, Dh,
+                              q.element_size())
+        if use_tma and bn != cfg["BLOCK_N"]:
+            use_tma, kd, vd = False, k_ctx, v_ctx
+        _dcat_fwd_kernel[grid](
+            *args, kd, vd, Cn, H, n_mtiles, max_ctx, split_size, scale * LOG2E,
+            HEAD_DIM=Dh, BLOCK_M=bm, BLOCK_N=bn, SPLIT=SPLIT,
+            IEEE=q.dtype == torch.float32, USE_TMA=use_tma,
+            **({} if interp else dict(num_warps=cfg["num_warps"], num_stages=stages)))
+    if SPLIT and not combined:
         cbm = 64
         cm = triton.cdiv(max_cands, cbm)
         _dcat_combine_kernel[(R * cm, H)](
             cand_offsets, ctx_offsets, o, lse, po, pl,
             Cn, H, cm, max_ctx, split_size, HEAD_DIM=Dh, BLOCK_M=cbm,
-            **({} if kw == {} else dict(num_warps=4)))
+            **({} if interp else dict(num_warps=4)))
     return o, lse

@@ -25,15 +25,28 @@ def sweep(dev, budget_s=120.0):
     from pinfm_rec.kernels.dcat import triton_bwd, triton_fwd
     t0 = time.time()
     # most promising first (the time share may cut the list). GPU run 2 picked BM64 BN128
-    # w4 s3 waves 1, run 3 the same tile with waves 1.5 and tma (now the default); runs 4-5
-    # (packed bf16x2 exp2, Triton warp specialisation) found nothing faster (NOTES.md).
-    fwd = [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=st, waves=wv, min_split=256,
-                tma=tma)
-           for bm, bn, w, st, wv, tma in (
-               (64, 128, 4, 3, 1.5, True), (128, 64, 4, 3, 1.5, True), (128, 64, 4, 4, 1.5, True),
-               (128, 128, 4, 2, 1.5, True), (64, 256, 4, 2, 1.5, True), (64, 128, 8, 3, 1.5, True),
-               (64, 128, 4, 3, 1.0, True), (64, 128, 4, 4, 1.5, True), (128, 128, 8, 3, 1.5, True),
-               (64, 64, 4, 3, 1.5, True), (64, 128, 4, 3, 2.0, True))]
+    # w4 s3 waves 1, run 3 the same tile with waves 1.5 and tma; runs 4-5 (packed bf16x2
+    # exp2, tl warp specialisation) found nothing faster. Session 3: the Gluon kernel
+    # (gluon_fwd.py) with its options: poly (a quarter of the exp2 on the FMA pipe), overlap
+    # (softmax during the previous block's PV), q_reg (q as register operand),
+    # fuse_combine (split merge by the last split, no combine launch). NOTES.md.
+    # every key explicit: a candidate must not inherit options from FWD_CONFIG
+    g = dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, waves=1.5, min_split=256,
+             tma=True, poly=False, overlap=False, q_reg=False, fuse_combine=False,
+             ws_min_ctx=0, ws_waves=0.95)
+    best = dict(g, impl="gluon", poly=True, overlap=True, q_reg=True, fuse_combine=True)
+    fwd = [dict(best, ws_min_ctx=12288), best,
+           dict(best, ws_min_ctx=8192),
+           dict(g, impl="gluon", poly=True, overlap=True),
+           dict(g, impl="gluon", poly=True, overlap=True, q_reg=True),
+           dict(g, impl="gluon", poly=True, q_reg=True),
+           dict(g, impl="gluon", poly=True, overlap=True, fuse_combine=True),
+           dict(g, impl="tl"),
+           dict(g, impl="gluon"),
+           dict(g, impl="gluon", overlap=True, fuse_combine=True),
+           dict(g, impl="gluon", poly=True, overlap=True, waves=1.0),
+           dict(g, impl="tl", BLOCK_M=128, BLOCK_N=64),
+           dict(g, impl="tl", waves=1.0)]
     dqs = [dict(DQ_BLOCK_M=bm, DQ_BLOCK_N=bn, dq_warps=w, dq_stages=st, waves=wv)
            for bm, bn, w, st in ((64, 32, 4, 3), (64, 64, 4, 2), (128, 64, 4, 3), (128, 32, 4, 3),
                                  (64, 32, 4, 4)) for wv in (2.0, 3.8)]

@@ -1,0 +1,541 @@
+"""Hopper forward for DCAT crossing attention in Gluon, Triton's tile-level dialect.
+
+Same contract and launch grid as ``triton_fwd._dcat_fwd_kernel`` (a program owns BLOCK_M
+candidates of one request, one head and one split of that request's history; it writes o
+and LSE, or a partial merged by ``triton_fwd._dcat_combine_kernel``). What Gluon adds is
+explicit control of the Hopper pipeline, which the ``tl`` compiler does not give:
+
+* K/V history blocks arrive by TMA into a STAGES-deep shared-memory ring (one mbarrier per
+  slot); a slot is refilled as soon as the MMAs reading it have retired.
+* FA3-style intra-warpgroup overlap: for block j the QK^T MMA and the PV MMA of block j-1
+  are issued asynchronously, the warpgroup waits only for QK^T (``warpgroup_mma_wait(1)``)
+  and computes block j's softmax while the tensor cores still run block j-1's PV.
+  ``tl.dot`` always waits for an MMA whose result feeds non-MMA code before going on
+  (see NOTES.md), so the exp2/ALU work and the MMAs ran back to back there.
+* P stays in registers as the A operand of the PV MMA (no shared-memory round trip).
+
+The ragged tail block of a split is loaded with masked pointer loads into ring slot 0 (all
+TMA loads are retired by then), so no row of another request is read into a softmax.
+
+Only for CUDA compute capability 9.x (wgmma), bf16/fp16 inputs, outside the interpreter;
+fp32 keeps the ``tl`` kernel (IEEE dot). Notation: Cn candidates, Lc history tokens, H
+heads, Dh head dim.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+
+
+@gluon.constexpr_function
+def _load_layout(cols, num_warps):
+    # 16-byte vectors along the head dim; the rest of a warp along rows
+    vec = 8
+    tpw_c = min(32, max(1, cols // vec))
+    return gl.BlockedLayout([1, vec], [32 // tpw_c, tpw_c], [num_warps, 1], [1, 0])
+
+
+# exp2 of 4 consecutive elements of a thread (x <= 0, finite): three on the MUFU unit
+# (ex2.approx), the fourth on the FMA/ALU pipes (FA4's trick): x = j + f with j = rint(x),
+# 2^f by a degree-3 polynomial fitted on [-0.5, 0.5] (max relative error 7.7e-5, below
+# bf16/fp16 rounding of p), and 2^j added into the exponent bits. The MUFU unit does 16
+# exp2 per clock per SM, the bound of the softmax at Dh=64; this moves a quarter of them.
+_EXP2_MIXED_ASM = gl.constexpr("""
+{
+.reg .f32 x, t, j, f, p;
+.reg .b32 e, pb;
+ex2.approx.ftz.f32 $0, $4;
+ex2.approx.ftz.f32 $1, $5;
+ex2.approx.ftz.f32 $2, $6;
+max.f32 x, $7, 0fC2FC0000;
+add.rn.f32 t, x, 0f4B400000;
+sub.rn.f32 j, t, 0f4B400000;
+sub.rn.f32 f, x, j;
+fma.rn.f32 p, f, 0f3D61A4C2, 0f3E786D5B;
+fma.rn.f32 p, p, f, 0f3F317A8E;
+fma.rn.f32 p, p, f, 0f3F7FFB57;
+mov.b32 e, t;
+shl.b32 e, e, 23;
+mov.b32 pb, p;
+add.s32 pb, pb, e;
+mov.b32 $3, pb;
+}
+""")
+
+
+@gluon.jit
+def _exp2_mixed(x):
+    return gl.inline_asm_elementwise(_EXP2_MIXED_ASM, "=f,=f,=f,=f,f,f,f,f", [x],
+                                     dtype=gl.float32, is_pure=True, pack=4)
+
+
+@gluon.jit
+def _softmax_block(s_acc, m_i, l_i, qk_scale, p_layout: gl.constexpr, dtype: gl.constexpr,
+                   POLY: gl.constexpr = False):
+    # qk_scale > 0 (the launcher flips q's sign otherwise): max before scaling, then one
+    # FMA per score. Returns p (A operand of the PV MMA), alpha (rescale of acc), m, l.
+    # POLY: a quarter of the exp2 by polynomial (full blocks only: x must be finite).
+    m_new = gl.maximum(m_i, gl.max(s_acc, 1) * qk_scale)
+    if POLY:
+        p = _exp2_mixed(s_acc * qk_scale - m_new[:, None])
+    else:
+        p = gl.exp2(s_acc * qk_scale - m_new[:, None])
+    alpha = gl.exp2(m_i - m_new)
+    l_i = l_i * alpha + gl.sum(p, 1)
+    return gl.convert_layout(p.to(dtype), p_layout), alpha, m_new, l_i
+
+
+@gluon.jit(do_not_specialize=["Cn", "H", "n_mtiles", "max_ctx", "split_size"])
+def _dcat_fwd_gluon_kernel(
+    Q, K, V, KC, VC, CO, XO, O, LSE, PO, PL, kc_desc, vc_desc, CNT,
+    Cn, H, n_mtiles, max_ctx, split_size, qk_scale,
+    HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+    STAGES: gl.constexpr, SPLIT: gl.constexpr, OVERLAP: gl.constexpr, Q_REG: gl.constexpr,
+    FUSE_COMBINE: gl.constexpr, POLY: gl.constexpr, num_warps: gl.constexpr,
+):
+    dtype: gl.constexpr = kc_desc.dtype
+    smem_layout: gl.constexpr = kc_desc.layout  # [*, HEAD_DIM] rows: same swizzle for q
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, HEAD_DIM, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    ld: gl.constexpr = _load_layout(HEAD_DIM, num_warps)
+
+    pid = gl.program_id(0)
+    h = gl.program_id(1)
+    s = gl.program_id(2)
+    s_qm = H * HEAD_DIM
+    r = pid // n_mtiles
+    mt = pid - r * n_mtiles
+    c0 = gl.load(CO + r).to(gl.int64)
+    c1 = gl.load(CO + r + 1).to(gl.int64)
+    m0 = c0 + mt * BLOCK_M
+    x0 = gl.load(XO + r).to(gl.int64)
+    x1 = gl.load(XO + r + 1).to(gl.int64)
+    if max_ctx > 0:
+        x0 = gl.maximum(x0, x1 - max_ctx)
+    n_split_r = gl.maximum(gl.cdiv(x1 - x0, split_size), 1)
+    if (m0 < c1) & (s < n_split_r):
+        offs_m = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ld))
+        mask_m = offs_m < c1
+        offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ld))
+        row_off = offs_m[:, None] * s_qm + h * HEAD_DIM + offs_d[None, :]
+        # the same rows in the accumulator layout: o is stored from there, and v_self
+        # loaded there, so no layout change needs shared-memory scratch (which would cost
+        # the second CTA per SM)
+        offs_m_o = m0 + gl.arange(0, BLOCK_M, layout=row_o)
+        mask_m_o = offs_m_o < c1
+        offs_d_o = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+        row_off_o = offs_m_o[:, None] * s_qm + h * HEAD_DIM + offs_d_o[None, :]
+        q = gl.load(Q + row_off, mask=mask_m[:, None], other=0.0)
+        q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], smem_layout, q)
+        k_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], smem_layout)
+        v_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], smem_layout)
+        bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(bars.index(i), count=1)
+
+        if s == 0:  # self term: the candidate's own key/value opens the online softmax
+            ks = gl.load(K + row_off, mask=mask_m[:, None], other=0.0)
+            m_self = gl.sum(q.to(gl.float32) * ks.to(gl.float32), 1) * qk_scale
+            m_i = gl.convert_layout(m_self, row_s)
+            l_i = gl.full([BLOCK_M], 1.0, gl.float32, row_s)
+            # v_self straight into the accumulator layout (no shared-memory layout change)
+            acc = gl.load(V + row_off_o, mask=mask_m_o[:, None], other=0.0).to(gl.float32)
+        else:
+            m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, row_s)
+            l_i = gl.full([BLOCK_M], 0.0, gl.float32, row_s)
+            acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
+
+        kstart = x0 + s * split_size
+        kend = gl.minimum(kstart + split_size, x1)
+        n_full = ((kend - kstart) // BLOCK_N).to(gl.int32)
+        row0 = kstart.to(gl.int32)
+        col = (h * HEAD_DIM).to(gl.int32)
+        nbytes: gl.constexpr = 2 * BLOCK_N * HEAD_DIM * dtype.primitive_bitwidth // 8
+        zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+
+        for i in gl.static_range(STAGES - 1):  # prologue: blocks 0..STAGES-2
+            go = i < n_full
+            mbarrier.expect(bars.index(i), nbytes, pred=go)
+            tma.async_copy_global_to_shared(kc_desc, [row0 + i * BLOCK_N, col], bars.index(i),
+                                            k_bufs.index(i), pred=go)
+            tma.async_copy_global_to_shared(vc_desc, [row0 + i * BLOCK_N, col], bars.index(i),
+                                            v_bufs.index(i), pred=go)
+        fence_async_shared()  # q_smem (generic-proxy store) before the MMAs read it
+        gl.thread_barrier()
+        if Q_REG:  # q as the register A operand of QK^T (less shared-memory traffic)
+            qa = q_smem.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
+        else:
+            qa = q_smem
+
+        if n_full > 0:
+            # block 0: nothing to overlap with yet
+            mbarrier.wait(bars.index(0), 0)
+            s_acc = warpgroup_mma(qa, k_bufs.index(0).permute((1, 0)), zero_s,
+                                  use_acc=False)
+            p, alpha, m_i, l_i = _softmax_block(s_acc, m_i, l_i, qk_scale, p_layout, dtype)
+            acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+            nb = STAGES - 1  # slot STAGES-1 has never been used
+            go = nb < n_full
+            mbarrier.expect(bars.index(nb), nbytes, pred=go)
+            tma.async_copy_global_to_shared(kc_desc, [row0 + nb * BLOCK_N, col], bars.index(nb),
+                                            k_bufs.index(nb), pred=go)
+            tma.async_copy_global_to_shared(vc_desc, [row0 + nb * BLOCK_N, col], bars.index(nb),
+                                            v_bufs.index(nb), pred=go)
+            for j in range(1, n_full):
+                slot = j % STAGES
+                prev = (j - 1) % STAGES
+                mbarrier.wait(bars.index(slot), (j // STAGES) & 1)
+                s_tok = warpgroup_mma(qa, k_bufs.index(slot).permute((1, 0)), zero_s,
+                                      use_acc=False, is_async=True)
+                o_tok = warpgroup_mma(p, v_bufs.index(prev), acc, is_async=True)
+                if OVERLAP:
+                    # QK^T of block j done; block j-1's PV may still run during the softmax
+                    s_acc = warpgroup_mma_wait(1, deps=(s_tok, ))
+                else:
+                    s_acc = warpgroup_mma_wait(0, deps=(s_tok, ))
+                p, alpha, m_i, l_i = _softmax_block(s_acc, m_i, l_i, qk_scale, p_layout, dtype,
+                                                    POLY)
+                acc = warpgroup_mma_wait(0, deps=(o_tok, ))
+                acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+                # slot `prev` is free: refill it with block j-1+STAGES
+                nb = j - 1 + STAGES
+                go = nb < n_full
+                mbarrier.expect(bars.index(prev), nbytes, pred=go)
+                tma.async_copy_global_to_shared(kc_desc, [row0 + nb * BLOCK_N, col],
+                                                bars.index(prev), k_bufs.index(prev), pred=go)
+                tma.async_copy_global_to_shared(vc_desc, [row0 + nb * BLOCK_N, col],
+                                                bars.index(prev), v_bufs.index(prev), pred=go)
+            acc = warpgroup_mma(p, v_bufs.index((n_full - 1) % STAGES), acc)
+
+        tail = kstart + n_full * BLOCK_N
+        if tail < kend:
+            # every TMA load was waited for and every MMA retired: slot 0 is free
+            offs_n = tail + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, ld))
+            kmask = offs_n < kend
+            kv_off = offs_n[:, None] * s_qm + h * HEAD_DIM + offs_d[None, :]
+            kb = gl.load(KC + kv_off, mask=kmask[:, None], other=0.0)
+            vb = gl.load(VC + kv_off, mask=kmask[:, None], other=0.0)
+            gl.thread_barrier()
+            k_bufs.index(0).store(kb)
+            v_bufs.index(0).store(vb)
+            fence_async_shared()
+            gl.thread_barrier()
+            s_acc = warpgroup_mma(qa, k_bufs.index(0).permute((1, 0)), zero_s,
+                                  use_acc=False)
+            cols = tail + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+            s_acc = gl.where((cols < kend)[None, :], s_acc, float("-inf"))
+            p, alpha, m_i, l_i = _softmax_block(s_acc, m_i, l_i, qk_scale, p_layout, dtype)
+            acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+            acc = warpgroup_mma(p, v_bufs.index(0), acc)
+
+        for i in gl.static_range(STAGES):
+            mbarrier.invalidate(bars.index(i))
+        l_o = gl.convert_layout(l_i, row_o)
+        o = acc / l_o[:, None]
+        lse2 = gl.convert_layout(m_i + gl.log2(l_i), row_o)
+        if SPLIT:
+            prow = (s * Cn + offs_m_o) * H + h
+            gl.store(PO + prow[:, None] * HEAD_DIM + offs_d_o[None, :], o, mask=mask_m_o[:, None])
+            gl.store(PL + prow, lse2, mask=mask_m_o)
+            if FUSE_COMBINE:
+                # split-K merge without a second kernel: the last split of this (tile, head)
+                # to finish (atomic ticket) merges all partials and re-arms the counter
+                gl.thread_barrier()
+                tile = pid * H + h
+                ticket = gl.atomic_add(CNT + tile, 1, sem="acq_rel")
+                if ticket == n_split_r - 1:
+                    m_c = gl.full([BLOCK_M], float("-inf"), gl.float32, row_o)
+                    l_c = gl.full([BLOCK_M], 0.0, gl.float32, row_o)
+                    acc_c = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
+                    for t in range(n_split_r):
+                        prow_t = (t * Cn + offs_m_o) * H + h
+                        lse_t = gl.load(PL + prow_t, mask=mask_m_o, other=0.0,
+                                        cache_modifier=".cg")
+                        o_t = gl.load(PO + prow_t[:, None] * HEAD_DIM + offs_d_o[None, :],
+                                      mask=mask_m_o[:, None], other=0.0, cache_modifier=".cg")
+                        m_new = gl.maximum(m_c, lse_t)
+                        a_c = gl.exp2(m_c - m_new)
+                        w_t = gl.exp2(lse_t - m_new)
+                        l_c = l_c * a_c + w_t
+                        acc_c = acc_c * a_c[:, None] + w_t[:, None] * o_t
+                        m_c = m_new
+                    gl.store(O + row_off_o, (acc_c / l_c[:, None]).to(dtype),
+                             mask=mask_m_o[:, None])
+                    gl.store(LSE + offs_m_o * H + h, (m_c + gl.log2(l_c)) * 0.6931471805599453,
+                             mask=mask_m_o)
+                    gl.store(CNT + tile, 0)
+        else:
+            gl.store(O + row_off_o, o.to(dtype), mask=mask_m_o[:, None])
+            gl.store(LSE + offs_m_o * H + h, lse2 * 0.6931471805599453, mask=mask_m_o)
+
+
+_COUNTERS: dict = {}
+
+
+def _counters(device, n: int):
+    """Zeroed int32 split tickets, at least n, cached per (device, stream): the kernel
+    that uses a ticket sets it back to 0, so launches on one stream (serialised) share the
+    buffer and no memset is needed per call; another stream gets its own buffer."""
+    key = (device.index, torch.cuda.current_stream(device).cuda_stream)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+        _COUNTERS[key] = buf
+    return buf
+
+
+def launch(grid, q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, o, lse, po, pl,
+           Cn, H, n_mtiles, max_ctx, split_size, qk_scale, cfg, split):
+    """Launch the Gluon forward on ``grid`` (same grid and arguments as the ``tl`` kernel).
+
+    k_ctx, v_ctx: [Lc, H, Dh], read through TMA descriptors over the [Lc, H*Dh] view.
+    Returns True when the split partials were merged in the kernel (no combine launch)."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    Lc, _, Dh = k_ctx.shape
+    # Dh 128 with 128-key blocks would not fit the warp-specialised kernel's shared memory
+    # (or the plain kernel's registers); 64-key blocks still divide every split
+    bn = cfg["BLOCK_N"] if Dh <= 64 else min(cfg["BLOCK_N"], 64)
+    gdt = gl.bfloat16 if k_ctx.dtype == torch.bfloat16 else gl.float16
+    layout = gl.NVMMASharedLayout.get_default_for([bn, Dh], gdt)
+    kd, vd = (TensorDescriptor(t, [Lc, H * Dh], [H * Dh, 1], [bn, Dh], layout)
+              for t in (k_ctx, v_ctx))
+    fuse = bool(split and cfg.get("fuse_combine") and not cfg.get("ws"))
+    cnt = _counters(q.device, grid[0] * grid[1]) if fuse else cand_offsets
+    kern, kw = _dcat_fwd_gluon_kernel, dict(OVERLAP=bool(cfg.get("overlap", False)),
+                                            Q_REG=bool(cfg.get("q_reg", False)),
+                                            FUSE_COMBINE=fuse, POLY=bool(cfg.get("poly", False)))
+    if cfg.get("maxnreg"):
+        kw["maxnreg"] = cfg["maxnreg"]
+    if cfg.get("ws"):
+        # NC+1 warpgroups (consumers + the producer warp's group) x 128 threads share the
+        # 64K-register file at launch; setmaxnreg then moves registers to the consumers
+        nc = cfg["BLOCK_M"] // 64
+        kern = _dcat_fwd_gluon_ws_kernel
+        kw = dict(maxnreg=168 if nc == 2 else 128, POLY=kw["POLY"], Q_REG=kw["Q_REG"],
+                  OVERLAP=kw["OVERLAP"])
+        fuse = False
+    kern[grid](
+        q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, o, lse, po, pl, kd, vd,
+        *(() if cfg.get("ws") else (cnt,)), Cn, H, n_mtiles, max_ctx, split_size, qk_scale,
+        HEAD_DIM=Dh, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=bn, STAGES=cfg["num_stages"],
+        SPLIT=split, num_warps=cfg["num_warps"], **kw)
+    return fuse
+
+
+def usable(q, k_ctx, v_ctx, cfg) -> bool:
+    """Whether this kernel can run these inputs: Hopper (wgmma is sm_90 only), bf16/fp16,
+    not the interpreter, a non-empty history whose rows TMA can address (16-byte aligned
+    base and row stride), and whole warpgroups (4 warps per 64 candidate rows or more)."""
+    if os.environ.get("TRITON_INTERPRET") == "1" or not q.is_cuda:
+        return False
+    if q.dtype not in (torch.bfloat16, torch.float16) or k_ctx.shape[0] == 0:
+        return False
+    if torch.cuda.get_device_capability(q.device)[0] != 9:
+        return False
+    Dh = q.shape[-1]
+    if Dh % 16 or Dh > 256 or cfg["num_warps"] % 4 or cfg["BLOCK_M"] % (16 * cfg["num_warps"]):
+        return False
+    if cfg.get("ws") and (cfg["BLOCK_M"] not in (128, 192) or cfg["num_warps"] != 4):
+        return False
+    return all(t.data_ptr() % 16 == 0 and (t.shape[1] * Dh * t.element_size()) % 16 == 0
+               for t in (k_ctx, v_ctx))
+
+
+# ---------------------------------------------------------------- warp-specialised variant
+# One CTA = NC consumer warpgroups (64 candidate rows each, BLOCK_M = 64*NC) + 1 producer
+# warp issuing the K/V TMA loads into a STAGES-deep ring (FA3's layout; FA3 uses NC = 3 at
+# Dh = 64). The consumers share every K/V block (1/NC of the L2->SM traffic of 64-row CTAs)
+# and synchronise only through mbarriers (no CTA-wide bar.sync), so their softmax and MMA
+# phases drift apart and overlap on the SM. The ragged tail block comes through TMA too; its
+# columns past the split end are masked to -inf (those rows are the next split's or another
+# request's keys, or TMA's zero fill: finite, multiplied by p = 0).
+@gluon.jit
+def _ws_consumer(a, HALF: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
+                 STAGES: gl.constexpr, SPLIT: gl.constexpr, POLY: gl.constexpr,
+                 Q_REG: gl.constexpr, OVERLAP: gl.constexpr):
+    (Q, K, V, O, LSE, PO, PL, q_bufs, k_bufs, v_bufs, ready, empty,
+     m0, c1, h, s, H, Cn, kstart, kend, n_full, qk_scale) = a
+    WG_M: gl.constexpr = 64
+    dtype: gl.constexpr = k_bufs.dtype
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    ld: gl.constexpr = _load_layout(HEAD_DIM, 4)
+    s_qm = H * HEAD_DIM
+    q_smem = q_bufs.index(HALF)
+
+    r0 = m0 + HALF * WG_M
+    offs_m = r0 + gl.arange(0, WG_M, layout=gl.SliceLayout(1, ld))
+    mask_m = offs_m < c1
+    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ld))
+    row_off = offs_m[:, None] * s_qm + h * HEAD_DIM + offs_d[None, :]
+    offs_m_o = r0 + gl.arange(0, WG_M, layout=row_o)
+    mask_m_o = offs_m_o < c1
+    offs_d_o = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+    row_off_o = offs_m_o[:, None] * s_qm + h * HEAD_DIM + offs_d_o[None, :]
+    q = gl.load(Q + row_off, mask=mask_m[:, None], other=0.0)
+    q_smem.store(q)
+    if s == 0:
+        ks = gl.load(K + row_off, mask=mask_m[:, None], other=0.0)
+        m_self = gl.sum(q.to(gl.float32) * ks.to(gl.float32), 1) * qk_scale
+        m_i = gl.convert_layout(m_self, row_s)
+        l_i = gl.full([WG_M], 1.0, gl.float32, row_s)
+        acc = gl.load(V + row_off_o, mask=mask_m_o[:, None], other=0.0).to(gl.float32)
+    else:
+        m_i = gl.full([WG_M], float("-inf"), gl.float32, row_s)
+        l_i = gl.full([WG_M], 0.0, gl.float32, row_s)
+        acc = gl.zeros([WG_M, HEAD_DIM], gl.float32, o_layout)
+    fence_async_shared()
+    gl.thread_barrier()
+    if Q_REG:
+        qa = q_smem.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
+    else:
+        qa = q_smem
+    zero_s = gl.zeros([WG_M, BLOCK_N], gl.float32, s_layout)
+
+    if n_full > 0:
+        mbarrier.wait(ready.index(0), 0)
+        s_acc = warpgroup_mma(qa, k_bufs.index(0).permute((1, 0)), zero_s, use_acc=False)
+        p, alpha, m_i, l_i = _softmax_block(s_acc, m_i, l_i, qk_scale, p_layout, dtype, POLY)
+        acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+        for j in range(1, n_full):
+            slot = j % STAGES
+            prev = (j - 1) % STAGES
+            mbarrier.wait(ready.index(slot), (j // STAGES) & 1)
+            s_tok = warpgroup_mma(qa, k_bufs.index(slot).permute((1, 0)), zero_s,
+                                  use_acc=False, is_async=True)
+            o_tok = warpgroup_mma(p, v_bufs.index(prev), acc, is_async=True)
+            if OVERLAP:
+                s_acc = warpgroup_mma_wait(1, deps=(s_tok, ))
+            else:
+                s_acc = warpgroup_mma_wait(0, deps=(s_tok, ))
+            p, alpha, m_i, l_i = _softmax_block(s_acc, m_i, l_i, qk_scale, p_layout, dtype,
+                                                POLY)
+            acc = warpgroup_mma_wait(0, deps=(o_tok, ))
+            mbarrier.arrive(empty.index(prev), count=1)
+            acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+        last = (n_full - 1) % STAGES
+        acc = warpgroup_mma(p, v_bufs.index(last), acc)
+        mbarrier.arrive(empty.index(last), count=1)
+
+    tail = kstart + n_full * BLOCK_N
+    if tail < kend:
+        slot = n_full % STAGES
+        mbarrier.wait(ready.index(slot), (n_full // STAGES) & 1)
+        s_acc = warpgroup_mma(qa, k_bufs.index(slot).permute((1, 0)), zero_s, use_acc=False)
+        cols = tail + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        s_acc = gl.where((cols < kend)[None, :], s_acc, float("-inf"))
+        p, alpha, m_i, l_i = _softmax_block(s_acc, m_i, l_i, qk_scale, p_layout, dtype)
+        acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+        acc = warpgroup_mma(p, v_bufs.index(slot), acc)
+
+    l_o = gl.convert_layout(l_i, row_o)
+    o = acc / l_o[:, None]
+    lse2 = gl.convert_layout(m_i + gl.log2(l_i), row_o)
+    if SPLIT:
+        prow = (s * Cn + offs_m_o) * H + h
+        gl.store(PO + prow[:, None] * HEAD_DIM + offs_d_o[None, :], o, mask=mask_m_o[:, None])
+        gl.store(PL + prow, lse2, mask=mask_m_o)
+    else:
+        gl.store(O + row_off_o, o.to(dtype), mask=mask_m_o[:, None])
+        gl.store(LSE + offs_m_o * H + h, lse2 * 0.6931471805599453, mask=mask_m_o)
+
+
+@gluon.jit
+def _ws_producer(a, HALF: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
+                 STAGES: gl.constexpr, SPLIT: gl.constexpr, POLY: gl.constexpr,
+                 Q_REG: gl.constexpr, OVERLAP: gl.constexpr):
+    kc_desc, vc_desc, k_bufs, v_bufs, ready, empty, row0, col, n_blocks = a
+    nbytes: gl.constexpr = 2 * kc_desc.block_type.nbytes
+    for j in range(n_blocks):
+        slot = j % STAGES
+        # a fresh mbarrier counts as phase 1 complete: the first round passes at once
+        mbarrier.wait(empty.index(slot), ((j // STAGES) & 1) ^ 1)
+        mbarrier.expect(ready.index(slot), nbytes)
+        tma.async_copy_global_to_shared(kc_desc, [row0 + j * BLOCK_N, col], ready.index(slot),
+                                        k_bufs.index(slot))
+        tma.async_copy_global_to_shared(vc_desc, [row0 + j * BLOCK_N, col], ready.index(slot),
+                                        v_bufs.index(slot))
+
+
+@gluon.jit(do_not_specialize=["Cn", "H", "n_mtiles", "max_ctx", "split_size"])
+def _dcat_fwd_gluon_ws_kernel(
+    Q, K, V, KC, VC, CO, XO, O, LSE, PO, PL, kc_desc, vc_desc,
+    Cn, H, n_mtiles, max_ctx, split_size, qk_scale,
+    HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+    STAGES: gl.constexpr, SPLIT: gl.constexpr, POLY: gl.constexpr, Q_REG: gl.constexpr,
+    OVERLAP: gl.constexpr, num_warps: gl.constexpr,
+):
+    NC: gl.constexpr = BLOCK_M // 64
+    gl.static_assert((NC == 2) or (NC == 3), "2 or 3 consumer warpgroups x 64 rows")
+    gl.static_assert(num_warps == 4, "the default partition is one consumer warpgroup")
+    dtype: gl.constexpr = kc_desc.dtype
+    smem_layout: gl.constexpr = kc_desc.layout
+    pid = gl.program_id(0)
+    h = gl.program_id(1)
+    s = gl.program_id(2)
+    r = pid // n_mtiles
+    mt = pid - r * n_mtiles
+    c0 = gl.load(CO + r).to(gl.int64)
+    c1 = gl.load(CO + r + 1).to(gl.int64)
+    m0 = c0 + mt * BLOCK_M
+    x0 = gl.load(XO + r).to(gl.int64)
+    x1 = gl.load(XO + r + 1).to(gl.int64)
+    if max_ctx > 0:
+        x0 = gl.maximum(x0, x1 - max_ctx)
+    n_split_r = gl.maximum(gl.cdiv(x1 - x0, split_size), 1)
+    if (m0 < c1) & (s < n_split_r):
+        kstart = x0 + s * split_size
+        kend = gl.minimum(kstart + split_size, x1)
+        n_full = ((kend - kstart) // BLOCK_N).to(gl.int32)
+        n_blocks = gl.cdiv(kend - kstart, BLOCK_N).to(gl.int32)
+        q_bufs = gl.allocate_shared_memory(dtype, [NC, 64, HEAD_DIM], smem_layout)
+        k_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], smem_layout)
+        v_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], smem_layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=NC)  # every consumer releases a slot
+        cons = (Q, K, V, O, LSE, PO, PL, q_bufs, k_bufs, v_bufs, ready, empty,
+                m0, c1, h, s, H, Cn, kstart, kend, n_full, qk_scale)
+        prod = (kc_desc, vc_desc, k_bufs, v_bufs, ready, empty, kstart.to(gl.int32),
+                (h * HEAD_DIM).to(gl.int32), n_blocks)
+        ce: gl.constexpr = (HEAD_DIM, BLOCK_N, STAGES, SPLIT, POLY, Q_REG, OVERLAP)
+        if NC == 2:
+            gl.warp_specialize([
+                (_ws_consumer, (cons, 0) + ce),
+                (_ws_consumer, (cons, 1) + ce),
+                (_ws_producer, (prod, 0) + ce),
+            ], [4, 1], [232, 24])
+        else:
+            gl.warp_specialize([
+                (_ws_consumer, (cons, 0) + ce),
+                (_ws_consumer, (cons, 1) + ce),
+                (_ws_consumer, (cons, 2) + ce),
+                (_ws_producer, (prod, 0) + ce),
+            ], [4, 4, 1], [160, 160, 24])
+        for i in gl.static_range(STAGES):
+            mbarrier.invalidate(ready.index(i))
+            mbarrier.invalidate(empty.index(i))

@@ -1,0 +1,87 @@
+"""DCAT forward dispatch on the host side: which kernel and tile a call gets (Gluon on
+Hopper, the tl kernel elsewhere, the warp-specialised Gluon kernel for long histories),
+shared-memory fitting of the tl tiles, and the arithmetic of the Gluon kernel's polynomial
+exp2 (the PTX itself only runs on a GPU: docs/benchmarks/dcat.md has its GPU checks)."""
+
+import os
+import re
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def _fwd():
+    from pinfm_rec.kernels.dcat import triton_fwd
+    return triton_fwd
+
+
+def test_fit_smem_keeps_half_precision_defaults_and_shrinks_fp32_dh128():
+    f = _fwd().fit_smem
+    # forward: K/V streamed [BN, Dh] x 2 per stage, q resident
+    assert f(128, 64, 3, 2, 1, 64, 2) == (128, 3)      # bf16 Dh 64: the benchmarked tile
+    assert f(128, 64, 3, 2, 1, 128, 2) == (128, 3)     # bf16 Dh 128 fits as is
+    assert f(128, 64, 3, 2, 1, 64, 4) == (128, 3)      # fp32 Dh 64 fits as is
+    assert f(128, 64, 3, 2, 1, 128, 4) == (32, 3)      # fp32 Dh 128: 360 KB on the GPU before
+    # dq: K/V streamed, q and do resident (128 rows): rows down to 32, then a stage less
+    assert f(64, 128, 3, 2, 2, 128, 4) == (32, 2)
+    # every result fits the budget
+    for args in [(128, 64, 3, 2, 1, 128, 4), (64, 128, 3, 2, 2, 128, 4)]:
+        rows, st = f(*args)
+        _, res, _, ns, nr, dh, el = args
+        assert (st * ns * rows + nr * res) * dh * el <= _fwd().SMEM_BUDGET
+
+
+def test_ws_config_only_for_gluon_and_long_histories():
+    tf = _fwd()
+    base = dict(tf.FWD_CONFIG, impl="gluon", ws_min_ctx=12288, ws_waves=0.95)
+    assert tf.ws_config(base, 8192) is base
+    ws = tf.ws_config(base, 16384)
+    assert ws["ws"] is True and ws["BLOCK_M"] == 128 and ws["waves"] == 0.95
+    assert base.get("ws") is None  # the caller's dict is not changed
+    assert tf.ws_config(dict(base, impl="tl"), 16384)["BLOCK_M"] == base["BLOCK_M"]
+    assert tf.ws_config(dict(base, ws_min_ctx=0), 10 ** 6) is not None
+    assert not tf.ws_config(dict(base, ws_min_ctx=0), 10 ** 6).get("ws")
+
+
+def test_gluon_path_is_not_taken_off_hopper():
+    pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
+    tf = _fwd()
+    from pinfm_rec.kernels.dcat import gluon_fwd
+    q = torch.randn(5, 2, 64, dtype=torch.bfloat16)
+    kc = torch.randn(40, 2, 64, dtype=torch.bfloat16)
+    cfg = dict(tf.FWD_CONFIG, impl="gluon")
+    assert not gluon_fwd.usable(q, kc, kc, cfg)     # CPU tensors
+    assert not tf._gluon_usable(q, kc, kc, cfg)
+
+
+def _emulate_exp2_poly(x):
+    """The fourth lane of gluon_fwd._EXP2_MIXED_ASM, step by step in float32."""
+    from pinfm_rec.kernels.dcat import gluon_fwd
+    asm = str(getattr(gluon_fwd._EXP2_MIXED_ASM, "value", gluon_fwd._EXP2_MIXED_ASM))
+    consts = {h: np.frombuffer(bytes.fromhex(h)[::-1], np.float32)[0]
+              for h in re.findall(r"0f([0-9A-F]{8})", asm)}
+    lo, magic = consts["C2FC0000"], consts["4B400000"]
+    fma = re.findall(r"fma\.rn\.f32 p, (?:f|p), (?:f|0f([0-9A-F]{8})), 0f([0-9A-F]{8})", asm)
+    c3, c2 = consts[fma[0][0]], consts[fma[0][1]]
+    c1, c0 = consts[fma[1][1]], consts[fma[2][1]]
+    x = np.maximum(x.astype(np.float32), lo)
+    t = (x + magic).astype(np.float32)
+    j = (t - magic).astype(np.float32)
+    f = (x - j).astype(np.float32)
+    p = ((c3 * f + c2) * f + c1) * f + c0
+    bits = p.astype(np.float32).view(np.int32) + (t.view(np.int32) << 23)
+    return bits.view(np.float32)
+
+
+def test_polynomial_exp2_matches_exp2_on_the_softmax_range():
+    pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
+    x = np.concatenate([np.linspace(-30.0, 0.0, 200001), -np.random.default_rng(0).random(1000)
+                        * 120.0]).astype(np.float32)
+    got = _emulate_exp2_poly(x).astype(np.float64)
+    want = np.exp2(x.astype(np.float64))
+    rel = np.abs(got / want - 1.0)
+    assert rel.max() < 1e-4          # below bf16 (3.9e-3) and fp16 (4.9e-4) rounding of p
+    assert _emulate_exp2_poly(np.array([0.0], np.float32))[0] == pytest.approx(1.0, abs=1e-4)
