@@ -96,6 +96,96 @@ def _softmax_block(s_acc, m_i, l_i, qk_scale, p_layout: gl.constexpr, dtype: gl.
     return gl.convert_layout(p.to(dtype), p_layout), alpha, m_new, l_i
 
 
+@gluon.jit
+def _program_tile(CO, XO, n_mtiles, max_ctx, split_size, BLOCK_M: gl.constexpr):
+    """This program's work (same grid as the tl kernel): pid = request * n_mtiles + tile,
+    head h, split s; candidate rows m0..min(m0 + BLOCK_M, c1), history keys x0..x1 (the last
+    max_ctx if set), and the request's number of splits."""
+    pid = gl.program_id(0)
+    h = gl.program_id(1)
+    s = gl.program_id(2)
+    r = pid // n_mtiles
+    mt = pid - r * n_mtiles
+    c0 = gl.load(CO + r).to(gl.int64)
+    c1 = gl.load(CO + r + 1).to(gl.int64)
+    m0 = c0 + mt * BLOCK_M
+    x0 = gl.load(XO + r).to(gl.int64)
+    x1 = gl.load(XO + r + 1).to(gl.int64)
+    if max_ctx > 0:
+        x0 = gl.maximum(x0, x1 - max_ctx)
+    n_split_r = gl.maximum(gl.cdiv(x1 - x0, split_size), 1)
+    return pid, h, s, m0, c1, x0, x1, n_split_r
+
+
+@gluon.jit
+def _open_rows(Q, K, V, r0, c1, h, s, H, qk_scale, ROWS: gl.constexpr,
+               HEAD_DIM: gl.constexpr, ld: gl.constexpr, s_layout: gl.constexpr,
+               o_layout: gl.constexpr):
+    """Candidate rows r0..r0+ROWS of head h: q [ROWS, Dh] (layout ld), the rows' offsets in
+    the accumulator layout (o is stored from there and v_self loaded there, so no layout
+    change needs scratch shared memory, which would cost the second CTA per SM), and the
+    online-softmax state (m, l, acc), opened by the self term on split 0."""
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    s_qm = H * HEAD_DIM
+    offs_m = r0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, ld))
+    mask_m = offs_m < c1
+    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ld))
+    row_off = offs_m[:, None] * s_qm + h * HEAD_DIM + offs_d[None, :]
+    offs_m_o = r0 + gl.arange(0, ROWS, layout=row_o)
+    mask_m_o = offs_m_o < c1
+    offs_d_o = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+    row_off_o = offs_m_o[:, None] * s_qm + h * HEAD_DIM + offs_d_o[None, :]
+    q = gl.load(Q + row_off, mask=mask_m[:, None], other=0.0)
+    if s == 0:  # self term: the candidate's own key/value opens the online softmax
+        ks = gl.load(K + row_off, mask=mask_m[:, None], other=0.0)
+        m_self = gl.sum(q.to(gl.float32) * ks.to(gl.float32), 1) * qk_scale
+        m_i = gl.convert_layout(m_self, row_s)
+        l_i = gl.full([ROWS], 1.0, gl.float32, row_s)
+        acc = gl.load(V + row_off_o, mask=mask_m_o[:, None], other=0.0).to(gl.float32)
+    else:
+        m_i = gl.full([ROWS], float("-inf"), gl.float32, row_s)
+        l_i = gl.full([ROWS], 0.0, gl.float32, row_s)
+        acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
+    return q, m_i, l_i, acc, offs_d, offs_m_o, mask_m_o, offs_d_o, row_off_o
+
+
+@gluon.jit
+def _kv_step(qa, k_buf, v_prev, p, acc, m_i, l_i, zero_s, qk_scale, p_layout: gl.constexpr,
+             row_o: gl.constexpr, dtype: gl.constexpr, POLY: gl.constexpr,
+             OVERLAP: gl.constexpr):
+    """One history block j: QK^T(j) and PV(j-1) issued together; with OVERLAP the softmax
+    of j runs while PV(j-1) is still on the tensor cores (FA3's intra-warpgroup overlap).
+    Returns block j's p and the state rescaled to its max; k_buf and v_prev are free."""
+    s_tok = warpgroup_mma(qa, k_buf.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    o_tok = warpgroup_mma(p, v_prev, acc, is_async=True)
+    if OVERLAP:
+        s_acc = warpgroup_mma_wait(1, deps=(s_tok, ))
+    else:
+        s_acc = warpgroup_mma_wait(0, deps=(s_tok, ))
+    p, alpha, m_i, l_i = _softmax_block(s_acc, m_i, l_i, qk_scale, p_layout, dtype, POLY)
+    acc = warpgroup_mma_wait(0, deps=(o_tok, ))
+    acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+    return p, acc, m_i, l_i
+
+
+@gluon.jit
+def _write_rows(acc, m_i, l_i, O, LSE, PO, PL, s, h, H, Cn, offs_m_o, mask_m_o, offs_d_o,
+                row_off_o, HEAD_DIM: gl.constexpr, SPLIT: gl.constexpr,
+                row_o: gl.constexpr, dtype: gl.constexpr):
+    """o = acc / l and the LSE: final (natural log) or, with SPLIT, this split's fp32
+    partial (log2) for the merge."""
+    o = acc / gl.convert_layout(l_i, row_o)[:, None]
+    lse2 = gl.convert_layout(m_i + gl.log2(l_i), row_o)
+    if SPLIT:
+        prow = (s * Cn + offs_m_o) * H + h
+        gl.store(PO + prow[:, None] * HEAD_DIM + offs_d_o[None, :], o, mask=mask_m_o[:, None])
+        gl.store(PL + prow, lse2, mask=mask_m_o)
+    else:
+        gl.store(O + row_off_o, o.to(dtype), mask=mask_m_o[:, None])
+        gl.store(LSE + offs_m_o * H + h, lse2 * 0.6931471805599453, mask=mask_m_o)
+
+
 @gluon.jit(do_not_specialize=["Cn", "H", "n_mtiles", "max_ctx", "split_size"])
 def _dcat_fwd_gluon_kernel(
     Q, K, V, KC, VC, CO, XO, O, LSE, PO, PL, kc_desc, vc_desc, CNT,
@@ -111,55 +201,21 @@ def _dcat_fwd_gluon_kernel(
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, HEAD_DIM, 16])
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
     ld: gl.constexpr = _load_layout(HEAD_DIM, num_warps)
 
-    pid = gl.program_id(0)
-    h = gl.program_id(1)
-    s = gl.program_id(2)
+    pid, h, s, m0, c1, x0, x1, n_split_r = _program_tile(CO, XO, n_mtiles, max_ctx,
+                                                          split_size, BLOCK_M)
     s_qm = H * HEAD_DIM
-    r = pid // n_mtiles
-    mt = pid - r * n_mtiles
-    c0 = gl.load(CO + r).to(gl.int64)
-    c1 = gl.load(CO + r + 1).to(gl.int64)
-    m0 = c0 + mt * BLOCK_M
-    x0 = gl.load(XO + r).to(gl.int64)
-    x1 = gl.load(XO + r + 1).to(gl.int64)
-    if max_ctx > 0:
-        x0 = gl.maximum(x0, x1 - max_ctx)
-    n_split_r = gl.maximum(gl.cdiv(x1 - x0, split_size), 1)
     if (m0 < c1) & (s < n_split_r):
-        offs_m = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ld))
-        mask_m = offs_m < c1
-        offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ld))
-        row_off = offs_m[:, None] * s_qm + h * HEAD_DIM + offs_d[None, :]
-        # the same rows in the accumulator layout: o is stored from there, and v_self
-        # loaded there, so no layout change needs shared-memory scratch (which would cost
-        # the second CTA per SM)
-        offs_m_o = m0 + gl.arange(0, BLOCK_M, layout=row_o)
-        mask_m_o = offs_m_o < c1
-        offs_d_o = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-        row_off_o = offs_m_o[:, None] * s_qm + h * HEAD_DIM + offs_d_o[None, :]
-        q = gl.load(Q + row_off, mask=mask_m[:, None], other=0.0)
+        q, m_i, l_i, acc, offs_d, offs_m_o, mask_m_o, offs_d_o, row_off_o = _open_rows(
+            Q, K, V, m0, c1, h, s, H, qk_scale, BLOCK_M, HEAD_DIM, ld, s_layout, o_layout)
         q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], smem_layout, q)
         k_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], smem_layout)
         v_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], smem_layout)
         bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(bars.index(i), count=1)
-
-        if s == 0:  # self term: the candidate's own key/value opens the online softmax
-            ks = gl.load(K + row_off, mask=mask_m[:, None], other=0.0)
-            m_self = gl.sum(q.to(gl.float32) * ks.to(gl.float32), 1) * qk_scale
-            m_i = gl.convert_layout(m_self, row_s)
-            l_i = gl.full([BLOCK_M], 1.0, gl.float32, row_s)
-            # v_self straight into the accumulator layout (no shared-memory layout change)
-            acc = gl.load(V + row_off_o, mask=mask_m_o[:, None], other=0.0).to(gl.float32)
-        else:
-            m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, row_s)
-            l_i = gl.full([BLOCK_M], 0.0, gl.float32, row_s)
-            acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
 
         kstart = x0 + s * split_size
         kend = gl.minimum(kstart + split_size, x1)
@@ -201,18 +257,9 @@ def _dcat_fwd_gluon_kernel(
                 slot = j % STAGES
                 prev = (j - 1) % STAGES
                 mbarrier.wait(bars.index(slot), (j // STAGES) & 1)
-                s_tok = warpgroup_mma(qa, k_bufs.index(slot).permute((1, 0)), zero_s,
-                                      use_acc=False, is_async=True)
-                o_tok = warpgroup_mma(p, v_bufs.index(prev), acc, is_async=True)
-                if OVERLAP:
-                    # QK^T of block j done; block j-1's PV may still run during the softmax
-                    s_acc = warpgroup_mma_wait(1, deps=(s_tok, ))
-                else:
-                    s_acc = warpgroup_mma_wait(0, deps=(s_tok, ))
-                p, alpha, m_i, l_i = _softmax_block(s_acc, m_i, l_i, qk_scale, p_layout, dtype,
-                                                    POLY)
-                acc = warpgroup_mma_wait(0, deps=(o_tok, ))
-                acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+                p, acc, m_i, l_i = _kv_step(qa, k_bufs.index(slot), v_bufs.index(prev), p, acc,
+                                            m_i, l_i, zero_s, qk_scale, p_layout, row_o, dtype,
+                                            POLY, OVERLAP)
                 # slot `prev` is free: refill it with block j-1+STAGES
                 nb = j - 1 + STAGES
                 go = nb < n_full
@@ -246,43 +293,35 @@ def _dcat_fwd_gluon_kernel(
 
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(i))
-        l_o = gl.convert_layout(l_i, row_o)
-        o = acc / l_o[:, None]
-        lse2 = gl.convert_layout(m_i + gl.log2(l_i), row_o)
-        if SPLIT:
-            prow = (s * Cn + offs_m_o) * H + h
-            gl.store(PO + prow[:, None] * HEAD_DIM + offs_d_o[None, :], o, mask=mask_m_o[:, None])
-            gl.store(PL + prow, lse2, mask=mask_m_o)
-            if FUSE_COMBINE:
-                # split-K merge without a second kernel: the last split of this (tile, head)
-                # to finish (atomic ticket) merges all partials and re-arms the counter
-                gl.thread_barrier()
-                tile = pid * H + h
-                ticket = gl.atomic_add(CNT + tile, 1, sem="acq_rel")
-                if ticket == n_split_r - 1:
-                    m_c = gl.full([BLOCK_M], float("-inf"), gl.float32, row_o)
-                    l_c = gl.full([BLOCK_M], 0.0, gl.float32, row_o)
-                    acc_c = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
-                    for t in range(n_split_r):
-                        prow_t = (t * Cn + offs_m_o) * H + h
-                        lse_t = gl.load(PL + prow_t, mask=mask_m_o, other=0.0,
-                                        cache_modifier=".cg")
-                        o_t = gl.load(PO + prow_t[:, None] * HEAD_DIM + offs_d_o[None, :],
-                                      mask=mask_m_o[:, None], other=0.0, cache_modifier=".cg")
-                        m_new = gl.maximum(m_c, lse_t)
-                        a_c = gl.exp2(m_c - m_new)
-                        w_t = gl.exp2(lse_t - m_new)
-                        l_c = l_c * a_c + w_t
-                        acc_c = acc_c * a_c[:, None] + w_t[:, None] * o_t
-                        m_c = m_new
-                    gl.store(O + row_off_o, (acc_c / l_c[:, None]).to(dtype),
-                             mask=mask_m_o[:, None])
-                    gl.store(LSE + offs_m_o * H + h, (m_c + gl.log2(l_c)) * 0.6931471805599453,
-                             mask=mask_m_o)
-                    gl.store(CNT + tile, 0)
-        else:
-            gl.store(O + row_off_o, o.to(dtype), mask=mask_m_o[:, None])
-            gl.store(LSE + offs_m_o * H + h, lse2 * 0.6931471805599453, mask=mask_m_o)
+        _write_rows(acc, m_i, l_i, O, LSE, PO, PL, s, h, H, Cn, offs_m_o, mask_m_o, offs_d_o,
+                    row_off_o, HEAD_DIM, SPLIT, row_o, dtype)
+        if SPLIT and FUSE_COMBINE:
+            # split-K merge without a second kernel: the last split of this (tile, head)
+            # to finish (atomic ticket) merges all partials and re-arms the counter
+            gl.thread_barrier()
+            tile = pid * H + h
+            ticket = gl.atomic_add(CNT + tile, 1, sem="acq_rel")
+            if ticket == n_split_r - 1:
+                m_c = gl.full([BLOCK_M], float("-inf"), gl.float32, row_o)
+                l_c = gl.full([BLOCK_M], 0.0, gl.float32, row_o)
+                acc_c = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
+                for t in range(n_split_r):
+                    prow_t = (t * Cn + offs_m_o) * H + h
+                    lse_t = gl.load(PL + prow_t, mask=mask_m_o, other=0.0,
+                                    cache_modifier=".cg")
+                    o_t = gl.load(PO + prow_t[:, None] * HEAD_DIM + offs_d_o[None, :],
+                                  mask=mask_m_o[:, None], other=0.0, cache_modifier=".cg")
+                    m_new = gl.maximum(m_c, lse_t)
+                    a_c = gl.exp2(m_c - m_new)
+                    w_t = gl.exp2(lse_t - m_new)
+                    l_c = l_c * a_c + w_t
+                    acc_c = acc_c * a_c[:, None] + w_t[:, None] * o_t
+                    m_c = m_new
+                gl.store(O + row_off_o, (acc_c / l_c[:, None]).to(dtype),
+                         mask=mask_m_o[:, None])
+                gl.store(LSE + offs_m_o * H + h, (m_c + gl.log2(l_c)) * 0.6931471805599453,
+                         mask=mask_m_o)
+                gl.store(CNT + tile, 0)
 
 
 _COUNTERS: dict = {}
@@ -379,33 +418,13 @@ def _ws_consumer(a, HALF: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.cons
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(
         version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16])
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
     ld: gl.constexpr = _load_layout(HEAD_DIM, 4)
-    s_qm = H * HEAD_DIM
     q_smem = q_bufs.index(HALF)
-
-    r0 = m0 + HALF * WG_M
-    offs_m = r0 + gl.arange(0, WG_M, layout=gl.SliceLayout(1, ld))
-    mask_m = offs_m < c1
-    offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ld))
-    row_off = offs_m[:, None] * s_qm + h * HEAD_DIM + offs_d[None, :]
-    offs_m_o = r0 + gl.arange(0, WG_M, layout=row_o)
-    mask_m_o = offs_m_o < c1
-    offs_d_o = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-    row_off_o = offs_m_o[:, None] * s_qm + h * HEAD_DIM + offs_d_o[None, :]
-    q = gl.load(Q + row_off, mask=mask_m[:, None], other=0.0)
+    q, m_i, l_i, acc, offs_d, offs_m_o, mask_m_o, offs_d_o, row_off_o = _open_rows(
+        Q, K, V, m0 + HALF * WG_M, c1, h, s, H, qk_scale, WG_M, HEAD_DIM, ld, s_layout,
+        o_layout)
     q_smem.store(q)
-    if s == 0:
-        ks = gl.load(K + row_off, mask=mask_m[:, None], other=0.0)
-        m_self = gl.sum(q.to(gl.float32) * ks.to(gl.float32), 1) * qk_scale
-        m_i = gl.convert_layout(m_self, row_s)
-        l_i = gl.full([WG_M], 1.0, gl.float32, row_s)
-        acc = gl.load(V + row_off_o, mask=mask_m_o[:, None], other=0.0).to(gl.float32)
-    else:
-        m_i = gl.full([WG_M], float("-inf"), gl.float32, row_s)
-        l_i = gl.full([WG_M], 0.0, gl.float32, row_s)
-        acc = gl.zeros([WG_M, HEAD_DIM], gl.float32, o_layout)
     fence_async_shared()
     gl.thread_barrier()
     if Q_REG:
@@ -423,18 +442,10 @@ def _ws_consumer(a, HALF: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.cons
             slot = j % STAGES
             prev = (j - 1) % STAGES
             mbarrier.wait(ready.index(slot), (j // STAGES) & 1)
-            s_tok = warpgroup_mma(qa, k_bufs.index(slot).permute((1, 0)), zero_s,
-                                  use_acc=False, is_async=True)
-            o_tok = warpgroup_mma(p, v_bufs.index(prev), acc, is_async=True)
-            if OVERLAP:
-                s_acc = warpgroup_mma_wait(1, deps=(s_tok, ))
-            else:
-                s_acc = warpgroup_mma_wait(0, deps=(s_tok, ))
-            p, alpha, m_i, l_i = _softmax_block(s_acc, m_i, l_i, qk_scale, p_layout, dtype,
-                                                POLY)
-            acc = warpgroup_mma_wait(0, deps=(o_tok, ))
+            p, acc, m_i, l_i = _kv_step(qa, k_bufs.index(slot), v_bufs.index(prev), p, acc,
+                                        m_i, l_i, zero_s, qk_scale, p_layout, row_o, dtype,
+                                        POLY, OVERLAP)
             mbarrier.arrive(empty.index(prev), count=1)
-            acc = acc * gl.convert_layout(alpha, row_o)[:, None]
         last = (n_full - 1) % STAGES
         acc = warpgroup_mma(p, v_bufs.index(last), acc)
         mbarrier.arrive(empty.index(last), count=1)
@@ -450,16 +461,8 @@ def _ws_consumer(a, HALF: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.cons
         acc = acc * gl.convert_layout(alpha, row_o)[:, None]
         acc = warpgroup_mma(p, v_bufs.index(slot), acc)
 
-    l_o = gl.convert_layout(l_i, row_o)
-    o = acc / l_o[:, None]
-    lse2 = gl.convert_layout(m_i + gl.log2(l_i), row_o)
-    if SPLIT:
-        prow = (s * Cn + offs_m_o) * H + h
-        gl.store(PO + prow[:, None] * HEAD_DIM + offs_d_o[None, :], o, mask=mask_m_o[:, None])
-        gl.store(PL + prow, lse2, mask=mask_m_o)
-    else:
-        gl.store(O + row_off_o, o.to(dtype), mask=mask_m_o[:, None])
-        gl.store(LSE + offs_m_o * H + h, lse2 * 0.6931471805599453, mask=mask_m_o)
+    _write_rows(acc, m_i, l_i, O, LSE, PO, PL, s, h, H, Cn, offs_m_o, mask_m_o, offs_d_o,
+                row_off_o, HEAD_DIM, SPLIT, row_o, dtype)
 
 
 @gluon.jit
@@ -492,19 +495,8 @@ def _dcat_fwd_gluon_ws_kernel(
     gl.static_assert(num_warps == 4, "the default partition is one consumer warpgroup")
     dtype: gl.constexpr = kc_desc.dtype
     smem_layout: gl.constexpr = kc_desc.layout
-    pid = gl.program_id(0)
-    h = gl.program_id(1)
-    s = gl.program_id(2)
-    r = pid // n_mtiles
-    mt = pid - r * n_mtiles
-    c0 = gl.load(CO + r).to(gl.int64)
-    c1 = gl.load(CO + r + 1).to(gl.int64)
-    m0 = c0 + mt * BLOCK_M
-    x0 = gl.load(XO + r).to(gl.int64)
-    x1 = gl.load(XO + r + 1).to(gl.int64)
-    if max_ctx > 0:
-        x0 = gl.maximum(x0, x1 - max_ctx)
-    n_split_r = gl.maximum(gl.cdiv(x1 - x0, split_size), 1)
+    pid, h, s, m0, c1, x0, x1, n_split_r = _program_tile(CO, XO, n_mtiles, max_ctx,
+                                                          split_size, BLOCK_M)
     if (m0 < c1) & (s < n_split_r):
         kstart = x0 + s * split_size
         kend = gl.minimum(kstart + split_size, x1)

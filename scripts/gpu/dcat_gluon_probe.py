@@ -20,6 +20,21 @@ gl_cfg = dict(base, impl="gluon", num_stages=3, fuse_combine=True, q_reg="--qreg
 if WS:
     gl_cfg.update(ws=True, BLOCK_M=128, num_warps=4, waves=0.95, q_reg=True, overlap=True)
 
+if "--check-only" in sys.argv:
+    # the fp64-reference check (bench.correctness, quick cases incl. the long ragged one)
+    # for the checked-in default, the all-options config and the warp-specialised kernel
+    for name, extra in [("default", {}),
+                        ("poly ovl qreg fuse", dict(poly=True, overlap=True, q_reg=True,
+                                                    fuse_combine=True)),
+                        ("ws >= 12288, poly ovl qreg", dict(poly=True, overlap=True, q_reg=True,
+                                                            ws_min_ctx=12288))]:
+        triton_fwd.FWD_CONFIG.clear()
+        triton_fwd.FWD_CONFIG.update(dict(base, impl="gluon", **extra))
+        res = bench.correctness(dev, bench.CASES_QUICK, (torch.bfloat16, torch.float16),
+                                kernels=("triton",))
+        print(f"check-only {name}: {res} {time.time()-t0:.0f}s", flush=True)
+    sys.exit(0)
+
 # 1. correctness through the public op (forward by Gluon, backward by the tl kernels)
 triton_fwd.FWD_CONFIG.update(gl_cfg)
 res = bench.correctness(dev, bench.CASES_FULL if "--full" in sys.argv else bench.CASES_QUICK, (torch.bfloat16, torch.float16),
