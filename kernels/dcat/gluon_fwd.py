@@ -7,19 +7,23 @@ explicit control of the Hopper pipeline, which the ``tl`` compiler does not give
 
 * K/V history blocks arrive by TMA into a STAGES-deep shared-memory ring (one mbarrier per
   slot); a slot is refilled as soon as the MMAs reading it have retired.
-* FA3-style intra-warpgroup overlap: for block j the QK^T MMA and the PV MMA of block j-1
-  are issued asynchronously, the warpgroup waits only for QK^T (``warpgroup_mma_wait(1)``)
-  and computes block j's softmax while the tensor cores still run block j-1's PV.
-  ``tl.dot`` always waits for an MMA whose result feeds non-MMA code before going on
-  (see NOTES.md), so the exp2/ALU work and the MMAs ran back to back there.
-* P stays in registers as the A operand of the PV MMA (no shared-memory round trip).
+* QK^T of block j and PV of block j-1 are issued together as async ``warpgroup_mma``; P
+  stays in registers as the A operand of the PV MMA (no shared-memory round trip).
+
+Options (FWD_CONFIG keys, all measured in docs/benchmarks/dcat.md and NOTES.md):
+``overlap`` (FA3's intra-warpgroup overlap: wait only for QK^T and run block j's softmax
+while block j-1's PV is still on the tensor cores; ``tl.dot`` always waits), ``poly`` (a
+quarter of the exp2 by polynomial on the FMA pipe, FA4's trick), ``q_reg`` (q as a register
+operand), ``fuse_combine`` (the last split merges the partials: no combine launch) and the
+warp-specialised kernel at the end of this file (``ws_min_ctx``).
 
 The ragged tail block of a split is loaded with masked pointer loads into ring slot 0 (all
-TMA loads are retired by then), so no row of another request is read into a softmax.
+TMA loads are retired by then), so no row of another request is read into a softmax; the
+warp-specialised kernel loads it by TMA and masks the scores instead (see there).
 
-Only for CUDA compute capability 9.x (wgmma), bf16/fp16 inputs, outside the interpreter;
-fp32 keeps the ``tl`` kernel (IEEE dot). Notation: Cn candidates, Lc history tokens, H
-heads, Dh head dim.
+Only for CUDA compute capability 9.x (wgmma), bf16/fp16 inputs, Dh in {32, 64, 128},
+outside the interpreter; everything else keeps the ``tl`` kernel (fp32: IEEE dot).
+Notation: Cn candidates, Lc history tokens, H heads, Dh head dim.
 """
 
 from __future__ import annotations
@@ -380,8 +384,9 @@ def launch(grid, q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, o, lse, po, p
 
 def usable(q, k_ctx, v_ctx, cfg) -> bool:
     """Whether this kernel can run these inputs: Hopper (wgmma is sm_90 only), bf16/fp16,
-    not the interpreter, a non-empty history whose rows TMA can address (16-byte aligned
-    base and row stride), and whole warpgroups (4 warps per 64 candidate rows or more)."""
+    Dh 32/64/128, not the interpreter, a non-empty history whose rows TMA can address
+    (16-byte aligned base and row stride), and whole warpgroups (4 warps per 64 candidate
+    rows or more)."""
     if os.environ.get("TRITON_INTERPRET") == "1" or not q.is_cuda:
         return False
     if q.dtype not in (torch.bfloat16, torch.float16) or k_ctx.shape[0] == 0:
@@ -389,7 +394,8 @@ def usable(q, k_ctx, v_ctx, cfg) -> bool:
     if torch.cuda.get_device_capability(q.device)[0] != 9:
         return False
     Dh = q.shape[-1]
-    if Dh % 16 or Dh > 256 or cfg["num_warps"] % 4 or cfg["BLOCK_M"] % (16 * cfg["num_warps"]):
+    # the head dims checked on the GPU (bench --correctness full); others keep the tl kernel
+    if Dh not in (32, 64, 128) or cfg["num_warps"] % 4 or cfg["BLOCK_M"] % (16 * cfg["num_warps"]):
         return False
     if cfg.get("ws") and (cfg["BLOCK_M"] not in (128, 192) or cfg["num_warps"] != 4):
         return False

@@ -1,7 +1,11 @@
-"""Quick GPU probe of the Gluon DCAT forward: correctness against the fp64 reference
-(bf16/fp16, all CASES_FULL incl. Dh 32/128, ragged, empty histories), NaN-poisoned
-outputs, and CUDA-graph forward time per launch config at the benchmark shapes against the
-``tl`` kernel. Usage: python3 scripts/gpu/dcat_gluon_probe.py [--configs all|default]"""
+"""Quick GPU probe of the Gluon DCAT forward (session 3's tool; its runs are in
+docs/benchmarks/raw/dcat_gluon_probes_2026-11-23.json): correctness against the fp64
+reference (bf16/fp16; quick cases, or CASES_FULL incl. Dh 32/128 with --full), NaN-poisoned
+outputs, and CUDA-graph forward time per config at the benchmark shapes against the ``tl``
+kernel.
+
+Usage: python3 scripts/gpu/dcat_gluon_probe.py [--ws] [--poly] [--qreg] [--full]
+       [--configs default] | --check-only   (fp64 check of three configs, no timing)"""
 
 import sys
 import time
@@ -37,8 +41,8 @@ if "--check-only" in sys.argv:
 
 # 1. correctness through the public op (forward by Gluon, backward by the tl kernels)
 triton_fwd.FWD_CONFIG.update(gl_cfg)
-res = bench.correctness(dev, bench.CASES_FULL if "--full" in sys.argv else bench.CASES_QUICK, (torch.bfloat16, torch.float16),
-                        kernels=("triton",))
+cases = bench.CASES_FULL if "--full" in sys.argv else bench.CASES_QUICK
+res = bench.correctness(dev, cases, (torch.bfloat16, torch.float16), kernels=("triton",))
 print("correctness (worst rel err)", res, f"{time.time()-t0:.0f}s", flush=True)
 
 # 2. poisoned outputs: every element written, equal to the tl kernel
@@ -50,7 +54,8 @@ for R, L, C in [(3, 700, 37), (2, 1500, 130), (1, 0, 5)]:
         del junk
         o, lse = triton_fwd.dcat_fwd_triton(q, k, v, kc, vc, co, xo, 0, 0.125, C, L, gl_cfg)
     print(f"poison R={R} L={L} C={C}: nan o {o.isnan().sum().item()} lse "
-          f"{lse.isnan().sum().item()}; max |o - tl| {(o.float()-ref_o.float()).abs().max().item():.2e}"
+          f"{lse.isnan().sum().item()}; "
+          f"max |o - tl| {(o.float() - ref_o.float()).abs().max().item():.2e}"
           f" max |lse - tl| {(lse-ref_l).abs().max().item():.2e}", flush=True)
 
 # 3. timing
