@@ -42,6 +42,10 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 
 
+# CTA-wide barrier: gl.thread_barrier in Triton 3.6 (the GPU image's), gl.barrier in 3.8
+_cta_barrier = gl.thread_barrier if hasattr(gl, "thread_barrier") else gl.barrier
+
+
 @gluon.constexpr_function
 def _load_layout(cols, num_warps):
     # 16-byte vectors along the head dim; the rest of a warp along rows
@@ -237,7 +241,7 @@ def _dcat_fwd_gluon_kernel(
             tma.async_copy_global_to_shared(vc_desc, [row0 + i * BLOCK_N, col], bars.index(i),
                                             v_bufs.index(i), pred=go)
         fence_async_shared()  # q_smem (generic-proxy store) before the MMAs read it
-        gl.thread_barrier()
+        _cta_barrier()
         if Q_REG:  # q as the register A operand of QK^T (less shared-memory traffic)
             qa = q_smem.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
         else:
@@ -282,11 +286,11 @@ def _dcat_fwd_gluon_kernel(
             kv_off = offs_n[:, None] * s_qm + h * HEAD_DIM + offs_d[None, :]
             kb = gl.load(KC + kv_off, mask=kmask[:, None], other=0.0)
             vb = gl.load(VC + kv_off, mask=kmask[:, None], other=0.0)
-            gl.thread_barrier()
+            _cta_barrier()
             k_bufs.index(0).store(kb)
             v_bufs.index(0).store(vb)
             fence_async_shared()
-            gl.thread_barrier()
+            _cta_barrier()
             s_acc = warpgroup_mma(qa, k_bufs.index(0).permute((1, 0)), zero_s,
                                   use_acc=False)
             cols = tail + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
@@ -302,7 +306,7 @@ def _dcat_fwd_gluon_kernel(
         if SPLIT and FUSE_COMBINE:
             # split-K merge without a second kernel: the last split of this (tile, head)
             # to finish (atomic ticket) merges all partials and re-arms the counter
-            gl.thread_barrier()
+            _cta_barrier()
             tile = pid * H + h
             ticket = gl.atomic_add(CNT + tile, 1, sem="acq_rel")
             if ticket == n_split_r - 1:
@@ -432,7 +436,7 @@ def _ws_consumer(a, HALF: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.cons
         o_layout)
     q_smem.store(q)
     fence_async_shared()
-    gl.thread_barrier()
+    _cta_barrier()
     if Q_REG:
         qa = q_smem.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
     else:
@@ -520,20 +524,64 @@ def _dcat_fwd_gluon_ws_kernel(
                 m0, c1, h, s, H, Cn, kstart, kend, n_full, qk_scale)
         prod = (kc_desc, vc_desc, k_bufs, v_bufs, ready, empty, kstart.to(gl.int32),
                 (h * HEAD_DIM).to(gl.int32), n_blocks)
-        ce: gl.constexpr = (HEAD_DIM, BLOCK_N, STAGES, SPLIT, POLY, Q_REG, OVERLAP)
+        # every partition gets the same constexprs; the ints as gl.constexpr (Triton 3.8
+        # refuses plain ints, and a constexpr tuple appended with +, as partition args)
         if NC == 2:
             gl.warp_specialize([
-                (_ws_consumer, (cons, 0) + ce),
-                (_ws_consumer, (cons, 1) + ce),
-                (_ws_producer, (prod, 0) + ce),
+                (_ws_consumer, (cons, gl.constexpr(0), HEAD_DIM, BLOCK_N, STAGES, SPLIT, POLY,
+                                Q_REG, OVERLAP)),
+                (_ws_consumer, (cons, gl.constexpr(1), HEAD_DIM, BLOCK_N, STAGES, SPLIT, POLY,
+                                Q_REG, OVERLAP)),
+                (_ws_producer, (prod, gl.constexpr(0), HEAD_DIM, BLOCK_N, STAGES, SPLIT, POLY,
+                                Q_REG, OVERLAP)),
             ], [4, 1], [232, 24])
         else:
             gl.warp_specialize([
-                (_ws_consumer, (cons, 0) + ce),
-                (_ws_consumer, (cons, 1) + ce),
-                (_ws_consumer, (cons, 2) + ce),
-                (_ws_producer, (prod, 0) + ce),
+                (_ws_consumer, (cons, gl.constexpr(0), HEAD_DIM, BLOCK_N, STAGES, SPLIT, POLY,
+                                Q_REG, OVERLAP)),
+                (_ws_consumer, (cons, gl.constexpr(1), HEAD_DIM, BLOCK_N, STAGES, SPLIT, POLY,
+                                Q_REG, OVERLAP)),
+                (_ws_consumer, (cons, gl.constexpr(2), HEAD_DIM, BLOCK_N, STAGES, SPLIT, POLY,
+                                Q_REG, OVERLAP)),
+                (_ws_producer, (prod, gl.constexpr(0), HEAD_DIM, BLOCK_N, STAGES, SPLIT, POLY,
+                                Q_REG, OVERLAP)),
             ], [4, 4, 1], [160, 160, 24])
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(i))
             mbarrier.invalidate(empty.index(i))
+
+
+def compile_for_sm90(head_dim: int = 64, block_n: int = 128, ws: bool = False,
+                     stages: int = 3, **opts) -> dict:
+    """Compile a Gluon forward variant for Hopper (sm_90) on any machine, GPU or not, and
+    return {"shared": bytes of shared memory, "ptx": the PTX}. For CI and for trying configs
+    without a GPU: it catches Gluon API changes between Triton releases and shows shared
+    memory and (with ptxas -v on the PTX) registers. opts: the kernel's constexpr flags
+    (OVERLAP, Q_REG, FUSE_COMBINE, POLY; ws: POLY, Q_REG, OVERLAP). bf16 inputs."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    from triton.runtime.jit import mangle_type
+
+    fn = _dcat_fwd_gluon_ws_kernel if ws else _dcat_fwd_gluon_kernel
+    rows = torch.empty(256, 8 * head_dim, dtype=torch.bfloat16)
+    layout = gl.NVMMASharedLayout.get_default_for([block_n, head_dim], gl.bfloat16)
+    desc = TensorDescriptor(rows, list(rows.shape), list(rows.stride()), [block_n, head_dim],
+                            layout)
+    types = {"CO": "*i64", "XO": "*i64", "LSE": "*fp32", "PL": "*fp32", "PO": "*fp32",
+             "CNT": "*i32", "qk_scale": "fp32", "kc_desc": mangle_type(desc),
+             "vc_desc": mangle_type(desc)}
+    for name in ("Q", "K", "V", "KC", "VC", "O"):
+        types[name] = "*bf16"
+    for name in ("Cn", "H", "n_mtiles", "max_ctx", "split_size"):
+        types[name] = "i32"
+    const = dict(HEAD_DIM=head_dim, BLOCK_M=128 if ws else 64, BLOCK_N=block_n,
+                 STAGES=stages, SPLIT=True, num_warps=4)
+    flags = ("POLY", "Q_REG", "OVERLAP") if ws else ("OVERLAP", "Q_REG", "FUSE_COMBINE", "POLY")
+    const.update({f: bool(opts.get(f, False)) for f in flags})
+    sig = {n: ("constexpr" if n in const else types[n]) for n in fn.arg_names}
+    src = GluonASTSource(fn, sig, {(fn.arg_names.index(k),): v for k, v in const.items()})
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                            options=dict(num_warps=4, **({"maxnreg": 168} if ws else {})))
+    return {"shared": kernel.metadata.shared, "ptx": kernel.asm["ptx"]}

@@ -21,10 +21,13 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import torch
 import triton
 import triton.language as tl
+from triton.compiler.errors import CompilationError
+from triton.runtime.errors import OutOfResources
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -263,8 +266,11 @@ def ws_config(cfg: dict, n_eff: int) -> dict:
     return {**cfg, "ws": True, "BLOCK_M": 128, "waves": cfg.get("ws_waves", 0.95)}
 
 
+_GLUON_FAILED: list = []  # the error, once the Gluon kernel failed to build in this process
+
+
 def _gluon_usable(q, k_ctx, v_ctx, cfg) -> bool:
-    if os.environ.get("TRITON_INTERPRET") == "1" or not q.is_cuda:
+    if os.environ.get("TRITON_INTERPRET") == "1" or not q.is_cuda or _GLUON_FAILED:
         return False
     try:
         from . import gluon_fwd
@@ -318,12 +324,19 @@ def dcat_fwd_triton(q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, max_ctx: i
     interp = os.environ.get("TRITON_INTERPRET") == "1"
     grid = (R * n_mtiles, H, n_split)
     args = (q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, o, lse, po, pl)
-    combined = False
+    combined, ran = False, False
     if cfg.get("impl") == "gluon" and _gluon_usable(q, k_ctx, v_ctx, cfg):
         from . import gluon_fwd
-        combined = gluon_fwd.launch(grid, *args, Cn, H, n_mtiles, max_ctx, split_size,
-                                    scale * LOG2E, cfg, SPLIT)
-    else:
+        try:
+            combined = gluon_fwd.launch(grid, *args, Cn, H, n_mtiles, max_ctx, split_size,
+                                        scale * LOG2E, cfg, SPLIT)
+            ran = True
+        except (CompilationError, OutOfResources) as e:
+            # Gluon's API still moves between Triton releases: the tl kernel computes the same
+            _GLUON_FAILED.append(repr(e)[:500])
+            warnings.warn(f"DCAT Gluon forward unavailable ({type(e).__name__}); using the tl "
+                          f"kernel from now on: {str(e)[:300]}", RuntimeWarning, stacklevel=2)
+    if not ran:
         use_tma = bool(cfg.get("tma")) and k_ctx.shape[0] > 0 and _tma_ok(q)
         if use_tma:
             from triton.tools.tensor_descriptor import TensorDescriptor
