@@ -159,32 +159,22 @@ def _open_rows(Q, K, V, r0, c1, h, s, H, qk_scale, ROWS: gl.constexpr,
 
 
 @gluon.jit
-def _kv_step(qa, k_buf, v_prev, p, acc, m_i, l_i, s_prev, qk_scale, p_layout: gl.constexpr,
+def _kv_step(qa, k_buf, v_prev, p, acc, m_i, l_i, zero_s, qk_scale, p_layout: gl.constexpr,
              row_o: gl.constexpr, dtype: gl.constexpr, POLY: gl.constexpr,
-             OVERLAP: gl.constexpr, turn, turn_next, turn_phase, PINGPONG: gl.constexpr):
+             OVERLAP: gl.constexpr):
     """One history block j: QK^T(j) and PV(j-1) issued together; with OVERLAP the softmax
     of j runs while PV(j-1) is still on the tensor cores (FA3's intra-warpgroup overlap).
-    s_prev: block j-1's scores, dead by now: QK^T(j) (use_acc=False) writes into their
-    registers. PINGPONG (warp-specialised kernel): FA3's ping-pong of the consumer
-    warpgroups; this one issues its two MMAs only once the previous warpgroup has issued its
-    own (mbarrier ``turn``, phase turn_phase), then passes the turn on (``turn_next``).
-    Returns block j's p and scores and the state rescaled to its max."""
-    if PINGPONG:
-        mbarrier.wait(turn, turn_phase)
-    s_tok = warpgroup_mma(qa, k_buf.permute((1, 0)), s_prev, use_acc=False, is_async=True)
+    Returns block j's p and the state rescaled to its max; k_buf and v_prev are free."""
+    s_tok = warpgroup_mma(qa, k_buf.permute((1, 0)), zero_s, use_acc=False, is_async=True)
     o_tok = warpgroup_mma(p, v_prev, acc, is_async=True)
-    if PINGPONG:
-        mbarrier.arrive(turn_next, count=1)
     if OVERLAP:
         s_acc = warpgroup_mma_wait(1, deps=(s_tok, ))
-        p, alpha, m_i, l_i = _softmax_block(s_acc, m_i, l_i, qk_scale, p_layout, dtype, POLY)
-        acc = warpgroup_mma_wait(0, deps=(o_tok, ))
     else:
         s_acc = warpgroup_mma_wait(0, deps=(s_tok, ))
-        acc = warpgroup_mma_wait(0, deps=(o_tok, ))
-        p, alpha, m_i, l_i = _softmax_block(s_acc, m_i, l_i, qk_scale, p_layout, dtype, POLY)
+    p, alpha, m_i, l_i = _softmax_block(s_acc, m_i, l_i, qk_scale, p_layout, dtype, POLY)
+    acc = warpgroup_mma_wait(0, deps=(o_tok, ))
     acc = acc * gl.convert_layout(alpha, row_o)[:, None]
-    return p, s_acc, acc, m_i, l_i
+    return p, acc, m_i, l_i
 
 
 @gluon.jit
@@ -275,10 +265,9 @@ def _dcat_fwd_gluon_kernel(
                 slot = j % STAGES
                 prev = (j - 1) % STAGES
                 mbarrier.wait(bars.index(slot), (j // STAGES) & 1)
-                p, s_acc, acc, m_i, l_i = _kv_step(
-                    qa, k_bufs.index(slot), v_bufs.index(prev), p, acc, m_i, l_i, s_acc,
-                    qk_scale, p_layout, row_o, dtype, POLY, OVERLAP, bars.index(0),
-                    bars.index(0), 0, False)
+                p, acc, m_i, l_i = _kv_step(qa, k_bufs.index(slot), v_bufs.index(prev), p, acc,
+                                            m_i, l_i, zero_s, qk_scale, p_layout, row_o, dtype,
+                                            POLY, OVERLAP)
                 # slot `prev` is free: refill it with block j-1+STAGES
                 nb = j - 1 + STAGES
                 go = nb < n_full
@@ -379,8 +368,6 @@ def launch(grid, q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, o, lse, po, p
     kern, kw = _dcat_fwd_gluon_kernel, dict(OVERLAP=bool(cfg.get("overlap", False)),
                                             Q_REG=bool(cfg.get("q_reg", False)),
                                             FUSE_COMBINE=fuse, POLY=bool(cfg.get("poly", False)))
-    if cfg.get("maxnreg"):  # a register cap for more CTAs per SM (e.g. 168: 3 of 128 threads)
-        kw["maxnreg"] = int(cfg["maxnreg"])
     if cfg.get("ws"):
         from .gluon_ws_fwd import _dcat_fwd_gluon_ws_kernel
         # NC+1 warpgroups (consumers + the producer warp's group) x 128 threads share the
@@ -388,7 +375,7 @@ def launch(grid, q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, o, lse, po, p
         nc = cfg["BLOCK_M"] // 64
         kern = _dcat_fwd_gluon_ws_kernel
         kw = dict(maxnreg=168 if nc == 2 else 128, POLY=kw["POLY"], Q_REG=kw["Q_REG"],
-                  OVERLAP=kw["OVERLAP"], PINGPONG=bool(cfg.get("pingpong", False)))
+                  OVERLAP=kw["OVERLAP"])
         fuse = False
     kern[grid](
         q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, o, lse, po, pl, kd, vd,
@@ -420,8 +407,7 @@ def usable(q, k_ctx, v_ctx, cfg) -> bool:
 
 
 def compile_for_sm90(head_dim: int = 64, block_n: int = 128, ws: bool = False,
-                     stages: int = 3, block_m: int | None = None, num_warps: int = 4,
-                     maxnreg: int | None = None, **opts) -> dict:
+                     stages: int = 3, **opts) -> dict:
     """Compile a Gluon forward variant for Hopper (sm_90) on any machine, GPU or not, and
     return {"shared": bytes of shared memory, "ptx": the PTX}. For CI and for trying configs
     without a GPU: it catches Gluon API changes between Triton releases and shows shared
@@ -447,15 +433,12 @@ def compile_for_sm90(head_dim: int = 64, block_n: int = 128, ws: bool = False,
         types[name] = "*bf16"
     for name in ("Cn", "H", "n_mtiles", "max_ctx", "split_size"):
         types[name] = "i32"
-    const = dict(HEAD_DIM=head_dim, BLOCK_M=block_m or (128 if ws else 64), BLOCK_N=block_n,
-                 STAGES=stages, SPLIT=True, num_warps=num_warps)
-    flags = (("POLY", "Q_REG", "OVERLAP", "PINGPONG") if ws else
-             ("OVERLAP", "Q_REG", "FUSE_COMBINE", "POLY"))
+    const = dict(HEAD_DIM=head_dim, BLOCK_M=128 if ws else 64, BLOCK_N=block_n,
+                 STAGES=stages, SPLIT=True, num_warps=4)
+    flags = ("POLY", "Q_REG", "OVERLAP") if ws else ("OVERLAP", "Q_REG", "FUSE_COMBINE", "POLY")
     const.update({f: bool(opts.get(f, False)) for f in flags})
     sig = {n: ("constexpr" if n in const else types[n]) for n in fn.arg_names}
     src = GluonASTSource(fn, sig, {(fn.arg_names.index(k),): v for k, v in const.items()})
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                            options=dict(num_warps=num_warps,
-                                         **({"maxnreg": maxnreg or 168} if ws else
-                                            {"maxnreg": maxnreg} if maxnreg else {})))
+                            options=dict(num_warps=4, **({"maxnreg": 168} if ws else {})))
     return {"shared": kernel.metadata.shared, "ptx": kernel.asm["ptx"]}

@@ -37,10 +37,9 @@ from .gluon_fwd import (
 @gluon.jit
 def _ws_consumer(a, HALF: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
                  STAGES: gl.constexpr, SPLIT: gl.constexpr, POLY: gl.constexpr,
-                 Q_REG: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr):
-    (Q, K, V, O, LSE, PO, PL, q_bufs, k_bufs, v_bufs, ready, empty, turns,
+                 Q_REG: gl.constexpr, OVERLAP: gl.constexpr):
+    (Q, K, V, O, LSE, PO, PL, q_bufs, k_bufs, v_bufs, ready, empty,
      m0, c1, h, s, H, Cn, kstart, kend, n_full, qk_scale) = a
-    NC: gl.constexpr = q_bufs.shape[0]
     WG_M: gl.constexpr = 64
     dtype: gl.constexpr = k_bufs.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(
@@ -72,10 +71,9 @@ def _ws_consumer(a, HALF: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.cons
             slot = j % STAGES
             prev = (j - 1) % STAGES
             mbarrier.wait(ready.index(slot), (j // STAGES) & 1)
-            p, s_acc, acc, m_i, l_i = _kv_step(
-                qa, k_bufs.index(slot), v_bufs.index(prev), p, acc, m_i, l_i, s_acc, qk_scale,
-                p_layout, row_o, dtype, POLY, OVERLAP, turns.index(HALF),
-                turns.index((HALF + 1) % NC), ((j - 1) & 1) ^ (1 if HALF == 0 else 0), PINGPONG)
+            p, acc, m_i, l_i = _kv_step(qa, k_bufs.index(slot), v_bufs.index(prev), p, acc,
+                                        m_i, l_i, zero_s, qk_scale, p_layout, row_o, dtype,
+                                        POLY, OVERLAP)
             mbarrier.arrive(empty.index(prev), count=1)
         last = (n_full - 1) % STAGES
         acc = warpgroup_mma(p, v_bufs.index(last), acc)
@@ -99,7 +97,7 @@ def _ws_consumer(a, HALF: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.cons
 @gluon.jit
 def _ws_producer(a, HALF: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
                  STAGES: gl.constexpr, SPLIT: gl.constexpr, POLY: gl.constexpr,
-                 Q_REG: gl.constexpr, OVERLAP: gl.constexpr, PINGPONG: gl.constexpr):
+                 Q_REG: gl.constexpr, OVERLAP: gl.constexpr):
     kc_desc, vc_desc, k_bufs, v_bufs, ready, empty, row0, col, n_blocks = a
     nbytes: gl.constexpr = 2 * kc_desc.block_type.nbytes
     for j in range(n_blocks):
@@ -119,7 +117,7 @@ def _dcat_fwd_gluon_ws_kernel(
     Cn, H, n_mtiles, max_ctx, split_size, qk_scale,
     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     STAGES: gl.constexpr, SPLIT: gl.constexpr, POLY: gl.constexpr, Q_REG: gl.constexpr,
-    OVERLAP: gl.constexpr, PINGPONG: gl.constexpr, num_warps: gl.constexpr,
+    OVERLAP: gl.constexpr, num_warps: gl.constexpr,
 ):
     NC: gl.constexpr = BLOCK_M // 64
     gl.static_assert((NC == 2) or (NC == 3), "2 or 3 consumer warpgroups x 64 rows")
@@ -138,13 +136,10 @@ def _dcat_fwd_gluon_ws_kernel(
         v_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], smem_layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        turns = gl.allocate_shared_memory(gl.int64, [NC, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=NC)  # every consumer releases a slot
-        for i in gl.static_range(NC):
-            mbarrier.init(turns.index(i), count=1)
-        cons = (Q, K, V, O, LSE, PO, PL, q_bufs, k_bufs, v_bufs, ready, empty, turns,
+        cons = (Q, K, V, O, LSE, PO, PL, q_bufs, k_bufs, v_bufs, ready, empty,
                 m0, c1, h, s, H, Cn, kstart, kend, n_full, qk_scale)
         prod = (kc_desc, vc_desc, k_bufs, v_bufs, ready, empty, kstart.to(gl.int32),
                 (h * HEAD_DIM).to(gl.int32), n_blocks)
@@ -153,25 +148,23 @@ def _dcat_fwd_gluon_ws_kernel(
         if NC == 2:
             gl.warp_specialize([
                 (_ws_consumer, (cons, gl.constexpr(0), HEAD_DIM, BLOCK_N, STAGES, SPLIT, POLY,
-                                Q_REG, OVERLAP, PINGPONG)),
+                                Q_REG, OVERLAP)),
                 (_ws_consumer, (cons, gl.constexpr(1), HEAD_DIM, BLOCK_N, STAGES, SPLIT, POLY,
-                                Q_REG, OVERLAP, PINGPONG)),
+                                Q_REG, OVERLAP)),
                 (_ws_producer, (prod, gl.constexpr(0), HEAD_DIM, BLOCK_N, STAGES, SPLIT, POLY,
-                                Q_REG, OVERLAP, PINGPONG)),
+                                Q_REG, OVERLAP)),
             ], [4, 1], [232, 24])
         else:
             gl.warp_specialize([
                 (_ws_consumer, (cons, gl.constexpr(0), HEAD_DIM, BLOCK_N, STAGES, SPLIT, POLY,
-                                Q_REG, OVERLAP, PINGPONG)),
+                                Q_REG, OVERLAP)),
                 (_ws_consumer, (cons, gl.constexpr(1), HEAD_DIM, BLOCK_N, STAGES, SPLIT, POLY,
-                                Q_REG, OVERLAP, PINGPONG)),
+                                Q_REG, OVERLAP)),
                 (_ws_consumer, (cons, gl.constexpr(2), HEAD_DIM, BLOCK_N, STAGES, SPLIT, POLY,
-                                Q_REG, OVERLAP, PINGPONG)),
+                                Q_REG, OVERLAP)),
                 (_ws_producer, (prod, gl.constexpr(0), HEAD_DIM, BLOCK_N, STAGES, SPLIT, POLY,
-                                Q_REG, OVERLAP, PINGPONG)),
+                                Q_REG, OVERLAP)),
             ], [4, 4, 1], [160, 160, 24])
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(i))
             mbarrier.invalidate(empty.index(i))
-        for i in gl.static_range(NC):
-            mbarrier.invalidate(turns.index(i))
