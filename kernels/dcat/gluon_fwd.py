@@ -90,7 +90,7 @@ def _exp2_mixed(x):
 
 @gluon.jit
 def _softmax_block(s_acc, m_i, l_i, qk_scale, p_layout: gl.constexpr, dtype: gl.constexpr,
-                   POLY: gl.constexpr = False, ROWSUM: gl.constexpr = False):
+                   POLY: gl.constexpr = False):
     # qk_scale > 0 (the launcher flips q's sign otherwise): max before scaling, then one
     # FMA per score. Returns p (A operand of the PV MMA), alpha (rescale of acc), m, l.
     # POLY: a quarter of the exp2 by polynomial (full blocks only: x must be finite).
@@ -100,8 +100,7 @@ def _softmax_block(s_acc, m_i, l_i, qk_scale, p_layout: gl.constexpr, dtype: gl.
     else:
         p = gl.exp2(s_acc * qk_scale - m_new[:, None])
     alpha = gl.exp2(m_i - m_new)
-    if not ROWSUM:  # ROWSUM: the caller sums p on the tensor cores (_kv_step)
-        l_i = l_i * alpha + gl.sum(p, 1)
+    l_i = l_i * alpha + gl.sum(p, 1)
     return gl.convert_layout(p.to(dtype), p_layout), alpha, m_new, l_i
 
 
@@ -162,77 +161,20 @@ def _open_rows(Q, K, V, r0, c1, h, s, H, qk_scale, ROWS: gl.constexpr,
 @gluon.jit
 def _kv_step(qa, k_buf, v_prev, p, acc, m_i, l_i, zero_s, qk_scale, p_layout: gl.constexpr,
              row_o: gl.constexpr, dtype: gl.constexpr, POLY: gl.constexpr,
-             OVERLAP: gl.constexpr, ones, ROWSUM: gl.constexpr = False):
+             OVERLAP: gl.constexpr):
     """One history block j: QK^T(j) and PV(j-1) issued together; with OVERLAP the softmax
     of j runs while PV(j-1) is still on the tensor cores (FA3's intra-warpgroup overlap).
-    ROWSUM: l_i is an [M, 8] accumulator and p(j-1)'s row sum comes from a third MMA,
-    p @ ones [BLOCK_N, 8] (see _rowsum_mma). Returns block j's p and the state rescaled to
-    its max; k_buf and v_prev are free."""
+    Returns block j's p and the state rescaled to its max; k_buf and v_prev are free."""
     s_tok = warpgroup_mma(qa, k_buf.permute((1, 0)), zero_s, use_acc=False, is_async=True)
     o_tok = warpgroup_mma(p, v_prev, acc, is_async=True)
-    if ROWSUM:
-        l_tok = warpgroup_mma(p, ones, l_i, is_async=True)
     if OVERLAP:
-        s_acc = warpgroup_mma_wait(2 if ROWSUM else 1, deps=(s_tok, ))
+        s_acc = warpgroup_mma_wait(1, deps=(s_tok, ))
     else:
         s_acc = warpgroup_mma_wait(0, deps=(s_tok, ))
-    if ROWSUM:
-        p, alpha, m_i, _ = _softmax_block(s_acc, m_i, m_i, qk_scale, p_layout, dtype, POLY,
-                                          True)
-        acc, l_i = warpgroup_mma_wait(0, deps=(o_tok, l_tok))
-        l_i = l_i * gl.convert_layout(alpha, gl.SliceLayout(1, l_i.type.layout))[:, None]
-    else:
-        p, alpha, m_i, l_i = _softmax_block(s_acc, m_i, l_i, qk_scale, p_layout, dtype, POLY)
-        acc = warpgroup_mma_wait(0, deps=(o_tok, ))
+    p, alpha, m_i, l_i = _softmax_block(s_acc, m_i, l_i, qk_scale, p_layout, dtype, POLY)
+    acc = warpgroup_mma_wait(0, deps=(o_tok, ))
     acc = acc * gl.convert_layout(alpha, row_o)[:, None]
     return p, acc, m_i, l_i
-
-
-@gluon.jit
-def _softmax_block_l(s_acc, m_i, l_i, qk_scale, p_layout: gl.constexpr, dtype: gl.constexpr,
-                     ROWSUM: gl.constexpr):
-    """_softmax_block (exact exp2) where l_i is a row vector, or (ROWSUM) the [M, 8] row-sum
-    accumulator, which is only rescaled: p's sum is added by the next p @ ones MMA."""
-    if ROWSUM:
-        p, alpha, m_i, _ = _softmax_block(s_acc, m_i, m_i, qk_scale, p_layout, dtype, False,
-                                          True)
-        l_i = l_i * gl.convert_layout(alpha, gl.SliceLayout(1, l_i.type.layout))[:, None]
-    else:
-        p, alpha, m_i, l_i = _softmax_block(s_acc, m_i, l_i, qk_scale, p_layout, dtype)
-    return p, alpha, m_i, l_i
-
-
-@gluon.jit
-def _rowsum_open(l_i, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, dtype: gl.constexpr,
-                 num_warps: gl.constexpr):
-    """ROWSUM option: the row sums of p are taken on the tensor cores, as p @ ones with
-    ones [BLOCK_N, 8] in shared memory (one m64n8k16 wgmma per 16 keys, 1/8 of the PV MMA),
-    instead of BLOCK_N/4 dependent FADDs per row and thread on the softmax's critical path.
-    It sums the bf16/fp16 p the PV MMA uses. Returns the [ROWS, 8] accumulator (column 0 the
-    running l, opened from l_i) and the ones operand.""" 
-    l_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, 8, 16])
-    # stored K-major, [8, BLOCK_N] with BLOCK_N contiguous (the form of the K operand of
-    # QK^T), and used transposed
-    ones_layout: gl.constexpr = gl.NVMMASharedLayout(
-        swizzle_byte_width=min(128, BLOCK_N * dtype.primitive_bitwidth // 8),
-        element_bitwidth=dtype.primitive_bitwidth, rank=2)
-    ones = gl.allocate_shared_memory(
-        dtype, [8, BLOCK_N], ones_layout,
-        gl.full([8, BLOCK_N], 1.0, dtype, _load_layout(BLOCK_N, num_warps))).permute((1, 0))
-    # column c opens at l + c: the 8 columns of a thread must be distinct values, else the
-    # compiler merges their registers and ptxas serialises every wgmma of the kernel (the
-    # accumulator operands alias); the result is read from column 0 (_rowsum_close)
-    cols = gl.arange(0, 8, layout=gl.SliceLayout(0, l_layout)).to(gl.float32)
-    l_acc = gl.convert_layout(l_i, gl.SliceLayout(1, l_layout))[:, None] + cols[None, :]
-    return l_acc, ones
-
-
-@gluon.jit
-def _rowsum_close(l_acc, row: gl.constexpr):
-    """The row sums l [M] (layout row) from the ROWSUM accumulator: its column 0."""
-    cols = gl.arange(0, 8, layout=gl.SliceLayout(0, l_acc.type.layout))
-    return gl.convert_layout(gl.sum(gl.where((cols == 0)[None, :], l_acc, 0.0), 1), row)
 
 
 @gluon.jit
@@ -258,8 +200,7 @@ def _dcat_fwd_gluon_kernel(
     Cn, H, n_mtiles, max_ctx, split_size, qk_scale,
     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     STAGES: gl.constexpr, SPLIT: gl.constexpr, OVERLAP: gl.constexpr, Q_REG: gl.constexpr,
-    FUSE_COMBINE: gl.constexpr, POLY: gl.constexpr, ROWSUM: gl.constexpr,
-    num_warps: gl.constexpr,
+    FUSE_COMBINE: gl.constexpr, POLY: gl.constexpr, num_warps: gl.constexpr,
 ):
     dtype: gl.constexpr = kc_desc.dtype
     smem_layout: gl.constexpr = kc_desc.layout  # [*, HEAD_DIM] rows: same swizzle for q
@@ -278,10 +219,6 @@ def _dcat_fwd_gluon_kernel(
         q, m_i, l_i, acc, offs_d, offs_m_o, mask_m_o, offs_d_o, row_off_o = _open_rows(
             Q, K, V, m0, c1, h, s, H, qk_scale, BLOCK_M, HEAD_DIM, ld, s_layout, o_layout)
         q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], smem_layout, q)
-        if ROWSUM:
-            l_i, ones = _rowsum_open(l_i, BLOCK_M, BLOCK_N, dtype, num_warps)
-        else:
-            ones = q_smem  # unused
         k_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], smem_layout)
         v_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], smem_layout)
         bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -315,8 +252,7 @@ def _dcat_fwd_gluon_kernel(
             mbarrier.wait(bars.index(0), 0)
             s_acc = warpgroup_mma(qa, k_bufs.index(0).permute((1, 0)), zero_s,
                                   use_acc=False)
-            p, alpha, m_i, l_i = _softmax_block_l(s_acc, m_i, l_i, qk_scale, p_layout, dtype,
-                                                  ROWSUM)
+            p, alpha, m_i, l_i = _softmax_block(s_acc, m_i, l_i, qk_scale, p_layout, dtype)
             acc = acc * gl.convert_layout(alpha, row_o)[:, None]
             nb = STAGES - 1  # slot STAGES-1 has never been used
             go = nb < n_full
@@ -331,7 +267,7 @@ def _dcat_fwd_gluon_kernel(
                 mbarrier.wait(bars.index(slot), (j // STAGES) & 1)
                 p, acc, m_i, l_i = _kv_step(qa, k_bufs.index(slot), v_bufs.index(prev), p, acc,
                                             m_i, l_i, zero_s, qk_scale, p_layout, row_o, dtype,
-                                            POLY, OVERLAP, ones, ROWSUM)
+                                            POLY, OVERLAP)
                 # slot `prev` is free: refill it with block j-1+STAGES
                 nb = j - 1 + STAGES
                 go = nb < n_full
@@ -340,12 +276,7 @@ def _dcat_fwd_gluon_kernel(
                                                 bars.index(prev), k_bufs.index(prev), pred=go)
                 tma.async_copy_global_to_shared(vc_desc, [row0 + nb * BLOCK_N, col],
                                                 bars.index(prev), v_bufs.index(prev), pred=go)
-            if ROWSUM:
-                o_tok = warpgroup_mma(p, v_bufs.index((n_full - 1) % STAGES), acc, is_async=True)
-                l_tok = warpgroup_mma(p, ones, l_i, is_async=True)
-                acc, l_i = warpgroup_mma_wait(0, deps=(o_tok, l_tok))
-            else:
-                acc = warpgroup_mma(p, v_bufs.index((n_full - 1) % STAGES), acc)
+            acc = warpgroup_mma(p, v_bufs.index((n_full - 1) % STAGES), acc)
 
         tail = kstart + n_full * BLOCK_N
         if tail < kend:
@@ -364,24 +295,12 @@ def _dcat_fwd_gluon_kernel(
                                   use_acc=False)
             cols = tail + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
             s_acc = gl.where((cols < kend)[None, :], s_acc, float("-inf"))
-            if ROWSUM:
-                # the tail's row sum by FADDs into column 0 (a p @ ones MMA here makes ptxas
-                # serialise every wgmma of the kernel)
-                p, alpha, m_i, l_blk = _softmax_block(s_acc, m_i, gl.zeros_like(m_i), qk_scale,
-                                                      p_layout, dtype)
-                l_row: gl.constexpr = gl.SliceLayout(1, l_i.type.layout)
-                col0 = gl.arange(0, 8, layout=gl.SliceLayout(0, l_i.type.layout)) == 0
-                l_i = l_i * gl.convert_layout(alpha, l_row)[:, None] + gl.where(
-                    col0[None, :], gl.convert_layout(l_blk, l_row)[:, None], 0.0)
-            else:
-                p, alpha, m_i, l_i = _softmax_block(s_acc, m_i, l_i, qk_scale, p_layout, dtype)
+            p, alpha, m_i, l_i = _softmax_block(s_acc, m_i, l_i, qk_scale, p_layout, dtype)
             acc = acc * gl.convert_layout(alpha, row_o)[:, None]
             acc = warpgroup_mma(p, v_bufs.index(0), acc)
 
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(bars.index(i))
-        if ROWSUM:
-            l_i = _rowsum_close(l_i, gl.SliceLayout(1, s_layout))
         _write_rows(acc, m_i, l_i, O, LSE, PO, PL, s, h, H, Cn, offs_m_o, mask_m_o, offs_d_o,
                     row_off_o, HEAD_DIM, SPLIT, row_o, dtype)
         if SPLIT and FUSE_COMBINE:
@@ -448,8 +367,7 @@ def launch(grid, q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, o, lse, po, p
     cnt = _counters(q.device, grid[0] * grid[1]) if fuse else cand_offsets
     kern, kw = _dcat_fwd_gluon_kernel, dict(OVERLAP=bool(cfg.get("overlap", False)),
                                             Q_REG=bool(cfg.get("q_reg", False)),
-                                            FUSE_COMBINE=fuse, POLY=bool(cfg.get("poly", False)),
-                                            ROWSUM=bool(cfg.get("rowsum", False)))
+                                            FUSE_COMBINE=fuse, POLY=bool(cfg.get("poly", False)))
     if cfg.get("ws"):
         from .gluon_ws_fwd import _dcat_fwd_gluon_ws_kernel
         # NC+1 warpgroups (consumers + the producer warp's group) x 128 threads share the
@@ -517,8 +435,7 @@ def compile_for_sm90(head_dim: int = 64, block_n: int = 128, ws: bool = False,
         types[name] = "i32"
     const = dict(HEAD_DIM=head_dim, BLOCK_M=128 if ws else 64, BLOCK_N=block_n,
                  STAGES=stages, SPLIT=True, num_warps=4)
-    flags = (("POLY", "Q_REG", "OVERLAP") if ws else
-             ("OVERLAP", "Q_REG", "FUSE_COMBINE", "POLY", "ROWSUM"))
+    flags = ("POLY", "Q_REG", "OVERLAP") if ws else ("OVERLAP", "Q_REG", "FUSE_COMBINE", "POLY")
     const.update({f: bool(opts.get(f, False)) for f in flags})
     sig = {n: ("constexpr" if n in const else types[n]) for n in fn.arg_names}
     src = GluonASTSource(fn, sig, {(fn.arg_names.index(k),): v for k, v in const.items()})

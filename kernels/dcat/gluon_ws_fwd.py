@@ -73,7 +73,7 @@ def _ws_consumer(a, HALF: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.cons
             mbarrier.wait(ready.index(slot), (j // STAGES) & 1)
             p, acc, m_i, l_i = _kv_step(qa, k_bufs.index(slot), v_bufs.index(prev), p, acc,
                                         m_i, l_i, zero_s, qk_scale, p_layout, row_o, dtype,
-                                        POLY, OVERLAP, q_smem)
+                                        POLY, OVERLAP)
             mbarrier.arrive(empty.index(prev), count=1)
         last = (n_full - 1) % STAGES
         acc = warpgroup_mma(p, v_bufs.index(last), acc)
