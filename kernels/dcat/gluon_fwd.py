@@ -89,55 +89,18 @@ def _exp2_mixed(x):
 
 
 @gluon.jit
-def _row_tree(x, MAX: gl.constexpr):
-    """Row max (MAX) or sum of x [M, N] as a tree. gl.max / gl.sum fold a thread's N/4
-    elements of a row in one dependent chain (32 deep at N=128 on the wgmma accumulator
-    layout, ~5 cycles a link); ncu puts most of the forward's stalls on such fixed-latency
-    dependencies. A thread of that layout holds column pairs (2c, 2c+1) at 8g + 2t: halving
-    over the pair bit, then over the high bits of g (also within the thread), leaves chains
-    of depth 1 and a 2-element fold before the 4-lane shuffles. Any N: the reshapes only
-    change the order of the operations."""
-    M: gl.constexpr = x.shape[0]
-    N: gl.constexpr = x.shape[1]
-    if MAX:
-        x = gl.max(gl.reshape(x, [M, N // 2, 2]), 2)
-    else:
-        x = gl.sum(gl.reshape(x, [M, N // 2, 2]), 2)
-    for i in gl.static_range(3):
-        if (N >> (i + 2)) >= 8:
-            if MAX:
-                x = gl.max(gl.reshape(x, [M, 2, N >> (i + 2)]), 1)
-            else:
-                x = gl.sum(gl.reshape(x, [M, 2, N >> (i + 2)]), 1)
-    if MAX:
-        return gl.max(x, 1)
-    else:
-        return gl.sum(x, 1)
-
-
-@gluon.jit
 def _softmax_block(s_acc, m_i, l_i, qk_scale, p_layout: gl.constexpr, dtype: gl.constexpr,
-                   POLY: gl.constexpr = False, TREE: gl.constexpr = False):
+                   POLY: gl.constexpr = False):
     # qk_scale > 0 (the launcher flips q's sign otherwise): max before scaling, then one
     # FMA per score. Returns p (A operand of the PV MMA), alpha (rescale of acc), m, l.
     # POLY: a quarter of the exp2 by polynomial (full blocks only: x must be finite).
-    # TREE: row max and sum as trees (_row_tree) instead of one dependent chain per row
-    row: gl.constexpr = m_i.type.layout
-    if TREE:
-        m_blk = gl.convert_layout(_row_tree(s_acc, True), row)
-    else:
-        m_blk = gl.max(s_acc, 1)
-    m_new = gl.maximum(m_i, m_blk * qk_scale)
+    m_new = gl.maximum(m_i, gl.max(s_acc, 1) * qk_scale)
     if POLY:
         p = _exp2_mixed(s_acc * qk_scale - m_new[:, None])
     else:
         p = gl.exp2(s_acc * qk_scale - m_new[:, None])
     alpha = gl.exp2(m_i - m_new)
-    if TREE:
-        l_blk = gl.convert_layout(_row_tree(p, False), row)
-    else:
-        l_blk = gl.sum(p, 1)
-    l_i = l_i * alpha + l_blk
+    l_i = l_i * alpha + gl.sum(p, 1)
     return gl.convert_layout(p.to(dtype), p_layout), alpha, m_new, l_i
 
 
@@ -198,7 +161,7 @@ def _open_rows(Q, K, V, r0, c1, h, s, H, qk_scale, ROWS: gl.constexpr,
 @gluon.jit
 def _kv_step(qa, k_buf, v_prev, p, acc, m_i, l_i, zero_s, qk_scale, p_layout: gl.constexpr,
              row_o: gl.constexpr, dtype: gl.constexpr, POLY: gl.constexpr,
-             OVERLAP: gl.constexpr, TREE: gl.constexpr = False):
+             OVERLAP: gl.constexpr):
     """One history block j: QK^T(j) and PV(j-1) issued together; with OVERLAP the softmax
     of j runs while PV(j-1) is still on the tensor cores (FA3's intra-warpgroup overlap).
     Returns block j's p and the state rescaled to its max; k_buf and v_prev are free."""
@@ -208,7 +171,7 @@ def _kv_step(qa, k_buf, v_prev, p, acc, m_i, l_i, zero_s, qk_scale, p_layout: gl
         s_acc = warpgroup_mma_wait(1, deps=(s_tok, ))
     else:
         s_acc = warpgroup_mma_wait(0, deps=(s_tok, ))
-    p, alpha, m_i, l_i = _softmax_block(s_acc, m_i, l_i, qk_scale, p_layout, dtype, POLY, TREE)
+    p, alpha, m_i, l_i = _softmax_block(s_acc, m_i, l_i, qk_scale, p_layout, dtype, POLY)
     acc = warpgroup_mma_wait(0, deps=(o_tok, ))
     acc = acc * gl.convert_layout(alpha, row_o)[:, None]
     return p, acc, m_i, l_i
@@ -237,8 +200,7 @@ def _dcat_fwd_gluon_kernel(
     Cn, H, n_mtiles, max_ctx, split_size, qk_scale,
     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     STAGES: gl.constexpr, SPLIT: gl.constexpr, OVERLAP: gl.constexpr, Q_REG: gl.constexpr,
-    FUSE_COMBINE: gl.constexpr, POLY: gl.constexpr, TREE: gl.constexpr,
-    num_warps: gl.constexpr,
+    FUSE_COMBINE: gl.constexpr, POLY: gl.constexpr, num_warps: gl.constexpr,
 ):
     dtype: gl.constexpr = kc_desc.dtype
     smem_layout: gl.constexpr = kc_desc.layout  # [*, HEAD_DIM] rows: same swizzle for q
@@ -290,8 +252,7 @@ def _dcat_fwd_gluon_kernel(
             mbarrier.wait(bars.index(0), 0)
             s_acc = warpgroup_mma(qa, k_bufs.index(0).permute((1, 0)), zero_s,
                                   use_acc=False)
-            p, alpha, m_i, l_i = _softmax_block(s_acc, m_i, l_i, qk_scale, p_layout, dtype,
-                                                False, TREE)
+            p, alpha, m_i, l_i = _softmax_block(s_acc, m_i, l_i, qk_scale, p_layout, dtype)
             acc = acc * gl.convert_layout(alpha, row_o)[:, None]
             nb = STAGES - 1  # slot STAGES-1 has never been used
             go = nb < n_full
@@ -306,7 +267,7 @@ def _dcat_fwd_gluon_kernel(
                 mbarrier.wait(bars.index(slot), (j // STAGES) & 1)
                 p, acc, m_i, l_i = _kv_step(qa, k_bufs.index(slot), v_bufs.index(prev), p, acc,
                                             m_i, l_i, zero_s, qk_scale, p_layout, row_o, dtype,
-                                            POLY, OVERLAP, TREE)
+                                            POLY, OVERLAP)
                 # slot `prev` is free: refill it with block j-1+STAGES
                 nb = j - 1 + STAGES
                 go = nb < n_full
@@ -334,8 +295,7 @@ def _dcat_fwd_gluon_kernel(
                                   use_acc=False)
             cols = tail + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
             s_acc = gl.where((cols < kend)[None, :], s_acc, float("-inf"))
-            p, alpha, m_i, l_i = _softmax_block(s_acc, m_i, l_i, qk_scale, p_layout, dtype,
-                                                False, TREE)
+            p, alpha, m_i, l_i = _softmax_block(s_acc, m_i, l_i, qk_scale, p_layout, dtype)
             acc = acc * gl.convert_layout(alpha, row_o)[:, None]
             acc = warpgroup_mma(p, v_bufs.index(0), acc)
 
@@ -407,8 +367,7 @@ def launch(grid, q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, o, lse, po, p
     cnt = _counters(q.device, grid[0] * grid[1]) if fuse else cand_offsets
     kern, kw = _dcat_fwd_gluon_kernel, dict(OVERLAP=bool(cfg.get("overlap", False)),
                                             Q_REG=bool(cfg.get("q_reg", False)),
-                                            FUSE_COMBINE=fuse, POLY=bool(cfg.get("poly", False)),
-                                            TREE=bool(cfg.get("tree", False)))
+                                            FUSE_COMBINE=fuse, POLY=bool(cfg.get("poly", False)))
     if cfg.get("ws"):
         from .gluon_ws_fwd import _dcat_fwd_gluon_ws_kernel
         # NC+1 warpgroups (consumers + the producer warp's group) x 128 threads share the
@@ -453,7 +412,9 @@ def compile_for_sm90(head_dim: int = 64, block_n: int = 128, ws: bool = False,
     """Compile a Gluon forward variant for Hopper (sm_90) on any machine, GPU or not, and
     return {"shared": bytes of shared memory, "ptx": the PTX}. For CI and for trying configs
     without a GPU: it catches Gluon API changes between Triton releases and shows shared
-    memory and (with ptxas -v on the PTX) registers. opts: the kernel's constexpr flags
+    memory and (with ptxas -v on the PTX) registers. block_m / num_warps / maxnreg: the
+    launch's tile and register cap (defaults: 64 x 4 warps, or 128 and 168 for ws). opts: the
+    kernel's constexpr flags
     (OVERLAP, Q_REG, FUSE_COMBINE, POLY; ws: POLY, Q_REG, OVERLAP). bf16 inputs."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -477,8 +438,7 @@ def compile_for_sm90(head_dim: int = 64, block_n: int = 128, ws: bool = False,
         types[name] = "i32"
     const = dict(HEAD_DIM=head_dim, BLOCK_M=block_m or (128 if ws else 64), BLOCK_N=block_n,
                  STAGES=stages, SPLIT=True, num_warps=num_warps)
-    flags = (("POLY", "Q_REG", "OVERLAP") if ws else
-             ("OVERLAP", "Q_REG", "FUSE_COMBINE", "POLY", "TREE"))
+    flags = ("POLY", "Q_REG", "OVERLAP") if ws else ("OVERLAP", "Q_REG", "FUSE_COMBINE", "POLY")
     const.update({f: bool(opts.get(f, False)) for f in flags})
     sig = {n: ("constexpr" if n in const else types[n]) for n in fn.arg_names}
     src = GluonASTSource(fn, sig, {(fn.arg_names.index(k),): v for k, v in const.items()})
