@@ -1,0 +1,21 @@
+"""Target for Nsight Compute (session 4): runs the DCAT forward at (1,16384,1024) three
+times, the plain Gluon kernel (run 11's default) or, with ``ws``, the warp-specialised one.
+
+    ncu --kernel-name regex:dcat_fwd_gluon --launch-skip 2 --launch-count 1 --set full \
+        python3 scripts/gpu/dcat_ncu_target.py [ws]
+
+Reports: docs/benchmarks/raw/dcat_ncu_2026-11-23_{plain,ws}.txt (ncu locks the SM clock
+at 1.42 GHz, so read utilisations, not durations)."""
+import torch
+from pinfm_rec.kernels.dcat import triton_fwd
+from pinfm_rec.kernels.dcat.bench import make
+dev = torch.device("cuda")
+q, k, v, qc, kc, vc, co, xo = make(1, 16384, 1024, torch.bfloat16, dev)
+G = dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, waves=1.5, min_split=256,
+         split_size=None, tma=True, impl="gluon", poly=False, overlap=False, q_reg=False,
+         fuse_combine=False, ws_min_ctx=0, ws_waves=0.95)
+import sys
+cfg = dict(G, ws=True, BLOCK_M=128, waves=0.95) if "ws" in sys.argv else G
+for _ in range(3):
+    triton_fwd.dcat_fwd_triton(q, k, v, kc, vc, co, xo, 0, 0.125, 1024, 16384, cfg)
+torch.cuda.synchronize()
