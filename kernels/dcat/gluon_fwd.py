@@ -105,31 +105,15 @@ def _softmax_block(s_acc, m_i, l_i, qk_scale, p_layout: gl.constexpr, dtype: gl.
 
 
 @gluon.jit
-def _program_tile(CO, XO, n_mtiles, max_ctx, split_size, BLOCK_M: gl.constexpr,
-                  NSPLIT=1, H=1, LPT: gl.constexpr = False):
+def _program_tile(CO, XO, n_mtiles, max_ctx, split_size, BLOCK_M: gl.constexpr):
     """This program's work (same grid as the tl kernel): pid = request * n_mtiles + tile,
     head h, split s; candidate rows m0..min(m0 + BLOCK_M, c1), history keys x0..x1 (the last
-    max_ctx if set), and the request's number of splits.
-
-    LPT (warp-specialised kernel): a 1-D grid of the same programs, split fastest, then
-    head, request, and the tile index slowest, so every request's last (possibly partial,
-    shorter) tiles are dispatched after all full ones: longest work first."""
-    if LPT:
-        lin = gl.program_id(0)
-        s = lin % NSPLIT
-        t = lin // NSPLIT
-        h = t % H
-        t = t // H
-        n_req = gl.num_programs(0) // (NSPLIT * H * n_mtiles)
-        r = t % n_req
-        mt = t // n_req
-        pid = r * n_mtiles + mt
-    else:
-        pid = gl.program_id(0)
-        h = gl.program_id(1)
-        s = gl.program_id(2)
-        r = pid // n_mtiles
-        mt = pid - r * n_mtiles
+    max_ctx if set), and the request's number of splits."""
+    pid = gl.program_id(0)
+    h = gl.program_id(1)
+    s = gl.program_id(2)
+    r = pid // n_mtiles
+    mt = pid - r * n_mtiles
     c0 = gl.load(CO + r).to(gl.int64)
     c1 = gl.load(CO + r + 1).to(gl.int64)
     m0 = c0 + mt * BLOCK_M
@@ -393,15 +377,10 @@ def launch(grid, q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, o, lse, po, p
         kw = dict(maxnreg=168 if nc == 2 else 128, POLY=kw["POLY"], Q_REG=kw["Q_REG"],
                   OVERLAP=kw["OVERLAP"])
         fuse = False
-    stages = cfg["num_stages"]
-    if cfg.get("ws"):  # 1-D grid, full tiles first (_program_tile LPT)
-        grid, ws_args = (grid[0] * grid[1] * grid[2], ), (grid[2], )
-    else:
-        ws_args = (cnt, )
     kern[grid](
         q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, o, lse, po, pl, kd, vd,
-        *ws_args, Cn, H, n_mtiles, max_ctx, split_size, qk_scale,
-        HEAD_DIM=Dh, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=bn, STAGES=stages,
+        *(() if cfg.get("ws") else (cnt,)), Cn, H, n_mtiles, max_ctx, split_size, qk_scale,
+        HEAD_DIM=Dh, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=bn, STAGES=cfg["num_stages"],
         SPLIT=split, num_warps=cfg["num_warps"], **kw)
     return fuse
 
@@ -455,7 +434,7 @@ def compile_for_sm90(head_dim: int = 64, block_n: int = 128, ws: bool = False,
              "vc_desc": mangle_type(desc)}
     for name in ("Q", "K", "V", "KC", "VC", "O"):
         types[name] = "*bf16"
-    for name in ("Cn", "H", "n_mtiles", "max_ctx", "split_size", "NSPLIT"):
+    for name in ("Cn", "H", "n_mtiles", "max_ctx", "split_size"):
         types[name] = "i32"
     const = dict(HEAD_DIM=head_dim, BLOCK_M=block_m or (128 if ws else 64), BLOCK_N=block_n,
                  STAGES=stages, SPLIT=True, num_warps=num_warps)

@@ -5,7 +5,11 @@ plain and BM128 kernels. Checks each config against the fp64 reference (bench.co
 quick cases, bf16 + fp16) and the tl kernel on ragged inputs with NaN-poisoned outputs, then
 CUDA-graph GPU time over interleaved rounds at C=960 (five whole 192-row tiles per head) and
 C=1024, L=16384, and once at every benchmark shape. Usage:
-python3 scripts/gpu/dcat_bm192_probe.py   (writes $OUT/bm192.json when OUT is set)"""
+python3 scripts/gpu/dcat_bm192_probe.py   (writes $OUT/bm192.json when OUT is set)
+
+The shared-rows path and the longest-first 1-D grid it measures are at commit 401b7e4
+(reverted after this probe: not faster); later code runs BM192 without them. Results:
+docs/benchmarks/raw/dcat_probes_2026-11-23_s4.json ("S4-11", "S4-12")."""
 
 import json
 import os
