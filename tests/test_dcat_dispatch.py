@@ -124,3 +124,13 @@ def test_gluon_build_error_falls_back_to_the_tl_kernel(monkeypatch):
     o2, _ = tf.dcat_fwd_triton(q, k, v, kc, vc, co, xo, 0, 0.25, 5, 20, cfg)
     assert calls == [1]  # remembered: no second attempt
     torch.testing.assert_close(o2, o)
+
+
+def test_fwd_candidate_sets_every_config_key():
+    # sweep / probe candidates are merged over FWD_CONFIG: a key missing from fwd_candidate
+    # would silently inherit whatever the defaults are at that moment
+    from pinfm_rec.kernels.dcat import triton_fwd as tf
+    from pinfm_rec.kernels.dcat.tune import fwd_candidate
+    assert set(fwd_candidate()) == set(tf.FWD_CONFIG)
+    c = fwd_candidate(impl="tl", BLOCK_N=64)
+    assert c["impl"] == "tl" and c["BLOCK_N"] == 64 and c["poly"] is False

@@ -20,7 +20,8 @@ out = {}
 for name, kw in [("plain", {}),
                  ("all options", dict(OVERLAP=True, Q_REG=True, FUSE_COMBINE=True, POLY=True)),
                  ("Dh 128", dict(head_dim=128, block_n=64)),
-                 ("warp-specialised", dict(ws=True, POLY=True, Q_REG=True, OVERLAP=True))]:
+                 ("warp-specialised", dict(ws=True, POLY=True, Q_REG=True, OVERLAP=True)),
+                 ("3 consumers", dict(ws=True, block_m=192, maxnreg=128, OVERLAP=True))]:
     r = gluon_fwd.compile_for_sm90(**kw)
     ptx = r["ptx"]
     out[name] = dict(shared=r["shared"], wgmma=ptx.count("wgmma.mma_async"),
@@ -42,4 +43,4 @@ def test_gluon_forward_compiles_for_sm90():
     # Dh 64 (the benchmarked case): two CTAs per SM for the plain kernel (228 KB per SM)
     assert max(out["plain"]["shared"], out["all options"]["shared"]) <= 112 * 1024, out
     assert out["all options"]["poly"] > 0 and out["plain"]["poly"] == 0
-    assert out["warp-specialised"]["setmaxnreg"] > 0
+    assert out["warp-specialised"]["setmaxnreg"] > 0 and out["3 consumers"]["setmaxnreg"] > 0

@@ -17,6 +17,16 @@ from pinfm_rec.kernels.dcat.bench import (
 )
 
 
+def fwd_candidate(**overrides) -> dict:
+    """A forward launch config with every FWD_CONFIG key set (dcat_fwd_triton merges a config
+    over FWD_CONFIG, so a key left out would silently inherit the current defaults): run 11's
+    choice, the plain Gluon kernel with no options, updated with ``overrides``."""
+    return dict(dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, waves=1.5,
+                     min_split=256, split_size=None, tma=True, impl="gluon", poly=False,
+                     overlap=False, q_reg=False, fuse_combine=False, ws_min_ctx=0,
+                     ws_waves=0.95), **overrides)
+
+
 def sweep(dev, budget_s=120.0):
     """Tune launch configs by CUDA-graph GPU time over all SHAPES; the best (by
     geomean of time / per-shape best) becomes the default for this process."""
@@ -31,9 +41,7 @@ def sweep(dev, budget_s=120.0):
     # (softmax during the previous block's PV), q_reg (q as register operand),
     # fuse_combine (split merge by the last split, no combine launch). NOTES.md.
     # every key explicit: a candidate must not inherit options from FWD_CONFIG
-    g = dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, waves=1.5, min_split=256,
-             tma=True, poly=False, overlap=False, q_reg=False, fuse_combine=False,
-             ws_min_ctx=0, ws_waves=0.95)
+    g = fwd_candidate()
     best = dict(g, impl="gluon", poly=True, overlap=True, q_reg=True, fuse_combine=True)
     fwd = [dict(best, ws_min_ctx=12288), best,
            dict(best, ws_min_ctx=8192),

@@ -20,12 +20,11 @@ import torch
 
 from pinfm_rec.kernels.dcat import bench, triton_fwd
 from pinfm_rec.kernels.dcat.bench import SHAPES, _graph_bench, flops_fwd, make
+from pinfm_rec.kernels.dcat.tune import fwd_candidate
 
 dev = torch.device("cuda")
 t0 = time.time()
-G = dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, waves=1.5, min_split=256,
-         split_size=None, tma=True, impl="gluon", poly=False, overlap=False, q_reg=False,
-         fuse_combine=False, ws_min_ctx=0, ws_waves=0.95)
+G = fwd_candidate()  # every key explicit
 # 3 splits of the 16384-key history (split_size 5504): 5 full 192-row tiles x 8 heads x 3 =
 # 120 CTAs, plus, at C=1024, 24 shared-rows CTAs of 1/3 the time on the 12 other SMs
 W3 = dict(G, ws=True, BLOCK_M=192, num_stages=3, split_size=5504)

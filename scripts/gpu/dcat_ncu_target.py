@@ -1,5 +1,5 @@
-"""Target for Nsight Compute (session 4): runs the DCAT forward at (1,16384,1024) three
-times, the plain Gluon kernel (run 11's default) or, with ``ws``, the warp-specialised one
+"""Target for Nsight Compute (session 4): runs the DCAT forward at (1,16384,C) three
+times (C=1024), the plain Gluon kernel (run 11's default) or, with ``ws``, the warp-specialised one
 (``ws192``: its 3-consumer tile at C=960, five whole 192-row tiles).
 
     ncu --kernel-name regex:dcat_fwd_gluon --launch-skip 2 --launch-count 1 --set full \
@@ -7,15 +7,16 @@ times, the plain Gluon kernel (run 11's default) or, with ``ws``, the warp-speci
 
 Reports: docs/benchmarks/raw/dcat_ncu_2026-11-23_{plain,ws}.txt (ncu locks the SM clock
 at 1.42 GHz, so read utilisations, not durations)."""
+import sys
+
 import torch
+
 from pinfm_rec.kernels.dcat import triton_fwd
 from pinfm_rec.kernels.dcat.bench import make
+from pinfm_rec.kernels.dcat.tune import fwd_candidate
+
 dev = torch.device("cuda")
-q, k, v, qc, kc, vc, co, xo = make(1, 16384, 1024, torch.bfloat16, dev)
-G = dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, waves=1.5, min_split=256,
-         split_size=None, tma=True, impl="gluon", poly=False, overlap=False, q_reg=False,
-         fuse_combine=False, ws_min_ctx=0, ws_waves=0.95)
-import sys
+G = fwd_candidate()  # every key explicit
 C = 960 if "ws192" in sys.argv else 1024  # 960 = 5 tiles of 192: no partial tile
 q, k, v, qc, kc, vc, co, xo = make(1, 16384, C, torch.bfloat16, dev)
 cfg = (dict(G, ws=True, BLOCK_M=192, waves=0.9) if "ws192" in sys.argv else

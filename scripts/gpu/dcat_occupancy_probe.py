@@ -30,15 +30,14 @@ import torch
 
 from pinfm_rec.kernels.dcat import triton_fwd
 from pinfm_rec.kernels.dcat.bench import SHAPES, _graph_bench, flops_fwd, geomean, make
+from pinfm_rec.kernels.dcat.tune import fwd_candidate
 
 dev = torch.device("cuda")
 t0 = time.time()
 rounds = int(sys.argv[sys.argv.index("--rounds") + 1]) if "--rounds" in sys.argv else 3
 TL = dict(triton_fwd.FWD_CONFIG, impl="tl")
 # every key explicit (dcat_fwd_triton merges a config over FWD_CONFIG)
-G = dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, waves=1.5, min_split=256,
-         split_size=None, tma=True, impl="gluon", poly=False, overlap=False, q_reg=False,
-         fuse_combine=False, ws_min_ctx=0, ws_waves=0.95, maxnreg=None)
+G = fwd_candidate()  # every key explicit
 # name -> config; waves = CTAs per SM targeted (splits = ceil(waves * SMs / tiles))
 CFGS = {
     "A default 2cta": dict(G),

@@ -21,6 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pinfm_rec.kernels.dcat import triton_fwd
 from pinfm_rec.kernels.dcat.bench import flops_fwd, make
+from pinfm_rec.kernels.dcat.tune import fwd_candidate
 
 dev = torch.device("cuda")
 # the throttle-reason field was renamed in recent drivers; use whichever this one knows
@@ -83,9 +84,7 @@ def row(name, fn, flops):
 R, L, C = 1, 16384, 1024
 q, k, v, qc, kc, vc, co, xo = make(R, L, C, torch.bfloat16, dev)
 sc = 64 ** -0.5
-G = dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, waves=1.5, min_split=256,
-         split_size=None, tma=True, impl="gluon", poly=False, overlap=False, q_reg=False,
-         fuse_combine=False, ws_min_ctx=0, ws_waves=0.95, maxnreg=None)
+G = fwd_candidate()  # every key explicit
 for name, cfg in [("dcat gluon default", G), ("dcat gluon poly", dict(G, poly=True)),
                   ("dcat gluon ws bm128", dict(G, ws=True, BLOCK_M=128, waves=0.95)),
                   ("dcat tl", dict(G, impl="tl"))]:
