@@ -18,6 +18,7 @@ On later code those keys are ignored, so "B", "P", "R" and "T" rows only mean so
 those commits.
 
 Usage: python3 scripts/gpu/dcat_occupancy_probe.py [--rounds N] [--only NAME,NAME] [--ab]
+       [--ab-only NAME,NAME]   (name prefixes; default: every config)
 """
 
 import json
@@ -80,6 +81,18 @@ CFGS = {
     "P pp s4": dict(G, ws=True, BLOCK_M=128, num_stages=4, waves=0.95, pingpong=True),
     "P pp bm192 s2 w2.9": dict(G, ws=True, BLOCK_M=192, num_stages=2, waves=2.9,
                                pingpong=True),
+    # session 5: separate key and value rings (a group brings K(j+S) and V(j+S-1)), so 2
+    # slots each keep one block of lead: 73.7 KB at BN128 (3 CTAs/SM with a 168 cap), 41 KB
+    # at BN64 (4 CTAs/SM at 128 registers)
+    "S5 s2 2cta": dict(G, num_stages=2),
+    "S5 s2 r168 3cta": dict(G, num_stages=2, maxnreg=168, waves=2.9),
+    "S5 s2 r168 3cta ovl": dict(G, num_stages=2, maxnreg=168, waves=2.9, overlap=True),
+    "S5 s2 r168 3cta fuse": dict(G, num_stages=2, maxnreg=168, waves=2.9, fuse_combine=True),
+    "S5 s2 r168 3cta ovl fuse": dict(G, num_stages=2, maxnreg=168, waves=2.9, overlap=True,
+                                     fuse_combine=True),
+    "S5 bn64 s2 4cta": dict(G, BLOCK_N=64, num_stages=2, waves=3.85),
+    "S5 bn64 s2 4cta ovl": dict(G, BLOCK_N=64, num_stages=2, waves=3.85, overlap=True),
+    "S5 bn64 s3 4cta": dict(G, BLOCK_N=64, num_stages=3, waves=3.85),
 }
 # --ab: each config also run by the previous commit's kernels (scripts/gpu/dcat_head/, a copy
 # of triton_fwd/gluon_fwd/gluon_ws_fwd at HEAD made before the run), as "old <name>"
@@ -144,9 +157,10 @@ def timed(name, shape):
 names = [n for n in CFGS if n not in bad] + ["tl"]
 cfg_of = dict(CFGS, tl=TL)
 fwd_of = {n: triton_fwd.dcat_fwd_triton for n in names}
+AB_ONLY = sys.argv[sys.argv.index("--ab-only") + 1].split(",") if "--ab-only" in sys.argv else None
 if OLD is not None:
     for n in list(CFGS):
-        if n not in bad:
+        if n not in bad and (AB_ONLY is None or any(n.startswith(x) for x in AB_ONLY)):
             names.append("old " + n)
             cfg_of["old " + n] = CFGS[n]
             fwd_of["old " + n] = OLD.dcat_fwd_triton
