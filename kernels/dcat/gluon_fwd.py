@@ -194,22 +194,6 @@ def _write_rows(acc, m_i, l_i, O, LSE, PO, PL, s, h, H, Cn, offs_m_o, mask_m_o, 
         gl.store(LSE + offs_m_o * H + h, lse2 * 0.6931471805599453, mask=mask_m_o)
 
 
-@gluon.jit
-def _issue_group(kc_desc, vc_desc, bar, k_buf, v_buf, row0, col, kb, n_full,
-                 BLOCK_N: gl.constexpr):
-    """One TMA group on one mbarrier: key block kb into k_buf and value block kb-1 into
-    v_buf, issued while block kb-1 is one of the n_full whole blocks. A group always moves
-    both (one expect and one wait per block): the key block n_full (past the last whole one)
-    and the value block -1 of the first group are loaded but never read (TMA zero-fills
-    rows outside the tensor)."""
-    go = kb <= n_full
-    nbytes: gl.constexpr = 2 * BLOCK_N * k_buf.shape[1] * k_buf.dtype.primitive_bitwidth // 8
-    mbarrier.expect(bar, nbytes, pred=go)
-    tma.async_copy_global_to_shared(kc_desc, [row0 + kb * BLOCK_N, col], bar, k_buf, pred=go)
-    tma.async_copy_global_to_shared(vc_desc, [row0 + (kb - 1) * BLOCK_N, col], bar, v_buf,
-                                    pred=go)
-
-
 @gluon.jit(do_not_specialize=["Cn", "H", "n_mtiles", "max_ctx", "split_size"])
 def _dcat_fwd_gluon_kernel(
     Q, K, V, KC, VC, CO, XO, O, LSE, PO, PL, kc_desc, vc_desc, CNT,
@@ -235,11 +219,6 @@ def _dcat_fwd_gluon_kernel(
         q, m_i, l_i, acc, offs_d, offs_m_o, mask_m_o, offs_d_o, row_off_o = _open_rows(
             Q, K, V, m0, c1, h, s, H, qk_scale, BLOCK_M, HEAD_DIM, ld, s_layout, o_layout)
         q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], smem_layout, q)
-        # a ring of STAGES key slots and one of STAGES value slots. TMA group g (issued once
-        # block g's MMAs retired; g < 0 in the prologue) brings key block g+STAGES and value
-        # block g+STAGES-1 on barrier g % STAGES; block j's step waits for group j-STAGES,
-        # which holds both operands the step reads (K(j) for QK^T, V(j-1) for PV). Keys and
-        # values get one block of lead, as in a joint (K, V) ring of STAGES+1 slots.
         k_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], smem_layout)
         v_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], smem_layout)
         bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -251,12 +230,16 @@ def _dcat_fwd_gluon_kernel(
         n_full = ((kend - kstart) // BLOCK_N).to(gl.int32)
         row0 = kstart.to(gl.int32)
         col = (h * HEAD_DIM).to(gl.int32)
+        nbytes: gl.constexpr = 2 * BLOCK_N * HEAD_DIM * dtype.primitive_bitwidth // 8
         zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
 
-        for i in gl.static_range(STAGES):  # prologue: groups -STAGES..-1
-            _issue_group(kc_desc, vc_desc, bars.index(i), k_bufs.index(i),
-                         v_bufs.index((i + STAGES - 1) % STAGES), row0, col, i, n_full,
-                         BLOCK_N)
+        for i in gl.static_range(STAGES - 1):  # prologue: blocks 0..STAGES-2
+            go = i < n_full
+            mbarrier.expect(bars.index(i), nbytes, pred=go)
+            tma.async_copy_global_to_shared(kc_desc, [row0 + i * BLOCK_N, col], bars.index(i),
+                                            k_bufs.index(i), pred=go)
+            tma.async_copy_global_to_shared(vc_desc, [row0 + i * BLOCK_N, col], bars.index(i),
+                                            v_bufs.index(i), pred=go)
         fence_async_shared()  # q_smem (generic-proxy store) before the MMAs read it
         _cta_barrier()
         if Q_REG:  # q as the register A operand of QK^T (less shared-memory traffic)
@@ -271,8 +254,13 @@ def _dcat_fwd_gluon_kernel(
                                   use_acc=False)
             p, alpha, m_i, l_i = _softmax_block(s_acc, m_i, l_i, qk_scale, p_layout, dtype)
             acc = acc * gl.convert_layout(alpha, row_o)[:, None]
-            _issue_group(kc_desc, vc_desc, bars.index(0), k_bufs.index(0),
-                         v_bufs.index(STAGES - 1), row0, col, STAGES, n_full, BLOCK_N)
+            nb = STAGES - 1  # slot STAGES-1 has never been used
+            go = nb < n_full
+            mbarrier.expect(bars.index(nb), nbytes, pred=go)
+            tma.async_copy_global_to_shared(kc_desc, [row0 + nb * BLOCK_N, col], bars.index(nb),
+                                            k_bufs.index(nb), pred=go)
+            tma.async_copy_global_to_shared(vc_desc, [row0 + nb * BLOCK_N, col], bars.index(nb),
+                                            v_bufs.index(nb), pred=go)
             for j in range(1, n_full):
                 slot = j % STAGES
                 prev = (j - 1) % STAGES
@@ -280,11 +268,14 @@ def _dcat_fwd_gluon_kernel(
                 p, acc, m_i, l_i = _kv_step(qa, k_bufs.index(slot), v_bufs.index(prev), p, acc,
                                             m_i, l_i, zero_s, qk_scale, p_layout, row_o, dtype,
                                             POLY, OVERLAP)
-                # key slot `slot` and value slot `prev` are free: group j
-                _issue_group(kc_desc, vc_desc, bars.index(slot), k_bufs.index(slot),
-                             v_bufs.index(prev), row0, col, j + STAGES, n_full, BLOCK_N)
-            # the last value block came with group n_full - STAGES
-            mbarrier.wait(bars.index(n_full % STAGES), (n_full // STAGES) & 1)
+                # slot `prev` is free: refill it with block j-1+STAGES
+                nb = j - 1 + STAGES
+                go = nb < n_full
+                mbarrier.expect(bars.index(prev), nbytes, pred=go)
+                tma.async_copy_global_to_shared(kc_desc, [row0 + nb * BLOCK_N, col],
+                                                bars.index(prev), k_bufs.index(prev), pred=go)
+                tma.async_copy_global_to_shared(vc_desc, [row0 + nb * BLOCK_N, col],
+                                                bars.index(prev), v_bufs.index(prev), pred=go)
             acc = warpgroup_mma(p, v_bufs.index((n_full - 1) % STAGES), acc)
 
         tail = kstart + n_full * BLOCK_N
@@ -377,8 +368,6 @@ def launch(grid, q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, o, lse, po, p
     kern, kw = _dcat_fwd_gluon_kernel, dict(OVERLAP=bool(cfg.get("overlap", False)),
                                             Q_REG=bool(cfg.get("q_reg", False)),
                                             FUSE_COMBINE=fuse, POLY=bool(cfg.get("poly", False)))
-    if cfg.get("maxnreg"):  # register cap, e.g. 168 for 3 CTAs per SM
-        kw["maxnreg"] = int(cfg["maxnreg"])
     if cfg.get("ws"):
         from .gluon_ws_fwd import _dcat_fwd_gluon_ws_kernel
         # NC+1 warpgroups (consumers + the producer warp's group) x 128 threads share the
