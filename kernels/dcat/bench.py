@@ -94,6 +94,7 @@ CASES_FULL = [  # (cand lens, ctx lens, max_ctx, heads, Dh)
     ([3, 70], [90, 300], 0, 2, 32),
     ([3, 70], [90, 300], 50, 2, 128),
     ([1, 70, 130], [13000, 0, 12500], 0, 2, 64),
+    ([1, 70, 130], [700, 300, 2500], 0, 8, 64, "ramp"),
 ]
 # quick: the benchmark's H=8, Dh=64 (kernels shared with the timed part, so few compiles);
 # ragged with empty requests and histories, one case with a split history (1500 tokens),
@@ -104,7 +105,21 @@ CASES_QUICK = [
     ([256] * 2, [1024] * 2, 0, 8, 64),
     # long ragged histories (one empty): the warp-specialised Gluon forward (ws_min_ctx)
     ([1, 70, 130], [13000, 0, 12500], 0, 2, 64),
+    # "ramp": history keys scaled up along each history (x40 at its end), so later scores
+    # exceed a split's first-block max by far more than 2^127 allows: the fixed_max forward
+    # must detect the overflow and redo the split exactly
+    ([1, 70, 130], [700, 300, 2500], 0, 8, 64, "ramp"),
 ]
+
+
+def ramp_keys(k_ctx, ctx_offsets, top=40.0):
+    """k_ctx [Lc, H, Dh] with each request's keys scaled from 1 (first) to top (last)."""
+    xo = ctx_offsets.tolist()
+    f = torch.ones(k_ctx.shape[0], device=k_ctx.device)
+    for a, b in zip(xo[:-1], xo[1:]):
+        if b > a:
+            f[a:b] = torch.linspace(1.0, top, b - a, device=k_ctx.device)
+    return (k_ctx.float() * f[:, None, None]).to(k_ctx.dtype)
 
 
 def correctness(dev, cases=CASES_FULL, dtypes=(torch.bfloat16, torch.float16, torch.float32),
@@ -112,10 +127,13 @@ def correctness(dev, cases=CASES_FULL, dtypes=(torch.bfloat16, torch.float16, to
     res = {}
     for dtype in dtypes:
         worst = {kern: 0.0 for kern in kernels}
-        for cl, xl, mc, h, dh in cases:
+        for case in cases:
+            cl, xl, mc, h, dh = case[:5]
             co, xo = offsets(cl, dev), offsets(xl, dev)
             ins = [torch.randn(n, h, dh, device=dev, dtype=dtype)
                    for n in (sum(cl),) * 3 + (sum(xl),) * 2]
+            if case[5:] == ("ramp",):
+                ins[3] = ramp_keys(ins[3], xo)
             ref_in = [t.double().requires_grad_() for t in ins]
             ref = dcat_reference(*ref_in, co, xo, max_ctx=mc)
             g = torch.randn_like(ref)
@@ -136,6 +154,7 @@ def correctness(dev, cases=CASES_FULL, dtypes=(torch.bfloat16, torch.float16, to
                 e = float("nan") if bad else max(errs)
                 worst[kern] = e if math.isnan(e) else max(worst[kern], e)
                 print(f"  check {str(dtype):15s} {kern:6s} cands={cl} ctx={xl} max_ctx={mc} "
+                      f"{' '.join(case[5:])} "
                       f"H={h} Dh={dh}: out/dq/dk/dv/dkc/dvc rel err "
                       + " ".join(f"{x:.1e}" for x in errs), flush=True)
         res[str(dtype).replace("torch.", "")] = worst

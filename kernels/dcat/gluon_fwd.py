@@ -14,8 +14,13 @@ Options (FWD_CONFIG keys, all measured in docs/benchmarks/dcat.md and NOTES.md):
 ``overlap`` (FA3's intra-warpgroup overlap: wait only for QK^T and run block j's softmax
 while block j-1's PV is still on the tensor cores; ``tl.dot`` always waits), ``poly`` (a
 quarter of the exp2 by polynomial on the FMA pipe, FA4's trick), ``q_reg`` (q as a register
-operand), ``fuse_combine`` (the last split merges the partials: no combine launch) and the
-warp-specialised kernel of ``gluon_ws_fwd.py`` (``ws_min_ctx``).
+operand), ``fuse_combine`` (the last split merges the partials: no combine launch),
+``fixed_max`` (bf16, Dh <= 64: after a split's first block the softmax keeps that block's
+row max as its reference, so later blocks compute no row max and never rescale acc: 339
+instead of 450 instructions per 64x128 block; p may then exceed 1, which bf16 holds up to
+2^127, and an overflow past that makes l or acc non-finite, upon which the program redoes
+its split with the online softmax) and the warp-specialised kernel of ``gluon_ws_fwd.py``
+(``ws_min_ctx``).
 
 The ragged tail block of a split is loaded with masked pointer loads into ring slot 0 (all
 TMA loads are retired by then), so no row of another request is read into a softmax; the
@@ -54,11 +59,13 @@ def _load_layout(cols, num_warps):
     return gl.BlockedLayout([1, vec], [32 // tpw_c, tpw_c], [num_warps, 1], [1, 0])
 
 
-# exp2 of 4 consecutive elements of a thread (x <= 0, finite): three on the MUFU unit
+# exp2 of 4 consecutive elements of a thread (x finite): three on the MUFU unit
 # (ex2.approx), the fourth on the FMA/ALU pipes (FA4's trick): x = j + f with j = rint(x),
 # 2^f by a degree-3 polynomial fitted on [-0.5, 0.5] (max relative error 7.7e-5, below
 # bf16/fp16 rounding of p), and 2^j added into the exponent bits. The MUFU unit does 16
 # exp2 per clock per SM, the bound of the softmax at Dh=64; this moves a quarter of them.
+# x is clamped to [-126, 129]: x >= 128 (possible under fixed_max) gives inf or NaN, like
+# ex2.approx, so the overflow check still sees it.
 _EXP2_MIXED_ASM = gl.constexpr("""
 {
 .reg .f32 x, t, j, f, p;
@@ -67,6 +74,7 @@ ex2.approx.ftz.f32 $0, $4;
 ex2.approx.ftz.f32 $1, $5;
 ex2.approx.ftz.f32 $2, $6;
 max.f32 x, $7, 0fC2FC0000;
+min.f32 x, x, 0f43010000;
 add.rn.f32 t, x, 0f4B400000;
 sub.rn.f32 j, t, 0f4B400000;
 sub.rn.f32 f, x, j;
@@ -94,6 +102,13 @@ def _softmax_block(s_acc, m_i, l_i, qk_scale, p_layout: gl.constexpr, dtype: gl.
     # qk_scale > 0 (the launcher flips q's sign otherwise): max before scaling, then one
     # FMA per score. Returns p (A operand of the PV MMA), alpha (rescale of acc), m, l.
     # POLY: a quarter of the exp2 by polynomial (full blocks only: x must be finite).
+    pf, alpha, m_new, l_i = _softmax_f32(s_acc, m_i, l_i, qk_scale, POLY)
+    return gl.convert_layout(pf.to(dtype), p_layout), alpha, m_new, l_i
+
+
+@gluon.jit
+def _softmax_f32(s_acc, m_i, l_i, qk_scale, POLY: gl.constexpr = False):
+    # _softmax_block with p left in fp32 in the score layout
     m_new = gl.maximum(m_i, gl.max(s_acc, 1) * qk_scale)
     if POLY:
         p = _exp2_mixed(s_acc * qk_scale - m_new[:, None])
@@ -101,7 +116,7 @@ def _softmax_block(s_acc, m_i, l_i, qk_scale, p_layout: gl.constexpr, dtype: gl.
         p = gl.exp2(s_acc * qk_scale - m_new[:, None])
     alpha = gl.exp2(m_i - m_new)
     l_i = l_i * alpha + gl.sum(p, 1)
-    return gl.convert_layout(p.to(dtype), p_layout), alpha, m_new, l_i
+    return p, alpha, m_new, l_i
 
 
 @gluon.jit
@@ -171,10 +186,35 @@ def _kv_step(qa, k_buf, v_prev, p, acc, m_i, l_i, zero_s, qk_scale, p_layout: gl
         s_acc = warpgroup_mma_wait(1, deps=(s_tok, ))
     else:
         s_acc = warpgroup_mma_wait(0, deps=(s_tok, ))
-    p, alpha, m_i, l_i = _softmax_block(s_acc, m_i, l_i, qk_scale, p_layout, dtype, POLY)
+    pf, alpha, m_i, l_i = _softmax_f32(s_acc, m_i, l_i, qk_scale, POLY)
     acc = warpgroup_mma_wait(0, deps=(o_tok, ))
     acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+    p = gl.convert_layout(pf.to(dtype), p_layout)
     return p, acc, m_i, l_i
+
+
+@gluon.jit
+def _kv_step_fixed(qa, k_buf, v_prev, p, acc, m_i, l_i, zero_s, qk_scale,
+                   p_layout: gl.constexpr, dtype: gl.constexpr, POLY: gl.constexpr,
+                   OVERLAP: gl.constexpr):
+    """_kv_step against a fixed reference m_i (FIXED_MAX): no row max, no rescale of acc.
+    p = exp2(x - m_i) may exceed 1; bf16 (and fp32) hold it up to 2^127, and an overflow
+    shows up as a non-finite l or acc, which the caller checks."""
+    s_tok = warpgroup_mma(qa, k_buf.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    o_tok = warpgroup_mma(p, v_prev, acc, is_async=True)
+    if OVERLAP:
+        s_acc = warpgroup_mma_wait(1, deps=(s_tok, ))
+    else:
+        s_acc = warpgroup_mma_wait(0, deps=(s_tok, ))
+    x = s_acc * qk_scale - m_i[:, None]
+    if POLY:
+        pf = _exp2_mixed(x)
+    else:
+        pf = gl.exp2(x)
+    l_i = l_i + gl.sum(pf, 1)
+    acc = warpgroup_mma_wait(0, deps=(o_tok, ))
+    p = gl.convert_layout(pf.to(dtype), p_layout)
+    return p, acc, l_i
 
 
 @gluon.jit
@@ -194,13 +234,130 @@ def _write_rows(acc, m_i, l_i, O, LSE, PO, PL, s, h, H, Cn, offs_m_o, mask_m_o, 
         gl.store(LSE + offs_m_o * H + h, lse2 * 0.6931471805599453, mask=mask_m_o)
 
 
+@gluon.jit
+def _ring_step(j, qa, k_bufs, v_bufs, bars, kc_desc, vc_desc, row0, col, n_full, p, acc, m_i,
+               l_i, zero_s, qk_scale, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+               p_layout: gl.constexpr, row_o: gl.constexpr, dtype: gl.constexpr,
+               POLY: gl.constexpr, OVERLAP: gl.constexpr, FIXED_MAX: gl.constexpr):
+    """History block j (1 <= j < n_full) from the TMA ring: wait for its slot, QK^T(j) and
+    PV(j-1), block j's softmax, then refill the slot of block j-1 with block j-1+STAGES."""
+    slot = j % STAGES
+    prev = (j - 1) % STAGES
+    mbarrier.wait(bars.index(slot), (j // STAGES) & 1)
+    if FIXED_MAX:
+        p, acc, l_i = _kv_step_fixed(qa, k_bufs.index(slot), v_bufs.index(prev), p, acc, m_i,
+                                     l_i, zero_s, qk_scale, p_layout, dtype, POLY, OVERLAP)
+    else:
+        p, acc, m_i, l_i = _kv_step(qa, k_bufs.index(slot), v_bufs.index(prev), p, acc, m_i,
+                                    l_i, zero_s, qk_scale, p_layout, row_o, dtype, POLY,
+                                    OVERLAP)
+    nb = j - 1 + STAGES
+    go = nb < n_full
+    nbytes: gl.constexpr = 2 * BLOCK_N * k_bufs.shape[2] * dtype.primitive_bitwidth // 8
+    mbarrier.expect(bars.index(prev), nbytes, pred=go)
+    tma.async_copy_global_to_shared(kc_desc, [row0 + nb * BLOCK_N, col], bars.index(prev),
+                                    k_bufs.index(prev), pred=go)
+    tma.async_copy_global_to_shared(vc_desc, [row0 + nb * BLOCK_N, col], bars.index(prev),
+                                    v_bufs.index(prev), pred=go)
+    return p, acc, m_i, l_i
+
+
+@gluon.jit
+def _run_split(q_smem, k_bufs, v_bufs, bars, kc_desc, vc_desc, KC, VC, m_i, l_i, acc, kstart,
+               kend, h, s_qm, offs_d, qk_scale, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
+               STAGES: gl.constexpr, s_layout: gl.constexpr, p_layout: gl.constexpr,
+               row_o: gl.constexpr, ld: gl.constexpr, dtype: gl.constexpr,
+               Q_REG: gl.constexpr, POLY: gl.constexpr, OVERLAP: gl.constexpr,
+               FIXED_MAX: gl.constexpr):
+    """The program's history keys kstart..kend (one split) against its candidate rows
+    (q in q_smem, online-softmax state m_i, l_i, acc): full blocks through the TMA ring,
+    the ragged tail by masked loads. Returns the updated (m_i, l_i, acc).
+
+    FIXED_MAX: blocks after the first keep the first block's row max as the reference
+    (p = exp2(x - m) may exceed 1, no rescale of acc): no row max and no rescale per block,
+    339 instead of 450 instructions per 128 keys. bf16 p holds up to 2^127; past that l or
+    acc turns non-finite and the caller redoes the split without FIXED_MAX. The first
+    block's max is a score of the split itself, so the largest p is >= 1: nothing that
+    matters underflows."""
+    for i in gl.static_range(STAGES):
+        mbarrier.init(bars.index(i), count=1)
+
+    n_full = ((kend - kstart) // BLOCK_N).to(gl.int32)
+    row0 = kstart.to(gl.int32)
+    col = (h * HEAD_DIM).to(gl.int32)
+    nbytes: gl.constexpr = 2 * BLOCK_N * HEAD_DIM * dtype.primitive_bitwidth // 8
+    BLOCK_M: gl.constexpr = q_smem.shape[0]
+    zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+
+    for i in gl.static_range(STAGES - 1):  # prologue: blocks 0..STAGES-2
+        go = i < n_full
+        mbarrier.expect(bars.index(i), nbytes, pred=go)
+        tma.async_copy_global_to_shared(kc_desc, [row0 + i * BLOCK_N, col], bars.index(i),
+                                        k_bufs.index(i), pred=go)
+        tma.async_copy_global_to_shared(vc_desc, [row0 + i * BLOCK_N, col], bars.index(i),
+                                        v_bufs.index(i), pred=go)
+    fence_async_shared()  # q_smem (generic-proxy store) before the MMAs read it
+    _cta_barrier()
+    if Q_REG:  # q as the register A operand of QK^T (less shared-memory traffic)
+        qa = q_smem.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
+    else:
+        qa = q_smem
+
+    if n_full > 0:
+        # block 0: nothing to overlap with yet
+        mbarrier.wait(bars.index(0), 0)
+        s_acc = warpgroup_mma(qa, k_bufs.index(0).permute((1, 0)), zero_s,
+                              use_acc=False)
+        p, alpha, m_i, l_i = _softmax_block(s_acc, m_i, l_i, qk_scale, p_layout, dtype)
+        acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+        nb = STAGES - 1  # slot STAGES-1 has never been used
+        go = nb < n_full
+        mbarrier.expect(bars.index(nb), nbytes, pred=go)
+        tma.async_copy_global_to_shared(kc_desc, [row0 + nb * BLOCK_N, col], bars.index(nb),
+                                        k_bufs.index(nb), pred=go)
+        tma.async_copy_global_to_shared(vc_desc, [row0 + nb * BLOCK_N, col], bars.index(nb),
+                                        v_bufs.index(nb), pred=go)
+        for j in range(1, n_full):
+            p, acc, m_i, l_i = _ring_step(j, qa, k_bufs, v_bufs, bars, kc_desc, vc_desc, row0,
+                                          col, n_full, p, acc, m_i, l_i, zero_s, qk_scale,
+                                          BLOCK_N, STAGES, p_layout, row_o, dtype, POLY,
+                                          OVERLAP, FIXED_MAX)
+        acc = warpgroup_mma(p, v_bufs.index((n_full - 1) % STAGES), acc)
+
+    tail = kstart + n_full * BLOCK_N
+    if tail < kend:
+        # every TMA load was waited for and every MMA retired: slot 0 is free
+        offs_n = tail + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, ld))
+        kmask = offs_n < kend
+        kv_off = offs_n[:, None] * s_qm + h * HEAD_DIM + offs_d[None, :]
+        kb = gl.load(KC + kv_off, mask=kmask[:, None], other=0.0)
+        vb = gl.load(VC + kv_off, mask=kmask[:, None], other=0.0)
+        _cta_barrier()
+        k_bufs.index(0).store(kb)
+        v_bufs.index(0).store(vb)
+        fence_async_shared()
+        _cta_barrier()
+        s_acc = warpgroup_mma(qa, k_bufs.index(0).permute((1, 0)), zero_s,
+                              use_acc=False)
+        cols = tail + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        s_acc = gl.where((cols < kend)[None, :], s_acc, float("-inf"))
+        p, alpha, m_i, l_i = _softmax_block(s_acc, m_i, l_i, qk_scale, p_layout, dtype)
+        acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+        acc = warpgroup_mma(p, v_bufs.index(0), acc)
+
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(bars.index(i))
+    return m_i, l_i, acc
+
+
 @gluon.jit(do_not_specialize=["Cn", "H", "n_mtiles", "max_ctx", "split_size"])
 def _dcat_fwd_gluon_kernel(
     Q, K, V, KC, VC, CO, XO, O, LSE, PO, PL, kc_desc, vc_desc, CNT,
     Cn, H, n_mtiles, max_ctx, split_size, qk_scale,
     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     STAGES: gl.constexpr, SPLIT: gl.constexpr, OVERLAP: gl.constexpr, Q_REG: gl.constexpr,
-    FUSE_COMBINE: gl.constexpr, POLY: gl.constexpr, num_warps: gl.constexpr,
+    FUSE_COMBINE: gl.constexpr, POLY: gl.constexpr, FIXED_MAX: gl.constexpr,
+    num_warps: gl.constexpr,
 ):
     dtype: gl.constexpr = kc_desc.dtype
     smem_layout: gl.constexpr = kc_desc.layout  # [*, HEAD_DIM] rows: same swizzle for q
@@ -222,85 +379,27 @@ def _dcat_fwd_gluon_kernel(
         k_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], smem_layout)
         v_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], smem_layout)
         bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(STAGES):
-            mbarrier.init(bars.index(i), count=1)
-
         kstart = x0 + s * split_size
         kend = gl.minimum(kstart + split_size, x1)
-        n_full = ((kend - kstart) // BLOCK_N).to(gl.int32)
-        row0 = kstart.to(gl.int32)
-        col = (h * HEAD_DIM).to(gl.int32)
-        nbytes: gl.constexpr = 2 * BLOCK_N * HEAD_DIM * dtype.primitive_bitwidth // 8
-        zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
-
-        for i in gl.static_range(STAGES - 1):  # prologue: blocks 0..STAGES-2
-            go = i < n_full
-            mbarrier.expect(bars.index(i), nbytes, pred=go)
-            tma.async_copy_global_to_shared(kc_desc, [row0 + i * BLOCK_N, col], bars.index(i),
-                                            k_bufs.index(i), pred=go)
-            tma.async_copy_global_to_shared(vc_desc, [row0 + i * BLOCK_N, col], bars.index(i),
-                                            v_bufs.index(i), pred=go)
-        fence_async_shared()  # q_smem (generic-proxy store) before the MMAs read it
-        _cta_barrier()
-        if Q_REG:  # q as the register A operand of QK^T (less shared-memory traffic)
-            qa = q_smem.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
-        else:
-            qa = q_smem
-
-        if n_full > 0:
-            # block 0: nothing to overlap with yet
-            mbarrier.wait(bars.index(0), 0)
-            s_acc = warpgroup_mma(qa, k_bufs.index(0).permute((1, 0)), zero_s,
-                                  use_acc=False)
-            p, alpha, m_i, l_i = _softmax_block(s_acc, m_i, l_i, qk_scale, p_layout, dtype)
-            acc = acc * gl.convert_layout(alpha, row_o)[:, None]
-            nb = STAGES - 1  # slot STAGES-1 has never been used
-            go = nb < n_full
-            mbarrier.expect(bars.index(nb), nbytes, pred=go)
-            tma.async_copy_global_to_shared(kc_desc, [row0 + nb * BLOCK_N, col], bars.index(nb),
-                                            k_bufs.index(nb), pred=go)
-            tma.async_copy_global_to_shared(vc_desc, [row0 + nb * BLOCK_N, col], bars.index(nb),
-                                            v_bufs.index(nb), pred=go)
-            for j in range(1, n_full):
-                slot = j % STAGES
-                prev = (j - 1) % STAGES
-                mbarrier.wait(bars.index(slot), (j // STAGES) & 1)
-                p, acc, m_i, l_i = _kv_step(qa, k_bufs.index(slot), v_bufs.index(prev), p, acc,
-                                            m_i, l_i, zero_s, qk_scale, p_layout, row_o, dtype,
-                                            POLY, OVERLAP)
-                # slot `prev` is free: refill it with block j-1+STAGES
-                nb = j - 1 + STAGES
-                go = nb < n_full
-                mbarrier.expect(bars.index(prev), nbytes, pred=go)
-                tma.async_copy_global_to_shared(kc_desc, [row0 + nb * BLOCK_N, col],
-                                                bars.index(prev), k_bufs.index(prev), pred=go)
-                tma.async_copy_global_to_shared(vc_desc, [row0 + nb * BLOCK_N, col],
-                                                bars.index(prev), v_bufs.index(prev), pred=go)
-            acc = warpgroup_mma(p, v_bufs.index((n_full - 1) % STAGES), acc)
-
-        tail = kstart + n_full * BLOCK_N
-        if tail < kend:
-            # every TMA load was waited for and every MMA retired: slot 0 is free
-            offs_n = tail + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, ld))
-            kmask = offs_n < kend
-            kv_off = offs_n[:, None] * s_qm + h * HEAD_DIM + offs_d[None, :]
-            kb = gl.load(KC + kv_off, mask=kmask[:, None], other=0.0)
-            vb = gl.load(VC + kv_off, mask=kmask[:, None], other=0.0)
-            _cta_barrier()
-            k_bufs.index(0).store(kb)
-            v_bufs.index(0).store(vb)
-            fence_async_shared()
-            _cta_barrier()
-            s_acc = warpgroup_mma(qa, k_bufs.index(0).permute((1, 0)), zero_s,
-                                  use_acc=False)
-            cols = tail + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-            s_acc = gl.where((cols < kend)[None, :], s_acc, float("-inf"))
-            p, alpha, m_i, l_i = _softmax_block(s_acc, m_i, l_i, qk_scale, p_layout, dtype)
-            acc = acc * gl.convert_layout(alpha, row_o)[:, None]
-            acc = warpgroup_mma(p, v_bufs.index(0), acc)
-
-        for i in gl.static_range(STAGES):
-            mbarrier.invalidate(bars.index(i))
+        m_i, l_i, acc = _run_split(q_smem, k_bufs, v_bufs, bars, kc_desc, vc_desc, KC, VC,
+                                   m_i, l_i, acc, kstart, kend, h, s_qm, offs_d, qk_scale,
+                                   HEAD_DIM, BLOCK_N, STAGES, s_layout, p_layout, row_o, ld,
+                                   dtype, Q_REG, POLY, OVERLAP, FIXED_MAX)
+        if FIXED_MAX:
+            # p overflowed for some row (a later key scored more than ~127 (log2) above the
+            # first block's max): l or acc is not finite. Rare; this split is redone with
+            # the online softmax
+            fin = (gl.convert_layout(l_i, row_o) + gl.sum(gl.abs(acc), 1)) < float("inf")
+            if gl.sum(gl.where(fin, 0, 1), 0) > 0:
+                _cta_barrier()
+                q, m_i, l_i, acc, offs_d, offs_m_o, mask_m_o, offs_d_o, row_off_o = _open_rows(
+                    Q, K, V, m0, c1, h, s, H, qk_scale, BLOCK_M, HEAD_DIM, ld, s_layout,
+                    o_layout)
+                m_i, l_i, acc = _run_split(q_smem, k_bufs, v_bufs, bars, kc_desc, vc_desc, KC,
+                                           VC, m_i, l_i, acc, kstart, kend, h, s_qm, offs_d,
+                                           qk_scale, HEAD_DIM, BLOCK_N, STAGES, s_layout,
+                                           p_layout, row_o, ld, dtype, Q_REG, POLY, OVERLAP,
+                                           False)
         _write_rows(acc, m_i, l_i, O, LSE, PO, PL, s, h, H, Cn, offs_m_o, mask_m_o, offs_d_o,
                     row_off_o, HEAD_DIM, SPLIT, row_o, dtype)
         if SPLIT and FUSE_COMBINE:
@@ -367,7 +466,11 @@ def launch(grid, q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, o, lse, po, p
     cnt = _counters(q.device, grid[0] * grid[1]) if fuse else cand_offsets
     kern, kw = _dcat_fwd_gluon_kernel, dict(OVERLAP=bool(cfg.get("overlap", False)),
                                             Q_REG=bool(cfg.get("q_reg", False)),
-                                            FUSE_COMBINE=fuse, POLY=bool(cfg.get("poly", False)))
+                                            FUSE_COMBINE=fuse, POLY=bool(cfg.get("poly", False)),
+                                            # bf16 only (fp16 p overflows at 2^16); Dh <= 64
+                                            # (at 128 the fallback copy spills)
+                                            FIXED_MAX=bool(cfg.get("fixed_max", False))
+                                            and k_ctx.dtype == torch.bfloat16 and Dh <= 64)
     if cfg.get("ws"):
         from .gluon_ws_fwd import _dcat_fwd_gluon_ws_kernel
         # NC+1 warpgroups (consumers + the producer warp's group) x 128 threads share the
@@ -438,7 +541,8 @@ def compile_for_sm90(head_dim: int = 64, block_n: int = 128, ws: bool = False,
         types[name] = "i32"
     const = dict(HEAD_DIM=head_dim, BLOCK_M=block_m or (128 if ws else 64), BLOCK_N=block_n,
                  STAGES=stages, SPLIT=True, num_warps=num_warps)
-    flags = ("POLY", "Q_REG", "OVERLAP") if ws else ("OVERLAP", "Q_REG", "FUSE_COMBINE", "POLY")
+    flags = (("POLY", "Q_REG", "OVERLAP") if ws else
+             ("OVERLAP", "Q_REG", "FUSE_COMBINE", "POLY", "FIXED_MAX"))
     const.update({f: bool(opts.get(f, False)) for f in flags})
     sig = {n: ("constexpr" if n in const else types[n]) for n in fn.arg_names}
     src = GluonASTSource(fn, sig, {(fn.arg_names.index(k),): v for k, v in const.items()})

@@ -24,7 +24,7 @@ def fwd_candidate(**overrides) -> dict:
     return dict(dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, waves=1.5,
                      min_split=256, split_size=None, tma=True, impl="gluon", poly=False,
                      overlap=False, q_reg=False, fuse_combine=False, ws_min_ctx=0,
-                     ws_waves=0.95), **overrides)
+                     ws_waves=0.95, fixed_max=False), **overrides)
 
 
 def sweep(dev, budget_s=120.0):
@@ -41,9 +41,13 @@ def sweep(dev, budget_s=120.0):
     # (softmax during the previous block's PV), q_reg (q as register operand),
     # fuse_combine (split merge by the last split, no combine launch). NOTES.md.
     # every key explicit: a candidate must not inherit options from FWD_CONFIG
+    # Session 5: fixed_max (no row max / rescale after a split's first block) + overlap.
     g = fwd_candidate()
+    fx = dict(g, fixed_max=True, overlap=True)
     best = dict(g, impl="gluon", poly=True, overlap=True, q_reg=True, fuse_combine=True)
-    fwd = [dict(best, ws_min_ctx=12288), best,
+    fwd = [fx, dict(fx, fuse_combine=True), dict(g, fixed_max=True), dict(fx, waves=1.0),
+           dict(fx, q_reg=True),
+           dict(best, ws_min_ctx=12288), best,
            dict(best, ws_min_ctx=8192),
            dict(g, impl="gluon", poly=True, overlap=True),
            dict(g, impl="gluon", poly=True, overlap=True, q_reg=True),

@@ -30,7 +30,9 @@ import time
 import torch
 
 from pinfm_rec.kernels.dcat import triton_fwd
-from pinfm_rec.kernels.dcat.bench import SHAPES, _graph_bench, flops_fwd, geomean, make
+from pinfm_rec.kernels.dcat.bench import (
+    SHAPES, _graph_bench, flops_fwd, geomean, make, ramp_keys,
+)
 from pinfm_rec.kernels.dcat.tune import fwd_candidate
 
 dev = torch.device("cuda")
@@ -93,6 +95,19 @@ CFGS = {
     "S5 bn64 s2 4cta": dict(G, BLOCK_N=64, num_stages=2, waves=3.85),
     "S5 bn64 s2 4cta ovl": dict(G, BLOCK_N=64, num_stages=2, waves=3.85, overlap=True),
     "S5 bn64 s3 4cta": dict(G, BLOCK_N=64, num_stages=3, waves=3.85),
+    # session 5: fixed reference max (the max of a split's first block; no row max and no
+    # rescale of acc in later blocks: 338 instead of 450 instructions per block)
+    "F fixed": dict(G, fixed_max=True),
+    "F fixed ovl": dict(G, fixed_max=True, overlap=True),
+    "F fixed poly": dict(G, fixed_max=True, poly=True),
+    "F fixed poly ovl": dict(G, fixed_max=True, poly=True, overlap=True),
+    "F fixed qreg": dict(G, fixed_max=True, q_reg=True),
+    "F fixed fuse": dict(G, fixed_max=True, fuse_combine=True),
+    "F fixed ovl fuse": dict(G, fixed_max=True, overlap=True, fuse_combine=True),
+    "F fixed ovl qreg": dict(G, fixed_max=True, overlap=True, q_reg=True),
+    "F fixed ovl w1": dict(G, fixed_max=True, overlap=True, waves=1.0),
+
+    "F fixed ovl w2": dict(G, fixed_max=True, overlap=True, waves=2.0),
 }
 # --ab: each config also run by the previous commit's kernels (scripts/gpu/dcat_head/, a copy
 # of triton_fwd/gluon_fwd/gluon_ws_fwd at HEAD made before the run), as "old <name>"
@@ -115,11 +130,16 @@ def save():
 
 # 1. agreement with the tl kernel on ragged inputs, every output element written
 ragged = []
-for cl, xl in [([1, 37, 200, 5, 130, 0], [700, 33, 1500, 1, 0, 64]), ([70, 130], [13000, 2500])]:
+# the third case ramps the keys up along each history (bench.ramp_keys): later scores
+# overflow a fixed first-block reference, so fixed_max must redo those splits exactly
+for cl, xl, ramp in [([1, 37, 200, 5, 130, 0], [700, 33, 1500, 1, 0, 64], False),
+                     ([70, 130], [13000, 2500], False), ([1, 70, 130], [700, 300, 2500], True)]:
     co = torch.tensor([0] + torch.tensor(cl).cumsum(0).tolist(), device=dev)
     xo = torch.tensor([0] + torch.tensor(xl).cumsum(0).tolist(), device=dev)
     q, k, v = (torch.randn(sum(cl), 8, 64, device=dev, dtype=torch.bfloat16) for _ in range(3))
     kc, vc = (torch.randn(sum(xl), 8, 64, device=dev, dtype=torch.bfloat16) for _ in range(2))
+    if ramp:
+        kc = ramp_keys(kc, xo)
     ref = triton_fwd.dcat_fwd_triton(q, k, v, kc, vc, co, xo, 0, 0.125, max(cl), max(xl), TL)
     ragged.append(((q, k, v, kc, vc, co, xo, max(cl), max(xl)), ref))
 bad = set()
