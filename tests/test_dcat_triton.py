@@ -100,3 +100,21 @@ def test_empty_inputs():
     torch.testing.assert_close(o, ins[2])
     g = bwd.dcat_bwd_triton(torch.randn_like(o), *ins, o, lse, co, xo, 0, 0.2, 3, 0, SMALL_B)
     assert g[3].shape == (0, 2, 32) and torch.isfinite(g[0]).all()
+
+
+def test_logits_spanning_past_fp32_exp_range():
+    # keys scaled up x40 along each history (bench.ramp_keys): later logits exceed the
+    # first block's by far more than 2^127, the case the Gluon forward's fixed_max must hand
+    # back to the online softmax. Here the tl kernel (the interpreter runs no Gluon) with
+    # several splits: output and LSE stay finite and match fp64 in relative terms
+    from pinfm_rec.kernels.dcat.bench import ramp_keys
+    fwd, _ = _mods()
+    ins, co, xo = _case([3, 2], [300, 90], 2, 64, torch.float32, seed=5)
+    ins[3] = ramp_keys(ins[3], xo)
+    o, lse = fwd.dcat_fwd_triton(*ins, co, xo, 0, 0.125, 3, 300, dict(SMALL_F, split_size=64))
+    ref, ref_lse = dcat_reference(*[t.double() for t in ins], co, xo, return_lse=True)
+    # the case really spans that far: request 0's last keys against its first 16-key block
+    s = torch.einsum("chd,lhd->chl", ins[0][:3], ins[3][:300]) * 0.125 * 1.4427
+    assert (s.amax(-1) - s[..., :16].amax(-1)).max() > 128
+    torch.testing.assert_close(o.double(), ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-3)

@@ -194,12 +194,23 @@ def _kv_step(qa, k_buf, v_prev, p, acc, m_i, l_i, zero_s, qk_scale, p_layout: gl
 
 
 @gluon.jit
+def _part_rowsum(x):
+    # [M, N] -> [M, 8]: sums over the columns of x congruent mod 8. In the wgmma
+    # accumulator layout a thread holds two of those 8 residues for all N/8 column groups,
+    # so this is a sum within each thread (no shuffles)
+    M: gl.constexpr = x.shape[0]
+    N: gl.constexpr = x.shape[1]
+    return gl.sum(gl.reshape(x, [M, N // 8, 8]), 1)
+
+
+@gluon.jit
 def _kv_step_fixed(qa, k_buf, v_prev, p, acc, m_i, l_i, zero_s, qk_scale,
                    p_layout: gl.constexpr, dtype: gl.constexpr, POLY: gl.constexpr,
                    OVERLAP: gl.constexpr):
     """_kv_step against a fixed reference m_i (FIXED_MAX): no row max, no rescale of acc.
     p = exp2(x - m_i) may exceed 1; bf16 (and fp32) hold it up to 2^127, and an overflow
-    shows up as a non-finite l or acc, which the caller checks."""
+    shows up as a non-finite l or acc, which the caller checks. l_i here: the per-thread
+    partial row sums of _part_rowsum."""
     s_tok = warpgroup_mma(qa, k_buf.permute((1, 0)), zero_s, use_acc=False, is_async=True)
     o_tok = warpgroup_mma(p, v_prev, acc, is_async=True)
     if OVERLAP:
@@ -211,7 +222,7 @@ def _kv_step_fixed(qa, k_buf, v_prev, p, acc, m_i, l_i, zero_s, qk_scale,
         pf = _exp2_mixed(x)
     else:
         pf = gl.exp2(x)
-    l_i = l_i + gl.sum(pf, 1)
+    l_i = l_i + _part_rowsum(pf)
     acc = warpgroup_mma_wait(0, deps=(o_tok, ))
     p = gl.convert_layout(pf.to(dtype), p_layout)
     return p, acc, l_i
@@ -235,15 +246,16 @@ def _write_rows(acc, m_i, l_i, O, LSE, PO, PL, s, h, H, Cn, offs_m_o, mask_m_o, 
 
 
 @gluon.jit
-def _ring_step(j, qa, k_bufs, v_bufs, bars, kc_desc, vc_desc, row0, col, n_full, p, acc, m_i,
-               l_i, zero_s, qk_scale, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-               p_layout: gl.constexpr, row_o: gl.constexpr, dtype: gl.constexpr,
-               POLY: gl.constexpr, OVERLAP: gl.constexpr, FIXED_MAX: gl.constexpr):
-    """History block j (1 <= j < n_full) from the TMA ring: wait for its slot, QK^T(j) and
-    PV(j-1), block j's softmax, then refill the slot of block j-1 with block j-1+STAGES."""
-    slot = j % STAGES
-    prev = (j - 1) % STAGES
-    mbarrier.wait(bars.index(slot), (j // STAGES) & 1)
+def _ring_step(j, slot, prev, phase, qa, k_bufs, v_bufs, bars, kc_desc, vc_desc, row0, col,
+               n_full, p, acc, m_i, l_i, zero_s, qk_scale, BLOCK_N: gl.constexpr,
+               STAGES: gl.constexpr, p_layout: gl.constexpr, row_o: gl.constexpr,
+               dtype: gl.constexpr, POLY: gl.constexpr, OVERLAP: gl.constexpr,
+               FIXED_MAX: gl.constexpr):
+    """History block j (1 <= j < n_full) from the TMA ring: wait for its slot (j % STAGES,
+    phase (j // STAGES) & 1; prev = slot of block j-1), QK^T(j) and PV(j-1), block j's
+    softmax, then refill slot prev with block j-1+STAGES. Returns the state and the next
+    block's (slot, prev, phase)."""
+    mbarrier.wait(bars.index(slot), phase)
     if FIXED_MAX:
         p, acc, l_i = _kv_step_fixed(qa, k_bufs.index(slot), v_bufs.index(prev), p, acc, m_i,
                                      l_i, zero_s, qk_scale, p_layout, dtype, POLY, OVERLAP)
@@ -259,7 +271,8 @@ def _ring_step(j, qa, k_bufs, v_bufs, bars, kc_desc, vc_desc, row0, col, n_full,
                                     k_bufs.index(prev), pred=go)
     tma.async_copy_global_to_shared(vc_desc, [row0 + nb * BLOCK_N, col], bars.index(prev),
                                     v_bufs.index(prev), pred=go)
-    return p, acc, m_i, l_i
+    wrap = (slot == STAGES - 1).to(gl.int32)  # no division by STAGES per block
+    return p, acc, m_i, l_i, (slot + 1) * (1 - wrap), slot, phase ^ wrap
 
 
 @gluon.jit
@@ -317,11 +330,25 @@ def _run_split(q_smem, k_bufs, v_bufs, bars, kc_desc, vc_desc, KC, VC, m_i, l_i,
                                         k_bufs.index(nb), pred=go)
         tma.async_copy_global_to_shared(vc_desc, [row0 + nb * BLOCK_N, col], bars.index(nb),
                                         v_bufs.index(nb), pred=go)
-        for j in range(1, n_full):
-            p, acc, m_i, l_i = _ring_step(j, qa, k_bufs, v_bufs, bars, kc_desc, vc_desc, row0,
-                                          col, n_full, p, acc, m_i, l_i, zero_s, qk_scale,
-                                          BLOCK_N, STAGES, p_layout, row_o, dtype, POLY,
-                                          OVERLAP, FIXED_MAX)
+        slot = gl.to_tensor(1 % STAGES)  # block 1's slot, block 0's slot, block 1's phase
+        prev = gl.to_tensor(0)
+        phase = gl.to_tensor(0)
+        if FIXED_MAX:
+            # row sums kept per thread ([BLOCK_M, 8]: a thread's columns mod 8) and summed
+            # across the threads of a row once, after the loop: no shuffles per block
+            l2 = _part_rowsum(zero_s)
+            for j in range(1, n_full):
+                p, acc, m_i, l2, slot, prev, phase = _ring_step(
+                    j, slot, prev, phase, qa, k_bufs, v_bufs, bars, kc_desc, vc_desc, row0,
+                    col, n_full, p, acc, m_i, l2, zero_s, qk_scale, BLOCK_N, STAGES, p_layout,
+                    row_o, dtype, POLY, OVERLAP, FIXED_MAX)
+            l_i = l_i + gl.convert_layout(gl.sum(l2, 1), gl.SliceLayout(1, s_layout))
+        else:
+            for j in range(1, n_full):
+                p, acc, m_i, l_i, slot, prev, phase = _ring_step(
+                    j, slot, prev, phase, qa, k_bufs, v_bufs, bars, kc_desc, vc_desc, row0,
+                    col, n_full, p, acc, m_i, l_i, zero_s, qk_scale, BLOCK_N, STAGES, p_layout,
+                    row_o, dtype, POLY, OVERLAP, FIXED_MAX)
         acc = warpgroup_mma(p, v_bufs.index((n_full - 1) % STAGES), acc)
 
     tail = kstart + n_full * BLOCK_N
