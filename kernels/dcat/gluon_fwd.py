@@ -12,7 +12,9 @@ explicit control of the Hopper pipeline, which the ``tl`` compiler does not give
 
 Options (FWD_CONFIG keys, all measured in docs/benchmarks/dcat.md and NOTES.md):
 ``overlap`` (FA3's intra-warpgroup overlap: wait only for QK^T and run block j's softmax
-while block j-1's PV is still on the tensor cores; ``tl.dot`` always waits), ``poly`` (a
+while block j-1's PV is still on the tensor cores; ``tl.dot`` always waits. ptxas reuses
+PV(j-1)'s A-operand registers for the exp2 and waits for PV(j-1) before the first that does,
+so only a few exp2 overlap; forcing all of them was slower, NOTES.md session 5), ``poly`` (a
 quarter of the exp2 by polynomial on the FMA pipe, FA4's trick), ``q_reg`` (q as a register
 operand), ``fuse_combine`` (the last split merges the partials: no combine launch),
 ``fixed_max`` (bf16, Dh <= 64: after a split's first block the softmax keeps that block's
@@ -178,7 +180,8 @@ def _kv_step(qa, k_buf, v_prev, p, acc, m_i, l_i, zero_s, qk_scale, p_layout: gl
              row_o: gl.constexpr, dtype: gl.constexpr, POLY: gl.constexpr,
              OVERLAP: gl.constexpr):
     """One history block j: QK^T(j) and PV(j-1) issued together; with OVERLAP the softmax
-    of j runs while PV(j-1) is still on the tensor cores (FA3's intra-warpgroup overlap).
+    of j may start while PV(j-1) is still on the tensor cores (FA3's intra-warpgroup
+    overlap; ptxas cuts it short, see the module docstring).
     Returns block j's p and the state rescaled to its max; k_buf and v_prev are free."""
     s_tok = warpgroup_mma(qa, k_buf.permute((1, 0)), zero_s, use_acc=False, is_async=True)
     o_tok = warpgroup_mma(p, v_prev, acc, is_async=True)

@@ -25,10 +25,10 @@ import triton.language as tl
 
 from .triton_fwd import _splits, fit_smem
 
-# the config the CUDA-graph sweep chose in the recorded GPU run (H100, 2026-11-23, session 3;
+# the config the CUDA-graph sweep chose in the recorded GPU run (run 12, H100, 2026-11-23;
 # docs/benchmarks/dcat.md, NOTES.md); fit_smem shrinks it where fp32 at Dh=128 would not fit
 BWD_CONFIG = dict(
-    DQ_BLOCK_M=64, DQ_BLOCK_N=32, dq_warps=4, dq_stages=3,
+    DQ_BLOCK_M=64, DQ_BLOCK_N=32, dq_warps=4, dq_stages=4,
     KV_BLOCK_N=128, KV_BLOCK_M=32, kv_warps=4, kv_stages=2,
     waves=3.8, min_split=1024, split_size=None)
 

@@ -211,7 +211,7 @@ def sm_count(device: torch.device) -> int:
 
 
 # Default launch configuration: the config the CUDA-graph sweep chose in the recorded GPU run
-# (H100, 2026-11-23, session 3; docs/benchmarks/dcat.md, NOTES.md). Keys: BLOCK_M, BLOCK_N,
+# (run 12, H100, 2026-11-23, session 5; docs/benchmarks/dcat.md, NOTES.md). Keys: BLOCK_M, BLOCK_N,
 # num_warps, num_stages, waves (programs target = waves*SMs), min_split (fewest history
 # keys per split), split_size (force, else None), tma (tl kernel: full history blocks through
 # tensor descriptors; CUDA, compute capability >= 9, outside the interpreter). impl:
@@ -226,7 +226,7 @@ def sm_count(device: torch.device) -> int:
 # 2^127 redoes the split exactly; session 5, 10% faster at (1,16384,1024) with overlap).
 FWD_CONFIG = dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, waves=1.5,
                   min_split=256, split_size=None, tma=True,
-                  impl="gluon", poly=False, overlap=True, q_reg=False, fuse_combine=False,
+                  impl="gluon", poly=False, overlap=True, q_reg=False, fuse_combine=True,
                   ws_min_ctx=0, ws_waves=0.95, fixed_max=True)
 
 

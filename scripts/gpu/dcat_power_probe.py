@@ -6,13 +6,15 @@ SM clock, power and throttle reasons (nvidia-smi sampled every 50 ms) while each
 runs back to back for ~2 s, and, as a yardstick of what this GPU does at Dh=64, the stock
 SDPA backends (cuDNN, flash) on full attention shapes and a bf16 GEMM.
 
-Usage: python3 scripts/gpu/dcat_power_probe.py   (writes $OUT/power.json when OUT is set)
+Usage: python3 scripts/gpu/dcat_power_probe.py [--quick]   (writes $OUT/power.json when OUT is
+set; --quick: only the checked-in default and session 4's default, no yardsticks)
 """
 
 import json
 import os
 import statistics
 import subprocess
+import sys
 import time
 
 import torch
@@ -84,12 +86,17 @@ def row(name, fn, flops):
 R, L, C = 1, 16384, 1024
 q, k, v, qc, kc, vc, co, xo = make(R, L, C, torch.bfloat16, dev)
 sc = 64 ** -0.5
-G = fwd_candidate()  # every key explicit
-for name, cfg in [("dcat gluon default", G), ("dcat gluon poly", dict(G, poly=True)),
-                  ("dcat gluon ws bm128", dict(G, ws=True, BLOCK_M=128, waves=0.95)),
-                  ("dcat tl", dict(G, impl="tl"))]:
+G = fwd_candidate()  # every key explicit: session 4's default (online softmax, no options)
+CFGS = [("dcat checked-in FWD_CONFIG", dict(triton_fwd.FWD_CONFIG)), ("dcat gluon default", G)]
+if "--quick" not in sys.argv:
+    CFGS += [("dcat gluon poly", dict(G, poly=True)),
+             ("dcat gluon ws bm128", dict(G, ws=True, BLOCK_M=128, waves=0.95)),
+             ("dcat tl", dict(G, impl="tl"))]
+for name, cfg in CFGS:
     row(name, lambda cfg=cfg: triton_fwd.dcat_fwd_triton(q, k, v, kc, vc, co, xo, 0, sc, C, L,
                                                          cfg), flops_fwd(R, L, C))
+if "--quick" in sys.argv:
+    sys.exit(0)
 a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
 b = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
 row("bf16 gemm 8192^3", lambda: a @ b, 2 * 8192 ** 3)
