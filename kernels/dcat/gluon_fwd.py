@@ -176,6 +176,19 @@ def _open_rows(Q, K, V, r0, c1, h, s, H, qk_scale, ROWS: gl.constexpr,
 
 
 @gluon.jit
+def _issue_qk_pv(qa, k_buf, v_prev, p, acc, zero_s, OVERLAP: gl.constexpr):
+    # QK^T(j) and PV(j-1) as async wgmma; returns S(j) (retired) and PV's token: with
+    # OVERLAP, PV(j-1) may still run
+    s_tok = warpgroup_mma(qa, k_buf.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    o_tok = warpgroup_mma(p, v_prev, acc, is_async=True)
+    if OVERLAP:
+        s_acc = warpgroup_mma_wait(1, deps=(s_tok, ))
+    else:
+        s_acc = warpgroup_mma_wait(0, deps=(s_tok, ))
+    return s_acc, o_tok
+
+
+@gluon.jit
 def _kv_step(qa, k_buf, v_prev, p, acc, m_i, l_i, zero_s, qk_scale, p_layout: gl.constexpr,
              row_o: gl.constexpr, dtype: gl.constexpr, POLY: gl.constexpr,
              OVERLAP: gl.constexpr):
@@ -183,12 +196,7 @@ def _kv_step(qa, k_buf, v_prev, p, acc, m_i, l_i, zero_s, qk_scale, p_layout: gl
     of j may start while PV(j-1) is still on the tensor cores (FA3's intra-warpgroup
     overlap; ptxas cuts it short, see the module docstring).
     Returns block j's p and the state rescaled to its max; k_buf and v_prev are free."""
-    s_tok = warpgroup_mma(qa, k_buf.permute((1, 0)), zero_s, use_acc=False, is_async=True)
-    o_tok = warpgroup_mma(p, v_prev, acc, is_async=True)
-    if OVERLAP:
-        s_acc = warpgroup_mma_wait(1, deps=(s_tok, ))
-    else:
-        s_acc = warpgroup_mma_wait(0, deps=(s_tok, ))
+    s_acc, o_tok = _issue_qk_pv(qa, k_buf, v_prev, p, acc, zero_s, OVERLAP)
     pf, alpha, m_i, l_i = _softmax_f32(s_acc, m_i, l_i, qk_scale, POLY)
     acc = warpgroup_mma_wait(0, deps=(o_tok, ))
     acc = acc * gl.convert_layout(alpha, row_o)[:, None]
@@ -214,12 +222,7 @@ def _kv_step_fixed(qa, k_buf, v_prev, p, acc, m_i, l_i, zero_s, qk_scale,
     p = exp2(x - m_i) may exceed 1; bf16 (and fp32) hold it up to 2^127, and an overflow
     shows up as a non-finite l or acc, which the caller checks. l_i here: the per-thread
     partial row sums of _part_rowsum."""
-    s_tok = warpgroup_mma(qa, k_buf.permute((1, 0)), zero_s, use_acc=False, is_async=True)
-    o_tok = warpgroup_mma(p, v_prev, acc, is_async=True)
-    if OVERLAP:
-        s_acc = warpgroup_mma_wait(1, deps=(s_tok, ))
-    else:
-        s_acc = warpgroup_mma_wait(0, deps=(s_tok, ))
+    s_acc, o_tok = _issue_qk_pv(qa, k_buf, v_prev, p, acc, zero_s, OVERLAP)
     x = s_acc * qk_scale - m_i[:, None]
     if POLY:
         pf = _exp2_mixed(x)
