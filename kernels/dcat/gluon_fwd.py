@@ -252,6 +252,19 @@ def _write_rows(acc, m_i, l_i, O, LSE, PO, PL, s, h, H, Cn, offs_m_o, mask_m_o, 
 
 
 @gluon.jit
+def _load_block(kc_desc, vc_desc, bars, k_bufs, v_bufs, slot, row, col, go):
+    # K and V rows row.. of one history block into ring slot `slot` by TMA, on that slot's
+    # mbarrier; nothing if not go
+    nbytes: gl.constexpr = (2 * k_bufs.shape[1] * k_bufs.shape[2]
+                            * k_bufs.dtype.primitive_bitwidth // 8)
+    mbarrier.expect(bars.index(slot), nbytes, pred=go)
+    tma.async_copy_global_to_shared(kc_desc, [row, col], bars.index(slot), k_bufs.index(slot),
+                                    pred=go)
+    tma.async_copy_global_to_shared(vc_desc, [row, col], bars.index(slot), v_bufs.index(slot),
+                                    pred=go)
+
+
+@gluon.jit
 def _ring_step(j, slot, prev, phase, qa, k_bufs, v_bufs, bars, kc_desc, vc_desc, row0, col,
                n_full, p, acc, m_i, l_i, zero_s, qk_scale, BLOCK_N: gl.constexpr,
                STAGES: gl.constexpr, p_layout: gl.constexpr, row_o: gl.constexpr,
@@ -270,13 +283,8 @@ def _ring_step(j, slot, prev, phase, qa, k_bufs, v_bufs, bars, kc_desc, vc_desc,
                                     l_i, zero_s, qk_scale, p_layout, row_o, dtype, POLY,
                                     OVERLAP)
     nb = j - 1 + STAGES
-    go = nb < n_full
-    nbytes: gl.constexpr = 2 * BLOCK_N * k_bufs.shape[2] * dtype.primitive_bitwidth // 8
-    mbarrier.expect(bars.index(prev), nbytes, pred=go)
-    tma.async_copy_global_to_shared(kc_desc, [row0 + nb * BLOCK_N, col], bars.index(prev),
-                                    k_bufs.index(prev), pred=go)
-    tma.async_copy_global_to_shared(vc_desc, [row0 + nb * BLOCK_N, col], bars.index(prev),
-                                    v_bufs.index(prev), pred=go)
+    _load_block(kc_desc, vc_desc, bars, k_bufs, v_bufs, prev, row0 + nb * BLOCK_N, col,
+                nb < n_full)
     wrap = (slot == STAGES - 1).to(gl.int32)  # no division by STAGES per block
     return p, acc, m_i, l_i, (slot + 1) * (1 - wrap), slot, phase ^ wrap
 
@@ -304,17 +312,12 @@ def _run_split(q_smem, k_bufs, v_bufs, bars, kc_desc, vc_desc, KC, VC, m_i, l_i,
     n_full = ((kend - kstart) // BLOCK_N).to(gl.int32)
     row0 = kstart.to(gl.int32)
     col = (h * HEAD_DIM).to(gl.int32)
-    nbytes: gl.constexpr = 2 * BLOCK_N * HEAD_DIM * dtype.primitive_bitwidth // 8
     BLOCK_M: gl.constexpr = q_smem.shape[0]
     zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
 
     for i in gl.static_range(STAGES - 1):  # prologue: blocks 0..STAGES-2
-        go = i < n_full
-        mbarrier.expect(bars.index(i), nbytes, pred=go)
-        tma.async_copy_global_to_shared(kc_desc, [row0 + i * BLOCK_N, col], bars.index(i),
-                                        k_bufs.index(i), pred=go)
-        tma.async_copy_global_to_shared(vc_desc, [row0 + i * BLOCK_N, col], bars.index(i),
-                                        v_bufs.index(i), pred=go)
+        _load_block(kc_desc, vc_desc, bars, k_bufs, v_bufs, i, row0 + i * BLOCK_N, col,
+                    i < n_full)
     fence_async_shared()  # q_smem (generic-proxy store) before the MMAs read it
     _cta_barrier()
     if Q_REG:  # q as the register A operand of QK^T (less shared-memory traffic)
@@ -330,12 +333,8 @@ def _run_split(q_smem, k_bufs, v_bufs, bars, kc_desc, vc_desc, KC, VC, m_i, l_i,
         p, alpha, m_i, l_i = _softmax_block(s_acc, m_i, l_i, qk_scale, p_layout, dtype)
         acc = acc * gl.convert_layout(alpha, row_o)[:, None]
         nb = STAGES - 1  # slot STAGES-1 has never been used
-        go = nb < n_full
-        mbarrier.expect(bars.index(nb), nbytes, pred=go)
-        tma.async_copy_global_to_shared(kc_desc, [row0 + nb * BLOCK_N, col], bars.index(nb),
-                                        k_bufs.index(nb), pred=go)
-        tma.async_copy_global_to_shared(vc_desc, [row0 + nb * BLOCK_N, col], bars.index(nb),
-                                        v_bufs.index(nb), pred=go)
+        _load_block(kc_desc, vc_desc, bars, k_bufs, v_bufs, nb, row0 + nb * BLOCK_N, col,
+                    nb < n_full)
         slot = gl.to_tensor(1 % STAGES)  # block 1's slot, block 0's slot, block 1's phase
         prev = gl.to_tensor(0)
         phase = gl.to_tensor(0)
