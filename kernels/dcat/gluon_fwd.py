@@ -304,9 +304,8 @@ def _run_split(q_smem, k_bufs, v_bufs, bars, kc_desc, vc_desc, KC, VC, m_i, l_i,
     (p = exp2(x - m) may exceed 1, no rescale of acc): no row max and no rescale per block,
     and row sums kept per thread: 324 instead of 450 instructions per 128 keys. bf16 p holds
     up to 2^127; past that l or acc turns non-finite and the caller redoes the split without
-    FIXED_MAX. The first
-    block's max is a score of the split itself, so the largest p is >= 1: nothing that
-    matters underflows."""
+    FIXED_MAX. The first block's max is a score of the split itself, so the largest p is
+    >= 1: nothing that matters underflows."""
     for i in gl.static_range(STAGES):
         mbarrier.init(bars.index(i), count=1)
 
