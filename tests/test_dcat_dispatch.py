@@ -134,3 +134,30 @@ def test_fwd_candidate_sets_every_config_key():
     assert set(fwd_candidate()) == set(tf.FWD_CONFIG)
     c = fwd_candidate(impl="tl", BLOCK_N=64)
     assert c["impl"] == "tl" and c["BLOCK_N"] == 64 and c["poly"] is False
+
+
+def test_split_ticket_buffers_graph_captures_never_share_with_eager(monkeypatch):
+    # fuse_combine's tickets are cached per (device, stream); a CUDA graph capture must get
+    # its own buffers (a replay can run beside eager launches on another stream) and keep
+    # them allocated when a bigger one replaces them. Host logic only: CUDA state faked
+    pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
+    from pinfm_rec.kernels.dcat import gluon_fwd as g
+
+    class _Stream:
+        cuda_stream = 7
+
+    capturing = [False]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _Stream())
+    monkeypatch.setattr(g, "_COUNTERS", {})
+    monkeypatch.setattr(g, "_GRAPH_COUNTERS", [])
+    dev = torch.device("cpu")
+    eager = g._counters(dev, 10)
+    assert g._counters(dev, 20) is eager and int(eager.sum()) == 0  # reused, zeroed
+    capturing[0] = True
+    graph = g._counters(dev, 10)
+    assert graph is not eager and g._GRAPH_COUNTERS == [graph]
+    bigger = g._counters(dev, 5000)
+    assert bigger.numel() >= 5000 and g._GRAPH_COUNTERS == [graph, bigger]
+    capturing[0] = False
+    assert g._counters(dev, 10) is eager

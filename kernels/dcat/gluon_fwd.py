@@ -464,17 +464,25 @@ def _dcat_fwd_gluon_kernel(
 
 
 _COUNTERS: dict = {}
+_GRAPH_COUNTERS: list = []  # ticket buffers baked into captured CUDA graphs: kept alive
 
 
 def _counters(device, n: int):
-    """Zeroed int32 split tickets, at least n, cached per (device, stream): the kernel
-    that uses a ticket sets it back to 0, so launches on one stream (serialised) share the
-    buffer and no memset is needed per call; another stream gets its own buffer."""
-    key = (device.index, torch.cuda.current_stream(device).cuda_stream)
+    """Zeroed int32 split tickets, at least n, cached per (device, stream, capturing): the
+    kernel that uses a ticket sets it back to 0, so launches on one stream (serialised) share
+    the buffer and no memset is needed per call; another stream gets its own buffer. A CUDA
+    graph capture gets buffers of its own (never handed to eager launches, which may run
+    beside a replay on another stream) that stay allocated for the graphs that use them.
+    Not supported: replaying, at the same time on different streams, two graphs captured on
+    one stream (they share tickets); use fuse_combine=False there."""
+    capturing = torch.cuda.is_current_stream_capturing()
+    key = (device.index, torch.cuda.current_stream(device).cuda_stream, capturing)
     buf = _COUNTERS.get(key)
     if buf is None or buf.numel() < n:
         buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
         _COUNTERS[key] = buf
+        if capturing:
+            _GRAPH_COUNTERS.append(buf)
     return buf
 
 
