@@ -211,19 +211,19 @@ def sm_count(device: torch.device) -> int:
 
 
 # Default launch configuration: the config the CUDA-graph sweep chose in the recorded GPU run
-# (run 12, H100, 2026-11-23, session 5; docs/benchmarks/dcat.md, NOTES.md). Keys: BLOCK_M, BLOCK_N,
-# num_warps, num_stages, waves (programs target = waves*SMs), min_split (fewest history
+# (run 12, H100, 2026-11-23, session 5; docs/benchmarks/dcat.md, NOTES.md). Keys: BLOCK_M,
+# BLOCK_N, num_warps, num_stages, waves (programs target = waves*SMs), min_split (fewest history
 # keys per split), split_size (force, else None), tma (tl kernel: full history blocks through
 # tensor descriptors; CUDA, compute capability >= 9, outside the interpreter). impl:
 # "gluon" runs gluon_fwd.py where it can (Hopper, bf16/fp16, not the interpreter) and the tl
-# kernel elsewhere; "tl" always the tl kernel. Gluon options (all measured within a few %
+# kernel elsewhere; "tl" always the tl kernel. Gluon options (the first five within a few %
 # of each other, see NOTES.md): poly (a quarter of the exp2 by polynomial on the FMA pipe),
 # overlap (softmax during the previous block's PV MMA), q_reg (q as register MMA operand),
 # fuse_combine (split merge in the kernel, no combine launch), ws_min_ctx (histories of at
 # least this many keys use the warp-specialised kernel, 0 = never) with ws_waves,
 # fixed_max (bf16, plain Gluon kernel: a split's first-block row max stays the softmax
 # reference, so later blocks skip the row max and the rescale of acc; an overflow past
-# 2^127 redoes the split exactly; session 5, 10% faster at (1,16384,1024) with overlap).
+# 2^127 redoes the split exactly; session 5: 80 -> 69 us at (1,16384,1024), with overlap).
 FWD_CONFIG = dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, waves=1.5,
                   min_split=256, split_size=None, tma=True,
                   impl="gluon", poly=False, overlap=True, q_reg=False, fuse_combine=True,
