@@ -15,7 +15,8 @@ docs/benchmarks/raw/dcat_probes_2026-11-23_s4.json.
 The kernel options behind some configs were reverted after their probe (none was faster):
 ``maxnreg`` and ``pingpong`` (commit 0067548), ``rowsum`` (b2bcfc5), ``tree`` (28b99d5).
 On later code those keys are ignored, so "B", "P", "R" and "T" rows only mean something at
-those commits.
+those commits; likewise the session-5 "S5" rows (separate K/V rings and ``maxnreg``: commit
+01ce17e, reverted in e16fbb6).
 
 Usage: python3 scripts/gpu/dcat_occupancy_probe.py [--rounds N] [--only NAME,NAME] [--ab]
        [--ab-only NAME,NAME]   (name prefixes; default: every config)
@@ -96,7 +97,7 @@ CFGS = {
     "S5 bn64 s2 4cta ovl": dict(G, BLOCK_N=64, num_stages=2, waves=3.85, overlap=True),
     "S5 bn64 s3 4cta": dict(G, BLOCK_N=64, num_stages=3, waves=3.85),
     # session 5: fixed reference max (the max of a split's first block; no row max and no
-    # rescale of acc in later blocks: 338 instead of 450 instructions per block)
+    # rescale of acc in later blocks: 324 instead of 450 instructions per block; kept)
     "F fixed": dict(G, fixed_max=True),
     "F fixed ovl": dict(G, fixed_max=True, overlap=True),
     "F fixed poly": dict(G, fixed_max=True, poly=True),
@@ -106,7 +107,6 @@ CFGS = {
     "F fixed ovl fuse": dict(G, fixed_max=True, overlap=True, fuse_combine=True),
     "F fixed ovl qreg": dict(G, fixed_max=True, overlap=True, q_reg=True),
     "F fixed ovl w1": dict(G, fixed_max=True, overlap=True, waves=1.0),
-
     "F fixed ovl w2": dict(G, fixed_max=True, overlap=True, waves=2.0),
 }
 # --ab: each config also run by the previous commit's kernels (scripts/gpu/dcat_head/, a copy
