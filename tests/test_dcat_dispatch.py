@@ -49,11 +49,11 @@ def test_ws_config_only_for_gluon_and_long_histories():
 def test_gluon_path_is_not_taken_off_hopper():
     pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
     tf = _fwd()
-    from pinfm_rec.kernels.dcat import gluon_fwd
+    from pinfm_rec.kernels.dcat import gluon_launch
     q = torch.randn(5, 2, 64, dtype=torch.bfloat16)
     kc = torch.randn(40, 2, 64, dtype=torch.bfloat16)
     cfg = dict(tf.FWD_CONFIG, impl="gluon")
-    assert not gluon_fwd.usable(q, kc, kc, cfg)     # CPU tensors
+    assert not gluon_launch.usable(q, kc, kc, cfg)  # CPU tensors
     assert not tf._gluon_usable(q, kc, kc, cfg)
 
 
@@ -97,7 +97,7 @@ def test_gluon_build_error_falls_back_to_the_tl_kernel(monkeypatch):
     tf = _fwd()
     from triton.runtime.errors import OutOfResources
 
-    from pinfm_rec.kernels.dcat import gluon_fwd
+    from pinfm_rec.kernels.dcat import gluon_launch
     from pinfm_rec.kernels.dcat.reference import dcat_reference
     calls = []
 
@@ -108,7 +108,7 @@ def test_gluon_build_error_falls_back_to_the_tl_kernel(monkeypatch):
     failed = []
     monkeypatch.setattr(tf, "_GLUON_FAILED", failed)
     monkeypatch.setattr(tf, "_gluon_usable", lambda *a, **k: not failed)
-    monkeypatch.setattr(gluon_fwd, "launch", broken_launch)
+    monkeypatch.setattr(gluon_launch, "launch", broken_launch)
     g = torch.Generator().manual_seed(0)
     cl, xl = [3, 0, 5], [20, 7, 0]
     q, k, v = (torch.randn(sum(cl), 2, 16, generator=g) for _ in range(3))
@@ -141,7 +141,7 @@ def test_split_ticket_buffers_graph_captures_never_share_with_eager(monkeypatch)
     # its own buffers (a replay can run beside eager launches on another stream) and keep
     # them allocated when a bigger one replaces them. Host logic only: CUDA state faked
     pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
-    from pinfm_rec.kernels.dcat import gluon_fwd as g
+    from pinfm_rec.kernels.dcat import gluon_launch as g
 
     class _Stream:
         cuda_stream = 7

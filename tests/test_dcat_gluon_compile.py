@@ -15,7 +15,7 @@ pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
 
 SCRIPT = r"""
 import json
-from pinfm_rec.kernels.dcat import gluon_fwd
+from pinfm_rec.kernels.dcat import gluon_launch
 out = {}
 for name, kw in [("plain", {}),
                  ("all options", dict(OVERLAP=True, Q_REG=True, FUSE_COMBINE=True, POLY=True,
@@ -24,7 +24,7 @@ for name, kw in [("plain", {}),
                  ("Dh 128", dict(head_dim=128, block_n=64)),
                  ("warp-specialised", dict(ws=True, POLY=True, Q_REG=True, OVERLAP=True)),
                  ("3 consumers", dict(ws=True, block_m=192, maxnreg=128, OVERLAP=True))]:
-    r = gluon_fwd.compile_for_sm90(**kw)
+    r = gluon_launch.compile_for_sm90(**kw)
     ptx = r["ptx"]
     out[name] = dict(shared=r["shared"], wgmma=ptx.count("wgmma.mma_async"),
                      tma=ptx.count("cp.async.bulk.tensor"), ex2=ptx.count("ex2.approx"),

@@ -29,15 +29,13 @@ TMA loads are retired by then), so no row of another request is read into a soft
 warp-specialised kernel loads it by TMA and masks the scores instead (see there).
 
 Only for CUDA compute capability 9.x (wgmma), bf16/fp16 inputs, Dh in {32, 64, 128},
-outside the interpreter; everything else keeps the ``tl`` kernel (fp32: IEEE dot).
+outside the interpreter; everything else keeps the ``tl`` kernel (fp32: IEEE dot). The host
+side (launch, which inputs it takes, the sm_90 compile for CI) is ``gluon_launch.py``.
 Notation: Cn candidates, Lc history tokens, H heads, Dh head dim.
 """
 
 from __future__ import annotations
 
-import os
-
-import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
@@ -461,133 +459,3 @@ def _dcat_fwd_gluon_kernel(
                 gl.store(LSE + offs_m_o * H + h, (m_c + gl.log2(l_c)) * 0.6931471805599453,
                          mask=mask_m_o)
                 gl.store(CNT + tile, 0)
-
-
-_COUNTERS: dict = {}
-_GRAPH_COUNTERS: list = []  # ticket buffers baked into captured CUDA graphs: kept alive
-
-
-def _counters(device, n: int):
-    """Zeroed int32 split tickets, at least n, cached per (device, stream, capturing): the
-    kernel that uses a ticket sets it back to 0, so launches on one stream (serialised) share
-    the buffer and no memset is needed per call; another stream gets its own buffer. A CUDA
-    graph capture gets buffers of its own (never handed to eager launches, which may run
-    beside a replay on another stream) that stay allocated for the graphs that use them.
-    Not supported: replaying, at the same time on different streams, two graphs captured on
-    one stream (they share tickets); use fuse_combine=False there."""
-    capturing = torch.cuda.is_current_stream_capturing()
-    key = (device.index, torch.cuda.current_stream(device).cuda_stream, capturing)
-    buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-        _COUNTERS[key] = buf
-        if capturing:
-            _GRAPH_COUNTERS.append(buf)
-    return buf
-
-
-def launch(grid, q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, o, lse, po, pl,
-           Cn, H, n_mtiles, max_ctx, split_size, qk_scale, cfg, split):
-    """Launch the Gluon forward on ``grid`` (same grid and arguments as the ``tl`` kernel).
-
-    k_ctx, v_ctx: [Lc, H, Dh], read through TMA descriptors over the [Lc, H*Dh] view.
-    Returns True when the split partials were merged in the kernel (no combine launch)."""
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
-    Lc, _, Dh = k_ctx.shape
-    # Dh 128 with 128-key blocks would not fit the warp-specialised kernel's shared memory
-    # (or the plain kernel's registers); 64-key blocks still divide every split
-    bn = cfg["BLOCK_N"] if Dh <= 64 else min(cfg["BLOCK_N"], 64)
-    gdt = gl.bfloat16 if k_ctx.dtype == torch.bfloat16 else gl.float16
-    layout = gl.NVMMASharedLayout.get_default_for([bn, Dh], gdt)
-    kd, vd = (TensorDescriptor(t, [Lc, H * Dh], [H * Dh, 1], [bn, Dh], layout)
-              for t in (k_ctx, v_ctx))
-    fuse = bool(split and cfg.get("fuse_combine") and not cfg.get("ws"))
-    cnt = _counters(q.device, grid[0] * grid[1]) if fuse else cand_offsets
-    kern, kw = _dcat_fwd_gluon_kernel, dict(OVERLAP=bool(cfg.get("overlap", False)),
-                                            Q_REG=bool(cfg.get("q_reg", False)),
-                                            FUSE_COMBINE=fuse, POLY=bool(cfg.get("poly", False)),
-                                            # bf16 only (fp16 p overflows at 2^16); Dh <= 64
-                                            # (at 128 the fallback copy spills)
-                                            FIXED_MAX=bool(cfg.get("fixed_max", False))
-                                            and k_ctx.dtype == torch.bfloat16 and Dh <= 64)
-    if cfg.get("ws"):
-        from .gluon_ws_fwd import _dcat_fwd_gluon_ws_kernel
-        # NC+1 warpgroups (consumers + the producer warp's group) x 128 threads share the
-        # 64K-register file at launch; setmaxnreg then moves registers to the consumers
-        nc = cfg["BLOCK_M"] // 64
-        kern = _dcat_fwd_gluon_ws_kernel
-        kw = dict(maxnreg=168 if nc == 2 else 128, POLY=kw["POLY"], Q_REG=kw["Q_REG"],
-                  OVERLAP=kw["OVERLAP"])
-        fuse = False
-    kern[grid](
-        q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, o, lse, po, pl, kd, vd,
-        *(() if cfg.get("ws") else (cnt,)), Cn, H, n_mtiles, max_ctx, split_size, qk_scale,
-        HEAD_DIM=Dh, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=bn, STAGES=cfg["num_stages"],
-        SPLIT=split, num_warps=cfg["num_warps"], **kw)
-    return fuse
-
-
-def usable(q, k_ctx, v_ctx, cfg) -> bool:
-    """Whether this kernel can run these inputs: Hopper (wgmma is sm_90 only), bf16/fp16,
-    Dh 32/64/128, not the interpreter, a non-empty history whose rows TMA can address
-    (16-byte aligned base and row stride), and whole warpgroups (4 warps per 64 candidate
-    rows or more)."""
-    if os.environ.get("TRITON_INTERPRET") == "1" or not q.is_cuda:
-        return False
-    if q.dtype not in (torch.bfloat16, torch.float16) or k_ctx.shape[0] == 0:
-        return False
-    if torch.cuda.get_device_capability(q.device)[0] != 9:
-        return False
-    Dh = q.shape[-1]
-    # the head dims checked on the GPU (bench --correctness full); others keep the tl kernel
-    if Dh not in (32, 64, 128) or cfg["num_warps"] % 4 or cfg["BLOCK_M"] % (16 * cfg["num_warps"]):
-        return False
-    if cfg.get("ws") and (cfg["BLOCK_M"] not in (128, 192) or cfg["num_warps"] != 4):
-        return False
-    return all(t.data_ptr() % 16 == 0 and (t.shape[1] * Dh * t.element_size()) % 16 == 0
-               for t in (k_ctx, v_ctx))
-
-
-def compile_for_sm90(head_dim: int = 64, block_n: int = 128, ws: bool = False,
-                     stages: int = 3, block_m: int | None = None, num_warps: int = 4,
-                     maxnreg: int | None = None, **opts) -> dict:
-    """Compile a Gluon forward variant for Hopper (sm_90) on any machine, GPU or not, and
-    return {"shared": bytes of shared memory, "ptx": the PTX}. For CI and for trying configs
-    without a GPU: it catches Gluon API changes between Triton releases and shows shared
-    memory and (with ptxas -v on the PTX) registers. block_m / num_warps / maxnreg: the
-    launch's tile and register cap (defaults: 64 x 4 warps, or 128 and 168 for ws). opts: the
-    kernel's constexpr flags
-    (OVERLAP, Q_REG, FUSE_COMBINE, POLY; ws: POLY, Q_REG, OVERLAP). bf16 inputs."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-    from triton.runtime.jit import mangle_type
-
-    from .gluon_ws_fwd import _dcat_fwd_gluon_ws_kernel
-
-    fn = _dcat_fwd_gluon_ws_kernel if ws else _dcat_fwd_gluon_kernel
-    rows = torch.empty(256, 8 * head_dim, dtype=torch.bfloat16)
-    layout = gl.NVMMASharedLayout.get_default_for([block_n, head_dim], gl.bfloat16)
-    desc = TensorDescriptor(rows, list(rows.shape), list(rows.stride()), [block_n, head_dim],
-                            layout)
-    types = {"CO": "*i64", "XO": "*i64", "LSE": "*fp32", "PL": "*fp32", "PO": "*fp32",
-             "CNT": "*i32", "qk_scale": "fp32", "kc_desc": mangle_type(desc),
-             "vc_desc": mangle_type(desc)}
-    for name in ("Q", "K", "V", "KC", "VC", "O"):
-        types[name] = "*bf16"
-    for name in ("Cn", "H", "n_mtiles", "max_ctx", "split_size"):
-        types[name] = "i32"
-    const = dict(HEAD_DIM=head_dim, BLOCK_M=block_m or (128 if ws else 64), BLOCK_N=block_n,
-                 STAGES=stages, SPLIT=True, num_warps=num_warps)
-    flags = (("POLY", "Q_REG", "OVERLAP") if ws else
-             ("OVERLAP", "Q_REG", "FUSE_COMBINE", "POLY", "FIXED_MAX"))
-    const.update({f: bool(opts.get(f, False)) for f in flags})
-    sig = {n: ("constexpr" if n in const else types[n]) for n in fn.arg_names}
-    src = GluonASTSource(fn, sig, {(fn.arg_names.index(k),): v for k, v in const.items()})
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                            options=dict(num_warps=num_warps,
-                                         **({"maxnreg": maxnreg or 168} if ws else
-                                            {"maxnreg": maxnreg} if maxnreg else {})))
-    return {"shared": kernel.metadata.shared, "ptx": kernel.asm["ptx"]}

@@ -1,7 +1,7 @@
 """Warp-specialised Hopper forward for DCAT crossing attention in Gluon (``ws_min_ctx``).
 
 Same contract, grid and partials as ``gluon_fwd._dcat_fwd_gluon_kernel``, launched by
-``gluon_fwd.launch`` and sharing its helpers; see ``gluon_fwd`` for the notation and the
+``gluon_launch.launch`` and sharing ``gluon_fwd``'s helpers; see ``gluon_fwd`` for the notation and the
 shared pieces, and docs/benchmarks/dcat.md for what it measured.
 """
 

@@ -276,10 +276,10 @@ def _gluon_usable(q, k_ctx, v_ctx, cfg) -> bool:
     if os.environ.get("TRITON_INTERPRET") == "1" or not q.is_cuda or _GLUON_FAILED:
         return False
     try:
-        from . import gluon_fwd
+        from . import gluon_launch
     except ImportError:  # a Triton without Gluon's Hopper module
         return False
-    return gluon_fwd.usable(q, k_ctx, v_ctx, cfg)
+    return gluon_launch.usable(q, k_ctx, v_ctx, cfg)
 
 
 def _splits(base: int, n_eff_max: int, cfg: dict, device) -> int:
@@ -329,10 +329,10 @@ def dcat_fwd_triton(q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, max_ctx: i
     args = (q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, o, lse, po, pl)
     combined, ran = False, False
     if cfg.get("impl") == "gluon" and _gluon_usable(q, k_ctx, v_ctx, cfg):
-        from . import gluon_fwd
+        from . import gluon_launch
         try:
-            combined = gluon_fwd.launch(grid, *args, Cn, H, n_mtiles, max_ctx, split_size,
-                                        scale * LOG2E, cfg, SPLIT)
+            combined = gluon_launch.launch(grid, *args, Cn, H, n_mtiles, max_ctx, split_size,
+                                           scale * LOG2E, cfg, SPLIT)
             ran = True
         except (CompilationError, OutOfResources) as e:
             # Gluon's API still moves between Triton releases: the tl kernel computes the same
