@@ -24,8 +24,7 @@ import yaml
 T = TypeVar("T")
 
 
-class SpecError(ValueError):
-    """A spec file or override is invalid; the message names the file and dotted key."""
+from pinfm_rec.errors import SpecError  # noqa: E402  (re-exported: pinfm_rec.spec.SpecError)
 
 
 def _type_name(tp: Any) -> str:

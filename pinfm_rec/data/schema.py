@@ -32,6 +32,8 @@ sorting); ``validate_prepared`` checks one and raises ``DataFormatError`` naming
 """
 from __future__ import annotations
 
+from pinfm_rec.errors import DataError
+
 import json
 import logging
 import os
@@ -61,7 +63,7 @@ ITEM_MAP_FILE = "item_map.parquet"
 USER_MAP_FILE = "user_map.parquet"
 
 
-class DataFormatError(ValueError):
+class DataFormatError(DataError):
     """Bad input or a bad prepared directory. The message names the file and the line/row."""
 
 
