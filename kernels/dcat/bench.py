@@ -26,7 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pinfm_rec.kernels.dcat import dcat_attention, dcat_reference
+from pinfm_rec.kernels.dcat import dcat_attention
+from pinfm_rec.kernels.dcat.check import (
+    CASES_FULL, CASES_QUICK, correctness, offsets, ramp_check,
+)
 
 SHAPES = [(8, 512, 256), (4, 2048, 256), (2, 2048, 1024), (1, 8192, 512), (1, 16384, 1024)]
 H, DH, D = 8, 64, 512
@@ -66,10 +69,6 @@ def _graph_bench(fn, grad_to_none=None, rep=50):
         return None
 
 
-def offsets(lens, dev):
-    return torch.tensor([0] + list(torch.tensor(lens).cumsum(0).tolist()), device=dev)
-
-
 def make(R, L, C, dtype, dev, grad=False):
     g = dict(device=dev, dtype=dtype, requires_grad=grad)
     q, k, v = (torch.randn(R * C, H, DH, **g) for _ in range(3))
@@ -79,123 +78,6 @@ def make(R, L, C, dtype, dev, grad=False):
 
 def flops_fwd(R, L, C):
     return 4 * R * C * (L + 1) * H * DH
-
-
-# --------------------------------------------------------------- correctness
-def rel(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
-CASES_FULL = [  # (cand lens, ctx lens, max_ctx, heads, Dh)
-    ([0, 1, 37, 200, 5, 130], [0, 700, 33, 1500, 1, 64], 0, 4, 64),
-    ([0, 1, 37, 200, 5, 130], [0, 700, 33, 1500, 1, 64], 100, 4, 64),
-    ([256] * 2, [1024] * 2, 0, 8, 64),
-    ([3, 70], [90, 300], 0, 2, 32),
-    ([3, 70], [90, 300], 50, 2, 128),
-    ([1, 70, 130], [13000, 0, 12500], 0, 2, 64),
-    ([1, 70, 130], [700, 300, 2500], 0, 8, 64, "ramp"),
-]
-# quick: the benchmark's H=8, Dh=64 (kernels shared with the timed part, so few compiles);
-# ragged with empty requests and histories, one case with a split history (1500 tokens),
-# one with a max_ctx window, one dense (the stock path's flash case in half precision).
-CASES_QUICK = [
-    ([0, 1, 37, 200, 5, 130], [0, 700, 33, 1500, 1, 64], 0, 8, 64),
-    ([0, 1, 37, 200, 5, 130], [0, 700, 33, 1500, 1, 64], 100, 8, 64),
-    ([256] * 2, [1024] * 2, 0, 8, 64),
-    # long ragged histories (one empty): the warp-specialised Gluon forward (ws_min_ctx)
-    ([1, 70, 130], [13000, 0, 12500], 0, 2, 64),
-    # "ramp": history keys scaled up along each history (x40 at its end), so later scores
-    # exceed a split's first-block max by far more than 2^127 allows: the fixed_max forward
-    # must detect the overflow and redo the split exactly
-    ([1, 70, 130], [700, 300, 2500], 0, 8, 64, "ramp"),
-]
-
-
-def ramp_keys(k_ctx, ctx_offsets, top=40.0):
-    """k_ctx [Lc, H, Dh] with each request's keys scaled from 1 (first) to top (last)."""
-    xo = ctx_offsets.tolist()
-    f = torch.ones(k_ctx.shape[0], device=k_ctx.device)
-    for a, b in zip(xo[:-1], xo[1:]):
-        if b > a:
-            f[a:b] = torch.linspace(1.0, top, b - a, device=k_ctx.device)
-    return (k_ctx.float() * f[:, None, None]).to(k_ctx.dtype)
-
-
-def correctness(dev, cases=CASES_FULL, dtypes=(torch.bfloat16, torch.float16, torch.float32),
-                kernels=("triton", "sdpa")):
-    res = {}
-    for dtype in dtypes:
-        worst = {kern: 0.0 for kern in kernels}
-        for case in cases:
-            if case[5:] == ("ramp",):  # forward only: ramp_check
-                continue
-            cl, xl, mc, h, dh = case
-            co, xo = offsets(cl, dev), offsets(xl, dev)
-            ins = [torch.randn(n, h, dh, device=dev, dtype=dtype)
-                   for n in (sum(cl),) * 3 + (sum(xl),) * 2]
-            ref_in = [t.double().requires_grad_() for t in ins]
-            ref = dcat_reference(*ref_in, co, xo, max_ctx=mc)
-            g = torch.randn_like(ref)
-            ref_g = torch.autograd.grad(ref, ref_in, g)
-            for kern in kernels:
-                if kern == "sdpa" and dh != 64 and dtype == torch.float32:
-                    continue
-                xs = [t.clone().requires_grad_() for t in ins]
-                try:
-                    out = dcat_attention(*xs, co, xo, max_ctx=mc, kernel=kern)
-                    grads = torch.autograd.grad(out, xs, g.to(dtype))
-                except Exception as e:  # noqa: BLE001  (report, keep going)
-                    print(f"  check {dtype} {kern} FAILED: {type(e).__name__}: {e}"[:400])
-                    worst[kern] = float("nan")
-                    continue
-                errs = [rel(out, ref)] + [rel(a, b) for a, b in zip(grads, ref_g)]
-                bad = not all(torch.isfinite(t).all() for t in (out,) + grads)
-                e = float("nan") if bad else max(errs)
-                worst[kern] = e if math.isnan(e) else max(worst[kern], e)
-                print(f"  check {str(dtype):15s} {kern:6s} cands={cl} ctx={xl} max_ctx={mc} "
-                      f"H={h} Dh={dh}: out/dq/dk/dv/dkc/dvc rel err "
-                      + " ".join(f"{x:.1e}" for x in errs), flush=True)
-        res[str(dtype).replace("torch.", "")] = worst
-    return res
-
-
-def ramp_check(dev, cases=CASES_FULL, dtypes=(torch.bfloat16, torch.float16),
-               kernels=("triton", "sdpa")):
-    """Forward on the "ramp" cases (keys scaled up along each history, logits spanning more
-    than 2^127): relative error of the output against fp64 per dtype and kernel, and for the
-    triton kernel also against itself with fixed_max off ("fixed_vs_exact"): the overflow
-    fallback must reproduce the online softmax. Gradients are not compared: at these logits
-    every non-maximal probability, and with it most of the gradient, underflows."""
-    from pinfm_rec.kernels.dcat import triton_fwd
-    res = {}
-    for dtype in dtypes:
-        worst = {kern: 0.0 for kern in kernels + ("fixed_vs_exact",)}
-        for case in cases:
-            if case[5:] != ("ramp",):
-                continue
-            cl, xl, mc, h, dh = case[:5]
-            co, xo = offsets(cl, dev), offsets(xl, dev)
-            ins = [torch.randn(n, h, dh, device=dev, dtype=dtype)
-                   for n in (sum(cl),) * 3 + (sum(xl),) * 2]
-            ins[3] = ramp_keys(ins[3], xo)
-            ref = dcat_reference(*[t.double() for t in ins], co, xo, max_ctx=mc)
-            outs = {}
-            for kern in kernels:
-                outs[kern] = dcat_attention(*ins, co, xo, max_ctx=mc, kernel=kern)
-                worst[kern] = max(worst[kern], rel(outs[kern], ref))
-            saved = dict(triton_fwd.FWD_CONFIG)
-            try:
-                triton_fwd.FWD_CONFIG["fixed_max"] = False
-                exact = dcat_attention(*ins, co, xo, max_ctx=mc, kernel="triton")
-            finally:
-                triton_fwd.FWD_CONFIG.update(saved)
-            worst["fixed_vs_exact"] = max(worst["fixed_vs_exact"], rel(outs["triton"], exact))
-            print(f"  ramp {str(dtype):15s} cands={cl} ctx={xl}: out rel err "
-                  + " ".join(f"{k} {worst[k]:.1e}" for k in worst), flush=True)
-        res[str(dtype).replace("torch.", "")] = {
-            k: (float("nan") if not math.isfinite(v) else v) for k, v in worst.items()}
-    return res
 
 
 # --------------------------------------------------------------- paths
@@ -222,11 +104,12 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(D, 4 * D), nn.GELU(), nn.Linear(4 * D, D))
 
 
-def model_crossing(blocks, x, ctx_kv, co, xo, C, L, kernel):
+def model_crossing(blocks, x, ctx_kv, co, xo, C, L, kernel, config=None):
     n = x.shape[0]
     for blk, (kc, vc) in zip(blocks, ctx_kv):
         q, k, v = blk.qkv(blk.ln1(x)).view(n, 3, H, DH).unbind(1)
-        o = dcat_attention(q, k, v, kc, vc, co, xo, max_cands=C, max_ctx_len=L, kernel=kernel)
+        o = dcat_attention(q, k, v, kc, vc, co, xo, max_cands=C, max_ctx_len=L, kernel=kernel,
+                           config=config if kernel == "triton" else None)
         x = x + blk.out(o.reshape(n, D))
         x = x + blk.mlp(blk.ln2(x))
     return x
@@ -249,7 +132,45 @@ def nsub_for(R, L, C, per_tok_bytes):
 
 
 # --------------------------------------------------------------- timing
-def bench_shape(R, L, C, dev, dup_bwd=True):
+def flex_dcat(R, L, C):
+    """The same crossing attention with ``torch.nn.attention.flex_attention`` (compiled), the
+    nearest peer: per request, the C candidates attend over [history (L); candidates (C)] with
+    the block mask ``kv < L or kv - L == q``. Returns fn(q4, kv4, vv4) on [R, H, C|L+C, Dh]
+    (history and candidates concatenated outside the timing), or None without flex."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:
+        return None
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx < L) | (kv_idx - L == q_idx)
+    bm = create_block_mask(mask_mod, R, None, C, L + C, device="cuda")
+    fa = torch.compile(flex_attention, dynamic=False)
+    return lambda q4, k4, v4: fa(q4, k4, v4, block_mask=bm)
+
+
+def flex_inputs(q, k, v, kc, vc, R, L, C):
+    def cat(ctx, cand):
+        return torch.cat([ctx.view(R, L, H, DH), cand.view(R, C, H, DH)], 1).transpose(1, 2)
+    return (q.view(R, C, H, DH).transpose(1, 2).contiguous(), cat(kc, k).contiguous(),
+            cat(vc, v).contiguous())
+
+
+def host_us(fn, n=200):
+    """Host (CPU) time per call of fn in eager mode, GPU queue not waited for: the launch
+    overhead a caller pays when the GPU keeps up."""
+    import time
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / n * 1e6
+
+
+def bench_shape(R, L, C, dev, dup_bwd=True, config=None):
     out = {}
     fl = flops_fwd(R, L, C)
     q, k, v, qc, kc, vc, co, xo = make(R, L, C, torch.bfloat16, dev, grad=True)
@@ -258,7 +179,7 @@ def bench_shape(R, L, C, dev, dup_bwd=True):
     for kern in ("triton", "sdpa"):
         def f(kern=kern):
             return dcat_attention(q, k, v, kc, vc, co, xo, max_cands=C, max_ctx_len=L,
-                                  kernel=kern)
+                                  kernel=kern, config=config if kern == "triton" else None)
         def fb(f=f):
             f().backward(g)
         with torch.no_grad():
@@ -273,17 +194,32 @@ def bench_shape(R, L, C, dev, dup_bwd=True):
         for key, mult in (("fwd", 1.0), ("fwdbwd", 3.5)):
             out[f"{kern}_{key}_tflops"] = mult * fl / out[f"{kern}_{key}_ms"] / 1e9
             out[f"{kern}_{key}_eager_tflops"] = mult * fl / out[f"{kern}_{key}_eager_ms"] / 1e9
+    with torch.no_grad():
+        out["triton_fwd_host_us"] = host_us(lambda: dcat_attention(
+            q, k, v, kc, vc, co, xo, max_cands=C, max_ctx_len=L, kernel="triton",
+            config=config))
+        flex = flex_dcat(R, L, C)
+        if flex is not None:
+            fins = flex_inputs(q.detach(), k.detach(), v.detach(), kc.detach(), vc.detach(),
+                               R, L, C)
+            out["flex_fwd_eager_ms"] = _do_bench(lambda: flex(*fins))
+            out["flex_fwd_ms"] = _graph_bench(lambda: flex(*fins)) or out["flex_fwd_eager_ms"]
+            out["flex_fwd_host_us"] = host_us(lambda: flex(*fins))
+            out["fwd_speedup_vs_flex"] = out["flex_fwd_ms"] / out["triton_fwd_ms"]
+            out["eager_fwd_speedup_vs_flex"] = (out["flex_fwd_eager_ms"]
+                                                / out["triton_fwd_eager_ms"])
     # kernel launchers alone (no autograd / op dispatch), CUDA-graph GPU time
     from pinfm_rec.kernels.dcat import triton_bwd, triton_fwd
     sc = DH ** -0.5
     with torch.no_grad():
         args = (q.detach(), k.detach(), v.detach(), kc.detach(), vc.detach(), co, xo, 0, sc, C, L)
-        o_, lse_ = triton_fwd.dcat_fwd_triton(*args)
-        t = _graph_bench(lambda: triton_fwd.dcat_fwd_triton(*args))
+        fcfg = None if config is None else config.fwd
+        o_, lse_ = triton_fwd.dcat_fwd_triton(*args, fcfg)
+        t = _graph_bench(lambda: triton_fwd.dcat_fwd_triton(*args, fcfg))
         out["kern_fwd_ms"] = t
         out["kern_fwd_tflops"] = None if t is None else fl / t / 1e9
         bargs = (g, q.detach(), k.detach(), v.detach(), kc.detach(), vc.detach(), o_, lse_, co,
-                 xo, 0, sc, C, L)
+                 xo, 0, sc, C, L, config)
         t = _graph_bench(lambda: triton_bwd.dcat_bwd_triton(*bargs))
         out["kern_bwd_ms"] = t
         out["kern_bwd_tflops"] = None if t is None else 2.5 * fl / t / 1e9
@@ -311,7 +247,7 @@ def bench_shape(R, L, C, dev, dup_bwd=True):
     return out
 
 
-def bench_model(R, L, C, dev):
+def bench_model(R, L, C, dev, config=None):
     torch.manual_seed(0)
     blocks = nn.ModuleList([Block(), Block()]).to(dev, torch.bfloat16)
     x = torch.randn(R * C, D, device=dev, dtype=torch.bfloat16)
@@ -323,7 +259,7 @@ def bench_model(R, L, C, dev):
     with torch.no_grad():
         for kern in ("triton", "sdpa"):
             def f(kern=kern):
-                return model_crossing(blocks, x, ctx_kv, co, xo, C, L, kern)
+                return model_crossing(blocks, x, ctx_kv, co, xo, C, L, kern, config)
             te = _do_bench(f)
             t = _graph_bench(f) or te
             res[f"model_{kern}_eager_ms"] = te
@@ -360,6 +296,12 @@ def summary(shapes):
                eager_geomean_fwdbwd_speedup_vs_stock=geomean(
                    [s["eager_fwdbwd_speedup_vs_stock"] for s in shapes.values()]),
                shapes_done=len(shapes), shapes_total=len(SHAPES))
+    if all("fwd_speedup_vs_flex" in s for s in shapes.values()):
+        res["geomean_fwd_speedup_vs_flex"] = geomean(
+            [s["fwd_speedup_vs_flex"] for s in shapes.values()])
+        res["min_eager_fwd_speedup_vs_flex"] = min(
+            s["eager_fwd_speedup_vs_flex"] for s in shapes.values())
+    res["eager_host_overhead_us"] = max(s["triton_fwd_host_us"] for s in shapes.values())
     if "1,16384,1024" in shapes:
         res["crossing_tflops_L16384_C1024"] = shapes["1,16384,1024"]["triton_fwd_tflops"]
         res["kernel_only_tflops_L16384_C1024"] = shapes["1,16384,1024"]["kern_fwd_tflops"]
@@ -397,6 +339,7 @@ def main(argv=None):
                        "dup_*: eager, on a subset of candidates, scaled; FLOPs fwd = "
                        "4*R*C*(L+1)*H*Dh, fwd+bwd = 3.5x that"))
     shapes: dict = {}
+    config = None  # the selected default unless --sweep finds a better one
 
     def save(final=False):
         with open(a.out, "w") as fh:
@@ -413,7 +356,7 @@ def main(argv=None):
         t0 = time.time()
         from pinfm_rec.kernels.dcat.tune import sweep  # imports this module: here, not at the top
 
-        res["sweep"] = sweep(dev, a.sweep_seconds)
+        config, res["sweep"] = sweep(dev, a.sweep_seconds)
         phase("sweep", t0)
     if a.correctness != "off":
         t0 = time.time()
@@ -422,20 +365,20 @@ def main(argv=None):
               flush=True)
         res["correctness_mode"] = a.correctness
         res["gpu_max_rel_err"] = correctness(
-            dev, CASES_QUICK if a.correctness == "quick" else CASES_FULL)
+            dev, CASES_QUICK if a.correctness == "quick" else CASES_FULL, config=config)
         print(json.dumps(res["gpu_max_rel_err"]), flush=True)
         res["gpu_ramp_fwd_rel_err"] = ramp_check(
             dev, CASES_QUICK if a.correctness == "quick" else CASES_FULL)
         print(json.dumps(res["gpu_ramp_fwd_rel_err"]), flush=True)
         phase("correctness", t0)
-    from pinfm_rec.kernels.dcat import triton_bwd, triton_fwd
-    res["fwd_config"], res["bwd_config"] = dict(triton_fwd.FWD_CONFIG), dict(triton_bwd.BWD_CONFIG)
+    from pinfm_rec.kernels.dcat.config import as_json, select
+    res["config"] = as_json(config or select(dev, torch.bfloat16, DH))
     for R, L, C in SHAPES:
         t0 = time.time()
         key = f"{R},{L},{C}"
-        s = bench_shape(R, L, C, dev, dup_bwd=L * R * C <= 2048 * 1024)
+        s = bench_shape(R, L, C, dev, dup_bwd=L * R * C <= 2048 * 1024, config=config)
         if not a.no_model:
-            s.update(bench_model(R, L, C, dev))
+            s.update(bench_model(R, L, C, dev, config))
         shapes[key] = s
         print(key, json.dumps({k_: (round(v_, 4) if isinstance(v_, float) else v_)
                                for k_, v_ in s.items()}), flush=True)
@@ -456,6 +399,12 @@ def main(argv=None):
               f"{s['fwd_speedup_vs_dup']:7.0f} | "
               + (f"{s['model_triton_cands_per_s']:17.3e} {s['model_sdpa_cands_per_s']:9.2e} "
                  f"{s['model_dup_cands_per_s']:9.2e}" if "model_triton_ms" in s else ""))
+    if "geomean_fwd_speedup_vs_flex" in res:
+        print(f"vs flex_attention (compiled): GPU time geomean fwd "
+              f"{res['geomean_fwd_speedup_vs_flex']:.2f}, eager min "
+              f"{res['min_eager_fwd_speedup_vs_flex']:.2f}")
+    print(f"host time per eager fwd call (max over shapes): "
+          f"{res['eager_host_overhead_us']:.1f} us")
     print(f"eager (host overhead incl.): geomean fwd x stock "
           f"{res['eager_geomean_fwd_speedup_vs_stock']:.2f}, fwd+bwd "
           f"{res['eager_geomean_fwdbwd_speedup_vs_stock']:.2f}")

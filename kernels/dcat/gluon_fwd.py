@@ -10,23 +10,19 @@ explicit control of the Hopper pipeline, which the ``tl`` compiler does not give
 * QK^T of block j and PV of block j-1 are issued together as async ``warpgroup_mma``; P
   stays in registers as the A operand of the PV MMA (no shared-memory round trip).
 
-Options (FWD_CONFIG keys, all measured in docs/benchmarks/dcat.md and NOTES.md):
-``overlap`` (FA3's intra-warpgroup overlap: wait only for QK^T and run block j's softmax
-while block j-1's PV is still on the tensor cores; ``tl.dot`` always waits. ptxas reuses
-PV(j-1)'s A-operand registers for the exp2 and waits for PV(j-1) before the first that does,
-so only a few exp2 overlap; forcing all of them was slower, NOTES.md session 5), ``poly`` (a
-quarter of the exp2 by polynomial on the FMA pipe, FA4's trick), ``q_reg`` (q as a register
-operand), ``fuse_combine`` (the last split merges the partials: no combine launch),
-``fixed_max`` (bf16, Dh <= 64: after a split's first block the softmax keeps that block's
-row max as its reference, so later blocks compute no row max and never rescale acc: 324
-instead of 450 instructions per 64x128 block; p may then exceed 1, which bf16 holds up to
-2^127, and an overflow past that makes l or acc non-finite, upon which the program redoes
-its split with the online softmax) and the warp-specialised kernel of ``gluon_ws_fwd.py``
-(``ws_min_ctx``).
+Always on: FA3's intra-warpgroup overlap (wait only for QK^T and run block j's softmax while
+block j-1's PV is still on the tensor cores; ``tl.dot`` always waits. ptxas reuses PV(j-1)'s
+A-operand registers for the exp2 and waits for PV(j-1) before the first that does, so only a
+few exp2 overlap; docs/dcat-history.md). Constexpr options, set by the config's variant
+(``config.py``): ``FUSE_COMBINE`` (the last split merges the partials: no combine launch) and
+``FIXED_MAX`` (variant GLUON_FIXED_MAX, bf16, Dh <= 64: after a split's first block the
+softmax keeps that block's row max as its reference, so later blocks compute no row max and
+never rescale acc: 324 instead of 450 instructions per 64x128 block; p may then exceed 1,
+which bf16 holds up to 2^127, and an overflow past that makes l or acc non-finite, upon
+which the program redoes its split with the online softmax).
 
 The ragged tail block of a split is loaded with masked pointer loads into ring slot 0 (all
-TMA loads are retired by then), so no row of another request is read into a softmax; the
-warp-specialised kernel loads it by TMA and masks the scores instead (see there).
+TMA loads are retired by then), so no row of another request is read into a softmax.
 
 Only for CUDA compute capability 9.x (wgmma), bf16/fp16 inputs, Dh in {32, 64, 128},
 outside the interpreter; everything else keeps the ``tl`` kernel (fp32: IEEE dot). The host
@@ -59,61 +55,19 @@ def _load_layout(cols, num_warps):
     return gl.BlockedLayout([1, vec], [32 // tpw_c, tpw_c], [num_warps, 1], [1, 0])
 
 
-# exp2 of 4 consecutive elements of a thread (x finite): three on the MUFU unit
-# (ex2.approx), the fourth on the FMA/ALU pipes (FA4's trick): x = j + f with j = rint(x),
-# 2^f by a degree-3 polynomial fitted on [-0.5, 0.5] (max relative error 7.7e-5, below
-# bf16/fp16 rounding of p), and 2^j added into the exponent bits. The MUFU unit does 16
-# exp2 per clock per SM, the bound of the softmax at Dh=64; this moves a quarter of them.
-# x is clamped to [-126, 129]: x >= 128 (possible under fixed_max) gives inf or NaN, like
-# ex2.approx, so the overflow check still sees it.
-_EXP2_MIXED_ASM = gl.constexpr("""
-{
-.reg .f32 x, t, j, f, p;
-.reg .b32 e, pb;
-ex2.approx.ftz.f32 $0, $4;
-ex2.approx.ftz.f32 $1, $5;
-ex2.approx.ftz.f32 $2, $6;
-max.f32 x, $7, 0fC2FC0000;
-min.f32 x, x, 0f43010000;
-add.rn.f32 t, x, 0f4B400000;
-sub.rn.f32 j, t, 0f4B400000;
-sub.rn.f32 f, x, j;
-fma.rn.f32 p, f, 0f3D61A4C2, 0f3E786D5B;
-fma.rn.f32 p, p, f, 0f3F317A8E;
-fma.rn.f32 p, p, f, 0f3F7FFB57;
-mov.b32 e, t;
-shl.b32 e, e, 23;
-mov.b32 pb, p;
-add.s32 pb, pb, e;
-mov.b32 $3, pb;
-}
-""")
-
-
 @gluon.jit
-def _exp2_mixed(x):
-    return gl.inline_asm_elementwise(_EXP2_MIXED_ASM, "=f,=f,=f,=f,f,f,f,f", [x],
-                                     dtype=gl.float32, is_pure=True, pack=4)
-
-
-@gluon.jit
-def _softmax_block(s_acc, m_i, l_i, qk_scale, p_layout: gl.constexpr, dtype: gl.constexpr,
-                   POLY: gl.constexpr = False):
+def _softmax_block(s_acc, m_i, l_i, qk_scale, p_layout: gl.constexpr, dtype: gl.constexpr):
     # qk_scale > 0 (the launcher flips q's sign otherwise): max before scaling, then one
     # FMA per score. Returns p (A operand of the PV MMA), alpha (rescale of acc), m, l.
-    # POLY: a quarter of the exp2 by polynomial (full blocks only: x must be finite).
-    pf, alpha, m_new, l_i = _softmax_f32(s_acc, m_i, l_i, qk_scale, POLY)
+    pf, alpha, m_new, l_i = _softmax_f32(s_acc, m_i, l_i, qk_scale)
     return gl.convert_layout(pf.to(dtype), p_layout), alpha, m_new, l_i
 
 
 @gluon.jit
-def _softmax_f32(s_acc, m_i, l_i, qk_scale, POLY: gl.constexpr = False):
+def _softmax_f32(s_acc, m_i, l_i, qk_scale):
     # _softmax_block with p left in fp32 in the score layout
     m_new = gl.maximum(m_i, gl.max(s_acc, 1) * qk_scale)
-    if POLY:
-        p = _exp2_mixed(s_acc * qk_scale - m_new[:, None])
-    else:
-        p = gl.exp2(s_acc * qk_scale - m_new[:, None])
+    p = gl.exp2(s_acc * qk_scale - m_new[:, None])
     alpha = gl.exp2(m_i - m_new)
     l_i = l_i * alpha + gl.sum(p, 1)
     return p, alpha, m_new, l_i
@@ -174,28 +128,24 @@ def _open_rows(Q, K, V, r0, c1, h, s, H, qk_scale, ROWS: gl.constexpr,
 
 
 @gluon.jit
-def _issue_qk_pv(qa, k_buf, v_prev, p, acc, zero_s, OVERLAP: gl.constexpr):
-    # QK^T(j) and PV(j-1) as async wgmma; returns S(j) (retired) and PV's token: with
-    # OVERLAP, PV(j-1) may still run
+def _issue_qk_pv(qa, k_buf, v_prev, p, acc, zero_s):
+    # QK^T(j) and PV(j-1) as async wgmma; returns S(j) (retired) and PV's token: PV(j-1)
+    # may still run
     s_tok = warpgroup_mma(qa, k_buf.permute((1, 0)), zero_s, use_acc=False, is_async=True)
     o_tok = warpgroup_mma(p, v_prev, acc, is_async=True)
-    if OVERLAP:
-        s_acc = warpgroup_mma_wait(1, deps=(s_tok, ))
-    else:
-        s_acc = warpgroup_mma_wait(0, deps=(s_tok, ))
+    s_acc = warpgroup_mma_wait(1, deps=(s_tok, ))
     return s_acc, o_tok
 
 
 @gluon.jit
 def _kv_step(qa, k_buf, v_prev, p, acc, m_i, l_i, zero_s, qk_scale, p_layout: gl.constexpr,
-             row_o: gl.constexpr, dtype: gl.constexpr, POLY: gl.constexpr,
-             OVERLAP: gl.constexpr):
-    """One history block j: QK^T(j) and PV(j-1) issued together; with OVERLAP the softmax
-    of j may start while PV(j-1) is still on the tensor cores (FA3's intra-warpgroup
-    overlap; ptxas cuts it short, see the module docstring).
+             row_o: gl.constexpr, dtype: gl.constexpr):
+    """One history block j: QK^T(j) and PV(j-1) issued together; the softmax of j may start
+    while PV(j-1) is still on the tensor cores (FA3's intra-warpgroup overlap; ptxas cuts it
+    short, see the module docstring).
     Returns block j's p and the state rescaled to its max; k_buf and v_prev are free."""
-    s_acc, o_tok = _issue_qk_pv(qa, k_buf, v_prev, p, acc, zero_s, OVERLAP)
-    pf, alpha, m_i, l_i = _softmax_f32(s_acc, m_i, l_i, qk_scale, POLY)
+    s_acc, o_tok = _issue_qk_pv(qa, k_buf, v_prev, p, acc, zero_s)
+    pf, alpha, m_i, l_i = _softmax_f32(s_acc, m_i, l_i, qk_scale)
     acc = warpgroup_mma_wait(0, deps=(o_tok, ))
     acc = acc * gl.convert_layout(alpha, row_o)[:, None]
     p = gl.convert_layout(pf.to(dtype), p_layout)
@@ -214,18 +164,13 @@ def _part_rowsum(x):
 
 @gluon.jit
 def _kv_step_fixed(qa, k_buf, v_prev, p, acc, m_i, l_i, zero_s, qk_scale,
-                   p_layout: gl.constexpr, dtype: gl.constexpr, POLY: gl.constexpr,
-                   OVERLAP: gl.constexpr):
+                   p_layout: gl.constexpr, dtype: gl.constexpr):
     """_kv_step against a fixed reference m_i (FIXED_MAX): no row max, no rescale of acc.
     p = exp2(x - m_i) may exceed 1; bf16 (and fp32) hold it up to 2^127, and an overflow
     shows up as a non-finite l or acc, which the caller checks. l_i here: the per-thread
     partial row sums of _part_rowsum."""
-    s_acc, o_tok = _issue_qk_pv(qa, k_buf, v_prev, p, acc, zero_s, OVERLAP)
-    x = s_acc * qk_scale - m_i[:, None]
-    if POLY:
-        pf = _exp2_mixed(x)
-    else:
-        pf = gl.exp2(x)
+    s_acc, o_tok = _issue_qk_pv(qa, k_buf, v_prev, p, acc, zero_s)
+    pf = gl.exp2(s_acc * qk_scale - m_i[:, None])
     l_i = l_i + _part_rowsum(pf)
     acc = warpgroup_mma_wait(0, deps=(o_tok, ))
     p = gl.convert_layout(pf.to(dtype), p_layout)
@@ -266,8 +211,7 @@ def _load_block(kc_desc, vc_desc, bars, k_bufs, v_bufs, slot, row, col, go):
 def _ring_step(j, slot, prev, phase, qa, k_bufs, v_bufs, bars, kc_desc, vc_desc, row0, col,
                n_full, p, acc, m_i, l_i, zero_s, qk_scale, BLOCK_N: gl.constexpr,
                STAGES: gl.constexpr, p_layout: gl.constexpr, row_o: gl.constexpr,
-               dtype: gl.constexpr, POLY: gl.constexpr, OVERLAP: gl.constexpr,
-               FIXED_MAX: gl.constexpr):
+               dtype: gl.constexpr, FIXED_MAX: gl.constexpr):
     """History block j (1 <= j < n_full) from the TMA ring: wait for its slot (j % STAGES,
     phase (j // STAGES) & 1; prev = slot of block j-1), QK^T(j) and PV(j-1), block j's
     softmax, then refill slot prev with block j-1+STAGES. Returns the state and the next
@@ -275,11 +219,10 @@ def _ring_step(j, slot, prev, phase, qa, k_bufs, v_bufs, bars, kc_desc, vc_desc,
     mbarrier.wait(bars.index(slot), phase)
     if FIXED_MAX:
         p, acc, l_i = _kv_step_fixed(qa, k_bufs.index(slot), v_bufs.index(prev), p, acc, m_i,
-                                     l_i, zero_s, qk_scale, p_layout, dtype, POLY, OVERLAP)
+                                     l_i, zero_s, qk_scale, p_layout, dtype)
     else:
         p, acc, m_i, l_i = _kv_step(qa, k_bufs.index(slot), v_bufs.index(prev), p, acc, m_i,
-                                    l_i, zero_s, qk_scale, p_layout, row_o, dtype, POLY,
-                                    OVERLAP)
+                                    l_i, zero_s, qk_scale, p_layout, row_o, dtype)
     nb = j - 1 + STAGES
     _load_block(kc_desc, vc_desc, bars, k_bufs, v_bufs, prev, row0 + nb * BLOCK_N, col,
                 nb < n_full)
@@ -292,7 +235,6 @@ def _run_split(q_smem, k_bufs, v_bufs, bars, kc_desc, vc_desc, KC, VC, m_i, l_i,
                kend, h, s_qm, offs_d, qk_scale, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
                STAGES: gl.constexpr, s_layout: gl.constexpr, p_layout: gl.constexpr,
                row_o: gl.constexpr, ld: gl.constexpr, dtype: gl.constexpr,
-               Q_REG: gl.constexpr, POLY: gl.constexpr, OVERLAP: gl.constexpr,
                FIXED_MAX: gl.constexpr):
     """The program's history keys kstart..kend (one split) against its candidate rows
     (q in q_smem, online-softmax state m_i, l_i, acc): full blocks through the TMA ring,
@@ -318,10 +260,7 @@ def _run_split(q_smem, k_bufs, v_bufs, bars, kc_desc, vc_desc, KC, VC, m_i, l_i,
                     i < n_full)
     fence_async_shared()  # q_smem (generic-proxy store) before the MMAs read it
     _cta_barrier()
-    if Q_REG:  # q as the register A operand of QK^T (less shared-memory traffic)
-        qa = q_smem.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
-    else:
-        qa = q_smem
+    qa = q_smem
 
     if n_full > 0:
         # block 0: nothing to overlap with yet
@@ -344,14 +283,14 @@ def _run_split(q_smem, k_bufs, v_bufs, bars, kc_desc, vc_desc, KC, VC, m_i, l_i,
                 p, acc, m_i, l2, slot, prev, phase = _ring_step(
                     j, slot, prev, phase, qa, k_bufs, v_bufs, bars, kc_desc, vc_desc, row0,
                     col, n_full, p, acc, m_i, l2, zero_s, qk_scale, BLOCK_N, STAGES, p_layout,
-                    row_o, dtype, POLY, OVERLAP, FIXED_MAX)
+                    row_o, dtype, FIXED_MAX)
             l_i = l_i + gl.convert_layout(gl.sum(l2, 1), gl.SliceLayout(1, s_layout))
         else:
             for j in range(1, n_full):
                 p, acc, m_i, l_i, slot, prev, phase = _ring_step(
                     j, slot, prev, phase, qa, k_bufs, v_bufs, bars, kc_desc, vc_desc, row0,
                     col, n_full, p, acc, m_i, l_i, zero_s, qk_scale, BLOCK_N, STAGES, p_layout,
-                    row_o, dtype, POLY, OVERLAP, FIXED_MAX)
+                    row_o, dtype, FIXED_MAX)
         acc = warpgroup_mma(p, v_bufs.index((n_full - 1) % STAGES), acc)
 
     tail = kstart + n_full * BLOCK_N
@@ -385,8 +324,8 @@ def _dcat_fwd_gluon_kernel(
     Q, K, V, KC, VC, CO, XO, O, LSE, PO, PL, kc_desc, vc_desc, CNT,
     Cn, H, n_mtiles, max_ctx, split_size, qk_scale,
     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-    STAGES: gl.constexpr, SPLIT: gl.constexpr, OVERLAP: gl.constexpr, Q_REG: gl.constexpr,
-    FUSE_COMBINE: gl.constexpr, POLY: gl.constexpr, FIXED_MAX: gl.constexpr,
+    STAGES: gl.constexpr, SPLIT: gl.constexpr, FUSE_COMBINE: gl.constexpr,
+    FIXED_MAX: gl.constexpr,
     num_warps: gl.constexpr,
 ):
     dtype: gl.constexpr = kc_desc.dtype
@@ -414,7 +353,7 @@ def _dcat_fwd_gluon_kernel(
         m_i, l_i, acc = _run_split(q_smem, k_bufs, v_bufs, bars, kc_desc, vc_desc, KC, VC,
                                    m_i, l_i, acc, kstart, kend, h, s_qm, offs_d, qk_scale,
                                    HEAD_DIM, BLOCK_N, STAGES, s_layout, p_layout, row_o, ld,
-                                   dtype, Q_REG, POLY, OVERLAP, FIXED_MAX)
+                                   dtype, FIXED_MAX)
         if FIXED_MAX:
             # p overflowed for some row (a later key scored more than ~127 (log2) above the
             # first block's max): l or acc is not finite. Rare; this split is redone with
@@ -428,8 +367,7 @@ def _dcat_fwd_gluon_kernel(
                 m_i, l_i, acc = _run_split(q_smem, k_bufs, v_bufs, bars, kc_desc, vc_desc, KC,
                                            VC, m_i, l_i, acc, kstart, kend, h, s_qm, offs_d,
                                            qk_scale, HEAD_DIM, BLOCK_N, STAGES, s_layout,
-                                           p_layout, row_o, ld, dtype, Q_REG, POLY, OVERLAP,
-                                           False)
+                                           p_layout, row_o, ld, dtype, False)
         _write_rows(acc, m_i, l_i, O, LSE, PO, PL, s, h, H, Cn, offs_m_o, mask_m_o, offs_d_o,
                     row_off_o, HEAD_DIM, SPLIT, row_o, dtype)
         if SPLIT and FUSE_COMBINE:

@@ -1,16 +1,15 @@
-"""Host side of the Gluon DCAT forward (``gluon_fwd.py``, ``gluon_ws_fwd.py``): the launch
-(TMA descriptors, split tickets, kernel choice), which inputs the kernels take, and a
-compile for sm_90 on any machine (CI's guard against Gluon API changes).
+"""Host side of the Gluon DCAT forward (``gluon_fwd.py``): the launch (TMA descriptors, split
+tickets), which inputs the kernel takes, and a compile for sm_90 on any machine (CI's guard
+against Gluon API changes).
 Notation: Cn candidates, Lc history tokens, H heads, Dh head dim.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 from triton.experimental.gluon import language as gl
 
+from .config import FwdConfig, Variant
 from .gluon_fwd import _dcat_fwd_gluon_kernel
 
 
@@ -38,7 +37,7 @@ def _counters(device, n: int):
 
 
 def launch(grid, q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, o, lse, po, pl,
-           Cn, H, n_mtiles, max_ctx, split_size, qk_scale, cfg, split):
+           Cn, H, n_mtiles, max_ctx, split_size, qk_scale, cfg: FwdConfig, split):
     """Launch the Gluon forward on ``grid`` (same grid and arguments as the ``tl`` kernel).
 
     k_ctx, v_ctx: [Lc, H, Dh], read through TMA descriptors over the [Lc, H*Dh] view.
@@ -46,79 +45,56 @@ def launch(grid, q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, o, lse, po, p
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     Lc, _, Dh = k_ctx.shape
-    # Dh 128 with 128-key blocks would not fit the warp-specialised kernel's shared memory
-    # (or the plain kernel's registers); 64-key blocks still divide every split
-    bn = cfg["BLOCK_N"] if Dh <= 64 else min(cfg["BLOCK_N"], 64)
+    # Dh 128 with 128-key blocks would not fit the registers; 64-key blocks still divide
+    # every split
+    bn = cfg.block_n if Dh <= 64 else min(cfg.block_n, 64)
     gdt = gl.bfloat16 if k_ctx.dtype == torch.bfloat16 else gl.float16
     layout = gl.NVMMASharedLayout.get_default_for([bn, Dh], gdt)
     kd, vd = (TensorDescriptor(t, [Lc, H * Dh], [H * Dh, 1], [bn, Dh], layout)
               for t in (k_ctx, v_ctx))
-    fuse = bool(split and cfg.get("fuse_combine") and not cfg.get("ws"))
+    fuse = bool(split and cfg.fuse_combine)
     cnt = _counters(q.device, grid[0] * grid[1]) if fuse else cand_offsets
-    kern, kw = _dcat_fwd_gluon_kernel, dict(OVERLAP=bool(cfg.get("overlap", False)),
-                                            Q_REG=bool(cfg.get("q_reg", False)),
-                                            FUSE_COMBINE=fuse, POLY=bool(cfg.get("poly", False)),
-                                            # bf16 only (fp16 p overflows at 2^16); Dh <= 64
-                                            # (at 128 the fallback copy spills)
-                                            FIXED_MAX=bool(cfg.get("fixed_max", False))
-                                            and k_ctx.dtype == torch.bfloat16 and Dh <= 64)
-    if cfg.get("ws"):
-        from .gluon_ws_fwd import _dcat_fwd_gluon_ws_kernel
-        # NC+1 warpgroups (consumers + the producer warp's group) x 128 threads share the
-        # 64K-register file at launch; setmaxnreg then moves registers to the consumers
-        nc = cfg["BLOCK_M"] // 64
-        kern = _dcat_fwd_gluon_ws_kernel
-        kw = dict(maxnreg=168 if nc == 2 else 128, POLY=kw["POLY"], Q_REG=kw["Q_REG"],
-                  OVERLAP=kw["OVERLAP"])
-        fuse = False
-    kern[grid](
-        q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, o, lse, po, pl, kd, vd,
-        *(() if cfg.get("ws") else (cnt,)), Cn, H, n_mtiles, max_ctx, split_size, qk_scale,
-        HEAD_DIM=Dh, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=bn, STAGES=cfg["num_stages"],
-        SPLIT=split, num_warps=cfg["num_warps"], **kw)
+    # bf16 only (fp16 p overflows at 2^16); Dh <= 64 (at 128 the fallback copy spills)
+    fixed = (cfg.variant is Variant.GLUON_FIXED_MAX and k_ctx.dtype == torch.bfloat16
+             and Dh <= 64)
+    _dcat_fwd_gluon_kernel[grid](
+        q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, o, lse, po, pl, kd, vd, cnt,
+        Cn, H, n_mtiles, max_ctx, split_size, qk_scale,
+        HEAD_DIM=Dh, BLOCK_M=cfg.block_m, BLOCK_N=bn, STAGES=cfg.num_stages,
+        SPLIT=split, FUSE_COMBINE=fuse, FIXED_MAX=fixed, num_warps=cfg.num_warps)
     return fuse
 
 
-def usable(q, k_ctx, v_ctx, cfg) -> bool:
-    """Whether this kernel can run these inputs: Hopper (wgmma is sm_90 only), bf16/fp16,
-    Dh 32/64/128, not the interpreter, a non-empty history whose rows TMA can address
-    (16-byte aligned base and row stride), and whole warpgroups (4 warps per 64 candidate
-    rows or more)."""
-    if os.environ.get("TRITON_INTERPRET") == "1" or not q.is_cuda:
-        return False
-    if q.dtype not in (torch.bfloat16, torch.float16) or k_ctx.shape[0] == 0:
-        return False
-    if torch.cuda.get_device_capability(q.device)[0] != 9:
+def usable(q, k_ctx, v_ctx, cfg: FwdConfig) -> bool:
+    """Whether the kernel can take these inputs (the device, dtype and Dh were checked when
+    the config's variant was chosen, ``config.choose_variant``): CUDA tensors of a half
+    dtype, Dh 32/64/128, a non-empty history whose rows TMA can address (16-byte aligned base and row
+    stride), and whole warpgroups (4 warps per 64 candidate rows or more)."""
+    if not q.is_cuda or q.dtype not in (torch.bfloat16, torch.float16) or k_ctx.shape[0] == 0:
         return False
     Dh = q.shape[-1]
-    # the head dims checked on the GPU (bench --correctness full); others keep the tl kernel
-    if Dh not in (32, 64, 128) or cfg["num_warps"] % 4 or cfg["BLOCK_M"] % (16 * cfg["num_warps"]):
-        return False
-    if cfg.get("ws") and (cfg["BLOCK_M"] not in (128, 192) or cfg["num_warps"] != 4):
+    if Dh not in (32, 64, 128) or cfg.num_warps % 4 or cfg.block_m % (16 * cfg.num_warps):
         return False
     return all(t.data_ptr() % 16 == 0 and (t.shape[1] * Dh * t.element_size()) % 16 == 0
                for t in (k_ctx, v_ctx))
 
 
-def compile_for_sm90(head_dim: int = 64, block_n: int = 128, ws: bool = False,
-                     stages: int = 3, block_m: int | None = None, num_warps: int = 4,
-                     maxnreg: int | None = None, **opts) -> dict:
+def compile_for_sm90(head_dim: int = 64, block_n: int = 128, stages: int = 3,
+                     block_m: int = 64, num_warps: int = 4, maxnreg: int | None = None,
+                     **opts) -> dict:
     """Compile a Gluon forward variant for Hopper (sm_90) on any machine, GPU or not, and
     return {"shared": bytes of shared memory, "ptx": the PTX}. For CI and for trying configs
     without a GPU: it catches Gluon API changes between Triton releases and shows shared
     memory and (with ptxas -v on the PTX) registers. block_m / num_warps / maxnreg: the
-    launch's tile and register cap (defaults: 64 x 4 warps, or 128 and 168 for ws). opts: the
-    kernel's constexpr flags
-    (OVERLAP, Q_REG, FUSE_COMBINE, POLY; ws: POLY, Q_REG, OVERLAP). bf16 inputs."""
+    launch's tile and register cap. opts: the kernel's constexpr flags (FUSE_COMBINE,
+    FIXED_MAX). bf16 inputs."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
     from triton.runtime.jit import mangle_type
 
-    from .gluon_ws_fwd import _dcat_fwd_gluon_ws_kernel
-
-    fn = _dcat_fwd_gluon_ws_kernel if ws else _dcat_fwd_gluon_kernel
+    fn = _dcat_fwd_gluon_kernel
     rows = torch.empty(256, 8 * head_dim, dtype=torch.bfloat16)
     layout = gl.NVMMASharedLayout.get_default_for([block_n, head_dim], gl.bfloat16)
     desc = TensorDescriptor(rows, list(rows.shape), list(rows.stride()), [block_n, head_dim],
@@ -130,15 +106,12 @@ def compile_for_sm90(head_dim: int = 64, block_n: int = 128, ws: bool = False,
         types[name] = "*bf16"
     for name in ("Cn", "H", "n_mtiles", "max_ctx", "split_size"):
         types[name] = "i32"
-    const = dict(HEAD_DIM=head_dim, BLOCK_M=block_m or (128 if ws else 64), BLOCK_N=block_n,
-                 STAGES=stages, SPLIT=True, num_warps=num_warps)
-    flags = (("POLY", "Q_REG", "OVERLAP") if ws else
-             ("OVERLAP", "Q_REG", "FUSE_COMBINE", "POLY", "FIXED_MAX"))
-    const.update({f: bool(opts.get(f, False)) for f in flags})
+    const = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages,
+                 SPLIT=True, num_warps=num_warps)
+    const.update({f: bool(opts.get(f, False)) for f in ("FUSE_COMBINE", "FIXED_MAX")})
     sig = {n: ("constexpr" if n in const else types[n]) for n in fn.arg_names}
     src = GluonASTSource(fn, sig, {(fn.arg_names.index(k),): v for k, v in const.items()})
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                             options=dict(num_warps=num_warps,
-                                         **({"maxnreg": maxnreg or 168} if ws else
-                                            {"maxnreg": maxnreg} if maxnreg else {})))
+                                         **({"maxnreg": maxnreg} if maxnreg else {})))
     return {"shared": kernel.metadata.shared, "ptx": kernel.asm["ptx"]}

@@ -9,11 +9,11 @@ fake (meta) implementations and autograd, so they work under torch.compile.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 from torch import Tensor
 
+from .config import DcatConfig, interpreting
 from .reference import dcat_reference, dcat_sdpa
 
 __all__ = ["dcat_attention", "dcat_fwd", "dcat_bwd"]
@@ -84,21 +84,23 @@ dcat_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 class _DcatFn(torch.autograd.Function):
     """Eager fast path: same kernels as the custom ops, without the custom-op
-    dispatch overhead (tens of microseconds per call on slow hosts)."""
+    dispatch overhead (tens of microseconds per call on slow hosts). config: an explicit
+    DcatConfig, or None for ``config.select``'s."""
 
     @staticmethod
-    def forward(ctx, q, k, v, k_ctx, v_ctx, co, xo, max_ctx, scale, max_cands, max_ctx_len):
+    def forward(ctx, q, k, v, k_ctx, v_ctx, co, xo, max_ctx, scale, max_cands, max_ctx_len,
+                config):
         o, lse = _fwd_impl()(q, k, v, k_ctx, v_ctx, co, xo, max_ctx, scale, max_cands,
-                             max_ctx_len)
+                             max_ctx_len, None if config is None else config.fwd)
         ctx.save_for_backward(q, k, v, k_ctx, v_ctx, co, xo, o, lse)
-        ctx.args = (max_ctx, scale, max_cands, max_ctx_len)
+        ctx.args = (max_ctx, scale, max_cands, max_ctx_len, config)
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, k_ctx, v_ctx, co, xo, o, lse = ctx.saved_tensors
         grads = _bwd_impl()(do.contiguous(), q, k, v, k_ctx, v_ctx, o, lse, co, xo, *ctx.args)
-        return (*grads, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None)
 
 
 def _max_len(offsets: Tensor) -> int:
@@ -110,7 +112,8 @@ def _max_len(offsets: Tensor) -> int:
 def dcat_attention(q: Tensor, k: Tensor, v: Tensor, k_ctx: Tensor, v_ctx: Tensor,
                    cand_offsets: Tensor, ctx_offsets: Tensor, *, max_ctx: int = 0,
                    scale: float | None = None, max_cands: int | None = None,
-                   max_ctx_len: int | None = None, kernel: str = "auto") -> Tensor:
+                   max_ctx_len: int | None = None, kernel: str = "auto",
+                   config: DcatConfig | None = None) -> Tensor:
     """DCAT crossing attention.
 
     q, k, v: [Cn, H, Dh] candidate queries/keys/values, jagged by
@@ -123,7 +126,10 @@ def dcat_attention(q: Tensor, k: Tensor, v: Tensor, k_ctx: Tensor, v_ctx: Tensor
     host-side max per-request counts (avoid a device sync). ``kernel``:
     "auto" (triton on CUDA or under TRITON_INTERPRET=1 when Dh is a power of two >= 16,
     else pytorch),
-    "triton", "pytorch" (dense reference) or "sdpa" (stock SDPA path).
+    "triton", "pytorch" (dense reference) or "sdpa" (stock SDPA path). ``config``: the
+    Triton kernels' launch config (``config.DcatConfig``; None: ``config.select``'s for the
+    inputs' device, dtype and Dh, chosen once and cached); eager calls only (under
+    torch.compile the custom op uses the selected one).
     """
     if q.dim() != 3 or k_ctx.dim() != 3:
         raise ValueError("q/k/v must be [Cn, H, Dh] and k_ctx/v_ctx [Lc, H, Dh]")
@@ -132,8 +138,7 @@ def dcat_attention(q: Tensor, k: Tensor, v: Tensor, k_ctx: Tensor, v_ctx: Tensor
         scale = 1.0 / math.sqrt(Dh)
     if kernel == "auto":
         triton_ok = Dh >= 16 and not Dh & (Dh - 1)
-        kernel = ("triton" if triton_ok and (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
-                  else "pytorch")
+        kernel = "triton" if triton_ok and (q.is_cuda or interpreting()) else "pytorch"
     if kernel == "pytorch":
         return dcat_reference(q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets,
                               max_ctx=max_ctx, scale=scale)
@@ -144,7 +149,7 @@ def dcat_attention(q: Tensor, k: Tensor, v: Tensor, k_ctx: Tensor, v_ctx: Tensor
         raise ValueError(f"unknown kernel {kernel!r}")
     if Dh < 16 or Dh & (Dh - 1):
         raise ValueError(f"triton kernel needs a power-of-two head dim >= 16, got {Dh}")
-    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+    if not q.is_cuda and not interpreting():
         raise ValueError(
             f"kernel='triton' needs CUDA tensors (got {q.device}; on CPU only under TRITON_INTERPRET=1, "
             "for tests): use kernel='auto' (triton on CUDA, pytorch elsewhere) or 'pytorch'"
@@ -158,7 +163,7 @@ def dcat_attention(q: Tensor, k: Tensor, v: Tensor, k_ctx: Tensor, v_ctx: Tensor
             max_cands, max_ctx_len)
     if torch.compiler.is_compiling() or _FORCE_CUSTOM_OP:
         return torch.ops.pinfm.dcat_fwd(*args)[0]
-    return _DcatFn.apply(*args)
+    return _DcatFn.apply(*args, config)
 
 
 _FORCE_CUSTOM_OP = False  # tests flip this to run the custom op in eager

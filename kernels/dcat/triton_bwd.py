@@ -17,20 +17,12 @@ Import lazily (after TRITON_INTERPRET is settled), as for triton_fwd.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from .triton_fwd import _splits, fit_smem
-
-# the config the CUDA-graph sweep chose in the recorded GPU run (run 12, H100, 2026-11-23;
-# docs/benchmarks/dcat.md, NOTES.md); fit_smem shrinks it where fp32 at Dh=128 would not fit
-BWD_CONFIG = dict(
-    DQ_BLOCK_M=64, DQ_BLOCK_N=32, dq_warps=4, dq_stages=4,
-    KV_BLOCK_N=128, KV_BLOCK_M=32, kv_warps=4, kv_stages=2,
-    waves=3.8, min_split=1024, split_size=None)
+from .config import DcatConfig, select
+from .triton_fwd import fit_smem, split_size_for
 
 
 @triton.jit
@@ -194,16 +186,20 @@ def _dcat_bwd_dkdv_kernel(
 
 def dcat_bwd_triton(do, q, k, v, k_ctx, v_ctx, o, lse, cand_offsets, ctx_offsets,
                     max_ctx: int, scale: float, max_cands: int, max_ctx_len: int,
-                    cfg: dict | None = None):
+                    cfg: DcatConfig | None = None):
     """Backward. do, q, k, v, o: [Cn, H, Dh]; k_ctx, v_ctx: [Lc, H, Dh];
     lse: [Cn, H] fp32 (natural log, from the forward); offsets [R+1].
 
     Returns (dq, dk, dv [Cn, H, Dh], dk_ctx, dv_ctx [Lc, H, Dh]) in input dtype.
     k_ctx rows must all belong to some request (ctx_offsets[0] == 0,
-    ctx_offsets[-1] == Lc), likewise candidates.
+    ctx_offsets[-1] == Lc), likewise candidates. cfg: the launch config (default:
+    ``config.select`` for q's device, dtype and Dh; its ``bwd`` tiles, and whether it runs
+    under the interpreter); fit_smem shrinks tiles where fp32 at Dh=128 would not fit.
     """
-    cfg = {**BWD_CONFIG, **(cfg or {})}
     Cn, H, Dh = q.shape
+    if cfg is None:
+        cfg = select(q.device, q.dtype, Dh)
+    interp, cfg = cfg.interpret, cfg.bwd
     Lc = k_ctx.shape[0]
     R = cand_offsets.numel() - 1
     # all inputs must be contiguous; grads are contiguous too.
@@ -211,22 +207,20 @@ def dcat_bwd_triton(do, q, k, v, k_ctx, v_ctx, o, lse, cand_offsets, ctx_offsets
     dkc, dvc = (torch.empty(k_ctx.shape, device=q.device, dtype=q.dtype) for _ in range(2))
     if R == 0:
         return dq, dk, dv, dkc, dvc
-    interp = os.environ.get("TRITON_INTERPRET") == "1"
     ieee = q.dtype == torch.float32
     delta = torch.empty((Cn, H), device=q.device, dtype=torch.float32)
     if Cn > 0 and max_cands > 0:
-        bm = cfg["DQ_BLOCK_M"]
+        bm = cfg.dq_block_m
         n_mtiles = triton.cdiv(max_cands, bm)
         n_eff = min(max_ctx_len, max_ctx) if max_ctx > 0 else max_ctx_len
-        sc = {"BLOCK_N": cfg["DQ_BLOCK_N"], "waves": cfg["waves"],
-              "min_split": cfg["min_split"], "split_size": cfg["split_size"]}
-        split_size = _splits(R * n_mtiles * H, n_eff, sc, q.device)
+        split_size = split_size_for(R * n_mtiles * H, n_eff, cfg.dq_block_n, cfg.waves,
+                                    cfg.min_split, cfg.split_size, q.device)
         n_split = max(1, triton.cdiv(n_eff, split_size))
         pdq = (torch.empty((n_split, Cn, H, Dh), device=q.device, dtype=torch.float32)
                if n_split > 1 else dq)
         # K/V blocks streamed, q and do resident (fp32 at Dh=128 must shrink to fit)
-        dbn, dst = fit_smem(cfg["DQ_BLOCK_N"], bm, cfg["dq_stages"], 2, 2, Dh, q.element_size())
-        kw = {} if interp else dict(num_warps=cfg["dq_warps"], num_stages=dst)
+        dbn, dst = fit_smem(cfg.dq_block_n, bm, cfg.dq_stages, 2, 2, Dh, q.element_size())
+        kw = {} if interp else dict(num_warps=cfg.dq_warps, num_stages=dst)
         _dcat_bwd_dq_kernel[(R * n_mtiles, H, n_split)](
             q, k, v, k_ctx, v_ctx, o, do, lse, cand_offsets, ctx_offsets, dq, dk, dv, delta, pdq,
             Cn, H, n_mtiles, max_ctx, split_size, scale,
@@ -235,12 +229,12 @@ def dcat_bwd_triton(do, q, k, v, k_ctx, v_ctx, o, lse, cand_offsets, ctx_offsets
         if n_split > 1:
             torch.sum(pdq, dim=0, out=dq) if q.dtype == torch.float32 else dq.copy_(pdq.sum(0))
     if Lc > 0 and max_ctx_len > 0:
-        bn = cfg["KV_BLOCK_N"]
+        bn = cfg.kv_block_n
         n_ntiles = triton.cdiv(max_ctx_len, bn)
         # q/do blocks streamed, the K/V tile resident
-        kbm, kst = fit_smem(cfg["KV_BLOCK_M"], bn, cfg["kv_stages"], 2, 2, Dh,
+        kbm, kst = fit_smem(cfg.kv_block_m, bn, cfg.kv_stages, 2, 2, Dh,
                             q.element_size(), min_rows=16)
-        kw = {} if interp else dict(num_warps=cfg["kv_warps"], num_stages=kst)
+        kw = {} if interp else dict(num_warps=cfg.kv_warps, num_stages=kst)
         _dcat_bwd_dkdv_kernel[(R * n_ntiles, H)](
             q, k_ctx, v_ctx, do, lse, delta, cand_offsets, ctx_offsets, dkc, dvc,
             H, n_ntiles, max_ctx, scale,

@@ -10,8 +10,8 @@ few candidates) each program writes a partial (normalised o, log2-LSE) and a
 small combine kernel merges them.
 
 On Hopper, for bf16/fp16 and outside the interpreter, ``dcat_fwd_triton`` runs the Gluon
-kernel of ``gluon_fwd.py`` instead (same grid, partials and combine; FWD_CONFIG["impl"]);
-this module's ``tl`` kernel covers fp32, the interpreter (CI) and other GPUs.
+kernel of ``gluon_fwd.py`` instead (same grid, partials and combine; the config's variant,
+``config.py``); this module's ``tl`` kernel covers fp32, the interpreter (CI) and other GPUs.
 
 Import this module only after TRITON_INTERPRET is settled (op.py imports it
 lazily): triton.jit picks interpreter vs compiler at decoration time.
@@ -20,7 +20,6 @@ lazily): triton.jit picks interpreter vs compiler at decoration time.
 from __future__ import annotations
 
 import math
-import os
 import warnings
 
 import torch
@@ -28,6 +27,8 @@ import triton
 import triton.language as tl
 from triton.compiler.errors import CompilationError
 from triton.runtime.errors import OutOfResources
+
+from .config import FwdConfig, Variant, select
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -210,36 +211,6 @@ def sm_count(device: torch.device) -> int:
     return _SM_COUNT[idx]
 
 
-# Default launch configuration: the config the CUDA-graph sweep chose in the recorded GPU run
-# (run 12, H100, 2026-11-23, session 5; docs/benchmarks/dcat.md, NOTES.md). Keys: BLOCK_M,
-# BLOCK_N, num_warps, num_stages, waves (programs target = waves*SMs), min_split (fewest history
-# keys per split), split_size (force, else None), tma (tl kernel: full history blocks through
-# tensor descriptors; CUDA, compute capability >= 9, outside the interpreter). impl:
-# "gluon" runs gluon_fwd.py where it can (Hopper, bf16/fp16, not the interpreter) and the tl
-# kernel elsewhere; "tl" always the tl kernel. Gluon options (the first five within a few %
-# of each other, see NOTES.md): poly (a quarter of the exp2 by polynomial on the FMA pipe),
-# overlap (softmax during the previous block's PV MMA), q_reg (q as register MMA operand),
-# fuse_combine (split merge in the kernel, no combine launch), ws_min_ctx (histories of at
-# least this many keys use the warp-specialised kernel, 0 = never) with ws_waves,
-# fixed_max (bf16, plain Gluon kernel: a split's first-block row max stays the softmax
-# reference, so later blocks skip the row max and the rescale of acc; an overflow past
-# 2^127 redoes the split exactly; session 5: 80 -> 69 us at (1,16384,1024), with overlap).
-FWD_CONFIG = dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3, waves=1.5,
-                  min_split=256, split_size=None, tma=True,
-                  impl="gluon", poly=False, overlap=True, q_reg=False, fuse_combine=True,
-                  ws_min_ctx=0, ws_waves=0.95, fixed_max=True)
-
-
-def _tma_ok(t) -> bool:
-    if os.environ.get("TRITON_INTERPRET") == "1" or not t.is_cuda:
-        return False
-    try:
-        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
-    except ImportError:
-        return False
-    return torch.cuda.get_device_capability(t.device)[0] >= 9
-
-
 # Shared memory a tl kernel may take (the H100/H200 limit is 227 KB per block); the estimate
 # below over-counts Triton's real use a little, which keeps the margin on the safe side.
 SMEM_BUDGET = 220 * 1024
@@ -260,63 +231,72 @@ def fit_smem(stream_rows: int, resident_rows: int, stages: int, n_stream: int,
     return stream_rows, stages
 
 
-def ws_config(cfg: dict, n_eff: int) -> dict:
-    """The launch config for a history of n_eff keys per request: the warp-specialised Gluon
-    kernel (128 candidate rows per CTA, one CTA per SM) once the history is long enough
-    (cfg["ws_min_ctx"]) for its longer per-CTA loop to pay for its fewer CTAs; else cfg."""
-    if cfg.get("impl") != "gluon" or not cfg.get("ws_min_ctx") or n_eff < cfg["ws_min_ctx"]:
-        return cfg
-    return {**cfg, "ws": True, "BLOCK_M": 128, "waves": cfg.get("ws_waves", 0.95)}
-
-
 _GLUON_FAILED: list = []  # the error, once the Gluon kernel failed to build in this process
 
 
-def _gluon_usable(q, k_ctx, v_ctx, cfg) -> bool:
-    if os.environ.get("TRITON_INTERPRET") == "1" or not q.is_cuda or _GLUON_FAILED:
+def _gluon_usable(q, k_ctx, v_ctx, cfg: FwdConfig) -> bool:
+    if not cfg.variant.gluon or _GLUON_FAILED:
         return False
-    try:
-        from . import gluon_launch
-    except ImportError:  # a Triton without Gluon's Hopper module
-        return False
+    from . import gluon_launch
     return gluon_launch.usable(q, k_ctx, v_ctx, cfg)
 
 
-def _splits(base: int, n_eff_max: int, cfg: dict, device) -> int:
-    bn = cfg["BLOCK_N"]
+def split_size_for(base: int, n_eff_max: int, block_n: int, waves: float, min_split: int,
+                   split_size: int | None, device) -> int:
+    """History keys per split: enough splits that base x splits programs fill ``waves`` x SMs,
+    none shorter than min_split keys, a multiple of block_n (split_size forces it)."""
     if n_eff_max <= 0:
-        return bn
-    if cfg.get("split_size"):
-        return int(cfg["split_size"])
-    want = math.ceil(cfg["waves"] * sm_count(device) / max(base, 1))
-    s = max(1, min(want, n_eff_max // cfg["min_split"]))
-    return triton.cdiv(triton.cdiv(n_eff_max, s), bn) * bn
+        return block_n
+    if split_size:
+        return int(split_size)
+    want = math.ceil(waves * sm_count(device) / max(base, 1))
+    s = max(1, min(want, n_eff_max // min_split))
+    return triton.cdiv(triton.cdiv(n_eff_max, s), block_n) * block_n
+
+
+def _launch_tl(grid, args, k_ctx, v_ctx, Cn, H, Dh, n_mtiles, max_ctx, split_size, qk_scale,
+               cfg: FwdConfig, split: bool, ieee: bool, elem: int):
+    use_tma = cfg.tma and k_ctx.shape[0] > 0
+    # split_size stays a multiple of the (possibly halved) key block
+    bn, stages = fit_smem(cfg.block_n, cfg.block_m, cfg.num_stages, 2, 1, Dh, elem)
+    if use_tma and bn == cfg.block_n:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        Lc = k_ctx.shape[0]
+        kd, vd = (TensorDescriptor(t, [Lc, H * Dh], [H * Dh, 1], [bn, Dh])
+                  for t in (k_ctx, v_ctx))
+    else:
+        use_tma, kd, vd = False, k_ctx, v_ctx
+    interp = cfg.variant is Variant.INTERPRET
+    _dcat_fwd_kernel[grid](
+        *args, kd, vd, Cn, H, n_mtiles, max_ctx, split_size, qk_scale,
+        HEAD_DIM=Dh, BLOCK_M=cfg.block_m, BLOCK_N=bn, SPLIT=split, IEEE=ieee, USE_TMA=use_tma,
+        **({} if interp else dict(num_warps=cfg.num_warps, num_stages=stages)))
 
 
 def dcat_fwd_triton(q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, max_ctx: int,
-                    scale: float, max_cands: int, max_ctx_len: int, cfg: dict | None = None):
+                    scale: float, max_cands: int, max_ctx_len: int,
+                    cfg: FwdConfig | None = None):
     """Forward. q, k, v: [Cn, H, Dh]; k_ctx, v_ctx: [Lc, H, Dh] (all contiguous);
     offsets [R+1].
 
-    max_cands / max_ctx_len: max candidates / history tokens per request.
+    max_cands / max_ctx_len: max candidates / history tokens per request. cfg: the launch
+    config (default: ``config.select`` for q's device, dtype and Dh).
     Returns (o [Cn, H, Dh] in q's dtype, lse [Cn, H] fp32, natural log).
     """
-    cfg = {**FWD_CONFIG, **(cfg or {})}
+    Cn, H, Dh = q.shape
+    if cfg is None:
+        cfg = select(q.device, q.dtype, Dh).fwd
     if scale < 0:  # the kernel takes the row max before scaling: needs scale > 0
         q, scale = -q, -scale
-    Cn, H, Dh = q.shape
     R = cand_offsets.numel() - 1
     o = torch.empty_like(q)
     lse = torch.empty((Cn, H), device=q.device, dtype=torch.float32)
     if Cn == 0 or R == 0 or max_cands <= 0:
         return o, lse
     n_eff = min(max_ctx_len, max_ctx) if max_ctx > 0 else max_ctx_len
-    ws_cfg = ws_config(cfg, n_eff)
-    if ws_cfg is not cfg and _gluon_usable(q, k_ctx, v_ctx, ws_cfg):
-        cfg = ws_cfg
-    bm = cfg["BLOCK_M"]
-    n_mtiles = triton.cdiv(max_cands, bm)
-    split_size = _splits(R * n_mtiles * H, n_eff, cfg, q.device)
+    n_mtiles = triton.cdiv(max_cands, cfg.block_m)
+    split_size = split_size_for(R * n_mtiles * H, n_eff, cfg.block_n, cfg.waves, cfg.min_split,
+                                cfg.split_size, q.device)
     n_split = max(1, triton.cdiv(n_eff, split_size))
     SPLIT = n_split > 1
     if SPLIT:
@@ -324,11 +304,10 @@ def dcat_fwd_triton(q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, max_ctx: i
         pl = torch.empty((n_split, Cn, H), device=q.device, dtype=torch.float32)
     else:
         po, pl = o, lse
-    interp = os.environ.get("TRITON_INTERPRET") == "1"
     grid = (R * n_mtiles, H, n_split)
     args = (q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, o, lse, po, pl)
     combined, ran = False, False
-    if cfg.get("impl") == "gluon" and _gluon_usable(q, k_ctx, v_ctx, cfg):
+    if _gluon_usable(q, k_ctx, v_ctx, cfg):
         from . import gluon_launch
         try:
             combined = gluon_launch.launch(grid, *args, Cn, H, n_mtiles, max_ctx, split_size,
@@ -340,29 +319,13 @@ def dcat_fwd_triton(q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, max_ctx: i
             warnings.warn(f"DCAT Gluon forward unavailable ({type(e).__name__}); using the tl "
                           f"kernel from now on: {str(e)[:300]}", RuntimeWarning, stacklevel=2)
     if not ran:
-        use_tma = bool(cfg.get("tma")) and k_ctx.shape[0] > 0 and _tma_ok(q)
-        if use_tma:
-            from triton.tools.tensor_descriptor import TensorDescriptor
-            Lc, bn = k_ctx.shape[0], cfg["BLOCK_N"]
-            kd, vd = (TensorDescriptor(t, [Lc, H * Dh], [H * Dh, 1], [bn, Dh])
-                      for t in (k_ctx, v_ctx))
-        else:
-            kd, vd = k_ctx, v_ctx
-        # split_size stays a multiple of the (possibly halved) key block
-        bn, stages = fit_smem(cfg["BLOCK_N"], bm, cfg["num_stages"], 2, 1, Dh,
-                              q.element_size())
-        if use_tma and bn != cfg["BLOCK_N"]:
-            use_tma, kd, vd = False, k_ctx, v_ctx
-        _dcat_fwd_kernel[grid](
-            *args, kd, vd, Cn, H, n_mtiles, max_ctx, split_size, scale * LOG2E,
-            HEAD_DIM=Dh, BLOCK_M=bm, BLOCK_N=bn, SPLIT=SPLIT,
-            IEEE=q.dtype == torch.float32, USE_TMA=use_tma,
-            **({} if interp else dict(num_warps=cfg["num_warps"], num_stages=stages)))
+        _launch_tl(grid, args, k_ctx, v_ctx, Cn, H, Dh, n_mtiles, max_ctx, split_size,
+                   scale * LOG2E, cfg, SPLIT, q.dtype == torch.float32, q.element_size())
     if SPLIT and not combined:
         cbm = 64
         cm = triton.cdiv(max_cands, cbm)
         _dcat_combine_kernel[(R * cm, H)](
             cand_offsets, ctx_offsets, o, lse, po, pl,
             Cn, H, cm, max_ctx, split_size, HEAD_DIM=Dh, BLOCK_M=cbm,
-            **({} if interp else dict(num_warps=4)))
+            **({} if cfg.variant is Variant.INTERPRET else dict(num_warps=4)))
     return o, lse

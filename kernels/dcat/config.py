@@ -1,0 +1,162 @@
+"""Launch configuration of the DCAT kernels: one frozen config per (device, dtype, Dh),
+chosen once and cached (:func:`select`), passed explicitly to the launchers.
+
+Variants of the forward (the backward is one ``tl`` kernel pair everywhere):
+
+* ``GLUON_FIXED_MAX``: Hopper (sm_90), bf16, Dh <= 64. The Gluon kernel of ``gluon_fwd.py``
+  with a split's first-block row max kept as the softmax reference (an overflow redoes the
+  split online, inside the kernel). The benchmarked default (docs/benchmarks/dcat.md).
+* ``GLUON_ONLINE``: Hopper, fp16 (p would overflow at 2^16) or Dh 128 (the fallback copy
+  spills): the same Gluon kernel with the online softmax.
+* ``TL``: every other CUDA device and fp32 (IEEE dots): ``triton_fwd._dcat_fwd_kernel``, full
+  history blocks by TMA descriptors on compute capability >= 9.
+* ``INTERPRET``: CPU under ``TRITON_INTERPRET=1`` (tests): the ``tl`` kernel, no launch options.
+
+Tuning (``tune.py``) returns a new :class:`DcatConfig`; nothing here is mutated at run time.
+Notation: Dh head dim.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import os
+from dataclasses import asdict, dataclass, is_dataclass
+
+import torch
+
+__all__ = ["Variant", "FwdConfig", "BwdConfig", "DcatConfig", "select", "interpreting", "as_json"]
+
+
+class Variant(enum.Enum):
+    GLUON_FIXED_MAX = "gluon_fixed_max"
+    GLUON_ONLINE = "gluon_online"
+    TL = "tl"
+    INTERPRET = "interpret"
+
+    @property
+    def gluon(self) -> bool:
+        return self in (Variant.GLUON_FIXED_MAX, Variant.GLUON_ONLINE)
+
+
+@dataclass(frozen=True)
+class FwdConfig:
+    """Forward launch config. block_m candidates x block_n history keys per block; waves:
+    programs targeted = waves x SMs (history splits fill the rest); min_split: fewest keys per
+    split; split_size: force a split size (None: from waves); tma: the tl kernel reads full
+    blocks through TMA descriptors; fuse_combine: the Gluon kernel merges split partials
+    itself (an atomic ticket, no combine launch; see gluon_launch._counters)."""
+    variant: Variant
+    block_m: int = 64
+    block_n: int = 128
+    num_warps: int = 4
+    num_stages: int = 3
+    waves: float = 1.5
+    min_split: int = 256
+    split_size: int | None = None
+    tma: bool = False
+    fuse_combine: bool = True
+
+
+@dataclass(frozen=True)
+class BwdConfig:
+    """Backward launch config: the dq kernel's tile (dq_block_m candidates x dq_block_n keys,
+    split over the history like the forward) and the dkdv kernel's (kv_block_n history keys
+    resident, kv_block_m candidates streamed)."""
+    dq_block_m: int = 64
+    dq_block_n: int = 32
+    dq_warps: int = 4
+    dq_stages: int = 4
+    kv_block_n: int = 128
+    kv_block_m: int = 32
+    kv_warps: int = 4
+    kv_stages: int = 2
+    waves: float = 3.8
+    min_split: int = 1024
+    split_size: int | None = None
+
+
+@dataclass(frozen=True)
+class DcatConfig:
+    fwd: FwdConfig
+    bwd: BwdConfig = BwdConfig()
+
+    @property
+    def variant(self) -> Variant:
+        return self.fwd.variant
+
+    @property
+    def interpret(self) -> bool:
+        return self.fwd.variant is Variant.INTERPRET
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _gluon_available() -> bool:
+    try:
+        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor  # noqa: F401
+        from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma  # noqa: F401
+    except ImportError:  # a Triton without Gluon's Hopper module
+        return False
+    return True
+
+
+def _tma_available() -> bool:
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def choose_variant(capability: tuple[int, int] | None, dtype: torch.dtype, head_dim: int,
+                   gluon: bool = True) -> Variant:
+    """The forward variant for a device of this CUDA compute capability (None: no CUDA, the
+    interpreter), dtype and head dim; gluon: whether Triton ships Gluon's Hopper module."""
+    if capability is None:
+        return Variant.INTERPRET
+    half = dtype in (torch.bfloat16, torch.float16)
+    # the head dims checked on the GPU (bench --correctness full); others keep the tl kernel
+    if capability[0] != 9 or not gluon or not half or head_dim not in (32, 64, 128):
+        return Variant.TL
+    if dtype == torch.bfloat16 and head_dim <= 64:
+        return Variant.GLUON_FIXED_MAX
+    return Variant.GLUON_ONLINE
+
+
+# Default launch configuration: the config the CUDA-graph sweep chose in the recorded GPU run
+# (run 12, H100, 2026-11-23; docs/benchmarks/dcat.md, docs/dcat-history.md).
+def default_config(variant: Variant, tma: bool = False) -> DcatConfig:
+    # tma: read by the tl kernel, which also serves a Gluon variant's calls the Gluon kernel
+    # cannot take (an empty or misaligned history, a Gluon build error)
+    return DcatConfig(FwdConfig(variant=variant, tma=tma and variant is not Variant.INTERPRET))
+
+
+@functools.lru_cache(maxsize=None)
+def _select(dev_type: str, index: int | None, dtype: torch.dtype, head_dim: int,
+            interp: bool) -> DcatConfig:
+    if dev_type != "cuda" or interp:
+        return default_config(Variant.INTERPRET)
+    cap = torch.cuda.get_device_capability(index)
+    variant = choose_variant(cap, dtype, head_dim, _gluon_available())
+    return default_config(variant, tma=cap[0] >= 9 and _tma_available())
+
+
+def select(device: torch.device, dtype: torch.dtype, head_dim: int) -> DcatConfig:
+    """The config for inputs on ``device`` of ``dtype`` with head dim ``head_dim``, chosen
+    once per (device, dtype, Dh, interpreter on/off) and cached."""
+    index = device.index
+    if device.type == "cuda" and index is None:
+        index = torch.cuda.current_device()
+    return _select(device.type, index, dtype, head_dim, interpreting())
+
+
+def as_json(cfg) -> dict:
+    """A FwdConfig / BwdConfig / DcatConfig as plain JSON (the variant by its value)."""
+    if not is_dataclass(cfg):
+        return {}
+    if isinstance(cfg, DcatConfig):
+        return dict(fwd=as_json(cfg.fwd), bwd=as_json(cfg.bwd))
+    return {k: (v.value if isinstance(v, Variant) else v) for k, v in asdict(cfg).items()}
