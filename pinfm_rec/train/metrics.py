@@ -1,13 +1,34 @@
-"""Ranking and classification metrics.
+"""Retrieval and ranking metrics.
 
 Retrieval (pretraining eval, full ranking over all items): HR@K and NDCG@K from the 0-based rank of
-the held-out item among all I items. Classification (fine-tuning): AUC, GAUC (per request), logloss.
+the held-out item among all I items — own code (``target_ranks``, ``hr_ndcg_sums``), summed here and
+reduced by the caller.
+
+Ranking (fine-tuning eval): ``RankingMetrics`` feeds TorchRec's metric computations
+(``torchrec.metrics``: AUC, GAUC, NE with log loss, calibration). Their states are torchmetrics
+states, reduced across ranks (all-gather for AUC, sum for the others) when computed, so every rank
+gets the global figure. Definitions (TorchRec's):
+
+* auc: ROC AUC over all candidates (ties are not averaged: distinct scores expected).
+* gauc: mean over requests of the request's AUC, each request counted once (the MIND scorer's
+  "AUC"); requests with one class only or one score for every candidate are left out.
+* ne: normalized entropy = log loss / entropy of the base rate p (-p log p - (1-p) log(1-p)).
+* logloss: mean binary cross-entropy in nats (TorchRec reports bits; multiplied by ln 2 here so it
+  reads like the training loss).
+* calibration: sum of predicted probabilities / number of positives (1 = calibrated).
 """
 from __future__ import annotations
 
-from typing import Dict, Sequence
+import math
+from typing import Dict, Optional, Sequence
 
 import torch
+import torch.distributed as dist
+from torchrec.metrics.auc import AUCMetric
+from torchrec.metrics.calibration import CalibrationMetric
+from torchrec.metrics.gauc import GAUCMetric
+from torchrec.metrics.metrics_config import RecTaskInfo
+from torchrec.metrics.ne import NEMetric
 
 
 def target_ranks(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -35,45 +56,84 @@ def hr_ndcg_sums(ranks: torch.Tensor, weights: torch.Tensor, ks: Sequence[int]) 
     return out
 
 
-def auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
-    """ROC AUC of one group (Mann–Whitney U with average ranks for ties); nan if one class only.
+_TASK = "ctr"
+_WINDOW = 1 << 50  # TorchRec's AUC is a window metric: a window larger than any eval keeps every candidate
 
-    scores, labels: [N].
+
+def _world() -> tuple:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+class RankingMetrics:
+    """AUC, GAUC, NE, log loss, calibration (and AUC of "new" candidates) of one eval pass.
+
+    ``update`` once per batch with the candidates of whole requests (a request's candidates never
+    split across updates or ranks); ``compute`` on every rank returns the global values. Counts
+    (candidates, requests, new candidates) are summed across ranks with ``all_reduce``.
     """
-    scores = scores.double().flatten()
-    labels = labels.double().flatten()
-    n_pos = float(labels.sum())
-    n_neg = float(labels.numel() - n_pos)
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    order = torch.argsort(scores)
-    s_sorted = scores[order]
-    ranks = torch.empty_like(scores)
-    ranks[order] = torch.arange(1, scores.numel() + 1, dtype=torch.float64)
-    # average ranks of ties
-    uniq, inv, counts = torch.unique(s_sorted, return_inverse=True, return_counts=True)
-    if uniq.numel() != s_sorted.numel():
-        sum_ranks = torch.zeros_like(uniq).index_add_(0, inv, torch.arange(1, scores.numel() + 1, dtype=torch.float64))
-        avg = sum_ranks / counts
-        ranks[order] = avg[inv]
-    u = float(ranks[labels > 0.5].sum()) - n_pos * (n_pos + 1) / 2
-    return u / (n_pos * n_neg)
+
+    def __init__(self, device: torch.device, process_group: Optional[dist.ProcessGroup] = None):
+        world, rank = _world()
+        kw = dict(world_size=world, my_rank=rank, batch_size=1, tasks=[RecTaskInfo(name=_TASK)],
+                  window_size=_WINDOW, compute_on_all_ranks=True, process_group=process_group)
+        self.device, self.process_group = device, process_group
+        self._auc = AUCMetric(**kw).to(device)
+        self._new_auc = AUCMetric(**kw).to(device)
+        self._gauc = GAUCMetric(**kw).to(device)
+        self._ne = NEMetric(include_logloss=True, **kw).to(device)
+        self._cal = CalibrationMetric(**kw).to(device)
+        self._counts = torch.zeros(4, dtype=torch.float64, device=device)  # candidates, requests, new, positives
+
+    @staticmethod
+    def _feed(metric, p: torch.Tensor, y: torch.Tensor, **kw) -> None:
+        metric.update(predictions={_TASK: p}, labels={_TASK: y}, weights={_TASK: torch.ones_like(p)}, **kw)
+
+    @torch.no_grad()
+    def update(self, logits: torch.Tensor, labels: torch.Tensor, num_candidates: torch.Tensor,
+               new: Optional[torch.Tensor] = None) -> None:
+        """logits, labels: [C] (request-major); num_candidates: [U] candidates per request (sum C);
+        new: [C] bool, candidates whose item is absent from the pretraining data."""
+        num_candidates = num_candidates[num_candidates > 0]
+        if logits.numel() == 0:
+            return
+        p = torch.sigmoid(logits.float())  # [C]
+        y = labels.float()
+        for m in (self._auc, self._ne, self._cal):
+            self._feed(m, p, y)
+        self._feed(self._gauc, p, y, num_candidates=num_candidates)
+        n_new = 0.0
+        if new is not None and bool(new.any()):
+            self._feed(self._new_auc, p[new], y[new])
+            n_new = float(new.sum())
+        self._counts += torch.tensor([p.numel(), num_candidates.numel(), n_new, float(y.sum())],
+                                     dtype=torch.float64, device=self._counts.device)
+
+    @torch.no_grad()
+    def compute(self) -> Dict[str, float]:
+        """{auc, gauc, ne, logloss, calibration, new_auc, count, requests}; nan where undefined
+        (no candidates, no new candidates, no request with both classes)."""
+        counts = self._counts.clone()
+        if _world()[0] > 1:
+            dist.all_reduce(counts, group=self.process_group)
+        n, reqs, n_new, pos = (float(v) for v in counts.cpu())
+        gauc, ne = self._gauc.compute(), self._ne.compute()
+        nan = float("nan")
+        one_class = n == 0 or pos == 0 or pos == n
+        return {
+            "auc": nan if one_class else _value(self._auc.compute(), "window_auc"),
+            "gauc": nan if _value(gauc, "lifetime_gauc_num_samples") == 0 else _value(gauc, "lifetime_gauc"),
+            "ne": nan if one_class else _value(ne, "lifetime_ne"),
+            "logloss": nan if n == 0 else _value(ne, "lifetime_logloss") * math.log(2.0),
+            "calibration": nan if pos == 0 else _value(self._cal.compute(), "lifetime_calibration"),
+            "new_auc": nan if n_new == 0 else _value(self._new_auc.compute(), "window_auc"),
+            "count": n,
+            "requests": reqs,
+        }
 
 
-def gauc(scores: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor) -> float:
-    """Group AUC: per-request AUC weighted by the request's number of candidates, over requests
-    that have both a positive and a negative. scores, labels, groups: [C]."""
-    total, weight = 0.0, 0.0
-    for g in torch.unique(groups):
-        m = groups == g
-        a = auc(scores[m], labels[m])
-        if a == a:  # not nan
-            n = float(m.sum())
-            total += a * n
-            weight += n
-    return total / weight if weight else float("nan")
-
-
-def logloss(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """Mean binary cross-entropy from logits. logits, labels: [C]."""
-    return float(torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), labels.float()))
+def _value(result: Dict[str, torch.Tensor], name: str) -> float:
+    """The single-task value of ``name`` (e.g. "lifetime_ne") in a ``RecMetric.compute()`` result,
+    whose keys read "<namespace>-<task>|<name>"."""
+    return float(next(v for k, v in result.items() if k.endswith("|" + name)))
