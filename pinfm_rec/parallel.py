@@ -14,8 +14,8 @@ import datetime
 import logging
 import os
 import socket
-from dataclasses import dataclass
-from typing import Dict, Optional
+from dataclasses import dataclass, field
+from typing import Dict, List, Literal, Optional
 
 import torch
 import torch.distributed as dist
@@ -37,6 +37,9 @@ from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backwa
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
+from pinfm_rec import console
+from pinfm_rec.spec import bounds
+
 logger = logging.getLogger(__name__)
 
 SHARDING_TYPES = ("table_wise", "row_wise", "column_wise")
@@ -46,13 +49,14 @@ SHARDING_TYPES = ("table_wise", "row_wise", "column_wise")
 class ParallelSpec:
     """How the model is spread over ranks (owned by parallel.py)."""
 
-    backend: str = "auto"  # auto (nccl on CUDA, else gloo) | nccl | gloo
-    dense: str = "ddp"  # ddp | fsdp2
-    embedding_optimizer: str = "rowwise_adagrad"  # sgd | adagrad | rowwise_adagrad | adam (GPU only)
-    embedding_lr: float = 0.05
-    embedding_weight_decay: float = 0.0
+    backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on CUDA, else gloo
+    dense: Literal["ddp", "fsdp2"] = "ddp"
+    # adam: GPU only
+    embedding_optimizer: Literal["sgd", "adagrad", "rowwise_adagrad", "adam"] = "rowwise_adagrad"
+    embedding_lr: float = field(default=0.05, metadata=bounds(gt=0))
+    embedding_weight_decay: float = field(default=0.0, metadata=bounds(ge=0))
     bf16: bool = True  # autocast the dense trunk to bf16 on CUDA (ignored on CPU)
-    timeout_s: int = 1800
+    timeout_s: int = field(default=1800, metadata=bounds(ge=1))
 
     def __post_init__(self) -> None:
         if self.backend not in ("auto", "nccl", "gloo"):
@@ -157,6 +161,11 @@ class FSDP2Wrapper(DataParallelWrapper):
     """
 
     def wrap(self, dmp: DistributedModelParallel, env: ShardingEnv, device: torch.device) -> None:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        # the mesh follows the run's device: FSDP2's default mesh takes CUDA whenever a GPU exists,
+        # which breaks CPU/gloo runs (tests, --cpu) on a GPU host ("invalid device ordinal")
+        self._mesh = init_device_mesh(device.type, (dist.get_world_size(),))
         self._walk(dmp._dmp_wrapped_module, "")
 
     def _walk(self, module: nn.Module, prefix: str) -> None:
@@ -176,8 +185,8 @@ class FSDP2Wrapper(DataParallelWrapper):
             if not any(p.requires_grad for p in child.parameters()):
                 continue
             for block in getattr(child, "layers", []) or []:
-                fully_shard(block)
-            fully_shard(child)
+                fully_shard(block, mesh=self._mesh)
+            fully_shard(child, mesh=self._mesh)
             for method in getattr(child, "fsdp_forward_methods", ()):
                 register_fsdp_forward_method(child, method)
 
@@ -250,6 +259,7 @@ def shard_model(
     plan = planner.collective_plan(model, sharders, pg)
     if env.is_main:
         logger.info("sharding plan (world_size=%d):\n%s", env.world_size, format_plan(plan))
+        console.show_plan(plan_rows(plan), env.world_size, f"{env.device} ({env.backend})")
     wrapper = FSDP2Wrapper() if spec.dense == "fsdp2" else DefaultDataParallelWrapper()
     dmp = DistributedModelParallel(
         module=model,
@@ -260,6 +270,34 @@ def shard_model(
         data_parallel_wrapper=wrapper,
     )
     return dmp, plan
+
+
+def plan_rows(plan: ShardingPlan, bytes_per_value: int = 4) -> List[dict]:
+    """One dict per table of a DMP plan (``dmp.plan``): module path, table, sharding type, compute
+    kernel, ranks, rows, dim and the MB of weights each rank holds (fp32 tables by default;
+    optimizer state not included). Tables without a sharding spec (data parallel) count in full
+    on every rank of ``ranks`` when known."""
+    rows = []
+    for module_path, module_plan in plan.plan.items():
+        for table, ps in module_plan.items():
+            shards = list(getattr(ps.sharding_spec, "shards", None) or [])
+            per_rank: Dict[int, float] = {}
+            n_rows = dim = 0
+            for s in shards:
+                r = s.placement.rank()
+                size = 1
+                for d in s.shard_sizes:
+                    size *= int(d)
+                per_rank[r] = per_rank.get(r, 0.0) + size * bytes_per_value / 2**20
+                n_rows = max(n_rows, int(s.shard_offsets[0]) + int(s.shard_sizes[0]))
+                dim = max(dim, int(s.shard_offsets[1]) + int(s.shard_sizes[1]))
+            ranks = sorted(per_rank) if per_rank else list(ps.ranks or [])
+            rows.append({
+                "module": module_path, "table": table, "sharding_type": ps.sharding_type,
+                "compute_kernel": ps.compute_kernel, "ranks": ranks, "rows": n_rows, "dim": dim,
+                "mb_per_rank": {str(r): round(per_rank[r], 6) for r in sorted(per_rank)},
+            })
+    return rows
 
 
 def format_plan(plan: ShardingPlan) -> str:

@@ -100,8 +100,9 @@ def test_sigkill_then_same_command_resumes(tmp_path):
 
 @pytest.mark.slow
 def test_torchx_two_gloo_ranks_shard_tables(tmp_path):
-    torchx = os.path.join(BIN, "torchx")
-    cmd = [torchx, "run", "--scheduler", "local_cwd", "components/pinfm.py:pretrain", "-j", "1x2", "--spec", SPEC,
+    # the torchx CLI through this interpreter: on hosts where packages live in a --target dir
+    # (the GPU image) no `torchx` script sits beside sys.executable
+    cmd = [sys.executable, "-m", "torchx.cli.main", "run", "--scheduler", "local_cwd", "components/pinfm.py:pretrain", "-j", "1x2", "--spec", SPEC,
            f"run_dir={tmp_path}/run", f"data.cache_dir={tmp_path}/cache", "train.epochs=1",
            "model.embedding.item.sharding=row_wise"] + SMALL
     out = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
