@@ -1,16 +1,17 @@
-"""DCAT forward dispatch on the host side: which kernel and tile a call gets (Gluon on
-Hopper, the tl kernel elsewhere, the warp-specialised Gluon kernel for long histories),
-shared-memory fitting of the tl tiles, and the arithmetic of the Gluon kernel's polynomial
-exp2 (the PTX itself only runs on a GPU: docs/benchmarks/dcat.md has its GPU checks)."""
+"""DCAT dispatch on the host side: which variant a (device, dtype, Dh) gets (config.py: one
+frozen config, chosen once and cached), the Gluon kernel's input checks and build-error
+fallback, shared-memory fitting of the tl tiles, an explicit config through the public op,
+and the split-ticket buffers. Kernels run compiled on CUDA when present, else through the
+Triton interpreter (tests/conftest.py)."""
 
+import dataclasses
 import os
-import re
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
+from pinfm_rec.kernels.dcat import config as C
+from pinfm_rec.kernels.dcat.config import BwdConfig, DcatConfig, FwdConfig, Variant
 
 
 def _fwd():
@@ -34,66 +35,69 @@ def test_fit_smem_keeps_half_precision_defaults_and_shrinks_fp32_dh128():
         assert (st * ns * rows + nr * res) * dh * el <= _fwd().SMEM_BUDGET
 
 
-def test_ws_config_only_for_gluon_and_long_histories():
-    tf = _fwd()
-    base = dict(tf.FWD_CONFIG, impl="gluon", ws_min_ctx=12288, ws_waves=0.95)
-    assert tf.ws_config(base, 8192) is base
-    ws = tf.ws_config(base, 16384)
-    assert ws["ws"] is True and ws["BLOCK_M"] == 128 and ws["waves"] == 0.95
-    assert base.get("ws") is None  # the caller's dict is not changed
-    assert tf.ws_config(dict(base, impl="tl"), 16384)["BLOCK_M"] == base["BLOCK_M"]
-    assert tf.ws_config(dict(base, ws_min_ctx=0), 10 ** 6) is not None
-    assert not tf.ws_config(dict(base, ws_min_ctx=0), 10 ** 6).get("ws")
+@pytest.mark.parametrize("cap, dtype, dh, gluon, want", [
+    ((9, 0), torch.bfloat16, 64, True, Variant.GLUON_FIXED_MAX),
+    ((9, 0), torch.bfloat16, 32, True, Variant.GLUON_FIXED_MAX),
+    ((9, 0), torch.bfloat16, 128, True, Variant.GLUON_ONLINE),   # fixed-max spills at 128
+    ((9, 0), torch.float16, 64, True, Variant.GLUON_ONLINE),     # fp16 p overflows at 2^16
+    ((9, 0), torch.float32, 64, True, Variant.TL),               # IEEE dots
+    ((9, 0), torch.bfloat16, 16, True, Variant.TL),              # head dims not checked on GPU
+    ((9, 0), torch.bfloat16, 64, False, Variant.TL),             # Triton without Gluon Hopper
+    ((8, 0), torch.bfloat16, 64, True, Variant.TL),              # A100: no wgmma
+    ((10, 0), torch.bfloat16, 64, True, Variant.TL),             # Blackwell: sm_90 code only
+    (None, torch.bfloat16, 64, True, Variant.INTERPRET),         # no CUDA
+])
+def test_variant_per_device_dtype_and_head_dim(cap, dtype, dh, gluon, want):
+    assert C.choose_variant(cap, dtype, dh, gluon) is want
 
 
-def test_gluon_path_is_not_taken_off_hopper():
-    pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
+def test_config_is_frozen_selected_once_and_cached():
+    dev = torch.device("cpu")
+    a = C.select(dev, torch.float32, 32)
+    assert C.select(dev, torch.float32, 32) is a                 # cached
+    assert a.variant is Variant.INTERPRET and a.interpret
+    assert a.fwd.tma is False                                     # no TMA off CUDA
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        a.fwd.block_m = 16
+    # the launchers keep no mutable launch config of their own
+    from pinfm_rec.kernels.dcat import triton_bwd
+    assert not hasattr(_fwd(), "FWD_CONFIG") and not hasattr(triton_bwd, "BWD_CONFIG")
+    j = C.as_json(a)
+    assert j["fwd"]["variant"] == "interpret" and j["bwd"]["dq_block_m"] == a.bwd.dq_block_m
+    # on CUDA: a compiled variant, TMA from compute capability 9 on
+    if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        g = C.select(torch.device("cuda"), torch.bfloat16, 64)
+        cap = torch.cuda.get_device_capability()
+        assert g.variant is C.choose_variant(cap, torch.bfloat16, 64, C._gluon_available())
+        assert g.fwd.tma == (cap[0] >= 9 and C._tma_available())
+
+
+def test_gluon_kernel_refuses_cpu_tensors_and_other_variants():
     tf = _fwd()
-    from pinfm_rec.kernels.dcat import gluon_launch
     q = torch.randn(5, 2, 64, dtype=torch.bfloat16)
     kc = torch.randn(40, 2, 64, dtype=torch.bfloat16)
-    cfg = dict(tf.FWD_CONFIG, impl="gluon")
-    assert not gluon_launch.usable(q, kc, kc, cfg)  # CPU tensors
-    assert not tf._gluon_usable(q, kc, kc, cfg)
-
-
-def _emulate_exp2_poly(x):
-    """The fourth lane of gluon_fwd._EXP2_MIXED_ASM, step by step in float32."""
-    from pinfm_rec.kernels.dcat import gluon_fwd
-    asm = str(getattr(gluon_fwd._EXP2_MIXED_ASM, "value", gluon_fwd._EXP2_MIXED_ASM))
-    consts = {h: np.frombuffer(bytes.fromhex(h)[::-1], np.float32)[0]
-              for h in re.findall(r"0f([0-9A-F]{8})", asm)}
-    lo, magic = consts["C2FC0000"], consts["4B400000"]
-    fma = re.findall(r"fma\.rn\.f32 p, (?:f|p), (?:f|0f([0-9A-F]{8})), 0f([0-9A-F]{8})", asm)
-    c3, c2 = consts[fma[0][0]], consts[fma[0][1]]
-    c1, c0 = consts[fma[1][1]], consts[fma[2][1]]
-    x = np.maximum(x.astype(np.float32), lo)
-    t = (x + magic).astype(np.float32)
-    j = (t - magic).astype(np.float32)
-    f = (x - j).astype(np.float32)
-    p = ((c3 * f + c2) * f + c1) * f + c0
-    bits = p.astype(np.float32).view(np.int32) + (t.view(np.int32) << 23)
-    return bits.view(np.float32)
-
-
-def test_polynomial_exp2_matches_exp2_on_the_softmax_range():
+    for v in Variant:
+        assert not tf._gluon_usable(q, kc, kc, FwdConfig(variant=v))  # CPU tensors
     pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
-    x = np.concatenate([np.linspace(-30.0, 0.0, 200001), -np.random.default_rng(0).random(1000)
-                        * 120.0]).astype(np.float32)
-    got = _emulate_exp2_poly(x).astype(np.float64)
-    want = np.exp2(x.astype(np.float64))
-    rel = np.abs(got / want - 1.0)
-    assert rel.max() < 1e-4          # below bf16 (3.9e-3) and fp16 (4.9e-4) rounding of p
-    assert _emulate_exp2_poly(np.array([0.0], np.float32))[0] == pytest.approx(1.0, abs=1e-4)
+    from pinfm_rec.kernels.dcat import gluon_launch
+    assert not gluon_launch.usable(q, kc, kc, FwdConfig(variant=Variant.GLUON_FIXED_MAX))
 
 
-def test_gluon_build_error_falls_back_to_the_tl_kernel(monkeypatch):
+def _ragged(dev, dh=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cl, xl = [3, 0, 5], [20, 7, 0]
+    q, k, v = (torch.randn(sum(cl), 2, dh, generator=g).to(dev) for _ in range(3))
+    kc, vc = (torch.randn(sum(xl), 2, dh, generator=g).to(dev) for _ in range(2))
+    co = torch.tensor([0, 3, 3, 8], device=dev)
+    xo = torch.tensor([0, 20, 27, 27], device=dev)
+    return q, k, v, kc, vc, co, xo
+
+
+def test_gluon_build_error_falls_back_to_the_tl_kernel(monkeypatch, kernel_device):
     """A Gluon build error (its API moves between Triton releases) warns once, is remembered,
-    and the call is served by the tl kernel with the same result (interpreter here; the
-    Hopper checks of _gluon_usable are replaced by 'no failure recorded yet')."""
-    pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("needs the Triton interpreter (the tl kernel on CPU)")
+    and the call is served by the tl kernel with the same result (fp32 inputs, so the tl
+    kernel computes exactly; the Hopper checks of _gluon_usable are replaced by 'no failure
+    recorded yet')."""
     tf = _fwd()
     from triton.runtime.errors import OutOfResources
 
@@ -109,13 +113,8 @@ def test_gluon_build_error_falls_back_to_the_tl_kernel(monkeypatch):
     monkeypatch.setattr(tf, "_GLUON_FAILED", failed)
     monkeypatch.setattr(tf, "_gluon_usable", lambda *a, **k: not failed)
     monkeypatch.setattr(gluon_launch, "launch", broken_launch)
-    g = torch.Generator().manual_seed(0)
-    cl, xl = [3, 0, 5], [20, 7, 0]
-    q, k, v = (torch.randn(sum(cl), 2, 16, generator=g) for _ in range(3))
-    kc, vc = (torch.randn(sum(xl), 2, 16, generator=g) for _ in range(2))
-    co = torch.tensor([0, 3, 3, 8])
-    xo = torch.tensor([0, 20, 27, 27])
-    cfg = dict(BLOCK_M=16, BLOCK_N=16, impl="gluon")
+    q, k, v, kc, vc, co, xo = _ragged(kernel_device)
+    cfg = FwdConfig(variant=Variant.GLUON_FIXED_MAX, block_m=16, block_n=16)
     ref = dcat_reference(q.double(), k.double(), v.double(), kc.double(), vc.double(), co, xo)
     with pytest.warns(RuntimeWarning, match="Gluon forward unavailable"):
         o, _ = tf.dcat_fwd_triton(q, k, v, kc, vc, co, xo, 0, 0.25, 5, 20, cfg)
@@ -126,14 +125,37 @@ def test_gluon_build_error_falls_back_to_the_tl_kernel(monkeypatch):
     torch.testing.assert_close(o2, o)
 
 
-def test_fwd_candidate_sets_every_config_key():
-    # sweep / probe candidates are merged over FWD_CONFIG: a key missing from fwd_candidate
-    # would silently inherit whatever the defaults are at that moment
-    from pinfm_rec.kernels.dcat import triton_fwd as tf
-    from pinfm_rec.kernels.dcat.tune import fwd_candidate
-    assert set(fwd_candidate()) == set(tf.FWD_CONFIG)
-    c = fwd_candidate(impl="tl", BLOCK_N=64)
-    assert c["impl"] == "tl" and c["BLOCK_N"] == 64 and c["poly"] is False
+def test_explicit_config_through_the_public_op(kernel_device):
+    # an explicit config (small tiles, forced splits) runs forward and backward and gives the
+    # default config's result; the selected default is not changed by it
+    from pinfm_rec.kernels.dcat import dcat_attention
+    ins = _ragged(kernel_device, dh=32, seed=1)
+    base = C.select(kernel_device, torch.float32, 32)
+    small = DcatConfig(dataclasses.replace(base.fwd, block_m=16, block_n=16, split_size=16),
+                       dataclasses.replace(BwdConfig(), dq_block_m=16, dq_block_n=16,
+                                           kv_block_m=16, kv_block_n=16, split_size=16))
+    outs, grads = [], []
+    for cfg in (None, small):
+        xs = [t.clone().requires_grad_() for t in ins[:5]]
+        o = dcat_attention(*xs, *ins[5:], kernel="triton", config=cfg)
+        o.backward(torch.ones_like(o))
+        outs.append(o.detach())
+        grads.append([x.grad for x in xs])
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
+    for a, b in zip(grads[1], grads[0]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert C.select(kernel_device, torch.float32, 32) is base
+
+
+def test_tune_candidates_are_new_configs_around_the_base():
+    pytest.importorskip("triton")
+    from pinfm_rec.kernels.dcat.tune import candidates
+    base = C.default_config(Variant.GLUON_FIXED_MAX, tma=True)
+    fwd, dqs, kvs = candidates(base)
+    assert fwd[0] == base.fwd and len(set(fwd)) == len(fwd)
+    assert all(f.variant is base.variant for f in fwd)
+    assert all(isinstance(b, BwdConfig) for b in dqs) and kvs
+    assert base == C.default_config(Variant.GLUON_FIXED_MAX, tma=True)  # unchanged
 
 
 def test_split_ticket_buffers_graph_captures_never_share_with_eager(monkeypatch):
