@@ -38,7 +38,7 @@ CASES_QUICK = [
     ([0, 1, 37, 200, 5, 130], [0, 700, 33, 1500, 1, 64], 0, 8, 64),
     ([0, 1, 37, 200, 5, 130], [0, 700, 33, 1500, 1, 64], 100, 8, 64),
     ([256] * 2, [1024] * 2, 0, 8, 64),
-    # long ragged histories (one empty): the warp-specialised Gluon forward (ws_min_ctx)
+    # long ragged histories (one empty): many splits per request, one request without any
     ([1, 70, 130], [13000, 0, 12500], 0, 2, 64),
     # "ramp": history keys scaled up along each history (x40 at its end), so later scores
     # exceed a split's first-block max by far more than 2^127 allows: the fixed_max forward
