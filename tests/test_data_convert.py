@@ -120,7 +120,7 @@ BAD_CASES = [
     ("non_numeric", "1::10::5::300\n1::abc::3::100\n", convert_ml1m_raw, 2, "not an integer"),
     ("negative", "1\t10\t5\t300\n-3\t20\t3\t100\n", convert_ml100k, 2, "negative user"),
     ("field_count", "1 2\n1 2 3\n", convert_ml1m_sasrec, 2, "expected 2 fields"),
-    ("neg_sasrec", "1 2\n1 3\n2 -4\n", convert_ml1m_sasrec, 3, "negative item"),
+    ("text_sasrec", "1 2\n1 3\n2 x4\n", convert_ml1m_sasrec, 3, "not an integer"),
 ]
 
 

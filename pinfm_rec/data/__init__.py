@@ -12,6 +12,7 @@ from .batch import ACTION_KEY, ITEM_KEY, NEG_ITEM_KEY, SEQUENCE_KEYS, SURFACE_KE
 from .convert import DATA_DIR_ENV, resolve_data_path
 from .convert_csv import ColumnMapping, convert_event_log
 from .convert_movielens import convert_ml1m_raw, convert_ml1m_sasrec, convert_ml100k
+from .convert_sasrec import convert_sasrec
 from .loader import SequenceDataLoader, build_loader
 from .prepare import DatasetInfo, DataSpec, SyntheticSpec, load_event_store, prepare_dataset, prepared_dir
 from .schema import (
@@ -34,6 +35,6 @@ __all__ = [
     "DATA_DIR_ENV", "DataFormatError", "DataSpec", "DatasetInfo", "DatasetMeta", "ITEM_KEY", "NEG_ITEM_KEY",
     "NUM_ACTIONS", "SEQUENCE_KEYS", "SURFACE_KEY", "SequenceBatch", "SequenceDataLoader", "SplitRows",
     "SyntheticSpec", "build_loader", "convert_event_log", "convert_ml1m_raw", "convert_ml1m_sasrec",
-    "convert_ml100k", "generate_events", "leave_one_out", "load_event_store", "prepare_dataset", "prepared_dir",
+    "convert_ml100k", "convert_sasrec", "generate_events", "leave_one_out", "load_event_store", "prepare_dataset", "prepared_dir",
     "resolve_data_path", "train_item_counts", "validate_prepared", "write_prepared", "write_synthetic",
 ]

@@ -2,11 +2,10 @@
 
 All three write one request per user (request_id = user_id), surface 0 (MovieLens has one surface).
 
-* ``ml-1m-sasrec``: ``user item`` per line, 1-based dense ids, each user's items already in
-  chronological order (SASRec ``DataProcessing.py``: implicit feedback, items with < 5 ratings
-  dropped). The file has no ratings and no timestamps, so every event is ACTION_ENGAGE and
-  ``timestamp`` is the position of the event within its user (0, 1, 2, ...). Time-gap features are
-  therefore meaningless for this source.
+* ``ml-1m-sasrec``: the generic ``sasrec`` source (convert_sasrec.py) on SASRec's ``ml-1m.txt``:
+  ``user item`` per line, 1-based dense ids, each user's items in chronological order (SASRec
+  ``DataProcessing.py``: implicit feedback, items with < 5 ratings dropped); no ratings, no
+  timestamps (every event ACTION_ENGAGE, ``timestamp`` = position within the user).
 * ``ml-1m-raw``: GroupLens ``UserID::MovieID::Rating::Timestamp``; rating >= 4 -> ACTION_ENGAGE,
   else ACTION_VIEW; events sorted by timestamp per user, ties in file order (stable), which is the
   order SASRec used. Accepts ``ratings.dat``, a dir holding it, or GroupLens ``ml-1m.zip``.
@@ -21,7 +20,10 @@ import os
 import numpy as np
 
 from .convert import locate_input, parse_int_table, read_input_bytes
-from .schema import ACTION_ENGAGE, ACTION_VIEW, ENGAGE_MIN_RATING, DatasetMeta, DataFormatError, write_prepared
+from .convert_sasrec import convert_sasrec
+from .schema import ACTION_ENGAGE, ACTION_VIEW, ENGAGE_MIN_RATING, DatasetMeta, write_prepared
+
+ML1M_SASREC_FILES = ("ml-1m.txt", "sasrec/ml-1m.txt")  # names looked for when data.path is a dir
 
 
 def _provenance(path: str) -> dict:
@@ -30,25 +32,13 @@ def _provenance(path: str) -> dict:
 
 
 def convert_ml1m_sasrec(path: str, out_dir: str, *, min_events: int = 1, progress: bool = True) -> DatasetMeta:
-    """SASRec ``ml-1m.txt`` (or a dir holding it) -> prepared dir. Items/users 1-based -> dense 0-based.
+    """SASRec ``ml-1m.txt`` (or a dir holding it) -> prepared dir: the generic SASRec-format
+    converter (convert_sasrec.py) under the source name ``ml-1m-sasrec``.
 
     Full ML-1M: 6040 requests/users, 3416 items, 999611 events, all ACTION_ENGAGE.
     """
-    src = locate_input(path, ["ml-1m.txt", "sasrec/ml-1m.txt"])
-    data, name = read_input_bytes(src, progress=progress)
-    cols = parse_int_table(data, name, " ", ("user", "item"), progress=progress)
-    user, item = cols["user"], cols["item"]
-    if user.size > 1 and (np.diff(user) < 0).any():
-        row = int(np.flatnonzero(np.diff(user) < 0)[0]) + 1
-        raise DataFormatError(f"{name}:{row + 1}: users must be grouped in increasing order "
-                              f"(user {int(user[row])} after {int(user[row - 1])})")
-    # Position of each event within its user = chronological timestamp stand-in.
-    starts = np.flatnonzero(np.r_[True, user[1:] != user[:-1]])
-    lengths = np.diff(np.r_[starts, user.size])
-    position = np.arange(user.size, dtype=np.int64) - np.repeat(starts, lengths)
-    return write_prepared(out_dir, user_id=user, item_id=item, timestamp=position, source="ml-1m-sasrec",
-                          min_events=min_events,
-                          provenance={**_provenance(src), "note": "timestamp = position within user"})
+    return convert_sasrec(path, out_dir, min_events=min_events, progress=progress, source="ml-1m-sasrec",
+                          candidates=ML1M_SASREC_FILES)
 
 
 def _ratings_to_prepared(cols: dict, src: str, out_dir: str, source: str, min_events: int) -> DatasetMeta:

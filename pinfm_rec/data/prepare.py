@@ -24,6 +24,7 @@ import numpy as np
 from .convert import locate_input, resolve_data_path
 from .convert_csv import ColumnMapping, convert_event_log
 from .convert_movielens import convert_ml1m_raw, convert_ml1m_sasrec, convert_ml100k
+from .convert_sasrec import convert_sasrec
 from .schema import EVENTS_FILE, META_FILE, DatasetMeta, read_event_columns, validate_prepared
 from .splits import request_offsets, train_item_counts
 from .synthetic import write_synthetic
@@ -31,8 +32,9 @@ from .synthetic import write_synthetic
 logger = logging.getLogger(__name__)
 
 CONVERTER_VERSION = 1  # bump when a converter's output changes, to invalidate caches
-SOURCES = ("synthetic", "prepared", "ml-1m-sasrec", "ml-1m-raw", "ml-100k", "csv", "parquet")
+SOURCES = ("synthetic", "prepared", "sasrec", "ml-1m-sasrec", "ml-1m-raw", "ml-100k", "csv", "parquet")
 _INPUT_CANDIDATES = {
+    "sasrec": [],  # a file: any SASRec-format `user item` file (convert_sasrec.py)
     "ml-1m-sasrec": ["ml-1m.txt", "sasrec/ml-1m.txt"],
     "ml-1m-raw": ["ratings.dat", "ml-1m/ratings.dat", "ml-1m.zip"],
     "ml-100k": ["u.data", "ml-100k/u.data", "ml-100k.zip"],
@@ -57,7 +59,7 @@ class SyntheticSpec:
 
 @dataclass
 class DataSpec:
-    source: str = "synthetic"  # synthetic | prepared | ml-1m-sasrec | ml-1m-raw | ml-100k | csv | parquet
+    source: str = "synthetic"  # synthetic | prepared | sasrec | ml-1m-sasrec | ml-1m-raw | ml-100k | csv | parquet
     path: str = ""  # input file or dir (prepared: the dir); relative -> $PINFM_DATA_DIR
     cache_dir: str = "runs/data_cache"
     max_len: int = 200  # N: keep the last max_len tokens of a history
@@ -131,6 +133,8 @@ def _convert(spec: DataSpec, out_dir: str, progress: bool) -> DatasetMeta:
     s, kw = spec.source, {"min_events": spec.min_events}
     if s == "synthetic":
         return write_synthetic(out_dir, **asdict(spec.synthetic), **kw)
+    if s == "sasrec":
+        return convert_sasrec(spec.path, out_dir, progress=progress, **kw)
     if s == "ml-1m-sasrec":
         return convert_ml1m_sasrec(spec.path, out_dir, progress=progress, **kw)
     if s == "ml-1m-raw":

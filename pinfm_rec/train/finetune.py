@@ -27,7 +27,7 @@ from pinfm_rec.model.encoder import EncoderSpec, PinFMEncoder
 from pinfm_rec.model.pinfm import ModelSpec
 from pinfm_rec.parallel import DistEnv, ParallelSpec, barrier, init_distributed, shard_model, shutdown_distributed
 from pinfm_rec.rankers.dlrm import RankerSpec, RankerWithEncoder, build_ranker
-from pinfm_rec.spec import dump_spec, from_dict
+from pinfm_rec.spec import bounds, dump_spec, from_dict
 from pinfm_rec.train.checkpoint import (
     CheckpointSpec,
     check_resume_compatible,
@@ -48,7 +48,7 @@ class FinetuneSpec:
     """Top-level spec of ``pinfm finetune``."""
 
     name: str = "finetune"
-    seed: int = 0
+    seed: int = field(default=0, metadata=bounds(ge=0))
     run_dir: str = ""  # empty → runs/<name>
     tensorboard: bool = True
     data: RankingDataSpec = field(default_factory=RankingDataSpec)

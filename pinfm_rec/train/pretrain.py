@@ -32,7 +32,7 @@ from pinfm_rec.parallel import (
     shard_model,
     shutdown_distributed,
 )
-from pinfm_rec.spec import dump_spec
+from pinfm_rec.spec import bounds, dump_spec
 from pinfm_rec.train.checkpoint import (
     check_resume_compatible,
     CheckpointSpec,
@@ -53,7 +53,7 @@ class PretrainSpec:
     """Top-level spec of ``pinfm pretrain`` / ``pinfm eval`` / ``pinfm smoke``."""
 
     name: str = "pretrain"
-    seed: int = 0
+    seed: int = field(default=0, metadata=bounds(ge=0))
     run_dir: str = ""  # empty → runs/<name>
     tensorboard: bool = True
     data: DataSpec = field(default_factory=DataSpec)
