@@ -8,8 +8,17 @@ turn YAML into such a tree and back:
 * values are type-checked against the field annotation (int, float, str, bool, lists, nested
   dataclasses, ``Optional``); an int (or a YAML string like ``3e-4``) is accepted where a float is
   expected, nothing else is coerced;
+* choice fields are ``Literal[...]``: a value outside the choices is an error listing them;
+* numeric fields declare their valid range next to the field, ``field(default=10,
+  metadata=bounds(ge=1))`` (lists are checked element by element), checked at load;
+* a section's ``__post_init__`` may raise ``FieldError(field, message)`` for a rule over several of
+  its own fields: the error names the dotted key;
+* ``load_spec`` then runs ``cross_check`` (pinfm_rec/spec_checks.py), the one place for rules
+  across sections (data vs trunk max_len, output head vs dims, encoder vs ranking data, ...);
 * overrides ``a.b.c=value`` are parsed as YAML scalars/lists (``x=1e-3``, ``x=[1,2]``, ``x=true``);
 * ``dump_spec`` writes the resolved spec back to YAML (saved beside every checkpoint).
+
+Every failure is a ``SpecError`` naming the file and the dotted key, raised before any work starts.
 """
 from __future__ import annotations
 
@@ -25,6 +34,43 @@ T = TypeVar("T")
 
 
 from pinfm_rec.errors import SpecError  # noqa: E402  (re-exported: pinfm_rec.spec.SpecError)
+
+_BOUND_OPS = {
+    "gt": (lambda v, b: v > b, "> {}"),
+    "ge": (lambda v, b: v >= b, ">= {}"),
+    "lt": (lambda v, b: v < b, "< {}"),
+    "le": (lambda v, b: v <= b, "<= {}"),
+}
+
+
+def bounds(*, gt: float | None = None, ge: float | None = None, lt: float | None = None,
+           le: float | None = None) -> dict:
+    """Field metadata: the valid range of a numeric spec value (or of each element of a list),
+    checked at load. ``dropout: float = field(default=0.1, metadata=bounds(ge=0, lt=1))``."""
+    given = {"gt": gt, "ge": ge, "lt": lt, "le": le}
+    return {"bounds": {k: v for k, v in given.items() if v is not None}}
+
+
+class FieldError(ValueError):
+    """Raised by a spec section's ``__post_init__`` when ``field`` (a name of that section) is
+    inconsistent with the section's other fields; loading reports it under the dotted key."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+def _check_bounds(value: Any, rule: dict, key: str, where: str) -> None:
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_bounds(v, rule, f"{key}[{i}]", where)
+        return
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if not all(_BOUND_OPS[op][0](value, b) for op, b in rule.items()):
+        want = " and ".join(_BOUND_OPS[op][1].format(b) for op, b in rule.items())
+        raise SpecError(f"{where}: key '{key}' must be {want}, got {value!r}")
 
 
 def _type_name(tp: Any) -> str:
@@ -105,8 +151,14 @@ def _build(cls: Type[T], data: dict, prefix: str, where: str) -> T:
                 f"{where}: unknown key '{dotted}' (valid keys of {cls.__name__}: {', '.join(sorted(names))})"
             )
         kwargs[k] = _convert(v, hints[k], dotted, where)
+    for f in dataclasses.fields(cls):  # ranges first: __post_init__ may divide by a field
+        if f.name in kwargs and "bounds" in f.metadata:
+            _check_bounds(kwargs[f.name], f.metadata["bounds"], f"{prefix}.{f.name}" if prefix else f.name, where)
     try:
         obj = cls(**kwargs)
+    except FieldError as e:
+        dotted = f"{prefix}.{e.field}" if prefix else e.field
+        raise SpecError(f"{where}: key '{dotted}': {e.message}") from e
     except (TypeError, ValueError) as e:
         raise SpecError(f"{where}: section '{prefix or cls.__name__}': {e}") from e
     return obj
@@ -158,9 +210,10 @@ def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
 
 
 def load_spec(cls: Type[T], path: str | Path | None = None, overrides: Iterable[str] = ()) -> T:
-    """Read YAML at ``path`` (or start from defaults), apply dotted overrides, validate into ``cls``.
+    """Read YAML at ``path`` (or start from defaults), apply dotted overrides, validate into ``cls``
+    and check the sections against each other (``spec_checks.cross_check``).
 
-    Raises SpecError naming the file and the dotted key on any unknown/mistyped key.
+    Raises SpecError naming the file and the dotted key on any unknown/mistyped/out-of-range key.
     """
     where = str(path) if path else "<defaults>"
     data: dict = {}
@@ -178,7 +231,11 @@ def load_spec(cls: Type[T], path: str | Path | None = None, overrides: Iterable[
     if overrides:
         data = apply_overrides(data, overrides)
         where = f"{where} + overrides {overrides}"
-    return from_dict(cls, data, where)
+    from pinfm_rec.spec_checks import cross_check  # rules over the whole tree, duck-typed
+
+    spec = from_dict(cls, data, where)
+    cross_check(spec, where)
+    return spec
 
 
 def dump_spec(spec: Any, path: str | Path | None = None) -> str:

@@ -18,6 +18,7 @@ import os
 import shutil
 import uuid
 from dataclasses import asdict, dataclass, field
+from typing import Literal, get_args
 
 import numpy as np
 
@@ -28,11 +29,13 @@ from .convert_sasrec import convert_sasrec
 from .schema import EVENTS_FILE, META_FILE, DatasetMeta, read_event_columns, validate_prepared
 from .splits import request_offsets, train_item_counts
 from .synthetic import write_synthetic
+from pinfm_rec.spec import bounds
 
 logger = logging.getLogger(__name__)
 
 CONVERTER_VERSION = 1  # bump when a converter's output changes, to invalidate caches
-SOURCES = ("synthetic", "prepared", "sasrec", "ml-1m-sasrec", "ml-1m-raw", "ml-100k", "csv", "parquet")
+Source = Literal["synthetic", "prepared", "sasrec", "ml-1m-sasrec", "ml-1m-raw", "ml-100k", "csv", "parquet"]
+SOURCES = get_args(Source)
 _INPUT_CANDIDATES = {
     "sasrec": [],  # a file: any SASRec-format `user item` file (convert_sasrec.py)
     "ml-1m-sasrec": ["ml-1m.txt", "sasrec/ml-1m.txt"],
@@ -47,27 +50,29 @@ _INPUT_CANDIDATES = {
 class SyntheticSpec:
     """Parameters of ``synthetic.generate_events`` (see its module doc)."""
 
-    num_users: int = 2000
-    num_items: int = 1000
-    mean_len: int = 60
-    num_actions: int = 4
-    num_surfaces: int = 4
-    num_clusters: int = 20
-    zipf_a: float = 1.1
-    seed: int = 0
+    num_users: int = field(default=2000, metadata=bounds(ge=1))
+    num_items: int = field(default=1000, metadata=bounds(ge=1))
+    mean_len: int = field(default=60, metadata=bounds(ge=1))
+    num_actions: int = field(default=4, metadata=bounds(ge=1))
+    num_surfaces: int = field(default=4, metadata=bounds(ge=1))
+    num_clusters: int = field(default=20, metadata=bounds(ge=1))
+    zipf_a: float = field(default=1.1, metadata=bounds(gt=0))
+    seed: int = field(default=0, metadata=bounds(ge=0))
 
 
 @dataclass
 class DataSpec:
-    source: str = "synthetic"  # synthetic | prepared | sasrec | ml-1m-sasrec | ml-1m-raw | ml-100k | csv | parquet
+    source: Source = "synthetic"
     path: str = ""  # input file or dir (prepared: the dir); relative -> $PINFM_DATA_DIR
     cache_dir: str = "runs/data_cache"
-    max_len: int = 200  # N: keep the last max_len tokens of a history
-    batch_size: int = 128  # rows (requests) per rank per step
-    eval_batch_size: int = 256
-    num_negatives_per_row: int = 8  # sampled negatives added per row under key neg_item_id
-    num_workers: int = 0
-    min_events: int = 3  # users with fewer events are dropped (need train + valid + test)
+    max_len: int = field(default=200, metadata=bounds(ge=1))  # N: keep the last max_len tokens
+    batch_size: int = field(default=128, metadata=bounds(ge=1))  # rows (requests) per rank per step
+    eval_batch_size: int = field(default=256, metadata=bounds(ge=1))
+    # sampled negatives added per row under key neg_item_id
+    num_negatives_per_row: int = field(default=8, metadata=bounds(ge=0))
+    num_workers: int = field(default=0, metadata=bounds(ge=0))
+    # users with fewer events are dropped (need train + valid + test)
+    min_events: int = field(default=3, metadata=bounds(ge=1))
     # train on every max_len window of a long history (each next-token target once), not only the
     # last one (SASRec's protocol drops the rest: 35% of ML-1M's events)
     train_windows: bool = False

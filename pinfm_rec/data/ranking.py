@@ -31,7 +31,7 @@ import os
 import shutil
 import uuid
 from dataclasses import asdict, dataclass, field
-from typing import Dict, Optional, Tuple
+from typing import Dict, Literal, Optional, Tuple, get_args
 
 import numpy as np
 import torch
@@ -49,11 +49,13 @@ from .ranking_store import (PRETRAIN_DIR, RANKING_META_FILE, SPLIT_IDS, RankingS
 from .ranking_synthetic import write_synthetic_ranking
 from .schema import DatasetMeta
 from .splits import gather_index
+from pinfm_rec.spec import FieldError, bounds
 
 logger = logging.getLogger(__name__)
 
 RANKING_CONVERTER_VERSION = 1  # bump when a converter's output changes, to invalidate caches
-RANKING_SOURCES = ("synthetic", "mind", "movielens")
+RankingSource = Literal["synthetic", "mind", "movielens"]
+RANKING_SOURCES = get_args(RankingSource)
 __all__ = ["MovieLensRankingSpec", "RankingDataSpec", "RankingInfo", "SyntheticRankingSpec", "build_ranking_loader",
            "flatten_batch", "prepare_ranking", "ranking_dir", "storage_report", "write_flat_layout"]
 
@@ -62,39 +64,48 @@ __all__ = ["MovieLensRankingSpec", "RankingDataSpec", "RankingInfo", "SyntheticR
 class MovieLensRankingSpec:
     """Requests cut from MovieLens rating timelines (ranking_movielens.py)."""
 
-    candidates_next: int = 5  # next rated items used as candidates (label: rating >= 4)
-    negatives_per_request: int = 20  # sampled items the user never rated (label 0)
-    requests_per_user: int = 4  # cut points per user, evenly spaced over the timeline
-    min_history: int = 1  # events before the first cut point
-    seed: int = 0
+    # next rated items used as candidates (label: rating >= 4)
+    candidates_next: int = field(default=5, metadata=bounds(ge=0))
+    # sampled items the user never rated (label 0)
+    negatives_per_request: int = field(default=20, metadata=bounds(ge=0))
+    # cut points per user, evenly spaced over the timeline
+    requests_per_user: int = field(default=4, metadata=bounds(ge=1))
+    min_history: int = field(default=1, metadata=bounds(ge=0))  # events before the first cut point
+    seed: int = field(default=0, metadata=bounds(ge=0))
 
 
 @dataclass
 class SyntheticRankingSpec:
     """Synthetic requests (ranking_synthetic.py); candidates per request = candidates_next + negatives."""
 
-    num_requests: int = 2000
-    num_items: int = 1000
-    mean_len: int = 40
-    requests_per_user: int = 4
-    candidates_next: int = 5
-    negatives_per_request: int = 15
-    seed: int = 0
+    num_requests: int = field(default=2000, metadata=bounds(ge=1))
+    num_items: int = field(default=1000, metadata=bounds(ge=1))
+    mean_len: int = field(default=40, metadata=bounds(ge=1))
+    requests_per_user: int = field(default=4, metadata=bounds(ge=1))
+    candidates_next: int = field(default=5, metadata=bounds(ge=0))
+    negatives_per_request: int = field(default=15, metadata=bounds(ge=0))
+    seed: int = field(default=0, metadata=bounds(ge=0))
 
 
 @dataclass
 class RankingDataSpec:
-    source: str = "synthetic"  # synthetic | mind | movielens
+    source: RankingSource = "synthetic"
     path: str = ""  # input file or dir; relative -> $PINFM_DATA_DIR
     cache_dir: str = "runs/data_cache"
-    max_len: int = 200  # N: keep the last max_len events of a history
-    batch_size: int = 64  # requests per rank per train step
-    eval_batch_size: int = 256  # requests per rank per eval step
-    valid_frac: float = 0.1  # latest requests by time, before test
-    test_frac: float = 0.1  # latest requests by time
-    num_workers: int = 0
+    max_len: int = field(default=200, metadata=bounds(ge=1))  # N: keep the last max_len events
+    batch_size: int = field(default=64, metadata=bounds(ge=1))  # requests per rank per train step
+    eval_batch_size: int = field(default=256, metadata=bounds(ge=1))  # requests per rank per eval step
+    # latest requests by time, before test
+    valid_frac: float = field(default=0.1, metadata=bounds(ge=0, lt=1))
+    test_frac: float = field(default=0.1, metadata=bounds(ge=0, lt=1))  # latest requests by time
+    num_workers: int = field(default=0, metadata=bounds(ge=0))
     movielens: MovieLensRankingSpec = field(default_factory=MovieLensRankingSpec)
     synthetic: SyntheticRankingSpec = field(default_factory=SyntheticRankingSpec)
+
+    def __post_init__(self) -> None:
+        if self.valid_frac + self.test_frac >= 1:
+            raise FieldError("test_frac", f"{self.test_frac} + valid_frac {self.valid_frac} must be < 1 "
+                                          f"(the rest is the train split)")
 
 
 @dataclass

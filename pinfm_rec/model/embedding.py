@@ -11,7 +11,7 @@ is shared by the three tables.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping
+from typing import Dict, List, Literal, Mapping, get_args
 
 import torch
 from torchrec.modules.embedding_configs import EmbeddingConfig
@@ -19,6 +19,7 @@ from torchrec.modules.embedding_modules import EmbeddingCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from pinfm_rec.data.batch import ACTION_KEY, ITEM_KEY, NEG_ITEM_KEY, SURFACE_KEY
+from pinfm_rec.spec import bounds
 
 ITEM_TABLE = "t_item"
 ACTION_TABLE = "t_action"
@@ -31,24 +32,27 @@ TABLE_FEATURES: Dict[str, List[str]] = {
 }
 FEATURE_TABLE: Dict[str, str] = {f: t for t, fs in TABLE_FEATURES.items() for f in fs}
 EC_FEATURES: List[str] = [f for fs in TABLE_FEATURES.values() for f in fs]
-SHARDING_CHOICES = ("auto", "table_wise", "row_wise", "column_wise")
-ID_MODES = ("error", "hash")
+Sharding = Literal["auto", "table_wise", "row_wise", "column_wise"]  # auto: the planner decides
+IdMode = Literal["error", "hash"]  # error: an out-of-range id raises | hash: id modulo table size
+SHARDING_CHOICES = get_args(Sharding)
+ID_MODES = get_args(IdMode)
 
 
 @dataclass
 class TableSpec:
-    num_embeddings: int = 0  # 0 -> take the size from the dataset info
-    sharding: str = "auto"  # auto | table_wise | row_wise | column_wise
+    num_embeddings: int = field(default=0, metadata=bounds(ge=0))  # 0 -> the dataset's count
+    sharding: Sharding = "auto"
 
 
 @dataclass
 class EmbeddingSpec:
-    dim: int = 64  # one dim for all tables (EmbeddingCollection requirement)
+    dim: int = field(default=64, metadata=bounds(gt=0))  # one dim for all tables (EC requirement)
     item: TableSpec = field(default_factory=TableSpec)
     action: TableSpec = field(default_factory=TableSpec)
     surface: TableSpec = field(default_factory=TableSpec)
-    id_mode: str = "error"  # error: out-of-range id raises | hash: id modulo table size
-    init_scale: float = 0.03  # weights ~ U(-init_scale, init_scale) (0 -> TorchRec default)
+    id_mode: IdMode = "error"
+    # weights ~ U(-init_scale, init_scale) (0 -> TorchRec default)
+    init_scale: float = field(default=0.03, metadata=bounds(ge=0))
 
 
 def _table_specs(spec: EmbeddingSpec) -> Dict[str, TableSpec]:

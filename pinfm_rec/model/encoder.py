@@ -20,8 +20,8 @@ n_r.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Tuple
 
 import torch
 from torch import nn
@@ -33,6 +33,7 @@ from pinfm_rec.model.embedding import check_ids
 from pinfm_rec.model.features import log_bucket
 from pinfm_rec.model.pinfm import ModelSpec, PinFM, to_ec_kjt
 from pinfm_rec.model.trunk import jagged_index
+from pinfm_rec.spec import bounds
 
 MODES = ("dcat", "flat")
 
@@ -41,22 +42,17 @@ MODES = ("dcat", "flat")
 class EncoderSpec:
     """How the pretrained encoder joins a ranker (owned by model/encoder.py)."""
 
-    init: str = "pretrained"  # pretrained | random | none (ranker alone)
+    init: Literal["pretrained", "random", "none"] = "pretrained"  # none: the ranker alone
     checkpoint: str = ""  # pretraining checkpoint dir or encoder export (init=pretrained)
     freeze: bool = False  # no gradient into tables or trunk (the projection still trains)
-    lr_mult: float = 1.0  # encoder lr = lr_mult * lr (dense) and * embedding_lr (tables)
-    cand_id_dropout: float = 0.0  # train-time prob. of zeroing a candidate's item embedding
-    out_dim: int = 32  # D_out, features per candidate handed to the ranker
-    kernel: str = "auto"  # DCAT kernel: auto | triton | pytorch | sdpa
-    max_ctx: int = 0  # candidates attend the last max_ctx history tokens (0 = all)
-
-    def __post_init__(self) -> None:
-        if self.init not in ("pretrained", "random", "none"):
-            raise ValueError(f"encoder.init must be pretrained|random|none, got {self.init!r}")
-        if not 0.0 <= self.cand_id_dropout < 1.0:
-            raise ValueError(f"encoder.cand_id_dropout must be in [0, 1), got {self.cand_id_dropout}")
-        if self.kernel not in ("auto", "triton", "pytorch", "sdpa"):
-            raise ValueError(f"encoder.kernel must be auto|triton|pytorch|sdpa, got {self.kernel!r}")
+    # encoder lr = lr_mult * lr (dense) and * embedding_lr (tables)
+    lr_mult: float = field(default=1.0, metadata=bounds(ge=0))
+    # train-time prob. of zeroing a candidate's item embedding
+    cand_id_dropout: float = field(default=0.0, metadata=bounds(ge=0, lt=1))
+    out_dim: int = field(default=32, metadata=bounds(ge=1))  # D_out, features per candidate
+    kernel: Literal["auto", "triton", "pytorch", "sdpa"] = "auto"  # the DCAT kernel
+    # candidates attend the last max_ctx history tokens (0 = all)
+    max_ctx: int = field(default=0, metadata=bounds(ge=0))
 
 
 def append_tokens(

@@ -35,24 +35,29 @@ import torch
 import torch.nn.functional as F
 
 from pinfm_rec.model.trunk import jagged_index
+from pinfm_rec.spec import FieldError, bounds
 
 
 @dataclass
 class LossSpec:
-    temperature: float = 0.05
+    temperature: float = field(default=0.05, metadata=bounds(gt=0))
     l2_norm: bool = True
-    in_batch_negatives: int = 1024  # batch targets sampled as shared negatives (0 = off)
+    # batch targets sampled as shared negatives (0 = off)
+    in_batch_negatives: int = field(default=1024, metadata=bounds(ge=0))
     use_sampled_negatives: bool = True  # the neg_item_id rows
     logq_correction: bool = True
     user_masking: bool = True
-    engaged_actions: List[int] = field(default_factory=lambda: [1, 2])
+    engaged_actions: List[int] = field(default_factory=lambda: [1, 2], metadata=bounds(ge=0))
     positives_only_engaged: bool = True
-    next_token_weight: float = 1.0
-    multi_token_k: int = 0  # each of the next K engaged items is a positive for h_t
-    multi_token_weight: float = 0.0
-    future_window_s: int = 0  # engaged items within this many seconds after t are positives
-    future_weight: float = 0.0
-    future_max_targets: int = 32  # cap on future-window positives per token (memory O(L * cap))
+    next_token_weight: float = field(default=1.0, metadata=bounds(ge=0))
+    # each of the next K engaged items is a positive for h_t
+    multi_token_k: int = field(default=0, metadata=bounds(ge=0))
+    multi_token_weight: float = field(default=0.0, metadata=bounds(ge=0))
+    # engaged items within this many seconds after t are positives
+    future_window_s: int = field(default=0, metadata=bounds(ge=0))
+    future_weight: float = field(default=0.0, metadata=bounds(ge=0))
+    # cap on future-window positives per token (memory O(L * cap))
+    future_max_targets: int = field(default=32, metadata=bounds(ge=1))
     # exact softmax over the whole catalogue: the model passes every item id as the negatives
     # (neg_ids == arange(num_items)); in-batch negatives and logQ are then off. Memory is
     # O(tokens * I) fp32 logits (+ their softmax for backward): 25.6k tokens x 3.4k items (ML-1M)
@@ -61,16 +66,16 @@ class LossSpec:
 
     def __post_init__(self) -> None:
         if not self.full_catalogue and self.in_batch_negatives <= 0 and not self.use_sampled_negatives:
-            raise ValueError(
-                "model.loss has no negatives: set in_batch_negatives > 0, use_sampled_negatives=true "
-                "(with data.num_negatives_per_row > 0) or full_catalogue=true"
+            raise FieldError(
+                "in_batch_negatives", "0 with use_sampled_negatives=false leaves no negatives: set "
+                "in_batch_negatives > 0, use_sampled_negatives=true (with data.num_negatives_per_row > 0) "
+                "or full_catalogue=true"
             )
         for k_key, k, w_key, w in (("multi_token_k", self.multi_token_k, "multi_token_weight", self.multi_token_weight),
                                    ("future_window_s", self.future_window_s, "future_weight", self.future_weight)):
             if (k > 0) != (w > 0):
-                raise ValueError(
-                    f"model.loss.{k_key}={k} and model.loss.{w_key}={w}: set both > 0 to use the "
-                    f"objective, or both to 0"
+                raise FieldError(
+                    w_key, f"{w} with {k_key}={k}: set both > 0 to use the objective, or both to 0"
                 )
 
 

@@ -9,25 +9,35 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
-from typing import Callable, List, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Callable, List, Literal, Optional, Tuple, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-ATTENTION_CHOICES = ("sdpa", "pytorch")
+from pinfm_rec.spec import FieldError, bounds
+
+Attention = Literal["sdpa", "pytorch"]  # pytorch: explicit softmax, for reference/debugging
+ATTENTION_CHOICES = get_args(Attention)
 
 
 @dataclass
 class TrunkSpec:
-    d_model: int = 64
-    n_layers: int = 2
-    n_heads: int = 2
-    ffn_mult: int = 4
-    dropout: float = 0.2
-    max_len: int = 200  # context positions 0..max_len-1; a candidate sits at n_r <= max_len
-    attention: str = "sdpa"  # sdpa | pytorch (explicit softmax, for reference/debugging)
+    d_model: int = field(default=64, metadata=bounds(gt=0))
+    n_layers: int = field(default=2, metadata=bounds(ge=1))
+    n_heads: int = field(default=2, metadata=bounds(ge=1))
+    ffn_mult: int = field(default=4, metadata=bounds(ge=1))
+    dropout: float = field(default=0.2, metadata=bounds(ge=0, lt=1))
+    # context positions 0..max_len-1; a candidate sits at n_r <= max_len. Must be >= data.max_len
+    # (spec_checks.cross_check): the data's max_len is the one that cuts histories.
+    max_len: int = field(default=200, metadata=bounds(ge=1))
+    attention: Attention = "sdpa"
+
+    def __post_init__(self) -> None:
+        if self.n_heads > 0 and self.d_model % self.n_heads:
+            raise FieldError("n_heads", f"{self.n_heads} does not divide d_model ({self.d_model}); "
+                                        f"choose n_heads among the divisors of d_model")
 
 
 @dataclass

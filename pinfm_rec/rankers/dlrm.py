@@ -16,7 +16,7 @@ features on the device with ``batch.expand_index()``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,7 @@ from pinfm_rec.data.ranking_batch import RankingBatch
 from pinfm_rec.model.embedding import check_ids
 from pinfm_rec.model.encoder import PinFMEncoder
 from pinfm_rec.model.trunk import jagged_index
+from pinfm_rec.spec import FieldError, bounds
 
 CAND_FEATURE = "r_cand_item"
 HIST_FEATURE = "r_hist_items"
@@ -40,24 +41,23 @@ RANKER_TABLES = {"t_r_cand": CAND_FEATURE, "t_r_hist": HIST_FEATURE}
 class RankerSpec:
     """The TorchRec ranker (owned by rankers/dlrm.py)."""
 
-    arch: str = "dlrm"  # dlrm | dlrm_dcn (torchrec.models.dlrm, unchanged)
-    embedding_dim: int = 32  # = dense_arch[-1] (DLRM requires it)
-    dense_arch: List[int] = field(default_factory=lambda: [64, 32])
-    over_arch: List[int] = field(default_factory=lambda: [64, 32, 1])
-    dcn_num_layers: int = 2
-    dcn_low_rank_dim: int = 16
-    history_bag_len: int = 50  # the ranker's own history feature: the last N history items (0 = off)
+    arch: Literal["dlrm", "dlrm_dcn"] = "dlrm"  # torchrec.models.dlrm, unchanged
+    embedding_dim: int = field(default=32, metadata=bounds(ge=1))  # = dense_arch[-1] (DLRM requires it)
+    dense_arch: List[int] = field(default_factory=lambda: [64, 32], metadata=bounds(ge=1))
+    over_arch: List[int] = field(default_factory=lambda: [64, 32, 1], metadata=bounds(ge=1))
+    dcn_num_layers: int = field(default=2, metadata=bounds(ge=1))
+    dcn_low_rank_dim: int = field(default=16, metadata=bounds(ge=1))
+    # the ranker's own history feature: the last N history items (0 = off)
+    history_bag_len: int = field(default=50, metadata=bounds(ge=0))
 
     def __post_init__(self) -> None:
-        if self.arch not in ("dlrm", "dlrm_dcn"):
-            raise ValueError(f"ranker.arch must be dlrm|dlrm_dcn, got {self.arch!r}")
         if not self.dense_arch or self.dense_arch[-1] != self.embedding_dim:
-            raise ValueError(
-                f"ranker.dense_arch must end with ranker.embedding_dim={self.embedding_dim} (DLRM "
-                f"interacts them), got {self.dense_arch}"
+            raise FieldError(
+                "dense_arch", f"must end with ranker.embedding_dim={self.embedding_dim} (DLRM interacts "
+                f"them), got {self.dense_arch}"
             )
         if not self.over_arch or self.over_arch[-1] != 1:
-            raise ValueError(f"ranker.over_arch must end with 1 (one logit), got {self.over_arch}")
+            raise FieldError("over_arch", f"must end with 1 (one logit), got {self.over_arch}")
 
 
 def build_ranker(

@@ -23,7 +23,7 @@ import os
 import random
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
 import numpy as np
@@ -31,6 +31,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from pinfm_rec.parallel import barrier, broadcast_object
+from pinfm_rec.spec import bounds
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +43,8 @@ class CheckpointSpec:
     """Where and how often to checkpoint (owned by train/checkpoint.py)."""
 
     dir: str = ""  # empty → <run_dir>/checkpoints
-    every_steps: int = 500  # 0 = only at the end
-    keep_last: int = 2
+    every_steps: int = field(default=500, metadata=bounds(ge=0))  # 0 = only at the end
+    keep_last: int = field(default=2, metadata=bounds(ge=1))
     resume: bool = True  # resume from the newest complete checkpoint when one exists
 
 

@@ -16,6 +16,7 @@ from typing import Callable, Dict, Iterable, List, Optional
 import torch
 
 from pinfm_rec.parallel import all_reduce_sum
+from pinfm_rec.spec import bounds
 from pinfm_rec.train.checkpoint import set_rng_state
 
 logger = logging.getLogger(__name__)
@@ -25,17 +26,19 @@ logger = logging.getLogger(__name__)
 class TrainSpec:
     """Optimisation schedule (owned by train/loop.py)."""
 
-    epochs: int = 10
-    max_steps: int = 0  # stop after this many steps in total (0 = run all epochs)
-    lr: float = 1e-3  # dense AdamW
-    weight_decay: float = 0.0
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.1  # cosine decay to lr * min_lr_ratio at the last step
-    grad_clip: float = 1.0
-    log_every: int = 20
-    eval_every_epochs: int = 1  # 0 = only at the end
-    eval_ks: List[int] = field(default_factory=lambda: [10, 50, 200])
-    eval_max_batches: int = 0  # 0 = the whole split
+    epochs: int = field(default=10, metadata=bounds(ge=1))
+    # stop after this many steps in total (0 = run all epochs)
+    max_steps: int = field(default=0, metadata=bounds(ge=0))
+    lr: float = field(default=1e-3, metadata=bounds(gt=0))  # dense AdamW
+    weight_decay: float = field(default=0.0, metadata=bounds(ge=0))
+    warmup_steps: int = field(default=100, metadata=bounds(ge=0))
+    # cosine decay to lr * min_lr_ratio at the last step
+    min_lr_ratio: float = field(default=0.1, metadata=bounds(ge=0, le=1))
+    grad_clip: float = field(default=1.0, metadata=bounds(ge=0))  # 0 = off
+    log_every: int = field(default=20, metadata=bounds(ge=1))
+    eval_every_epochs: int = field(default=1, metadata=bounds(ge=0))  # 0 = only at the end
+    eval_ks: List[int] = field(default_factory=lambda: [10, 50, 200], metadata=bounds(ge=1))
+    eval_max_batches: int = field(default=0, metadata=bounds(ge=0))  # 0 = the whole split
 
 
 def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
