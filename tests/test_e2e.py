@@ -105,7 +105,9 @@ def test_torchx_two_gloo_ranks_shard_tables(tmp_path):
     cmd = [sys.executable, "-m", "torchx.cli.main", "run", "--scheduler", "local_cwd", "components/pinfm.py:pretrain", "-j", "1x2", "--spec", SPEC,
            f"run_dir={tmp_path}/run", f"data.cache_dir={tmp_path}/cache", "train.epochs=1",
            "model.embedding.item.sharding=row_wise"] + SMALL
-    out = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=900)
+    # two gloo ranks on CPU even on a GPU host (the local scheduler's ranks inherit this env)
+    out = subprocess.run(cmd, cwd=ROOT, env=dict(_env(), CUDA_VISIBLE_DEVICES=""),
+                         capture_output=True, text=True, timeout=900)
     text = out.stdout + out.stderr
     assert out.returncode == 0, text[-4000:]
     res = json.load(open(tmp_path / "run" / "results.json"))

@@ -176,7 +176,7 @@ def test_finetune_cli_end_to_end_learns(tmp_path):
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     run = tmp_path / "ft"
-    cmd = [sys.executable, "-m", "pinfm_rec.cli", "finetune", "--spec", "specs/finetune/synthetic-tiny.yaml",
+    cmd = [sys.executable, "-m", "pinfm_rec.cli", "finetune", "--cpu", "--spec", "specs/finetune/synthetic-tiny.yaml",
            f"run_dir={run}", f"data.cache_dir={tmp_path / 'cache'}", "train.epochs=2", "tensorboard=true",
            "data.synthetic.num_requests=800"]
     out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
@@ -217,7 +217,7 @@ def test_finetune_fsdp2_trains_like_ddp(tmp_path):
     for dense in ("ddp", "fsdp2"):
         run = tmp_path / dense
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "pinfm_rec.cli", "finetune", "--spec", "specs/finetune/synthetic-tiny.yaml",
+               "-m", "pinfm_rec.cli", "finetune", "--cpu", "--spec", "specs/finetune/synthetic-tiny.yaml",
                f"run_dir={run}", f"data.cache_dir={tmp_path / 'cache'}", "train.epochs=1",
                "data.synthetic.num_requests=400", f"parallel.dense={dense}", "parallel.timeout_s=120"]
         out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
