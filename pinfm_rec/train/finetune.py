@@ -13,9 +13,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -25,20 +24,13 @@ from pinfm_rec.data.ranking import RankingDataSpec, RankingInfo, build_ranking_l
 from pinfm_rec.model.embedding import table_shardings
 from pinfm_rec.model.encoder import EncoderSpec, PinFMEncoder
 from pinfm_rec.model.pinfm import ModelSpec
-from pinfm_rec.parallel import DistEnv, ParallelSpec, barrier, init_distributed, shard_model, shutdown_distributed
+from pinfm_rec.parallel import DistEnv, ParallelSpec, shard_model
 from pinfm_rec.rankers.dlrm import RankerSpec, RankerWithEncoder, build_ranker
-from pinfm_rec.spec import bounds, dump_spec, from_dict
-from pinfm_rec.train.checkpoint import (
-    CheckpointSpec,
-    check_resume_compatible,
-    load_checkpoint,
-    resolve_resume,
-    save_checkpoint,
-)
-from pinfm_rec.train.loop import LoopState, Trainer, TrainSpec, run_epochs
-from pinfm_rec.train.pretrain import seed_everything, setup_logging
+from pinfm_rec.spec import bounds, from_dict
+from pinfm_rec.train.checkpoint import CheckpointSpec
+from pinfm_rec.train.common import Built, Recipe, prepare_on_rank0, seed_everything
+from pinfm_rec.train.loop import TrainSpec
 from pinfm_rec.train.rank_eval import evaluate_ranking
-from pinfm_rec.train.tblog import TBLogger
 
 logger = logging.getLogger("pinfm_rec")
 
@@ -117,15 +109,7 @@ def load_pretrained_encoder(model: torch.nn.Module, path: str) -> int:
     return len(loaded)
 
 
-@dataclass
-class FTBuilt:
-    env: DistEnv
-    info: RankingInfo
-    model: torch.nn.Module  # DMP
-    optimizer: object
-    dense_params: list
-    dense_groups: list
-    autocast: Optional[torch.dtype]
+FTBuilt = Built  # the name tests and benchmarks used
 
 
 def _dense_optimizer(dmp, spec: FinetuneSpec):
@@ -142,12 +126,8 @@ def _dense_optimizer(dmp, spec: FinetuneSpec):
     return CombinedOptimizer([("emb", dmp.fused_optimizer), ("dense", dense_opt)]), dense_opt
 
 
-def build_finetune(spec: FinetuneSpec, env: DistEnv) -> FTBuilt:
-    if env.is_main:
-        info = prepare_ranking(spec.data)
-    barrier()
-    if not env.is_main:
-        info = prepare_ranking(spec.data)
+def build_finetune(spec: FinetuneSpec, env: DistEnv) -> Built:
+    info = prepare_on_rank0(prepare_ranking, spec.data, env)
     seed_everything(spec.seed)
     enc_spec = spec.encoder
     encoder = None
@@ -182,88 +162,38 @@ def build_finetune(spec: FinetuneSpec, env: DistEnv) -> FTBuilt:
     groups = dense_opt.param_groups
     params = [p for g in groups for p in g["params"]]
     autocast = torch.bfloat16 if (env.device.type == "cuda" and spec.parallel.bf16) else None
-    return FTBuilt(env, info, dmp, optimizer, params, groups, autocast)
+    return Built(env, info, dmp, optimizer, params, groups, autocast)
 
 
-def _eval(b: FTBuilt, spec: FinetuneSpec, split: str) -> Dict[str, float]:
+def _eval(b: Built, spec: FinetuneSpec, split: str) -> Dict[str, float]:
     loader = build_ranking_loader(spec.data, b.info, split, rank=b.env.rank, world_size=b.env.world_size,
                                   seed=spec.seed)
     return evaluate_ranking(b.model.module, loader, b.env.device, b.autocast, spec.train.eval_max_batches)
 
 
+class FinetuneRecipe(Recipe):
+    spec_cls = FinetuneSpec
+    compat_sections = ("model", "ranker")
+    checkpoint_every_epoch = False
+
+    def build(self) -> Built:
+        return build_finetune(self.spec, self.env)
+
+    def train_loader(self):
+        return build_ranking_loader(self.spec.data, self.b.info, "train", rank=self.env.rank,
+                                    world_size=self.env.world_size, seed=self.spec.seed)
+
+    def evaluate(self, split: str) -> Dict[str, float]:
+        return _eval(self.b, self.spec, split)
+
+    def describe(self, steps_per_epoch: int, total: int) -> str:
+        return (f"finetune: {steps_per_epoch} steps/epoch x {self.spec.train.epochs} epochs on "
+                f"{self.env.world_size} rank(s), device {self.env.device}, encoder {self.spec.encoder.init}")
+
+    def result_extra(self) -> dict:
+        return {"encoder_init": self.spec.encoder.init}
+
+
 def finetune(spec: FinetuneSpec, force_cpu: bool = False) -> Dict[str, float]:
     """Run fine-tuning end to end; returns final metrics (also in <run_dir>/results.json)."""
-    wall0 = time.perf_counter()
-    env = init_distributed(spec.parallel, force_cpu=force_cpu)
-    setup_logging(env.rank)
-    run_dir = spec.run_dir or os.path.join("runs", spec.name)
-    ckpt_dir = spec.checkpoint.dir or os.path.join(run_dir, "checkpoints")
-    spec_yaml = dump_spec(spec)
-    if env.is_main:
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "spec.yaml"), "w") as f:
-            f.write(spec_yaml)
-        logger.info("resolved spec:\n%s", spec_yaml)
-    b = build_finetune(spec, env)
-    tb = TBLogger(run_dir, enabled=spec.tensorboard and env.is_main)
-    tb.text("spec", spec_yaml)
-
-    def log_fn(stats: Dict[str, float], step: int) -> None:
-        tb.scalars(stats, step)
-        if env.is_main:
-            logger.info("step %d %s", step, " ".join(f"{k}={v:.4g}" for k, v in stats.items()))
-
-    loader = build_ranking_loader(spec.data, b.info, "train", rank=env.rank, world_size=env.world_size,
-                                  seed=spec.seed)
-    total = spec.train.epochs * len(loader)
-    if spec.train.max_steps:
-        total = min(total, spec.train.max_steps)
-    state = LoopState()
-    loader_state, rng_state = None, None
-    resume = resolve_resume(ckpt_dir, spec.checkpoint.resume)
-    if resume:
-        check_resume_compatible(resume, spec_yaml, ("model", "ranker"), FinetuneSpec)
-        ts, loader_state, rng_state = load_checkpoint(resume, b.model, b.optimizer, env.rank)
-        state.step, state.epoch, state.history = ts["step"], ts["epoch"], ts.get("history", [])
-        logger.info("resumed from %s (step %d, epoch %d)", resume, state.step, state.epoch)
-    trainer = Trainer(b.model, b.optimizer, b.dense_params, b.dense_groups, spec.train, env.device,
-                      env.world_size, log_fn, b.autocast)
-
-    def checkpoint(st: LoopState, epoch_done: bool = False) -> None:
-        ts = {"step": st.step, "epoch": st.epoch + (1 if epoch_done else 0), "world_size": env.world_size,
-              "history": st.history}
-        save_checkpoint(ckpt_dir, st.step, b.model, b.optimizer, None if epoch_done else loader.state_dict(),
-                        ts, spec_yaml, env.rank, spec.checkpoint.keep_last)
-
-    def on_step(st: LoopState) -> None:
-        if spec.checkpoint.every_steps and st.step % spec.checkpoint.every_steps == 0:
-            checkpoint(st)
-
-    logger.info("finetune: %d steps/epoch x %d epochs on %d rank(s), device %s, encoder %s",
-                len(loader), spec.train.epochs, env.world_size, env.device, spec.encoder.init)
-    def eval_valid() -> Dict[str, float]:
-        m = _eval(b, spec, "valid")
-        tb.scalars({f"valid/{k}": v for k, v in m.items()}, state.step)
-        return m
-
-    def on_epoch_end(finished: bool) -> None:
-        if spec.checkpoint.every_steps or not finished or state.epoch + 1 == spec.train.epochs:
-            checkpoint(state, epoch_done=finished)
-
-    run_epochs(trainer, loader, state, total, on_step=on_step, eval_valid=eval_valid, on_epoch_end=on_epoch_end,
-               loader_state=loader_state, rng_state=rng_state)
-    valid, test = _eval(b, spec, "valid"), _eval(b, spec, "test")
-    results = {f"valid_{k}": v for k, v in valid.items()}
-    results.update({f"test_{k}": v for k, v in test.items()})
-    results.update({"steps": state.step, "world_size": env.world_size, "device": str(env.device),
-                    "encoder_init": spec.encoder.init, "wall_s": time.perf_counter() - wall0,
-                    "history": state.history})
-    tb.scalars({f"test/{k}": v for k, v in test.items()}, state.step)
-    if env.is_main:
-        logger.info("final %s", json.dumps({k: (round(v, 4) if isinstance(v, float) else v)
-                                            for k, v in results.items() if k != "history"}))
-        with open(os.path.join(run_dir, "results.json"), "w") as f:
-            json.dump(results, f, indent=1)
-    tb.close()
-    shutdown_distributed()
-    return results
+    return FinetuneRecipe(spec, force_cpu).run()
