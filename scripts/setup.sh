@@ -10,5 +10,8 @@ fi
 .venv/bin/python -m pip install -q setuptools wheel
 .venv/bin/python -m pip install -q -r requirements-cpu.txt
 .venv/bin/python -m pip install -q --no-deps torchrec==1.8.0
-.venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+# the k8s extra, pinned: tests/test_components.py dry-runs `torchx run -s kubernetes`
+.venv/bin/python -m pip install -q kubernetes==33.1.0
+# (setuptools' note on editable installs with a package-dir mapping is informational only)
+PYTHONWARNINGS="ignore:Editable installation" .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
 .venv/bin/python -c "import torch, torchrec, fbgemm_gpu, pinfm_rec.kernels; print('pinfm_rec env ready: torch', torch.__version__, 'torchrec', torchrec.__version__ if hasattr(torchrec, '__version__') else '1.8.0')"
