@@ -4,9 +4,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pinfm_rec.model.losses import LossSpec, sequence_losses
+from pinfm_rec.model.losses import LossInputs, LossSpec, sequence_losses
 
 I, D = 12, 8
+
+
+def _losses(spec, h, offsets, items, actions, ts, item_emb, neg_ids, neg_emb, num_items, **kw):
+    inputs = LossInputs(h=h, offsets=offsets, item_ids=items, actions=actions, item_emb=item_emb,
+                        timestamps=ts, neg_ids=neg_ids, neg_emb=neg_emb)
+    return sequence_losses(spec, inputs, num_items=num_items, **kw)
 
 
 def _case(seed=0):
@@ -26,7 +32,7 @@ def _case(seed=0):
 
 def _run(spec, case, item_counts=None):
     lengths, offsets, items, actions, ts, h, table, neg = case
-    return sequence_losses(spec, h, offsets, items, actions, ts, table[items], neg, table[neg], I,
+    return _losses(spec, h, offsets, items, actions, ts, table[items], neg, table[neg], I,
                            item_counts=item_counts)
 
 
@@ -133,8 +139,8 @@ def test_user_masking_removes_history_negative_exactly():
     neg = torch.tensor([5, 11])
     args = (h, torch.tensor([0, 3]), items, torch.ones(3, dtype=torch.long), None, table[items],
             neg, table[neg], I)
-    on = sequence_losses(spec, *args)["next_token"]
-    off = sequence_losses(LossSpec(in_batch_negatives=0, logq_correction=False, temperature=0.5,
+    on = _losses(spec, *args)["next_token"]
+    off = _losses(LossSpec(in_batch_negatives=0, logq_correction=False, temperature=0.5,
                                    user_masking=False), *args)["next_token"]
     hn, en = F.normalize(h, dim=-1), F.normalize(table, dim=-1)
     s = lambda t, i: hn[t] @ en[i] / 0.5
@@ -157,7 +163,7 @@ def test_logq_shift_uniform():
     neg = torch.tensor([6, 8, 10])
     args = (h, torch.tensor([0, 4]), items, torch.ones(4, dtype=torch.long), None, table[items],
             neg, table[neg], I)
-    on, off = sequence_losses(spec_on, *args), sequence_losses(spec_off, *args)
+    on, off = _losses(spec_on, *args), _losses(spec_off, *args)
     hn, en = F.normalize(h, dim=-1), F.normalize(table, dim=-1)
     shift = math.log(3 / I)  # every uniform negative's logit moves by -log(k / num_items)
     want = []
@@ -177,14 +183,14 @@ def test_in_batch_subsampling_and_no_targets():
     # no engaged positives at all -> zero loss, finite gradients
     lengths, offsets, items, actions, ts, h, table, neg = case
     h = h.clone().requires_grad_()
-    out = sequence_losses(LossSpec(), h, offsets, items, torch.zeros_like(actions), ts,
+    out = _losses(LossSpec(), h, offsets, items, torch.zeros_like(actions), ts,
                           table[items], neg, table[neg], I)
     out["loss"].backward()
     assert out["loss"].item() == 0.0 and torch.isfinite(h.grad).all()
     # every negative masked (all ids in the row) -> finite loss and gradients
     items2 = torch.arange(6)
     h2 = torch.randn(6, D, requires_grad=True)
-    out = sequence_losses(LossSpec(in_batch_negatives=0), h2, torch.tensor([0, 6]), items2,
+    out = _losses(LossSpec(in_batch_negatives=0), h2, torch.tensor([0, 6]), items2,
                           torch.ones(6, dtype=torch.long), None, table[items2],
                           torch.tensor([0, 1]), table[:2], I)
     out["loss"].backward()
@@ -197,7 +203,7 @@ def test_full_catalogue_is_exact_cross_entropy():
     for engaged_only in (True, False):
         spec = LossSpec(full_catalogue=True, user_masking=False, temperature=0.2,
                         positives_only_engaged=engaged_only)
-        got = sequence_losses(spec, h, offsets, items, actions, ts, table[items], all_ids, table, I)
+        got = _losses(spec, h, offsets, items, actions, ts, table[items], all_ids, table, I)
         hn, en = F.normalize(h, dim=-1), F.normalize(table, dim=-1)
         tok = [t for r in range(len(lengths)) for t in range(int(offsets[r]), int(offsets[r + 1]) - 1)
                if actions[t + 1].item() in (1, 2) or not engaged_only]
@@ -207,7 +213,7 @@ def test_full_catalogue_is_exact_cross_entropy():
     spec = LossSpec(full_catalogue=True, user_masking=True, temperature=0.2)
     one = torch.tensor([3, 5, 7])
     hh = torch.randn(3, D)
-    got = sequence_losses(spec, hh, torch.tensor([0, 3]), one, torch.ones(3, dtype=torch.long), None,
+    got = _losses(spec, hh, torch.tensor([0, 3]), one, torch.ones(3, dtype=torch.long), None,
                           table[one], all_ids, table, I)["next_token"]
     hn, en = F.normalize(hh, dim=-1), F.normalize(table, dim=-1)
     keep = torch.ones(I, dtype=torch.bool)
@@ -219,7 +225,7 @@ def test_full_catalogue_is_exact_cross_entropy():
         want.append(torch.logaddexp(pos, torch.logsumexp(logits[keep], 0)) - pos)
     torch.testing.assert_close(got, torch.stack(want).mean())
     with pytest.raises(ValueError, match="full_catalogue"):
-        sequence_losses(spec, hh, torch.tensor([0, 3]), one, torch.ones(3, dtype=torch.long), None,
+        _losses(spec, hh, torch.tensor([0, 3]), one, torch.ones(3, dtype=torch.long), None,
                         table[one], all_ids[:5], table[:5], I)
 
 
@@ -234,5 +240,5 @@ def test_loss_specs_that_would_train_nothing_are_errors():
     # sampled negatives expected but none in the batch (data.num_negatives_per_row=0)
     lengths, offsets, items, actions, ts, h, table, neg = _case(0)
     with pytest.raises(ValueError, match="no negatives"):
-        sequence_losses(LossSpec(in_batch_negatives=0), h, offsets, items, actions, ts, table[items],
+        _losses(LossSpec(in_batch_negatives=0), h, offsets, items, actions, ts, table[items],
                         None, None, I)

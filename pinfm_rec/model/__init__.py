@@ -7,7 +7,7 @@ from pinfm_rec.model.embedding import (
     table_shardings,
     table_sizes,
 )
-from pinfm_rec.model.losses import LossSpec, sequence_losses
+from pinfm_rec.model.losses import LossInputs, LossSpec, sequence_losses
 from pinfm_rec.model.pinfm import ModelSpec, PinFM
 from pinfm_rec.model.trunk import KVCache, Trunk, TrunkSpec
 
@@ -18,6 +18,7 @@ __all__ = [
     "check_ids",
     "table_shardings",
     "table_sizes",
+    "LossInputs",
     "LossSpec",
     "sequence_losses",
     "ModelSpec",

@@ -32,7 +32,7 @@ from pinfm_rec.data.ranking_batch import RankingBatch
 from pinfm_rec.model.embedding import check_ids
 from pinfm_rec.model.features import log_bucket
 from pinfm_rec.model.pinfm import ModelSpec, PinFM, to_ec_kjt
-from pinfm_rec.model.trunk import jagged_index
+from pinfm_rec.model.jagged import append_tokens, gather_rows, jagged_index, last_index
 from pinfm_rec.spec import bounds
 
 MODES = ("dcat", "flat")
@@ -53,22 +53,6 @@ class EncoderSpec:
     kernel: Literal["auto", "triton", "pytorch", "sdpa"] = "auto"  # the DCAT kernel
     # candidates attend the last max_ctx history tokens (0 = all)
     max_ctx: int = field(default=0, metadata=bounds(ge=0))
-
-
-def append_tokens(
-    values: torch.Tensor, offsets: torch.Tensor, extra: torch.Tensor
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """values [L, *S] jagged by offsets [B+1], extra [B, *S] -> (values [L+B, *S] with extra[b]
-    appended to row b, offsets [B+1])."""
-    b = offsets.numel() - 1
-    lengths = offsets[1:] - offsets[:-1]
-    new_off = torch.zeros_like(offsets)
-    new_off[1:] = torch.cumsum(lengths + 1, 0)
-    total = values.shape[0] + b
-    rows, pos = jagged_index(offsets, values.shape[0])
-    out = values.new_zeros((total,) + tuple(values.shape[1:]))
-    out = out.index_copy(0, new_off[:-1][rows] + pos, values)
-    return out.index_copy(0, new_off[1:] - 1, extra), new_off
 
 
 class AddVector(nn.Module):
@@ -131,7 +115,7 @@ class PinFMEncoder(nn.Module):
         rows = batch.expand_index()  # [C]
         lengths = offsets[1:] - offsets[:-1]
         ts = batch.history.timestamps
-        last_ts = ts[(offsets[1:] - 1).clamp_min(0)] if ts.numel() else torch.zeros_like(lengths)
+        last_ts = ts[last_index(offsets)] if ts.numel() else torch.zeros_like(lengths)
         req_ts = batch.history.target_timestamp
         gap = (req_ts - last_ts)[rows]
         special = torch.full_like(gap, tf.num_buckets)
@@ -177,7 +161,7 @@ class PinFMEncoder(nn.Module):
         trunk = fm.trunk
         x, offsets, cx, e_cand = self._inputs(batch)
         lengths = offsets[1:] - offsets[:-1]  # [U]
-        last = (offsets[1:] - 1).clamp_min(0)
+        last = last_index(offsets)
         n = batch.history.max_len
         if mode == "dcat":
             h, cache = trunk.encode_context(x, offsets, n)  # [L, d_model]
@@ -187,11 +171,8 @@ class PinFMEncoder(nn.Module):
             )  # [C, d_model]
         else:
             rows = batch.expand_index()  # [C]
-            starts, cl = offsets[:-1][rows], lengths[rows]  # [C]
-            rep_off = torch.zeros(rows.numel() + 1, dtype=offsets.dtype, device=offsets.device)
-            rep_off[1:] = torch.cumsum(cl, 0)
-            r_rows, r_pos = jagged_index(rep_off, int(cl.sum()))
-            xr = x[starts[r_rows] + r_pos]  # [sum_c n_r, d_model]: history repeated per candidate
+            rep, rep_off = gather_rows(offsets, rows)
+            xr = x[rep]  # [sum_c n_r, d_model]: history repeated per candidate
             xa, off_a = append_tokens(xr, rep_off, cx)
             ha = trunk.forward_appended(xa, off_a, n + 1)  # [sum_c (n_r + 1), d_model]
             hc = ha[off_a[1:] - 1]  # [C, d_model]

@@ -17,7 +17,7 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from pinfm_rec.model.trunk import jagged_index
+from pinfm_rec.model.jagged import jagged_index
 
 NUM_TIME_BUCKETS = 32
 

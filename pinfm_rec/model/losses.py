@@ -34,7 +34,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from pinfm_rec.model.trunk import jagged_index
+from pinfm_rec.model.jagged import jagged_index
 from pinfm_rec.spec import FieldError, bounds
 
 
@@ -117,158 +117,210 @@ def _next_qualifying(
     return idx, valid & (idx < row_end[:, None])
 
 
+@dataclass
+class LossInputs:
+    """What the losses read of one batch: trunk outputs and the ids/embeddings of its tokens.
+
+    h [L, D] trunk outputs in the item-embedding space, jagged by offsets [B+1]; item_ids,
+    actions [L] and timestamps [L] (optional: only the future-window objective needs them);
+    item_emb [L, D] embeddings of item_ids (positives and in-batch negatives come from it);
+    neg_ids [K_u], neg_emb [K_u, D] the sampled negatives (None: none in this batch).
+    """
+
+    h: torch.Tensor
+    offsets: torch.Tensor
+    item_ids: torch.Tensor
+    actions: torch.Tensor
+    item_emb: torch.Tensor
+    timestamps: Optional[torch.Tensor] = None
+    neg_ids: Optional[torch.Tensor] = None
+    neg_emb: Optional[torch.Tensor] = None
+
+
+@dataclass
+class _Targets:
+    """Positives of each objective. rows [L] row of each token; nt_tok/nt_pos [T] next-token
+    query token and its positive; groups {objective: (idx [L, K], valid [L, K])} of the
+    multi-positive objectives."""
+
+    rows: torch.Tensor
+    nt_tok: torch.Tensor
+    nt_pos: torch.Tensor
+    groups: Dict[str, Tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class _Negatives:
+    """The shared negatives: ids [M], emb [M, D] (normalised like the queries); m_b in-batch and
+    k_u sampled ones (M = m_b + k_u)."""
+
+    ids: torch.Tensor
+    emb: torch.Tensor
+    m_b: int
+    k_u: int
+
+
 def sequence_losses(
     spec: LossSpec,
-    h: torch.Tensor,
-    offsets: torch.Tensor,
-    item_ids: torch.Tensor,
-    actions: torch.Tensor,
-    timestamps: Optional[torch.Tensor],
-    item_emb: torch.Tensor,
-    neg_ids: Optional[torch.Tensor],
-    neg_emb: Optional[torch.Tensor],
+    inputs: LossInputs,
+    *,
     num_items: int,
     item_counts: Optional[torch.Tensor] = None,
     generator: Optional[torch.Generator] = None,
     id_space: Optional[int] = None,
 ) -> Dict[str, torch.Tensor]:
-    """Next-token (+ optional multi-token / future-window) sampled-softmax losses.
+    """Next-token (+ optional multi-token / future-window) sampled-softmax losses of ``inputs``.
 
-    h [L, D] trunk outputs (output space) jagged by offsets [B+1]; item_ids, actions,
-    timestamps [L]; item_emb [L, D] embeddings of item_ids (positives and in-batch negatives are
-    taken from it); neg_ids [K_u], neg_emb [K_u, D] uniform negatives; item_counts [num_items]
-    optional train counts for the in-batch logQ; num_items is the uniform sampler's range (logQ);
-    id_space (default num_items) bounds every id (used for row-membership keys). Returns scalar tensors: "next_token",
-    "multi_token", "future_token" (those enabled), "loss" (weighted total), "num_targets" (number
-    of next-token targets, no grad). Memory O(L * (M + K)). Runs in fp32 with autocast off.
+    num_items is the uniform sampler's range (logQ); item_counts [num_items] optional train counts
+    for the in-batch logQ; id_space (default num_items) bounds every id (row-membership keys).
+    Returns scalar tensors: "next_token", "multi_token", "future_token" (those enabled), "loss"
+    (weighted total), "num_targets" (number of next-token targets, no grad). Memory O(L * (M + K)).
+    Runs in fp32 with autocast off.
     """
-    with torch.autocast(device_type=h.device.type, enabled=False):
-        return _sequence_losses(
-            spec, h, offsets, item_ids, actions, timestamps, item_emb, neg_ids, neg_emb,
-            num_items, item_counts, generator, id_space,
+    with torch.autocast(device_type=inputs.h.device.type, enabled=False):
+        hn, en = _normalize(spec, inputs.h), _normalize(spec, inputs.item_emb)
+        tg = _targets(spec, inputs)
+        negs = _negatives(spec, inputs, tg, en, num_items, generator)
+        logq = _logq(spec, inputs, tg, negs, num_items, item_counts)
+        q_of_tok, lse, neg_logits = _negative_logsumexp(
+            spec, inputs, tg, negs, hn, logq, max(num_items, id_space or 0)
         )
+        return _reduce(spec, inputs, tg, negs, hn, en, q_of_tok, lse, neg_logits)
 
 
-def _sequence_losses(
-    spec, h, offsets, item_ids, actions, timestamps, item_emb, neg_ids, neg_emb,
-    num_items, item_counts, generator, id_space,
-) -> Dict[str, torch.Tensor]:
-    total, b = item_ids.numel(), offsets.numel() - 1
-    dev = h.device
-    tau = spec.temperature
+def _normalize(spec: LossSpec, x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x.float(), dim=-1) if spec.l2_norm else x.float()
+
+
+def _targets(spec: LossSpec, inputs: LossInputs) -> _Targets:
+    """Positives: the next token when it qualifies (engaged), and the multi-token / future-window
+    positives (the next qualifying tokens of the row, within the window)."""
+    actions, offsets = inputs.actions, inputs.offsets
+    total, dev = inputs.item_ids.numel(), inputs.h.device
     rows, _ = jagged_index(offsets, total)  # [L]
     row_end = offsets[1:][rows]  # [L] exclusive end of each token's row
-    ar = torch.arange(total, device=dev)
     if spec.positives_only_engaged:
-        eng = torch.tensor(spec.engaged_actions, dtype=actions.dtype, device=dev)
-        qual = torch.isin(actions, eng)  # [L]
+        qual = torch.isin(actions, torch.tensor(spec.engaged_actions, dtype=actions.dtype, device=dev))  # [L]
     else:
         qual = torch.ones(total, dtype=torch.bool, device=dev)
-
-    hn = h.float()
-    en = item_emb.float()
-    if spec.l2_norm:
-        hn, en = F.normalize(hn, dim=-1), F.normalize(en, dim=-1)
-
-    # ---- positives of each objective (token index, positive index) ----
-    has_next = (ar + 1) < row_end
+    has_next = (torch.arange(total, device=dev) + 1) < row_end
     nt_tok = torch.nonzero(has_next & torch.roll(qual, -1)).squeeze(1)  # [T]
-    nt_pos = nt_tok + 1  # [T]
-    n_t = nt_tok.numel()
-    multi = spec.multi_token_k > 0 and spec.multi_token_weight > 0
-    future = spec.future_window_s > 0 and spec.future_weight > 0
     groups = {}
-    if multi:
+    if spec.multi_token_k > 0 and spec.multi_token_weight > 0:
         groups["multi_token"] = _next_qualifying(qual, row_end, spec.multi_token_k)
-    if future:
-        if timestamps is None:
+    if spec.future_window_s > 0 and spec.future_weight > 0:
+        ts = inputs.timestamps
+        if ts is None:
             raise ValueError("future-token loss needs timestamps")
         idx, valid = _next_qualifying(qual, row_end, spec.future_max_targets)
-        valid = valid & ((timestamps[idx] - timestamps[:, None]) <= spec.future_window_s)
-        groups["future_token"] = (idx, valid)
+        groups["future_token"] = (idx, valid & ((ts[idx] - ts[:, None]) <= spec.future_window_s))
+    return _Targets(rows=rows, nt_tok=nt_tok, nt_pos=nt_tok + 1, groups=groups)
 
-    # ---- shared negatives [M] ----
-    neg_id_parts, neg_emb_parts = [], []
-    m_b = 0
-    full = spec.full_catalogue
+
+def _negatives(
+    spec: LossSpec, inputs: LossInputs, tg: _Targets, en: torch.Tensor, num_items: int,
+    generator: Optional[torch.Generator],
+) -> _Negatives:
+    """In-batch negatives (next-token targets, subsampled to ``in_batch_negatives``) ++ the
+    sampled ids (all items with ``full_catalogue``)."""
+    neg_ids, n_t, full = inputs.neg_ids, tg.nt_tok.numel(), spec.full_catalogue
     if full and (neg_ids is None or neg_ids.numel() != num_items):
         raise ValueError(
             f"loss.full_catalogue needs neg_ids == arange(num_items={num_items}), got "
             f"{0 if neg_ids is None else neg_ids.numel()} ids"
         )
+    ids, embs = [], []
     if spec.in_batch_negatives > 0 and n_t > 0 and not full:
-        sel = nt_pos
+        sel = tg.nt_pos
         if n_t > spec.in_batch_negatives:
-            perm = torch.randperm(n_t, device=dev, generator=generator)[: spec.in_batch_negatives]
+            perm = torch.randperm(n_t, device=sel.device, generator=generator)[: spec.in_batch_negatives]
             sel = sel[perm]
-        m_b = sel.numel()
-        neg_id_parts.append(item_ids[sel])
-        neg_emb_parts.append(en[sel])
+        ids.append(inputs.item_ids[sel])
+        embs.append(en[sel])
+    m_b = ids[0].numel() if ids else 0
     k_u = 0
     if (spec.use_sampled_negatives or full) and neg_ids is not None and neg_ids.numel() > 0:
         k_u = neg_ids.numel()
-        ne = neg_emb.float()
-        neg_id_parts.append(neg_ids)
-        neg_emb_parts.append(F.normalize(ne, dim=-1) if spec.l2_norm else ne)
-    if not neg_id_parts and n_t > 0:
-        raise ValueError(
-            "sequence_losses: this batch has next-token targets but no negatives (in-batch negatives "
-            "off and no sampled ids: is data.num_negatives_per_row 0 while the loss expects them?)"
-        )
-    if neg_id_parts:
-        all_ids = torch.cat(neg_id_parts)  # [M]
-        all_emb = torch.cat(neg_emb_parts)  # [M, D]
-    else:
-        all_ids = item_ids.new_zeros(0)
-        all_emb = en.new_zeros(0, en.shape[-1])
-    logq = None
-    if spec.logq_correction and all_ids.numel() > 0 and not full:
-        expected = torch.zeros(all_ids.numel(), device=dev)
-        if m_b > 0:
-            if item_counts is not None:
-                c = item_counts.to(device=dev, dtype=torch.float32)
-                share = c[all_ids] / c.sum().clamp_min(1.0)
-            else:
-                tgt = torch.sort(item_ids[nt_pos]).values
-                cnt = torch.searchsorted(tgt, all_ids, right=True) - torch.searchsorted(tgt, all_ids)
-                share = cnt.float() / n_t
-            expected = expected + m_b * share
-        if k_u > 0:
-            expected = expected + k_u / float(num_items)
-        logq = torch.log(expected.clamp_min(1e-12))  # [M]
+        ids.append(neg_ids)
+        embs.append(_normalize(spec, inputs.neg_emb))
+    if not ids:
+        if n_t > 0:
+            raise ValueError(
+                "sequence_losses: this batch has next-token targets but no negatives (in-batch negatives "
+                "off and no sampled ids: is data.num_negatives_per_row 0 while the loss expects them?)"
+            )
+        return _Negatives(inputs.item_ids.new_zeros(0), en.new_zeros(0, en.shape[-1]), 0, 0)
+    return _Negatives(torch.cat(ids), torch.cat(embs), m_b, k_u)  # [M], [M, D]
 
-    # ---- negative logits of the query tokens [Q, M] ----
-    need = torch.zeros(total, dtype=torch.bool, device=dev)
-    need[nt_tok] = True
-    for idx, valid in groups.values():
+
+def _logq(
+    spec: LossSpec, inputs: LossInputs, tg: _Targets, negs: _Negatives, num_items: int,
+    item_counts: Optional[torch.Tensor],
+) -> Optional[torch.Tensor]:
+    """logQ [M]: log of each negative's expected occurrences in the negative set (module doc)."""
+    if not spec.logq_correction or negs.ids.numel() == 0 or spec.full_catalogue:
+        return None
+    dev = inputs.h.device
+    expected = torch.zeros(negs.ids.numel(), device=dev)
+    if negs.m_b > 0:
+        if item_counts is not None:
+            c = item_counts.to(device=dev, dtype=torch.float32)
+            share = c[negs.ids] / c.sum().clamp_min(1.0)
+        else:
+            tgt = torch.sort(inputs.item_ids[tg.nt_pos]).values
+            cnt = torch.searchsorted(tgt, negs.ids, right=True) - torch.searchsorted(tgt, negs.ids)
+            share = cnt.float() / tg.nt_tok.numel()
+        expected = expected + negs.m_b * share
+    if negs.k_u > 0:
+        expected = expected + negs.k_u / float(num_items)
+    return torch.log(expected.clamp_min(1e-12))  # [M]
+
+
+def _negative_logsumexp(
+    spec: LossSpec, inputs: LossInputs, tg: _Targets, negs: _Negatives, hn: torch.Tensor,
+    logq: Optional[torch.Tensor], id_space: int,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits of the query tokens (tokens with any positive) against the negatives, logQ-shifted
+    and user-masked -> (query index of each token q_of_tok [L], logsumexp [Q], logits [Q, M])."""
+    need = torch.zeros(inputs.item_ids.numel(), dtype=torch.bool, device=hn.device)
+    need[tg.nt_tok] = True
+    for _, valid in tg.groups.values():
         need |= valid.any(1)
     q_tok = torch.nonzero(need).squeeze(1)  # [Q]
     q_of_tok = torch.cumsum(need.long(), 0) - 1  # [L] query index of each needed token
-    neg_logits = hn[q_tok] @ all_emb.t() / tau  # [Q, M]
+    neg_logits = hn[q_tok] @ negs.emb.t() / spec.temperature  # [Q, M]
     if logq is not None:
         neg_logits = neg_logits - logq
     if spec.user_masking:
-        row_mask = _row_membership(rows, item_ids, b, all_ids, max(num_items, id_space or 0))  # [B, M]
-        neg_logits = neg_logits.masked_fill(row_mask[rows[q_tok]], float("-inf"))
-    lse = _safe_logsumexp(neg_logits)  # [Q]
+        b = inputs.offsets.numel() - 1
+        row_mask = _row_membership(tg.rows, inputs.item_ids, b, negs.ids, id_space)  # [B, M]
+        neg_logits = neg_logits.masked_fill(row_mask[tg.rows[q_tok]], float("-inf"))
+    return q_of_tok, _safe_logsumexp(neg_logits), neg_logits
 
+
+def _reduce(
+    spec: LossSpec, inputs: LossInputs, tg: _Targets, negs: _Negatives, hn: torch.Tensor,
+    en: torch.Tensor, q_of_tok: torch.Tensor, lse: torch.Tensor, neg_logits: torch.Tensor,
+) -> Dict[str, torch.Tensor]:
+    """Cross-entropy of each objective (mean over its tokens) and their weighted total."""
+    tau, n_t = spec.temperature, tg.nt_tok.numel()
     out: Dict[str, torch.Tensor] = {}
-    # next token
-    s_pos = (hn[nt_tok] * en[nt_pos]).sum(-1) / tau  # [T]
-    qi = q_of_tok[nt_tok]
-    pos_in_lse = full and not spec.user_masking  # lse already sums over the positive's column
+    s_pos = (hn[tg.nt_tok] * en[tg.nt_pos]).sum(-1) / tau  # [T]
+    qi = q_of_tok[tg.nt_tok]
+    pos_in_lse = spec.full_catalogue and not spec.user_masking  # lse already sums the positive's column
     if pos_in_lse:
-        lse_nt = None
-    elif spec.user_masking:
-        lse_nt = lse[qi]
-    else:  # accidental hits only
-        hit = item_ids[nt_pos][:, None] == all_ids[None, :]  # [T, M]
-        lse_nt = _safe_logsumexp(neg_logits[qi].masked_fill(hit, float("-inf")))
-    ce = (lse[qi] if pos_in_lse else torch.logaddexp(s_pos, lse_nt)) - s_pos  # [T]
+        ce = lse[qi] - s_pos  # [T]
+    else:
+        if spec.user_masking:
+            lse_nt = lse[qi]
+        else:  # accidental hits only
+            hit = inputs.item_ids[tg.nt_pos][:, None] == negs.ids[None, :]  # [T, M]
+            lse_nt = _safe_logsumexp(neg_logits[qi].masked_fill(hit, float("-inf")))
+        ce = torch.logaddexp(s_pos, lse_nt) - s_pos  # [T]
     out["next_token"] = ce.sum() / max(n_t, 1)
     total_loss = spec.next_token_weight * out["next_token"]
     # multi-positive objectives: mean over each token's positives, then over tokens
-    for name, (idx, valid) in groups.items():
+    for name, (idx, valid) in tg.groups.items():
         tok = torch.nonzero(valid.any(1)).squeeze(1)  # [T']
         idx, valid = idx[tok], valid[tok]  # [T', K]
         s = torch.einsum("td,tkd->tk", hn[tok], en[idx]) / tau  # [T', K]
@@ -280,5 +332,5 @@ def _sequence_losses(
         w = spec.multi_token_weight if name == "multi_token" else spec.future_weight
         total_loss = total_loss + w * out[name]
     out["loss"] = total_loss
-    out["num_targets"] = torch.tensor(float(n_t), device=dev)
+    out["num_targets"] = torch.tensor(float(n_t), device=inputs.h.device)
     return out

@@ -25,7 +25,8 @@ from pinfm_rec.model.embedding import (
     table_sizes,
 )
 from pinfm_rec.model.features import TimeFeatures
-from pinfm_rec.model.losses import LossSpec, sequence_losses
+from pinfm_rec.model.jagged import last_index
+from pinfm_rec.model.losses import LossInputs, LossSpec, sequence_losses
 from pinfm_rec.model.trunk import KVCache, Trunk, TrunkSpec
 
 
@@ -161,19 +162,18 @@ class PinFM(nn.Module):
         """Losses of one batch: {"next_token", ... , "loss" (weighted total), "num_targets"}."""
         x, offsets, kjt, emb = self._embed(batch, all_items_as_negatives=self.spec.loss.full_catalogue)
         h = self.head(self.trunk(x, offsets, batch.max_len))  # [L, dim]
-        neg_ids = kjt[NEG_ITEM_KEY].values() if NEG_ITEM_KEY in kjt.keys() else None
+        inputs = LossInputs(
+            h=h,
+            offsets=offsets,
+            item_ids=kjt[ITEM_KEY].values(),
+            actions=kjt[ACTION_KEY].values(),
+            item_emb=emb[ITEM_KEY].values(),
+            timestamps=batch.timestamps,
+            neg_ids=kjt[NEG_ITEM_KEY].values() if NEG_ITEM_KEY in kjt.keys() else None,
+            neg_emb=emb[NEG_ITEM_KEY].values(),
+        )
         return sequence_losses(
-            self.spec.loss,
-            h,
-            offsets,
-            kjt[ITEM_KEY].values(),
-            kjt[ACTION_KEY].values(),
-            batch.timestamps,
-            emb[ITEM_KEY].values(),
-            neg_ids,
-            emb[NEG_ITEM_KEY].values(),
-            self.num_items,
-            item_counts=self.item_counts,
+            self.spec.loss, inputs, num_items=self.num_items, item_counts=self.item_counts,
             id_space=self.sizes[ITEM_TABLE],
         )
 
@@ -186,7 +186,7 @@ class PinFM(nn.Module):
         x, offsets, _, _ = self._embed(batch)
         h = self.head(self.trunk(x, offsets, batch.max_len))  # [L, dim]
         lengths = offsets[1:] - offsets[:-1]  # [B]
-        last = (offsets[1:] - 1).clamp_min(0)
+        last = last_index(offsets)
         if h.shape[0] == 0:
             return h.new_zeros(lengths.numel(), h.shape[-1]).float()
         u = self._normalize(h[last])  # [B, dim]

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pinfm_rec.model.jagged import jagged_index, pad_jagged, unpad_jagged
 from pinfm_rec.spec import FieldError, bounds
 
 Attention = Literal["sdpa", "pytorch"]  # pytorch: explicit softmax, for reference/debugging
@@ -52,28 +53,6 @@ class KVCache:
     v: List[torch.Tensor]
     offsets: torch.Tensor
     max_len: int
-
-
-def jagged_index(offsets: torch.Tensor, total: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Row id and position in row of each jagged element: (row [L], pos [L]). No host sync."""
-    lengths = offsets[1:] - offsets[:-1]
-    rows = torch.repeat_interleave(
-        torch.arange(lengths.numel(), device=offsets.device), lengths, output_size=total
-    )  # [L]
-    pos = torch.arange(total, device=offsets.device) - offsets[:-1][rows]  # [L]
-    return rows, pos
-
-
-def pad_jagged(values: torch.Tensor, flat_idx: torch.Tensor, b: int, n: int) -> torch.Tensor:
-    """[L, *S] jagged -> [B, N, *S] right-padded with zeros (flat_idx = row * N + pos)."""
-    out = values.new_zeros((b * n,) + tuple(values.shape[1:]))
-    out = out.index_copy(0, flat_idx, values)  # [B*N, *S]
-    return out.view((b, n) + tuple(values.shape[1:]))  # [B, N, *S]
-
-
-def unpad_jagged(dense: torch.Tensor, flat_idx: torch.Tensor) -> torch.Tensor:
-    """[B, N, *S] -> [L, *S] (inverse of pad_jagged)."""
-    return dense.reshape((-1,) + tuple(dense.shape[2:]))[flat_idx]  # [L, *S]
 
 
 def _no_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

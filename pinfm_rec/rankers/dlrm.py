@@ -29,7 +29,7 @@ from pinfm_rec.data.batch import ITEM_KEY
 from pinfm_rec.data.ranking_batch import RankingBatch
 from pinfm_rec.model.embedding import check_ids
 from pinfm_rec.model.encoder import PinFMEncoder
-from pinfm_rec.model.trunk import jagged_index
+from pinfm_rec.model.jagged import gather_rows
 from pinfm_rec.spec import FieldError, bounds
 
 CAND_FEATURE = "r_cand_item"
@@ -96,17 +96,11 @@ def ranker_features(batch: RankingBatch, history_bag_len: int) -> KeyedJaggedTen
     lengths = [torch.ones(c, dtype=torch.long, device=dev)]
     if history_bag_len > 0:
         hist = batch.history.features[ITEM_KEY]
-        off = hist.offsets()  # [U+1]
-        n = (off[1:] - off[:-1]).clamp(max=history_bag_len)  # [U]
-        rows = batch.expand_index()  # [C]
-        cl = n[rows]  # [C]
-        start = (off[1:] - n)[rows]  # [C] first kept history token of each candidate's request
-        rep = torch.zeros(c + 1, dtype=torch.long, device=dev)
-        rep[1:] = torch.cumsum(cl, 0)
-        r_rows, r_pos = jagged_index(rep, int(rep[-1]))
+        # the last history_bag_len items of each candidate's request, expanded per candidate
+        index, off = gather_rows(hist.offsets(), batch.expand_index(), keep_last=history_bag_len)
         keys.append(HIST_FEATURE)
-        values.append(hist.values()[start[r_rows] + r_pos])
-        lengths.append(cl)
+        values.append(hist.values()[index])
+        lengths.append(off[1:] - off[:-1])
     return KeyedJaggedTensor(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths), stride=c)
 
 
