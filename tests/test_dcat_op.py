@@ -126,3 +126,15 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="needs CUDA tensors"):
         dcat_attention(*ins, co, xo, kernel="triton")
+
+
+def test_inference_call_skips_autograd(kernel_device):
+    # under no_grad (serving, eval) the op goes straight to the launcher: same output, no
+    # autograd node; with grad it records one
+    ins, co, xo = _case(kernel_device, [3, 0, 6], [5, 8, 20])
+    xs = [t.clone().requires_grad_() for t in ins]
+    with torch.no_grad():
+        fast = dcat_attention(*xs, co, xo, kernel="triton")
+    slow = dcat_attention(*xs, co, xo, kernel="triton")
+    assert fast.grad_fn is None and slow.grad_fn is not None
+    torch.testing.assert_close(fast, slow.detach(), rtol=0, atol=0)

@@ -83,3 +83,21 @@ def test_sdpa_stock_path_empty():
     assert dcat_sdpa(*ins, co, xo).shape == (0, 2, 16)
     ins, co, xo = _inputs([2, 1], [0, 0], 2, 16)
     torch.testing.assert_close(dcat_sdpa(*ins, co, xo), ins[2])
+
+
+@pytest.mark.filterwarnings("ignore:.*flex_attention.*:UserWarning")
+def test_flex_attention_peer_computes_dcat():
+    # the bench's flex_attention column (issue 15's peer) computes the same crossing
+    # attention: block mask kv < L or kv - L == q over [history; candidates], eager on CPU
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    from pinfm_rec.kernels.dcat.bench import flex_dcat, flex_inputs
+    R, L, C, h, dh = 2, 24, 8, 2, 16
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(R * C, h, dh, generator=g) for _ in range(3))
+    kc, vc = (torch.randn(R * L, h, dh, generator=g) for _ in range(2))
+    co, xo = _offs([C] * R), _offs([L] * R)
+    fn = flex_dcat(R, L, C, device="cpu", compile=False)
+    out = fn(*flex_inputs(q, k, v, kc, vc, R, L, C))  # [R, H, C, Dh]
+    ref = dcat_reference(q, k, v, kc, vc, co, xo)
+    torch.testing.assert_close(out.transpose(1, 2).reshape(R * C, h, dh), ref, rtol=1e-4,
+                               atol=1e-4)

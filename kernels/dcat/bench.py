@@ -11,7 +11,11 @@ Dh=64, bf16. Kernels: ours (``kernel="triton"``: the Gluon forward on Hopper, el
 kernel; tl backward) vs stock (``dcat_sdpa``: SDPA + LSE
 merge) vs duplicating the history for every candidate (causal SDPA over
 [history; candidate], measured on a subset of candidates and scaled).
-``--sweep`` also times launch-config variants of the Triton kernels.
+``--sweep`` also times launch-config variants of the Triton kernels (``tune.py``) and runs the
+rest with the chosen config, passed explicitly. Peer column: ``torch.nn.attention.
+flex_attention`` (compiled, block mask ``kv < L or kv - L == q``), GPU time and eager;
+``*_host_us``: host time per eager no-grad forward call (``eager_host_overhead_us``: the max
+over shapes); ``--profile-host`` adds a cProfile of the eager op's host side.
 """
 
 from __future__ import annotations
@@ -132,11 +136,12 @@ def nsub_for(R, L, C, per_tok_bytes):
 
 
 # --------------------------------------------------------------- timing
-def flex_dcat(R, L, C):
+def flex_dcat(R, L, C, device="cuda", compile=True):
     """The same crossing attention with ``torch.nn.attention.flex_attention`` (compiled), the
     nearest peer: per request, the C candidates attend over [history (L); candidates (C)] with
-    the block mask ``kv < L or kv - L == q``. Returns fn(q4, kv4, vv4) on [R, H, C|L+C, Dh]
-    (history and candidates concatenated outside the timing), or None without flex."""
+    the block mask ``kv < L or kv - L == q``. Returns fn(q4, k4, v4) on [R, H, C or L+C, Dh]
+    (``flex_inputs``: history and candidates concatenated outside the timing) -> [R, H, C, Dh],
+    or None without flex_attention."""
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     except ImportError:
@@ -144,15 +149,19 @@ def flex_dcat(R, L, C):
 
     def mask_mod(b, h, q_idx, kv_idx):
         return (kv_idx < L) | (kv_idx - L == q_idx)
-    bm = create_block_mask(mask_mod, R, None, C, L + C, device="cuda")
-    fa = torch.compile(flex_attention, dynamic=False)
+    bm = create_block_mask(mask_mod, R, None, C, L + C, device=device)
+    fa = torch.compile(flex_attention, dynamic=False) if compile else flex_attention
     return lambda q4, k4, v4: fa(q4, k4, v4, block_mask=bm)
 
 
 def flex_inputs(q, k, v, kc, vc, R, L, C):
+    """[R*C, H, Dh] candidates and [R*L, H, Dh] histories (equal lengths per request) ->
+    flex_attention's q [R, H, C, Dh] and k, v [R, H, L+C, Dh]."""
+    h, dh = q.shape[1:]
+
     def cat(ctx, cand):
-        return torch.cat([ctx.view(R, L, H, DH), cand.view(R, C, H, DH)], 1).transpose(1, 2)
-    return (q.view(R, C, H, DH).transpose(1, 2).contiguous(), cat(kc, k).contiguous(),
+        return torch.cat([ctx.view(R, L, h, dh), cand.view(R, C, h, dh)], 1).transpose(1, 2)
+    return (q.view(R, C, h, dh).transpose(1, 2).contiguous(), cat(kc, k).contiguous(),
             cat(vc, v).contiguous())
 
 
@@ -168,6 +177,34 @@ def host_us(fn, n=200):
     t1 = time.perf_counter()
     torch.cuda.synchronize()
     return (t1 - t0) / n * 1e6
+
+
+def profile_host(dev, config=None, n=300, top=25):
+    """Where the eager op's host time goes: cProfile over n no-grad forward calls at the
+    smallest shape (GPU time there is ~10 us, so the host is the bound). Returns the top
+    entries by own time, as text lines."""
+    import cProfile
+    import io
+    import pstats
+    R, L, C = SHAPES[0]
+    q, k, v, qc, kc, vc, co, xo = make(R, L, C, torch.bfloat16, dev)
+
+    def call():
+        return dcat_attention(q, k, v, kc, vc, co, xo, max_cands=C, max_ctx_len=L,
+                              kernel="triton", config=config)
+    with torch.no_grad():
+        for _ in range(10):
+            call()
+        torch.cuda.synchronize()
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(n):
+            call()
+        prof.disable()
+        torch.cuda.synchronize()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
+    return [line for line in buf.getvalue().splitlines() if line.strip()]
 
 
 def bench_shape(R, L, C, dev, dup_bwd=True, config=None):
@@ -198,16 +235,22 @@ def bench_shape(R, L, C, dev, dup_bwd=True, config=None):
         out["triton_fwd_host_us"] = host_us(lambda: dcat_attention(
             q, k, v, kc, vc, co, xo, max_cands=C, max_ctx_len=L, kernel="triton",
             config=config))
-        flex = flex_dcat(R, L, C)
-        if flex is not None:
-            fins = flex_inputs(q.detach(), k.detach(), v.detach(), kc.detach(), vc.detach(),
-                               R, L, C)
-            out["flex_fwd_eager_ms"] = _do_bench(lambda: flex(*fins))
-            out["flex_fwd_ms"] = _graph_bench(lambda: flex(*fins)) or out["flex_fwd_eager_ms"]
-            out["flex_fwd_host_us"] = host_us(lambda: flex(*fins))
-            out["fwd_speedup_vs_flex"] = out["flex_fwd_ms"] / out["triton_fwd_ms"]
-            out["eager_fwd_speedup_vs_flex"] = (out["flex_fwd_eager_ms"]
-                                                / out["triton_fwd_eager_ms"])
+        try:  # the peer: compiled flex_attention on the same inputs (issue 15)
+            flex = flex_dcat(R, L, C)
+            if flex is not None:
+                fins = flex_inputs(q.detach(), k.detach(), v.detach(), kc.detach(),
+                                   vc.detach(), R, L, C)
+                flex(*fins)  # compile outside the timing
+                out["flex_fwd_eager_ms"] = _do_bench(lambda: flex(*fins))
+                out["flex_fwd_ms"] = (_graph_bench(lambda: flex(*fins))
+                                      or out["flex_fwd_eager_ms"])
+                out["flex_fwd_host_us"] = host_us(lambda: flex(*fins))
+                out["fwd_speedup_vs_flex"] = out["flex_fwd_ms"] / out["triton_fwd_ms"]
+                out["eager_fwd_speedup_vs_flex"] = (out["flex_fwd_eager_ms"]
+                                                    / out["triton_fwd_eager_ms"])
+        except Exception as e:  # noqa: BLE001  (report, keep the rest of the run)
+            out["flex_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            print("  flex_attention failed:", out["flex_error"], flush=True)
     # kernel launchers alone (no autograd / op dispatch), CUDA-graph GPU time
     from pinfm_rec.kernels.dcat import triton_bwd, triton_fwd
     sc = DH ** -0.5
@@ -321,6 +364,8 @@ def main(argv=None):
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--sweep-seconds", type=float, default=60.0)
     ap.add_argument("--no-model", action="store_true")
+    ap.add_argument("--profile-host", action="store_true",
+                    help="also cProfile the eager op's host side (top functions by own time)")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("CUDA device required", file=sys.stderr)
@@ -373,6 +418,10 @@ def main(argv=None):
         phase("correctness", t0)
     from pinfm_rec.kernels.dcat.config import as_json, select
     res["config"] = as_json(config or select(dev, torch.bfloat16, DH))
+    if a.profile_host:
+        res["host_profile"] = profile_host(dev, config)
+        print("\n".join(res["host_profile"]), flush=True)
+        save()
     for R, L, C in SHAPES:
         t0 = time.time()
         key = f"{R},{L},{C}"

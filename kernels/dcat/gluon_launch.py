@@ -6,6 +6,8 @@ Notation: Cn candidates, Lc history tokens, H heads, Dh head dim.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from triton.experimental.gluon import language as gl
 
@@ -36,6 +38,12 @@ def _counters(device, n: int):
     return buf
 
 
+@functools.lru_cache(maxsize=None)
+def _smem_layout(bn: int, dh: int, bf16: bool):
+    """The NVMMA shared layout of a [bn, dh] K/V block (computed once, not per call)."""
+    return gl.NVMMASharedLayout.get_default_for([bn, dh], gl.bfloat16 if bf16 else gl.float16)
+
+
 def launch(grid, q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, o, lse, po, pl,
            Cn, H, n_mtiles, max_ctx, split_size, qk_scale, cfg: FwdConfig, split):
     """Launch the Gluon forward on ``grid`` (same grid and arguments as the ``tl`` kernel).
@@ -48,8 +56,7 @@ def launch(grid, q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, o, lse, po, p
     # Dh 128 with 128-key blocks would not fit the registers; 64-key blocks still divide
     # every split
     bn = cfg.block_n if Dh <= 64 else min(cfg.block_n, 64)
-    gdt = gl.bfloat16 if k_ctx.dtype == torch.bfloat16 else gl.float16
-    layout = gl.NVMMASharedLayout.get_default_for([bn, Dh], gdt)
+    layout = _smem_layout(bn, Dh, k_ctx.dtype == torch.bfloat16)
     kd, vd = (TensorDescriptor(t, [Lc, H * Dh], [H * Dh, 1], [bn, Dh], layout)
               for t in (k_ctx, v_ctx))
     fuse = bool(split and cfg.fuse_combine)

@@ -163,6 +163,9 @@ def dcat_attention(q: Tensor, k: Tensor, v: Tensor, k_ctx: Tensor, v_ctx: Tensor
             max_cands, max_ctx_len)
     if torch.compiler.is_compiling() or _FORCE_CUSTOM_OP:
         return torch.ops.pinfm.dcat_fwd(*args)[0]
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in args[:5])):
+        # inference (serving, eval): no autograd node, straight to the launcher
+        return _fwd_impl()(*args, None if config is None else config.fwd)[0]
     return _DcatFn.apply(*args, config)
 
 
