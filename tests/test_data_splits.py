@@ -85,3 +85,46 @@ def test_train_windows_cover_every_target_once(max_len):
 def test_train_windows_need_two_events_per_window():
     with pytest.raises(ValueError, match="max_len >= 2"):
         leave_one_out(OFF, "train", max_len=1, min_events=3, train_windows=True)
+
+
+@pytest.mark.parametrize("train_windows", [False, True])
+def test_protocol_through_the_loader_on_a_sasrec_file(tmp_path, train_windows):
+    """The SASRec/GR protocol on exact rows, as the loader emits them: train sees e[:-2] only (no
+    valid/test target as input or target), valid = (e[:-2], e[-2]), test = (e[:-1], e[-1]) with the
+    valid item last in the test history; histories cut to the last max_len events."""
+    from pinfm_rec.data import DataSpec, build_loader, prepare_dataset
+
+    seqs = {7: list(range(100, 112)), 3: [200, 201, 202, 203, 204], 9: [300, 301, 302]}  # unique items
+    (tmp_path / "f.txt").write_text("".join(f"{u} {i}\n" for u, items in seqs.items() for i in items))
+    spec = DataSpec(source="sasrec", path=str(tmp_path / "f.txt"), cache_dir=str(tmp_path / "c"), max_len=4,
+                    batch_size=2, eval_batch_size=8, num_negatives_per_row=0, train_windows=train_windows)
+    info = prepare_dataset(spec)
+    items = sorted(i for s in seqs.values() for i in s)  # dense id = rank of the original id
+    users = sorted(seqs)  # request id = rank of the user id
+    orig = lambda v: [items[int(x)] for x in v]  # noqa: E731
+
+    def rows(split):
+        out = []
+        for b in build_loader(spec, info, split):
+            vals, lens = b.features["item_id"].values(), b.features["item_id"].lengths()
+            hist = np.split(vals.numpy(), np.cumsum(lens.numpy())[:-1])
+            w = b.weights if b.weights is not None else np.ones(len(hist))
+            for j, h in enumerate(hist):
+                if float(w[j]) > 0:
+                    t = None if b.target_item is None else items[int(b.target_item[j])]
+                    out.append((users[int(b.request_ids[j])], orig(h), t))
+        return out
+
+    train_tokens = {}
+    for u, h, _ in rows("train"):
+        train_tokens.setdefault(u, set()).update(h)
+    for u, s in seqs.items():
+        # windows cover all of e[:-2]; without them only the last max_len events of it
+        want = set(s[:-2]) if train_windows else set(s[:-2][-4:])
+        assert train_tokens[u] == want, (u, train_tokens[u])
+        assert s[-1] not in train_tokens[u] and s[-2] not in train_tokens[u]
+    valid = {u: (h, t) for u, h, t in rows("valid")}
+    test = {u: (h, t) for u, h, t in rows("test")}
+    for u, s in seqs.items():
+        assert valid[u] == (s[:-2][-4:], s[-2])
+        assert test[u] == (s[:-1][-4:], s[-1]) and test[u][0][-1] == s[-2]
