@@ -183,3 +183,20 @@ def test_split_ticket_buffers_graph_captures_never_share_with_eager(monkeypatch)
     assert bigger.numel() >= 5000 and g._GRAPH_COUNTERS == [graph, bigger]
     capturing[0] = False
     assert g._counters(dev, 10) is eager
+
+
+def test_tma_descriptors_cached_per_tensor_and_bounded(monkeypatch):
+    # host-overhead cache of the Gluon launch: the same K/V tensor reuses its descriptor, a
+    # different one (or another block size) gets its own, and at most _MAX_DESCRIPTORS stay
+    pytest.importorskip("triton.experimental.gluon.nvidia.hopper")
+    from pinfm_rec.kernels.dcat import gluon_launch as g
+    monkeypatch.setattr(g, "_DESCRIPTORS", {})
+    ts = [torch.randn(40, 2 * 64, dtype=torch.bfloat16) for _ in range(6)]
+    a = g._descriptor(ts[0], 40, 128, 128, 64)
+    assert g._descriptor(ts[0], 40, 128, 128, 64) is a
+    assert g._descriptor(ts[0], 40, 128, 64, 64) is not a
+    assert a.base is ts[0] and list(a.block_shape) == [128, 64]
+    for t in ts[1:]:
+        g._descriptor(t, 40, 128, 128, 64)
+    assert len(g._DESCRIPTORS) == g._MAX_DESCRIPTORS
+    assert g._descriptor(ts[0], 40, 128, 128, 64) is not a  # evicted, rebuilt

@@ -19,7 +19,6 @@ Notation: Dh head dim.
 from __future__ import annotations
 
 import enum
-import functools
 import os
 from dataclasses import asdict, dataclass, is_dataclass
 
@@ -134,24 +133,25 @@ def default_config(variant: Variant, tma: bool = False) -> DcatConfig:
     return DcatConfig(FwdConfig(variant=variant, tma=tma and variant is not Variant.INTERPRET))
 
 
-@functools.lru_cache(maxsize=None)
-def _select(dev_type: str, index: int | None, dtype: torch.dtype, head_dim: int,
-            interp: bool) -> DcatConfig:
-    if dev_type != "cuda" or interp:
+_SELECTED: dict = {}  # (device, dtype, Dh, interpreter on) -> DcatConfig
+
+
+def _choose(device: torch.device, dtype: torch.dtype, head_dim: int, interp: bool) -> DcatConfig:
+    if device.type != "cuda" or interp:
         return default_config(Variant.INTERPRET)
-    cap = torch.cuda.get_device_capability(index)
+    cap = torch.cuda.get_device_capability(device)
     variant = choose_variant(cap, dtype, head_dim, _gluon_available())
     return default_config(variant, tma=cap[0] >= 9 and _tma_available())
 
 
 def select(device: torch.device, dtype: torch.dtype, head_dim: int) -> DcatConfig:
     """The config for inputs on ``device`` of ``dtype`` with head dim ``head_dim``, chosen
-    once per (device, dtype, Dh, interpreter on/off) and cached."""
-    index = device.index
-    if device.type == "cuda" and index is None:
-        index = torch.cuda.current_device()
-    return _select(device.type, index, dtype, head_dim, interpreting())
-
+    once per (device, dtype, Dh, interpreter on/off) and cached (one dict lookup per call)."""
+    key = (device, dtype, head_dim, interpreting())
+    cfg = _SELECTED.get(key)
+    if cfg is None:
+        cfg = _SELECTED[key] = _choose(device, dtype, head_dim, key[3])
+    return cfg
 
 def as_json(cfg) -> dict:
     """A FwdConfig / BwdConfig / DcatConfig as plain JSON (the variant by its value)."""

@@ -44,21 +44,40 @@ def _smem_layout(bn: int, dh: int, bf16: bool):
     return gl.NVMMASharedLayout.get_default_for([bn, dh], gl.bfloat16 if bf16 else gl.float16)
 
 
+_DESCRIPTORS: dict = {}  # (base, rows, cols, block rows, Dh, bf16) -> TensorDescriptor
+_MAX_DESCRIPTORS = 4      # the last call's K and V of two layers; each holds its tensor
+
+
+def _descriptor(t, rows: int, cols: int, bn: int, dh: int):
+    """A TMA descriptor over t viewed as [rows, cols] with [bn, dh] blocks, reused while the
+    same K/V tensor comes back (a serving KV cache, a benchmark loop): Gluon validates a new
+    descriptor on the host every time. A cached descriptor keeps its tensor alive, so its base
+    address cannot be handed to another tensor meanwhile; at most _MAX_DESCRIPTORS are kept
+    (oldest dropped first)."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    bf16 = t.dtype == torch.bfloat16
+    key = (t.data_ptr(), rows, cols, bn, dh, bf16)
+    d = _DESCRIPTORS.get(key)
+    if d is None:
+        while len(_DESCRIPTORS) >= _MAX_DESCRIPTORS:
+            del _DESCRIPTORS[next(iter(_DESCRIPTORS))]
+        d = TensorDescriptor(t, [rows, cols], [cols, 1], [bn, dh], _smem_layout(bn, dh, bf16))
+        _DESCRIPTORS[key] = d
+    return d
+
+
 def launch(grid, q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, o, lse, po, pl,
            Cn, H, n_mtiles, max_ctx, split_size, qk_scale, cfg: FwdConfig, split):
     """Launch the Gluon forward on ``grid`` (same grid and arguments as the ``tl`` kernel).
 
     k_ctx, v_ctx: [Lc, H, Dh], read through TMA descriptors over the [Lc, H*Dh] view.
     Returns True when the split partials were merged in the kernel (no combine launch)."""
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
     Lc, _, Dh = k_ctx.shape
     # Dh 128 with 128-key blocks would not fit the registers; 64-key blocks still divide
     # every split
     bn = cfg.block_n if Dh <= 64 else min(cfg.block_n, 64)
-    layout = _smem_layout(bn, Dh, k_ctx.dtype == torch.bfloat16)
-    kd, vd = (TensorDescriptor(t, [Lc, H * Dh], [H * Dh, 1], [bn, Dh], layout)
-              for t in (k_ctx, v_ctx))
+    kd, vd = (_descriptor(t, Lc, H * Dh, bn, Dh) for t in (k_ctx, v_ctx))
     fuse = bool(split and cfg.fuse_combine)
     cnt = _counters(q.device, grid[0] * grid[1]) if fuse else cand_offsets
     # bf16 only (fp16 p overflows at 2^16); Dh <= 64 (at 128 the fallback copy spills)
