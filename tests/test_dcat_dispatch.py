@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pinfm_rec.kernels.dcat import config as C
-from pinfm_rec.kernels.dcat.config import BwdConfig, DcatConfig, FwdConfig, Variant
+from pinfm_rec.kernels.dcat.config import BwdConfig, DcatConfig, FwdConfig, Tile, Variant
 
 
 def _fwd():
@@ -63,7 +63,7 @@ def test_config_is_frozen_selected_once_and_cached():
     from pinfm_rec.kernels.dcat import triton_bwd
     assert not hasattr(_fwd(), "FWD_CONFIG") and not hasattr(triton_bwd, "BWD_CONFIG")
     j = C.as_json(a)
-    assert j["fwd"]["variant"] == "interpret" and j["bwd"]["dq_block_m"] == a.bwd.dq_block_m
+    assert j["fwd"]["variant"] == "interpret" and j["bwd"]["dq"]["rows"] == a.bwd.dq.rows
     # on CUDA: a compiled variant, TMA from compute capability 9 on
     if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         g = C.select(torch.device("cuda"), torch.bfloat16, 64)
@@ -132,8 +132,7 @@ def test_explicit_config_through_the_public_op(kernel_device):
     ins = _ragged(kernel_device, dh=32, seed=1)
     base = C.select(kernel_device, torch.float32, 32)
     small = DcatConfig(dataclasses.replace(base.fwd, block_m=16, block_n=16, split_size=16),
-                       dataclasses.replace(BwdConfig(), dq_block_m=16, dq_block_n=16,
-                                           kv_block_m=16, kv_block_n=16, split_size=16))
+                       BwdConfig(dq=Tile(16, 16), kv=Tile(16, 16), split_size=16))
     outs, grads = [], []
     for cfg in (None, small):
         xs = [t.clone().requires_grad_() for t in ins[:5]]

@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from pinfm_rec.kernels.dcat.config import select
+from pinfm_rec.kernels.dcat.config import Tile, select
 from pinfm_rec.kernels.dcat.reference import dcat_reference
 
 pytestmark = pytest.mark.skipif(
@@ -65,7 +65,7 @@ def _check(dev, cl, xl, h, dh, dtype, max_ctx=0, fcfg=None, bcfg=None, seed=0):
 
 
 SMALL_F = dict(block_m=16, block_n=16)
-SMALL_B = dict(dq_block_m=16, dq_block_n=16, kv_block_n=16, kv_block_m=16)
+SMALL_B = dict(dq=Tile(16, 16), kv=Tile(16, 16))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -91,8 +91,7 @@ def test_split_history_long(kernel_device):
     # long history, small H: exercises the split-K forward + combine and split dq
     _check(kernel_device, [9, 2], [700, 3], 1, 32, torch.float32,
            fcfg=dict(block_m=16, block_n=64, split_size=192),
-           bcfg=dict(dq_block_m=16, dq_block_n=64, kv_block_n=64, kv_block_m=16,
-                     split_size=256))
+           bcfg=dict(dq=Tile(16, 64), kv=Tile(64, 16), split_size=256))
 
 
 def test_split_fp16_default_tiles(kernel_device):

@@ -24,7 +24,8 @@ from dataclasses import asdict, dataclass, is_dataclass
 
 import torch
 
-__all__ = ["Variant", "FwdConfig", "BwdConfig", "DcatConfig", "select", "interpreting", "as_json"]
+__all__ = ["Variant", "Tile", "FwdConfig", "BwdConfig", "DcatConfig", "select", "interpreting",
+           "as_json"]
 
 
 class Variant(enum.Enum):
@@ -58,18 +59,21 @@ class FwdConfig:
 
 
 @dataclass(frozen=True)
+class Tile:
+    """One backward kernel's launch: a [rows, cols] tile, warps, pipeline stages."""
+    rows: int
+    cols: int
+    warps: int = 4
+    stages: int = 2
+
+
+@dataclass(frozen=True)
 class BwdConfig:
-    """Backward launch config: the dq kernel's tile (dq_block_m candidates x dq_block_n keys,
-    split over the history like the forward) and the dkdv kernel's (kv_block_n history keys
-    resident, kv_block_m candidates streamed)."""
-    dq_block_m: int = 64
-    dq_block_n: int = 32
-    dq_warps: int = 4
-    dq_stages: int = 4
-    kv_block_n: int = 128
-    kv_block_m: int = 32
-    kv_warps: int = 4
-    kv_stages: int = 2
+    """Backward launch config: the dq kernel's tile (rows = candidates, cols = history keys
+    streamed; split over the history like the forward, by waves / min_split / split_size) and
+    the dkdv kernel's (rows = history keys resident, cols = candidates streamed)."""
+    dq: Tile = Tile(64, 32, 4, 4)
+    kv: Tile = Tile(128, 32, 4, 2)
     waves: float = 3.8
     min_split: int = 1024
     split_size: int | None = None
@@ -159,4 +163,6 @@ def as_json(cfg) -> dict:
         return {}
     if isinstance(cfg, DcatConfig):
         return dict(fwd=as_json(cfg.fwd), bwd=as_json(cfg.bwd))
+    if isinstance(cfg, BwdConfig):
+        return {k: (asdict(v) if isinstance(v, Tile) else v) for k, v in vars(cfg).items()}
     return {k: (v.value if isinstance(v, Variant) else v) for k, v in asdict(cfg).items()}

@@ -210,17 +210,18 @@ def dcat_bwd_triton(do, q, k, v, k_ctx, v_ctx, o, lse, cand_offsets, ctx_offsets
     ieee = q.dtype == torch.float32
     delta = torch.empty((Cn, H), device=q.device, dtype=torch.float32)
     if Cn > 0 and max_cands > 0:
-        bm = cfg.dq_block_m
+        dqt = cfg.dq
+        bm = dqt.rows
         n_mtiles = triton.cdiv(max_cands, bm)
         n_eff = min(max_ctx_len, max_ctx) if max_ctx > 0 else max_ctx_len
-        split_size = split_size_for(R * n_mtiles * H, n_eff, cfg.dq_block_n, cfg.waves,
+        split_size = split_size_for(R * n_mtiles * H, n_eff, dqt.cols, cfg.waves,
                                     cfg.min_split, cfg.split_size, q.device)
         n_split = max(1, triton.cdiv(n_eff, split_size))
         pdq = (torch.empty((n_split, Cn, H, Dh), device=q.device, dtype=torch.float32)
                if n_split > 1 else dq)
         # K/V blocks streamed, q and do resident (fp32 at Dh=128 must shrink to fit)
-        dbn, dst = fit_smem(cfg.dq_block_n, bm, cfg.dq_stages, 2, 2, Dh, q.element_size())
-        kw = {} if interp else dict(num_warps=cfg.dq_warps, num_stages=dst)
+        dbn, dst = fit_smem(dqt.cols, bm, dqt.stages, 2, 2, Dh, q.element_size())
+        kw = {} if interp else dict(num_warps=dqt.warps, num_stages=dst)
         _dcat_bwd_dq_kernel[(R * n_mtiles, H, n_split)](
             q, k, v, k_ctx, v_ctx, o, do, lse, cand_offsets, ctx_offsets, dq, dk, dv, delta, pdq,
             Cn, H, n_mtiles, max_ctx, split_size, scale,
@@ -229,12 +230,13 @@ def dcat_bwd_triton(do, q, k, v, k_ctx, v_ctx, o, lse, cand_offsets, ctx_offsets
         if n_split > 1:
             torch.sum(pdq, dim=0, out=dq) if q.dtype == torch.float32 else dq.copy_(pdq.sum(0))
     if Lc > 0 and max_ctx_len > 0:
-        bn = cfg.kv_block_n
+        kvt = cfg.kv
+        bn = kvt.rows
         n_ntiles = triton.cdiv(max_ctx_len, bn)
         # q/do blocks streamed, the K/V tile resident
-        kbm, kst = fit_smem(cfg.kv_block_m, bn, cfg.kv_stages, 2, 2, Dh,
+        kbm, kst = fit_smem(kvt.cols, bn, kvt.stages, 2, 2, Dh,
                             q.element_size(), min_rows=16)
-        kw = {} if interp else dict(num_warps=cfg.kv_warps, num_stages=kst)
+        kw = {} if interp else dict(num_warps=kvt.warps, num_stages=kst)
         _dcat_bwd_dkdv_kernel[(R * n_ntiles, H)](
             q, k_ctx, v_ctx, do, lse, delta, cand_offsets, ctx_offsets, dkc, dvc,
             H, n_ntiles, max_ctx, scale,

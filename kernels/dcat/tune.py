@@ -16,7 +16,7 @@ import torch
 
 from pinfm_rec.kernels.dcat.bench import DH, SHAPES, _graph_bench, geomean, make
 from pinfm_rec.kernels.dcat.check import CASES_QUICK, correctness
-from pinfm_rec.kernels.dcat.config import DcatConfig, as_json, select
+from pinfm_rec.kernels.dcat.config import DcatConfig, Tile, as_json, select
 
 
 def candidates(base: DcatConfig):
@@ -28,10 +28,10 @@ def candidates(base: DcatConfig):
            replace(f, num_stages=2), replace(f, block_m=128, block_n=64),
            replace(f, tma=not f.tma)]
     b = base.bwd
-    dqs = [replace(b, dq_block_m=bm, dq_block_n=bn, dq_warps=w, dq_stages=st, waves=wv)
+    dqs = [replace(b, dq=Tile(bm, bn, w, st), waves=wv)
            for bm, bn, w, st in ((64, 32, 4, 3), (64, 64, 4, 2), (128, 64, 4, 3), (128, 32, 4, 3),
                                  (64, 32, 4, 4)) for wv in (2.0, 3.8)]
-    kvs = [dict(kv_block_n=bn, kv_block_m=bm, kv_warps=w, kv_stages=st)
+    kvs = [dict(kv=Tile(bn, bm, w, st))
            for bn, bm, w, st in ((128, 32, 4, 2), (64, 64, 4, 1), (128, 32, 4, 3), (64, 64, 4, 2),
                                  (128, 64, 8, 2), (64, 32, 4, 2))]
     return fwd, dqs, kvs
