@@ -65,6 +65,11 @@ def verbose() -> bool:
     return _state.verbose
 
 
+def configured() -> bool:
+    """Whether ``configure`` ran (the CLI routes the logs; library callers keep their own)."""
+    return _state.configured
+
+
 def log_path() -> str:
     """The run's log file ('' before ``attach_run_log``)."""
     return _state.log_path
@@ -252,8 +257,11 @@ class Progress:
         logging.getLogger("pinfm_rec.console").info("%s", self._line())
 
 
-def track(items: Iterable, desc: str, total: int, unit: str = "batch") -> Iterator:
-    """Yield the first ``total`` items of ``items`` under a transient progress bar."""
+def track(items: Iterable, desc: str, max_items: int = 0, unit: str = "batch") -> Iterator:
+    """Yield the items of ``items`` (the first ``max_items`` when > 0) under a transient progress
+    bar (an evaluation's batches)."""
+    total = len(items) if hasattr(items, "__len__") else max_items
+    total = min(total, max_items) if max_items else total
     bar = Progress(total, desc, unit=unit, leave=False)
     try:
         for i, x in enumerate(items):
@@ -263,6 +271,12 @@ def track(items: Iterable, desc: str, total: int, unit: str = "batch") -> Iterat
             bar.update()
     finally:
         bar.close()
+
+
+def metrics_line(metrics: Dict[str, float]) -> str:
+    """``hr@10 0.3147  ndcg@10 0.2111 ...`` (counts left out)."""
+    names = sorted((k for k in metrics if k not in SKIP_METRICS), key=_metric_order)
+    return "  ".join(f"{k} {_fmt(float(metrics[k]))}" for k in names)
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence], indent: str = "  ") -> str:
@@ -324,5 +338,19 @@ def result_table(results: Dict[str, object]) -> str:
 
 
 def run_header(command: str, spec_path: str, run_dir: str) -> None:
-    """First console lines of a run: what runs, from which spec, where it writes."""
-    echo(f"pinfm {command}: spec {spec_path or '(built-in defaults)'} -> {run_dir}/  (log: {run_dir}/log.txt)")
+    """First console line of a run: what runs, from which spec, where it writes."""
+    log = f"  (log: {_state.log_path})" if _state.log_path else ""
+    echo(f"pinfm {command}: spec {spec_path} -> {run_dir}/{log}")
+
+
+def reset() -> None:
+    """Undo ``configure`` / ``attach_run_log`` (tests that run the CLI in-process)."""
+    root = logging.getLogger()
+    for h in (_state.console, _state.buffer, _state.file):
+        if h is not None:
+            root.removeHandler(h)
+            h.close()
+    for bar in list(_state.bars):
+        bar.close()
+    logging.captureWarnings(False)
+    _state.__init__()

@@ -21,6 +21,7 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import torch
 
+from pinfm_rec import console
 from pinfm_rec.parallel import DistEnv, barrier, init_distributed, shutdown_distributed
 from pinfm_rec.spec import dump_spec
 from pinfm_rec.train.checkpoint import check_resume_compatible, load_checkpoint, resolve_resume, save_checkpoint
@@ -31,6 +32,8 @@ logger = logging.getLogger("pinfm_rec")
 
 
 def setup_logging(rank: int) -> None:
+    if console.configured():  # the CLI routes records: console + the run's log.txt (pinfm_rec/console.py)
+        return
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,
         format=f"%(asctime)s [rank{rank}] %(name)s: %(message)s",
@@ -151,13 +154,15 @@ class Recipe:
             ts, self.loader_state, self.rng_state = load_checkpoint(resume, self.b.model, self.b.optimizer, env.rank)
             self.state.step, self.state.epoch = ts["step"], ts["epoch"]
             self.state.history = ts.get("history", [])
-            logger.info("resumed from %s (step %d, epoch %d)", resume, self.state.step, self.state.epoch)
+            console.echo(f"resumed from {resume} (step {self.state.step}, epoch {self.state.epoch})")
 
     def log_fn(self, stats: Dict[str, float], step: int) -> None:
         self.tb.scalars(stats, step)
         self.perf.append({"step": step, **stats})
         if self.env.is_main:
             logger.info("step %d %s", step, " ".join(f"{k}={v:.4g}" for k, v in stats.items()))
+        self.bar.set_postfix(**{"loss": stats.get("train/loss", float("nan")),
+                                "ex/s": stats.get("perf/examples_per_s", float("nan"))})
 
     def checkpoint(self, st: LoopState, epoch_done: bool = False) -> None:
         ts = {"step": st.step, "epoch": st.epoch + (1 if epoch_done else 0), "world_size": self.env.world_size,
@@ -172,12 +177,14 @@ class Recipe:
                           self.env.world_size, self.log_fn, b.autocast)
 
         def on_step(st: LoopState) -> None:
+            self.bar.update()
             if spec.checkpoint.every_steps and st.step % spec.checkpoint.every_steps == 0:
                 self.checkpoint(st)
 
         def eval_valid() -> Dict[str, float]:
             m = self.evaluate("valid")
             self.tb.scalars(_scalars("valid", m), state.step)
+            console.echo(f"epoch {state.epoch + 1}/{spec.train.epochs} valid: {console.metrics_line(m)}")
             return m
 
         def on_epoch_end(finished: bool) -> None:
@@ -186,9 +193,13 @@ class Recipe:
             if self.checkpoint_every_epoch or spec.checkpoint.every_steps or last:
                 self.checkpoint(state, epoch_done=finished)
 
-        logger.info("%s", self.describe(self.steps_per_epoch, self.total))
-        run_epochs(trainer, self.loader, state, self.total, on_step=on_step, eval_valid=eval_valid,
-                   on_epoch_end=on_epoch_end, loader_state=self.loader_state, rng_state=self.rng_state)
+        console.echo(self.describe(self.steps_per_epoch, self.total))
+        self.bar = console.Progress(self.total, "train", initial=state.step)
+        try:
+            run_epochs(trainer, self.loader, state, self.total, on_step=on_step, eval_valid=eval_valid,
+                       on_epoch_end=on_epoch_end, loader_state=self.loader_state, rng_state=self.rng_state)
+        finally:
+            self.bar.close()
 
     def cleanup(self) -> Dict[str, float]:
         env, state = self.env, self.state

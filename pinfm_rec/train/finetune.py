@@ -20,6 +20,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 import yaml
 
+from pinfm_rec import console
 from pinfm_rec.data.ranking import RankingDataSpec, RankingInfo, build_ranking_loader, prepare_ranking
 from pinfm_rec.model.embedding import table_shardings
 from pinfm_rec.model.encoder import EncoderSpec, PinFMEncoder
@@ -168,7 +169,8 @@ def build_finetune(spec: FinetuneSpec, env: DistEnv) -> Built:
 def _eval(b: Built, spec: FinetuneSpec, split: str) -> Dict[str, float]:
     loader = build_ranking_loader(spec.data, b.info, split, rank=b.env.rank, world_size=b.env.world_size,
                                   seed=spec.seed)
-    return evaluate_ranking(b.model.module, loader, b.env.device, b.autocast, spec.train.eval_max_batches)
+    batches = console.track(loader, f"eval {split}", spec.train.eval_max_batches)
+    return evaluate_ranking(b.model.module, batches, b.env.device, b.autocast, spec.train.eval_max_batches)
 
 
 class FinetuneRecipe(Recipe):

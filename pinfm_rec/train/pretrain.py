@@ -14,6 +14,7 @@ from typing import Dict
 import numpy as np
 import torch
 
+from pinfm_rec import console
 from pinfm_rec.data.loader import build_loader
 from pinfm_rec.data.prepare import DataSpec, DatasetInfo, prepare_dataset
 from pinfm_rec.model.embedding import table_shardings
@@ -89,7 +90,7 @@ def run_eval(b: Built, spec: PretrainSpec, split: str) -> Dict[str, float]:
     loader = build_loader(spec.data, b.info, split, rank=b.env.rank, world_size=b.env.world_size, seed=spec.seed)
     return evaluate_retrieval(
         b.model.module,
-        loader,
+        console.track(loader, f"eval {split}", spec.train.eval_max_batches),
         b.info.num_items,
         b.env.device,
         ks=spec.train.eval_ks,

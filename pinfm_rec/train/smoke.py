@@ -1,20 +1,21 @@
 """``pinfm smoke``: a short pretrain that exercises the whole stack on whatever is present.
 
 On a CUDA machine: nccl, FBGEMM fused TBE kernels under DMP, bf16 autocast. On CPU: gloo, the
-same code. Prints the device, the sharding plan (logged by parallel.shard_model) and a table of
+same code. Prints the device, the sharding plan (shown by parallel.shard_model) and a table of
 step times, throughput and peak memory.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List
 
+from pinfm_rec import console
 from pinfm_rec.spec import load_spec
+from pinfm_rec.train.pretrain import PretrainSpec, pretrain
 
 
-def smoke(spec_path: Optional[str], overrides: List[str], steps: int = 30, force_cpu: bool = False) -> dict:
-    from pinfm_rec.cli import resolve_spec_path
-    from pinfm_rec.train.pretrain import PretrainSpec, pretrain
-
+def smoke_spec(spec_path: str, overrides: List[str], steps: int = 30) -> PretrainSpec:
+    """The spec at ``spec_path`` as a fresh ``steps``-step run named 'smoke' (no periodic eval or
+    checkpoints, no resume); ``overrides`` apply last."""
     base = [
         "name=smoke",
         f"train.max_steps={steps}",
@@ -23,16 +24,18 @@ def smoke(spec_path: Optional[str], overrides: List[str], steps: int = 30, force
         "train.eval_max_batches=4",
         "checkpoint.every_steps=0",
         "checkpoint.resume=false",
+        "checkpoint.on_existing=overwrite",  # each smoke run replaces the previous one
     ]
-    spec = load_spec(PretrainSpec, resolve_spec_path(spec_path), base + list(overrides))
+    return load_spec(PretrainSpec, spec_path, base + list(overrides))
+
+
+def smoke(spec: PretrainSpec, force_cpu: bool = False) -> dict:
+    """Run ``spec`` (see ``smoke_spec``) and print its step-time table; returns the results."""
     res = pretrain(spec, force_cpu=force_cpu)
-    perf = res.get("perf", [])
-    if perf:
-        print("\n| step | step ms | tokens/s | examples/s | peak mem MB | loss |")
-        print("|---:|---:|---:|---:|---:|---:|")
-        for p in perf:
-            print(f"| {p['step']} | {p['perf/step_ms']:.1f} | {p['perf/tokens_per_s']:.0f} | "
-                  f"{p['perf/examples_per_s']:.0f} | {p['perf/peak_mem_mb']:.0f} | {p.get('train/loss', float('nan')):.4f} |")
-    print(f"\nsmoke OK on {res['device']} (world {res['world_size']}): {res['steps']} steps, "
-          f"test hr@10={res.get('test_hr@10', float('nan')):.4f} wall {res['wall_s']:.1f}s")
+    rows = [[p["step"], p["perf/step_ms"], p["perf/tokens_per_s"], p["perf/examples_per_s"],
+             p["perf/peak_mem_mb"], p.get("train/loss", float("nan"))] for p in res.get("perf", [])]
+    if rows:
+        console.echo(console.table(["step", "step ms", "tokens/s", "examples/s", "peak mem MB", "loss"], rows))
+    console.echo(f"smoke OK on {res['device']} (world {res['world_size']}): {res['steps']} steps, "
+                 f"test hr@10={res.get('test_hr@10', float('nan')):.4f} wall {res['wall_s']:.1f}s")
     return res
