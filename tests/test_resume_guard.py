@@ -3,6 +3,7 @@ import os
 
 import pytest
 
+from pinfm_rec.errors import CheckpointError
 from pinfm_rec.spec import dump_spec, load_spec
 from pinfm_rec.train.checkpoint import check_resume_compatible
 from pinfm_rec.train.pretrain import PretrainSpec
@@ -17,7 +18,7 @@ def test_resume_with_other_model_spec_is_a_clear_error(tmp_path):
     same = dump_spec(load_spec(PretrainSpec, TINY, ["train.epochs=9"]))
     check_resume_compatible(str(tmp_path), same)  # training-only changes resume fine
     other = dump_spec(load_spec(PretrainSpec, TINY, ["model.trunk.d_model=64"]))
-    with pytest.raises(ValueError, match=r"model\.trunk\.d_model: checkpoint 32 != now 64.*name=|checkpoint\.resume=false"):
+    with pytest.raises(CheckpointError, match=r"model\.trunk\.d_model: checkpoint 32 != now 64.*name=|checkpoint\.resume=false"):
         check_resume_compatible(str(tmp_path), other)
 
 
@@ -32,10 +33,10 @@ def test_checkpoint_from_before_a_new_model_key_resumes(tmp_path):
     now = dump_spec(load_spec(PretrainSpec, TINY))
     check_resume_compatible(str(tmp_path), now, ("model",), PretrainSpec)
     # without the class the missing keys read None
-    with pytest.raises(ValueError, match=r"model\.output_head: checkpoint None != now True"):
+    with pytest.raises(CheckpointError, match=r"model\.output_head: checkpoint None != now True"):
         check_resume_compatible(str(tmp_path), now, ("model",))
     changed = dump_spec(load_spec(PretrainSpec, TINY, ["model.loss.full_catalogue=true"]))
-    with pytest.raises(ValueError, match=r"model\.loss\.full_catalogue: checkpoint False != now True"):
+    with pytest.raises(CheckpointError, match=r"model\.loss\.full_catalogue: checkpoint False != now True"):
         check_resume_compatible(str(tmp_path), changed, ("model",), PretrainSpec)
 
 
@@ -47,7 +48,7 @@ def test_resume_with_other_loader_rows_is_a_clear_error(tmp_path):
     check_resume_compatible(str(tmp_path), ok, ("model",), PretrainSpec, LOADER_KEYS)
     for override, key in (("data.train_windows=true", "data.train_windows"), ("data.batch_size=7", "data.batch_size")):
         other = dump_spec(load_spec(PretrainSpec, TINY, [override]))
-        with pytest.raises(ValueError, match=rf"{key}: checkpoint .* != now"):
+        with pytest.raises(CheckpointError, match=rf"{key}: checkpoint .* != now"):
             check_resume_compatible(str(tmp_path), other, ("model",), PretrainSpec, LOADER_KEYS)
 
 
@@ -61,5 +62,5 @@ def test_eval_with_another_model_spec_is_a_clear_error(tmp_path):
     (ck / "COMPLETE").write_text("step 1\n")
     spec = load_spec(PretrainSpec, TINY, ["model.trunk.n_layers=1", f"run_dir={tmp_path / 'run'}",
                                           f"data.cache_dir={tmp_path / 'cache'}"])
-    with pytest.raises(ValueError, match=r"model\.trunk\.n_layers: checkpoint 2 != now 1"):
+    with pytest.raises(CheckpointError, match=r"model\.trunk\.n_layers: checkpoint 2 != now 1"):
         evaluate_checkpoint(spec, str(ck), force_cpu=True)

@@ -2,21 +2,26 @@
 
 Layout under ``<ckpt_dir>``::
 
+    RUN_ID                    the id of the run that owns the directory (kept across resumes)
     step_00000200/            one complete checkpoint
         .metadata, *.distcp     DCP shards: sharded tables, dense trunk, optimizer state
-        loader_rank{r}.pt       each rank's data-loader + RNG state (exact mid-epoch resume)
-        train_state.json        step, epoch, world size, metrics so far (pretraining: vocabulary sizes)
+        loader_rank{r}.pt       each rank's data-loader + RNG state (exact resume)
+        train_state.json        step, epoch, world size, run id, metrics so far (pretraining: vocabulary sizes)
         spec.yaml               the resolved spec that produced it
-        COMPLETE                written last: a directory without it is never loaded
+        COMPLETE                written last: run id + every file's size and CRC-32 (train/manifest.py)
     step_00000300.tmp/        a save in progress (or killed mid-way): ignored, removed next save
     encoder/                  model-only export (tables + trunk) that fine-tuning loads
 
-Every rank writes its DCP shard into ``step_N.tmp``; after a barrier rank 0 writes COMPLETE and
-renames the directory atomically. A SIGKILL at any point leaves either the previous complete
-checkpoint or the new one, never a half one that gets loaded.
+Every rank writes its DCP shard into ``step_N.tmp`` and sums its share of the files; after a
+barrier rank 0 writes COMPLETE and renames the directory atomically. A SIGKILL at any point leaves
+either the previous complete checkpoint or the new one. Before use a checkpoint is verified
+against its manifest: a corrupt or partial newest one is skipped with a warning naming it and the
+newest intact one is used. Pruning (keep_last) and the newest-checkpoint lookup only ever consider
+checkpoints of the directory's current run (``RUN_ID``).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -24,13 +29,16 @@ import random
 import re
 import shutil
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterable, Literal, Optional
 
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
+from pinfm_rec.errors import CheckpointError
 from pinfm_rec.parallel import barrier, broadcast_object
+from pinfm_rec.train import manifest
 from pinfm_rec.spec import bounds
 
 logger = logging.getLogger(__name__)
@@ -46,10 +54,42 @@ class CheckpointSpec:
     every_steps: int = field(default=500, metadata=bounds(ge=0))  # 0 = only at the end
     keep_last: int = field(default=2, metadata=bounds(ge=1))
     resume: bool = True  # resume from the newest complete checkpoint when one exists
+    # resume=false on a run dir holding a previous run: error (names the choices) | archive (moves it
+    # to <run_dir>.<YYYYmmdd-HHMMSS>) | overwrite (deletes it)
+    on_existing: Literal["error", "archive", "overwrite"] = "error"
 
 
-def complete_checkpoints(ckpt_dir: str) -> list[tuple[int, str]]:
-    """(step, path) of every complete checkpoint, oldest first."""
+RUN_ID_FILE = "RUN_ID"
+
+
+def current_run_id(ckpt_dir: str) -> Optional[str]:
+    """The id of the run owning ``ckpt_dir`` (None: none recorded, e.g. a pre-run-id directory)."""
+    try:
+        with open(os.path.join(ckpt_dir, RUN_ID_FILE)) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def set_run_id(ckpt_dir: str, run_id: str) -> None:
+    os.makedirs(ckpt_dir, exist_ok=True)
+    tmp = os.path.join(ckpt_dir, RUN_ID_FILE + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(run_id + "\n")
+    os.replace(tmp, os.path.join(ckpt_dir, RUN_ID_FILE))
+
+
+def _belongs(path: str, run_id: Optional[str]) -> bool:
+    """A checkpoint is the run's when its marker names the run (one without a run id predates them)."""
+    if run_id is None:
+        return True
+    marker = manifest.read_marker(path) or {}
+    return marker.get("run_id") in (None, run_id)
+
+
+def complete_checkpoints(ckpt_dir: str, run_id: Optional[str] = None) -> list[tuple[int, str]]:
+    """(step, path) of every checkpoint with a COMPLETE marker (of run ``run_id`` if given), oldest
+    first. The files are not verified here (``latest_checkpoint`` does)."""
     if not os.path.isdir(ckpt_dir):
         return []
     out = []
@@ -57,18 +97,23 @@ def complete_checkpoints(ckpt_dir: str) -> list[tuple[int, str]]:
     for name in names:
         m = _STEP_RE.match(name)
         path = os.path.join(ckpt_dir, name)
-        if m and os.path.isfile(os.path.join(path, "COMPLETE")):
-            out.append((int(m.group(1)), path))
-        elif name.endswith(".old") and name[:-4] not in names:  # a re-save killed between renames
+        if not m and name.endswith(".old") and name[:-4] not in names:  # a re-save killed between renames
             m = _STEP_RE.match(name[:-4])
-            if m and os.path.isfile(os.path.join(path, "COMPLETE")):
-                out.append((int(m.group(1)), path))
+        if m and os.path.isfile(os.path.join(path, manifest.MARKER)) and _belongs(path, run_id):
+            out.append((int(m.group(1)), path))
     return sorted(out)
 
 
-def latest_checkpoint(ckpt_dir: str) -> Optional[str]:
-    ck = complete_checkpoints(ckpt_dir)
-    return ck[-1][1] if ck else None
+def latest_checkpoint(ckpt_dir: str, run_id: Optional[str] = None) -> Optional[str]:
+    """The newest intact checkpoint of the directory's current run (``run_id``, default: its
+    RUN_ID file). Newer ones that fail verification are skipped with a WARNING naming them."""
+    run_id = run_id or current_run_id(ckpt_dir)
+    for _, path in reversed(complete_checkpoints(ckpt_dir, run_id)):
+        why = manifest.verify(path)
+        if why is None:
+            return path
+        logger.warning("skipping checkpoint %s: %s; falling back to an older one", path, why)
+    return None
 
 
 def _rng_state() -> dict:
@@ -101,8 +146,13 @@ def save_checkpoint(
     spec_yaml: str,
     rank: int,
     keep_last: int = 2,
+    run_id: Optional[str] = None,
+    protect: Iterable[int] = (),
 ) -> str:
-    """Collective: every rank calls it. Returns the final checkpoint path."""
+    """Collective: every rank calls it. Returns the final checkpoint path.
+
+    Pruning keeps the newest ``keep_last`` checkpoints of run ``run_id`` plus the steps in
+    ``protect`` (e.g. the best-valid one); other runs' checkpoints are never touched."""
     final = os.path.join(ckpt_dir, f"step_{step:08d}")
     tmp = final + ".tmp"
     if rank == 0:
@@ -117,16 +167,16 @@ def save_checkpoint(
         state["optim"] = optimizer.state_dict()
     dcp.save(state, checkpoint_id=tmp)
     torch.save({"loader": loader_state, "rng": _rng_state()}, os.path.join(tmp, f"loader_rank{rank}.pt"))
+    world = _world()
+    barrier()
+    manifest.write_part(tmp, rank, world)
     barrier()
     if rank == 0:
         with open(os.path.join(tmp, "train_state.json"), "w") as f:
-            json.dump(train_state, f, indent=1)
+            json.dump({**train_state, "run_id": run_id}, f, indent=1)
         with open(os.path.join(tmp, "spec.yaml"), "w") as f:
             f.write(spec_yaml)
-        with open(os.path.join(tmp, "COMPLETE"), "w") as f:
-            f.write(f"step {step}\n")
-            f.flush()
-            os.fsync(f.fileno())
+        manifest.write_marker(tmp, world, {"step": step, "run_id": run_id})
         # a step saved twice (e.g. every_steps and the end of the run) is replaced without a
         # moment with no complete copy: the old one moves aside (still found by
         # complete_checkpoints as step_N.old) until the new one is in place
@@ -135,8 +185,10 @@ def save_checkpoint(
             os.rename(final, final + ".old")
         os.rename(tmp, final)
         shutil.rmtree(final + ".old", ignore_errors=True)
-        for _, old in complete_checkpoints(ckpt_dir)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+        keep = set(protect)
+        for s, old in complete_checkpoints(ckpt_dir, run_id)[:-keep_last] if keep_last > 0 else []:
+            if s not in keep:
+                shutil.rmtree(old, ignore_errors=True)
         logger.info("checkpoint written: %s", final)
     barrier()
     return final
@@ -162,17 +214,19 @@ def load_checkpoint(
         if hasattr(optimizer, "init_state"):
             optimizer.init_state()  # materialise lazy optimizer state so DCP can load into it
         state["optim"] = optimizer.state_dict()
-    dcp.load(state, checkpoint_id=path)
-    model.load_state_dict(state["model"])
-    if optimizer is not None:
-        optimizer.load_state_dict(state["optim"])
-    with open(os.path.join(path, "train_state.json")) as f:
-        train_state = json.load(f)
+    with _loading(path):
+        dcp.load(state, checkpoint_id=path)
+        model.load_state_dict(state["model"])
+        if optimizer is not None:
+            optimizer.load_state_dict(state["optim"])
+        with open(os.path.join(path, "train_state.json")) as f:
+            train_state = json.load(f)
     loader_state, rng_state = None, None
     lp = os.path.join(path, f"loader_rank{rank}.pt")
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    world = _world()
     if os.path.isfile(lp) and train_state.get("world_size") == world:
-        saved = torch.load(lp, weights_only=False)
+        with _loading(lp):
+            saved = torch.load(lp, weights_only=False)
         loader_state = saved["loader"]
         rng_state = saved["rng"]
     elif rank == 0:
@@ -189,12 +243,14 @@ def export_encoder(out_dir: str, model: torch.nn.Module, spec_yaml: str, meta: d
     barrier()
     dcp.save({"model": _model_state(model)}, checkpoint_id=tmp)
     barrier()
+    manifest.write_part(tmp, rank, _world())
+    barrier()
     if rank == 0:
         with open(os.path.join(tmp, "spec.yaml"), "w") as f:
             f.write(spec_yaml)
         with open(os.path.join(tmp, "encoder_meta.json"), "w") as f:
             json.dump(meta, f, indent=1)
-        open(os.path.join(tmp, "COMPLETE"), "w").close()
+        manifest.write_marker(tmp, _world(), {"step": meta.get("step")})
         shutil.rmtree(out_dir, ignore_errors=True)
         os.rename(tmp, out_dir)
         logger.info("encoder exported: %s", out_dir)
@@ -204,10 +260,11 @@ def export_encoder(out_dir: str, model: torch.nn.Module, spec_yaml: str, meta: d
 
 def load_model_state(path: str, model: torch.nn.Module, strict: bool = True) -> None:
     """Load only the model part of a checkpoint or encoder export into ``model`` (collective)."""
-    if not os.path.isfile(os.path.join(path, "COMPLETE")):
-        raise FileNotFoundError(f"{path}: not a complete checkpoint (no COMPLETE marker)")
+    if not os.path.isfile(os.path.join(path, manifest.MARKER)):
+        raise CheckpointError(f"{path}: not a complete checkpoint (no COMPLETE marker)")
     state = {"model": _model_state(model)}
-    dcp.load(state, checkpoint_id=path)
+    with _loading(path):
+        dcp.load(state, checkpoint_id=path)
     model.load_state_dict(state["model"], strict=strict)
 
 
@@ -254,7 +311,7 @@ def check_resume_compatible(path: str, spec_yaml: str, sections: tuple = ("model
     diffs += [f"{k}: checkpoint {flat_a.get(k)!r} != now {flat_b.get(k)!r}" for k in keys
               if flat_a.get(k) != flat_b.get(k)]
     if diffs:
-        raise ValueError(
+        raise CheckpointError(
             f"cannot resume from / load {path}: its run used a different {'/'.join(sections + keys)} "
             "spec (" + "; ".join(diffs[:8]) + (" ..." if len(diffs) > 8 else "")
             + "). To train, use a new run name (name=...) or checkpoint.resume=false to start "
@@ -262,7 +319,27 @@ def check_resume_compatible(path: str, spec_yaml: str, sections: tuple = ("model
         )
 
 
-def resolve_resume(ckpt_dir: str, enabled: bool) -> Optional[str]:
-    """Rank 0 picks the newest complete checkpoint; everyone gets the same answer."""
-    path = latest_checkpoint(ckpt_dir) if enabled else None
+def resolve_resume(ckpt_dir: str, enabled: bool, run_id: Optional[str] = None) -> Optional[str]:
+    """Rank 0 picks the newest intact checkpoint of run ``run_id``; everyone gets the same answer."""
+    path = None
+    if enabled and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
+        path = latest_checkpoint(ckpt_dir, run_id)
     return broadcast_object(path)
+
+
+def _world() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+@contextlib.contextmanager
+def _loading(path: str):
+    """Turn a failure of reading a checkpoint (DCP, torch.load's zip reader, JSON) into one
+    CheckpointError naming the path; the original stays chained for --debug."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (Exception, CheckpointException) as e:  # DCP's exception is a BaseException
+        first = (str(e).strip().splitlines() or [""])[-1].split(". ")[0][:300]
+        raise CheckpointError(f"{path}: cannot be loaded ({type(e).__name__}: {first}); it may be corrupt: "
+                              f"delete it to resume from the previous checkpoint") from e
