@@ -97,9 +97,11 @@ def _get(tree: dict, dotted: str) -> Any:
     return node
 
 
-def auto_overrides(spec_path: Optional[str], overrides: Iterable[str]) -> List[str]:
+def auto_overrides(spec_path: Optional[str], overrides: Iterable[str],
+                   stats: Optional[DataStats] = None) -> List[str]:
     """``overrides`` plus ``key=value`` for each ``AUTO_KEYS`` key that the spec file + overrides
-    leave at ``auto`` (unchanged if none). Prepares the dataset (cached) to measure it."""
+    leave at ``auto`` (unchanged if none). Prepares the dataset (cached) to measure it, unless
+    ``stats`` are given (checking a spec without its data)."""
     from pinfm_rec.spec import apply_overrides, from_dict
 
     from .prepare import DataSpec, prepare_dataset
@@ -113,11 +115,13 @@ def auto_overrides(spec_path: Optional[str], overrides: Iterable[str]) -> List[s
     auto = [k for k in AUTO_KEYS if _get(tree, k) == AUTO]
     if not auto:
         return overrides
-    data = dict(tree.get("data") or {})
-    if data.get("max_len") == AUTO:
-        data["max_len"] = MAX_LEN_MAX  # placeholder: preparing does not depend on it
-    info = prepare_dataset(from_dict(DataSpec, data, f"{spec_path} data"))
-    stats = dataset_stats(info.root)
+    where = "given statistics"
+    if stats is None:
+        data = dict(tree.get("data") or {})
+        if data.get("max_len") == AUTO:
+            data["max_len"] = MAX_LEN_MAX  # placeholder: preparing does not depend on it
+        where = prepare_dataset(from_dict(DataSpec, data, f"{spec_path} data")).root
+        stats = dataset_stats(where)
     rule = scaling_rule(stats)
     # an explicit value the rule's values depend on wins: the trunk holds the data's max_len, the
     # item table's dim is d_model, the heads divide d_model
@@ -129,7 +133,7 @@ def auto_overrides(spec_path: Optional[str], overrides: Iterable[str]) -> List[s
         rule["model.trunk.n_heads"] = 1
     chosen = {k: v for k, v in rule.items() if k in auto}
     logger.info("scaling rule on %s (%d users, %d items, %.1f events/user, %.1f events/item, p%d length %.0f): %s",
-                info.root, stats.num_users, stats.num_items, stats.events_per_user, stats.events_per_item,
+                where, stats.num_users, stats.num_items, stats.events_per_user, stats.events_per_item,
                 MAX_LEN_PERCENTILE, stats.len_percentile, ", ".join(f"{k}={v}" for k, v in chosen.items()))
     unknown = set(auto) - set(chosen)
     if unknown:  # pragma: no cover - scaling_rule covers AUTO_KEYS
