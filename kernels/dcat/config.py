@@ -10,7 +10,8 @@ Variants of the forward (the backward is one ``tl`` kernel pair everywhere):
   spills): the same Gluon kernel with the online softmax.
 * ``TL``: every other CUDA device and fp32 (IEEE dots): ``triton_fwd._dcat_fwd_kernel``, full
   history blocks by TMA descriptors on compute capability >= 9.
-* ``INTERPRET``: CPU under ``TRITON_INTERPRET=1`` (tests): the ``tl`` kernel, no launch options.
+* ``INTERPRET``: CPU (under ``TRITON_INTERPRET=1``: tests) or any device with the interpreter on:
+  the ``tl`` kernel, no launch options.
 
 Tuning (``tune.py``) returns a new :class:`DcatConfig`; nothing here is mutated at run time.
 Notation: Dh head dim.
@@ -137,11 +138,13 @@ def default_config(variant: Variant, tma: bool = False) -> DcatConfig:
     return DcatConfig(FwdConfig(variant=variant, tma=tma and variant is not Variant.INTERPRET))
 
 
-_SELECTED: dict = {}  # (device, dtype, Dh, interpreter on) -> DcatConfig
+_SELECTED: dict = {}  # (device, dtype, Dh) -> DcatConfig
 
 
-def _choose(device: torch.device, dtype: torch.dtype, head_dim: int, interp: bool) -> DcatConfig:
-    if device.type != "cuda" or interp:
+def _choose(device: torch.device, dtype: torch.dtype, head_dim: int) -> DcatConfig:
+    # TRITON_INTERPRET is read here, once per key: Triton itself fixes interpreter vs compiler
+    # when the kernel modules are imported
+    if device.type != "cuda" or interpreting():
         return default_config(Variant.INTERPRET)
     cap = torch.cuda.get_device_capability(device)
     variant = choose_variant(cap, dtype, head_dim, _gluon_available())
@@ -150,11 +153,11 @@ def _choose(device: torch.device, dtype: torch.dtype, head_dim: int, interp: boo
 
 def select(device: torch.device, dtype: torch.dtype, head_dim: int) -> DcatConfig:
     """The config for inputs on ``device`` of ``dtype`` with head dim ``head_dim``, chosen
-    once per (device, dtype, Dh, interpreter on/off) and cached (one dict lookup per call)."""
-    key = (device, dtype, head_dim, interpreting())
+    once per (device, dtype, Dh) and cached: one dict lookup per call."""
+    key = (device, dtype, head_dim)
     cfg = _SELECTED.get(key)
     if cfg is None:
-        cfg = _SELECTED[key] = _choose(device, dtype, head_dim, key[3])
+        cfg = _SELECTED[key] = _choose(device, dtype, head_dim)
     return cfg
 
 def as_json(cfg) -> dict:

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .config import DcatConfig, select
-from .triton_fwd import fit_smem, split_size_for
+from .triton_fwd import cdiv, fit_smem, split_size_for
 
 
 @triton.jit
@@ -212,11 +212,11 @@ def dcat_bwd_triton(do, q, k, v, k_ctx, v_ctx, o, lse, cand_offsets, ctx_offsets
     if Cn > 0 and max_cands > 0:
         dqt = cfg.dq
         bm = dqt.rows
-        n_mtiles = triton.cdiv(max_cands, bm)
+        n_mtiles = cdiv(max_cands, bm)
         n_eff = min(max_ctx_len, max_ctx) if max_ctx > 0 else max_ctx_len
         split_size = split_size_for(R * n_mtiles * H, n_eff, dqt.cols, cfg.waves,
                                     cfg.min_split, cfg.split_size, q.device)
-        n_split = max(1, triton.cdiv(n_eff, split_size))
+        n_split = max(1, cdiv(n_eff, split_size))
         pdq = (torch.empty((n_split, Cn, H, Dh), device=q.device, dtype=torch.float32)
                if n_split > 1 else dq)
         # K/V blocks streamed, q and do resident (fp32 at Dh=128 must shrink to fit)
@@ -232,7 +232,7 @@ def dcat_bwd_triton(do, q, k, v, k_ctx, v_ctx, o, lse, cand_offsets, ctx_offsets
     if Lc > 0 and max_ctx_len > 0:
         kvt = cfg.kv
         bn = kvt.rows
-        n_ntiles = triton.cdiv(max_ctx_len, bn)
+        n_ntiles = cdiv(max_ctx_len, bn)
         # q/do blocks streamed, the K/V tile resident
         kbm, kst = fit_smem(kvt.cols, bn, kvt.stages, 2, 2, Dh,
                             q.element_size(), min_rows=16)

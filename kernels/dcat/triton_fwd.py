@@ -231,6 +231,11 @@ def fit_smem(stream_rows: int, resident_rows: int, stages: int, n_stream: int,
     return stream_rows, stages
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for host ints (``triton.cdiv`` is a JIT callable: ~4 us per host call)."""
+    return -(-a // b)
+
+
 _GLUON_FAILED: list = []  # the error, once the Gluon kernel failed to build in this process
 
 
@@ -251,7 +256,7 @@ def split_size_for(base: int, n_eff_max: int, block_n: int, waves: float, min_sp
         return int(split_size)
     want = math.ceil(waves * sm_count(device) / max(base, 1))
     s = max(1, min(want, n_eff_max // min_split))
-    return triton.cdiv(triton.cdiv(n_eff_max, s), block_n) * block_n
+    return cdiv(cdiv(n_eff_max, s), block_n) * block_n
 
 
 def _launch_tl(grid, args, k_ctx, v_ctx, Cn, H, Dh, n_mtiles, max_ctx, split_size, qk_scale,
@@ -294,10 +299,10 @@ def dcat_fwd_triton(q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, max_ctx: i
     if Cn == 0 or R == 0 or max_cands <= 0:
         return o, lse
     n_eff = min(max_ctx_len, max_ctx) if max_ctx > 0 else max_ctx_len
-    n_mtiles = triton.cdiv(max_cands, cfg.block_m)
+    n_mtiles = cdiv(max_cands, cfg.block_m)
     split_size = split_size_for(R * n_mtiles * H, n_eff, cfg.block_n, cfg.waves, cfg.min_split,
                                 cfg.split_size, q.device)
-    n_split = max(1, triton.cdiv(n_eff, split_size))
+    n_split = max(1, cdiv(n_eff, split_size))
     SPLIT = n_split > 1
     if SPLIT:
         po = torch.empty((n_split, Cn, H, Dh), device=q.device, dtype=torch.float32)
@@ -323,7 +328,7 @@ def dcat_fwd_triton(q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, max_ctx: i
                    scale * LOG2E, cfg, SPLIT, q.dtype == torch.float32, q.element_size())
     if SPLIT and not combined:
         cbm = 64
-        cm = triton.cdiv(max_cands, cbm)
+        cm = cdiv(max_cands, cbm)
         _dcat_combine_kernel[(R * cm, H)](
             cand_offsets, ctx_offsets, o, lse, po, pl,
             Cn, H, cm, max_ctx, split_size, HEAD_DIM=Dh, BLOCK_M=cbm,
