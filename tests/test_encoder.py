@@ -23,7 +23,8 @@ def make_encoder(seed: int = 0, kernel: str = "pytorch", **enc) -> PinFMEncoder:
     torch.manual_seed(seed)
     ms = ModelSpec(embedding=EmbeddingSpec(dim=16), trunk=TrunkSpec(d_model=32, n_layers=2, n_heads=2, dropout=0.0,
                                                                     max_len=12))
-    m = PinFMEncoder(ms, EncoderSpec(kernel=kernel, **enc), NUM_ITEMS, NUM_ACTIONS, NUM_SURFACES, device="cpu")
+    m = PinFMEncoder(ms, EncoderSpec(kernel=kernel, **enc),
+                     dict(num_items=NUM_ITEMS, num_actions=NUM_ACTIONS, num_surfaces=NUM_SURFACES), device="cpu")
     with torch.no_grad():
         m.cand_type.weight.normal_(0, 0.1)  # non-zero so the candidate-type path is exercised
     return m.eval()
@@ -116,3 +117,23 @@ def test_all_histories_empty_or_no_candidates(mode):
     assert f.shape == (5, enc.out_dim) and torch.isfinite(f).all() and (u == 0).all()
     f, u = enc(random_ranking_batch(gen, [3, 2], [0, 0]), mode=mode)
     assert f.shape == (0, enc.out_dim)
+
+
+def test_encoder_without_action_surface_or_request_time():
+    """History KJTs with only item_id, and batches without a request time, are encoded (the
+    missing features leave their terms out) and DCAT still equals the appended forward."""
+    import dataclasses
+
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    gen = torch.Generator().manual_seed(5)
+    b = random_ranking_batch(gen, [4, 0, 7], [2, 3, 1])
+    enc = make_encoder(5)
+    full, _ = enc(b)
+    items_only = KeyedJaggedTensor.from_jt_dict({"item_id": b.history.features["item_id"]})
+    hist = dataclasses.replace(b.history, features=items_only, target_timestamp=None)
+    b2 = dataclasses.replace(b, history=hist)
+    f_dcat, _ = enc(b2, mode="dcat")
+    f_flat, _ = enc(b2, mode="flat")
+    assert f_dcat.shape == full.shape and not torch.allclose(f_dcat, full)
+    torch.testing.assert_close(f_dcat, f_flat, atol=2e-5, rtol=2e-5)

@@ -26,7 +26,8 @@ def _model(seed: int, with_encoder: bool = True, arch: str = "dlrm") -> RankerWi
     if with_encoder:
         ms = ModelSpec(embedding=EmbeddingSpec(dim=16),
                        trunk=TrunkSpec(d_model=32, n_layers=2, n_heads=2, dropout=0.0, max_len=16))
-        enc = PinFMEncoder(ms, EncoderSpec(kernel="pytorch", out_dim=8), NUM_ITEMS, 4, 3, device="cpu")
+        enc = PinFMEncoder(ms, EncoderSpec(kernel="pytorch", out_dim=8),
+                            dict(num_items=NUM_ITEMS, num_actions=4, num_surfaces=3), device="cpu")
     rs = RankerSpec(arch=arch, embedding_dim=8, dense_arch=[16, 8], over_arch=[16, 1], history_bag_len=5)
     ranker = build_ranker(rs, NUM_ITEMS, 2 + (8 if with_encoder else 0), device="cpu")
     return RankerWithEncoder(ranker, enc, rs.history_bag_len).eval()

@@ -13,6 +13,8 @@ from pinfm_rec.model.embedding import (
 )
 
 
+VOCAB = {"num_items": 20, "num_actions": 4, "num_surfaces": 3}
+
 def _kjt(items, actions, surfaces, lengths, neg=None):
     keys = ["item_id", "action", "surface"]
     vals = [items, actions, surfaces]
@@ -30,7 +32,7 @@ def _kjt(items, actions, surfaces, lengths, neg=None):
 
 def test_ec_tables_and_features():
     spec = EmbeddingSpec(dim=8, surface=TableSpec(num_embeddings=7, sharding="row_wise"))
-    ec = build_embedding_collection(spec, num_items=20, num_actions=4, num_surfaces=3, device="cpu")
+    ec = build_embedding_collection(spec, VOCAB, device="cpu")
     assert isinstance(ec, EmbeddingCollection)
     cfg = {c.name: c for c in ec.embedding_configs()}
     assert set(cfg) == {"t_item", "t_action", "t_surface"}
@@ -46,7 +48,7 @@ def test_ec_tables_and_features():
     assert out["neg_item_id"].values().shape == (4, 8)
     torch.testing.assert_close(out["neg_item_id"].values()[0], ec.embeddings["t_item"].weight[5])
     assert table_shardings(spec) == {"t_surface": "row_wise"}
-    meta = build_embedding_collection(spec, 20, 4, 3)
+    meta = build_embedding_collection(spec, VOCAB)
     assert meta.embeddings["t_item"].weight.is_meta
 
 
@@ -54,11 +56,11 @@ def test_bad_spec():
     with pytest.raises(ValueError, match="sharding"):
         table_shardings(EmbeddingSpec(item=TableSpec(sharding="diagonal")))
     with pytest.raises(ValueError, match="id_mode"):
-        build_embedding_collection(EmbeddingSpec(id_mode="clip"), 5, 4, 3, device="cpu")
+        build_embedding_collection(EmbeddingSpec(id_mode="clip"), VOCAB, device="cpu")
 
 
 def test_check_ids_error_names_feature_table_id_size():
-    sizes = table_sizes(EmbeddingSpec(), num_items=10, num_actions=4, num_surfaces=3)
+    sizes = table_sizes(EmbeddingSpec(), dict(VOCAB, num_items=10))
     ok = _kjt([1, 9, 0], [0, 3, 2], [0, 1, 2], [2, 1], neg=[4, 5])
     assert check_ids(ok, sizes) is ok
     with pytest.raises(ValueError) as e:
@@ -81,5 +83,5 @@ def test_check_ids_hash_mode():
     assert out["action"].values().tolist() == [0, 1, 1]
     assert out["neg_item_id"].values().tolist() == [4, 2]
     assert torch.equal(out.lengths(), kjt.lengths())
-    ec = build_embedding_collection(EmbeddingSpec(dim=4, id_mode="hash"), 10, 4, 3, device="cpu")
+    ec = build_embedding_collection(EmbeddingSpec(dim=4, id_mode="hash"), dict(VOCAB, num_items=10), device="cpu")
     assert torch.isfinite(ec(out)["item_id"].values()).all()

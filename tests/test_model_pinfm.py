@@ -7,6 +7,7 @@ from pinfm_rec.model import EmbeddingSpec, LossSpec, ModelSpec, PinFM, TrunkSpec
 from pinfm_rec.model.features import log_bucket, time_gaps
 
 I, A, S = 30, 4, 3
+VOCAB = {"num_items": I, "num_actions": A, "num_surfaces": S}
 
 
 def _batch(seed=0, lengths=(6, 3, 8, 1), k=4, train=True, items=None):
@@ -35,7 +36,7 @@ def _model(**loss_kw):
         trunk=TrunkSpec(d_model=32, n_layers=2, n_heads=2, max_len=10, dropout=0.0),
         loss=LossSpec(**loss_kw),
     )
-    return PinFM(spec, I, A, S, device="cpu")
+    return PinFM(spec, VOCAB, device="cpu")
 
 
 def test_forward_finite_and_sgd_reduces_loss():
@@ -89,7 +90,7 @@ def test_ids_checked_and_hash_mode():
     torch.manual_seed(0)
     spec = ModelSpec(embedding=EmbeddingSpec(dim=16, id_mode="hash"),
                      trunk=TrunkSpec(d_model=16, max_len=10))
-    hashed = PinFM(spec, I, A, S, device="cpu")
+    hashed = PinFM(spec, VOCAB, device="cpu")
     assert isinstance(hashed.in_proj, torch.nn.Identity)
     assert torch.isfinite(hashed(bad)["loss"])
 
@@ -114,7 +115,8 @@ def test_full_catalogue_forward_scores_every_item():
     batch = _batch(0)  # its loader negatives are replaced (not joined) by the whole catalogue
     got = model(batch)["next_token"]
     with torch.no_grad():  # independent recomputation: softmax over all I items per next-token position
-        x, offsets, kjt, _ = model._embed(batch)
+        t = model.embed_tokens(batch.features, batch.timestamps)
+        x, offsets, kjt = t.x, t.offsets, t.kjt
         h = F.normalize(model.head(model.trunk(x, offsets, batch.max_len)), dim=-1)
         table = F.normalize(model.ec.embeddings["t_item"].weight, dim=-1)
         items, act = kjt["item_id"].values(), kjt["action"].values()
@@ -133,15 +135,55 @@ def test_full_catalogue_forward_scores_every_item():
                       trunk=TrunkSpec(d_model=32, n_layers=1, n_heads=2, max_len=10),
                       loss=LossSpec(full_catalogue=True))
     with pytest.raises(ValueError, match="full_catalogue"):
-        PinFM(small, I, A, S, device="cpu")
+        PinFM(small, VOCAB, device="cpu")
 
 
 def test_output_head_off_scores_trunk_output_directly():
     torch.manual_seed(0)
     spec = ModelSpec(embedding=EmbeddingSpec(dim=32), trunk=TrunkSpec(d_model=32, n_layers=1, n_heads=2, max_len=10),
                      output_head=False)
-    model = PinFM(spec, I, A, S, device="cpu")
+    model = PinFM(spec, VOCAB, device="cpu")
     assert isinstance(model.head, torch.nn.Identity) and torch.isfinite(model(_batch(0))["loss"])
     with pytest.raises(ValueError, match="output_head"):
         PinFM(ModelSpec(embedding=EmbeddingSpec(dim=16), trunk=TrunkSpec(d_model=32, n_heads=2),
-                        output_head=False), I, A, S, device="cpu")
+                        output_head=False), VOCAB, device="cpu")
+
+
+def test_embed_tokens_sums_the_registry_token_features_present():
+    from pinfm_rec.features import EC_FEATURES, TOKEN_KEYS
+
+    model = _model().eval()
+    batch = _batch(0, train=False)
+    kjt = batch.features
+    full = model.embed_tokens(kjt)  # no timestamps: no time features
+    w = {t: model.ec.embeddings[t].weight for t in ("t_item", "t_action", "t_surface")}
+    rows = [w["t_item"][kjt["item_id"].values()], w["t_action"][kjt["action"].values()],
+            w["t_surface"][kjt["surface"].values()]]
+    torch.testing.assert_close(full.x, model.project_inputs(sum(rows)))
+    assert TOKEN_KEYS == ("item_id", "action", "surface") and EC_FEATURES[:2] == ["item_id", "neg_item_id"]
+    # a KJT with only item_id (and an unknown key) leaves the other terms out
+    only = KeyedJaggedTensor.from_jt_dict({"item_id": kjt["item_id"], "my_key": kjt["action"]})
+    torch.testing.assert_close(model.embed_tokens(only).x, model.project_inputs(rows[0]))
+    with_time = model.embed_tokens(kjt, batch.timestamps)
+    assert not torch.allclose(with_time.x, full.x)
+    with pytest.raises(ValueError, match="'item_id'"):
+        model.embed_tokens(KeyedJaggedTensor.from_jt_dict({"action": kjt["action"]}))
+    # user_vectors: the head at each row's last token, normalised; forward's pieces agree
+    h = model.trunk(full.x, full.offsets, batch.max_len)
+    last = full.offsets[1:] - 1
+    want = torch.nn.functional.normalize(model.head(h[last]), dim=-1)
+    torch.testing.assert_close(model.user_vectors(h, full.offsets), want)
+
+
+def test_vocab_sizes_come_from_a_mapping_or_dataset_info():
+    from types import SimpleNamespace
+
+    from pinfm_rec.features import vocab_sizes
+
+    info = SimpleNamespace(num_items=7, num_actions=2, num_surfaces=5, num_users=3)
+    assert vocab_sizes(info) == {"num_items": 7, "num_actions": 2, "num_surfaces": 5}
+    model = PinFM(ModelSpec(embedding=EmbeddingSpec(dim=8), trunk=TrunkSpec(d_model=8, max_len=10)), info,
+                  device="cpu")
+    assert model.sizes == {"t_item": 7, "t_action": 2, "t_surface": 5}
+    with pytest.raises(KeyError, match="num_surfaces"):
+        vocab_sizes({"num_items": 7, "num_actions": 2})

@@ -111,7 +111,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             pspec.dense = dense
             spec = _spec(sharding)
             torch.manual_seed(0)
-            model = PinFM(spec, I, A, S, item_counts=_item_counts(), device="meta")
+            model = PinFM(spec, dict(num_items=I, num_actions=A, num_surfaces=S), item_counts=_item_counts(), device="meta")
             dmp, plan = shard_model(model, pspec, env, table_shardings(spec.embedding), batch_size=4)
             before = _full_tables(dmp)
             dense_init = {k: full(v).detach().clone() for k, v in dmp.module.state_dict().items()
@@ -152,7 +152,7 @@ def sharded_results(tmp_path_factory):
 def _reference(sharding: str, r0: dict):
     """Unsharded PinFM from rank 0's initial weights; per batch r: loss, dense grads, table grads."""
     spec = _spec(sharding)
-    ref = PinFM(spec, I, A, S, item_counts=_item_counts(), device="cpu")
+    ref = PinFM(spec, dict(num_items=I, num_actions=A, num_surfaces=S), item_counts=_item_counts(), device="cpu")
     state = dict(r0["dense_init"])
     state.update({f"ec.embeddings.{t}.weight": w for t, w in r0["before"].items()})
     ref.load_state_dict(state, strict=True)

@@ -11,12 +11,10 @@ from typing import Optional
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-# Feature keys of the history KJT. "neg_item_id" shares the item table (sampled negatives).
-ITEM_KEY = "item_id"
-ACTION_KEY = "action"
-SURFACE_KEY = "surface"
-NEG_ITEM_KEY = "neg_item_id"
-SEQUENCE_KEYS = (ITEM_KEY, ACTION_KEY, SURFACE_KEY)
+# Feature keys of the history KJT, from the feature registry. "neg_item_id" shares the item
+# table (sampled negatives).
+from pinfm_rec.features import ACTION_KEY, ITEM_KEY, NEG_ITEM_KEY, SURFACE_KEY  # noqa: F401
+from pinfm_rec.features import TOKEN_KEYS as SEQUENCE_KEYS  # noqa: F401
 
 
 @dataclass

@@ -1,9 +1,11 @@
 """Sparse embedding tables of PinFM (one TorchRec ``EmbeddingCollection``).
 
-Tables (never name one ``items``: it collides with ``nn.ModuleDict.items`` under DMP):
-    t_item    features ``item_id`` (history) and ``neg_item_id`` (sampled negatives)
+Tables and their features come from the feature registry (``pinfm_rec/features.py``):
+    t_item    features ``item_id`` (history) and ``neg_item_id`` (sampled negatives / candidates)
     t_action  feature  ``action``
     t_surface feature  ``surface``
+Table sizes are looked up by the registry's vocabulary keys (``num_items``, ...) in a mapping or
+dataset info (``features.vocab_sizes``).
 
 ``EmbeddingCollection`` requires one embedding dim for all of its tables, so ``EmbeddingSpec.dim``
 is shared by the three tables.
@@ -11,27 +13,25 @@ is shared by the three tables.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Literal, Mapping, get_args
+from typing import Any, Dict, List, Literal, Mapping, get_args
 
 import torch
 from torchrec.modules.embedding_configs import EmbeddingConfig
 from torchrec.modules.embedding_modules import EmbeddingCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from pinfm_rec.data.batch import ACTION_KEY, ITEM_KEY, NEG_ITEM_KEY, SURFACE_KEY
+from pinfm_rec.features import (  # noqa: F401  (EC_FEATURES, TABLE_FEATURES re-exported)
+    EC_FEATURES,
+    FEATURE_TABLE,
+    ITEM_KEY,
+    TABLE_FEATURES,
+    TABLE_SECTION,
+    TABLE_VOCAB,
+    vocab_sizes,
+)
 from pinfm_rec.spec import bounds
 
-ITEM_TABLE = "t_item"
-ACTION_TABLE = "t_action"
-SURFACE_TABLE = "t_surface"
-# table name -> feature names it serves (this order is the EC's feature order)
-TABLE_FEATURES: Dict[str, List[str]] = {
-    ITEM_TABLE: [ITEM_KEY, NEG_ITEM_KEY],
-    ACTION_TABLE: [ACTION_KEY],
-    SURFACE_TABLE: [SURFACE_KEY],
-}
-FEATURE_TABLE: Dict[str, str] = {f: t for t, fs in TABLE_FEATURES.items() for f in fs}
-EC_FEATURES: List[str] = [f for fs in TABLE_FEATURES.values() for f in fs]
+ITEM_TABLE = FEATURE_TABLE[ITEM_KEY]
 Sharding = Literal["auto", "table_wise", "row_wise", "column_wise"]  # auto: the planner decides
 IdMode = Literal["error", "hash"]  # error: an out-of-range id raises | hash: id modulo table size
 SHARDING_CHOICES = get_args(Sharding)
@@ -56,7 +56,7 @@ class EmbeddingSpec:
 
 
 def _table_specs(spec: EmbeddingSpec) -> Dict[str, TableSpec]:
-    return {ITEM_TABLE: spec.item, ACTION_TABLE: spec.action, SURFACE_TABLE: spec.surface}
+    return {table: getattr(spec, section) for table, section in TABLE_SECTION.items()}
 
 
 def validate_spec(spec: EmbeddingSpec) -> None:
@@ -73,33 +73,31 @@ def validate_spec(spec: EmbeddingSpec) -> None:
             raise ValueError(f"num_embeddings of table {name} must be >= 0, got {t.num_embeddings}")
 
 
-def table_sizes(
-    spec: EmbeddingSpec, num_items: int, num_actions: int, num_surfaces: int
-) -> Dict[str, int]:
-    """Rows per table: the spec's ``num_embeddings`` where > 0, else the dataset's count."""
-    data = {ITEM_TABLE: num_items, ACTION_TABLE: num_actions, SURFACE_TABLE: num_surfaces}
+def table_sizes(spec: EmbeddingSpec, vocab: Any) -> Dict[str, int]:
+    """Rows per table: the spec's ``num_embeddings`` where > 0, else the vocabulary size.
+
+    vocab: {"num_items": .., "num_actions": .., "num_surfaces": ..} or dataset info with those fields.
+    """
+    data = vocab_sizes(vocab)
     out = {}
     for name, t in _table_specs(spec).items():
-        n = t.num_embeddings if t.num_embeddings > 0 else int(data[name])
+        n = t.num_embeddings if t.num_embeddings > 0 else data[TABLE_VOCAB[name]]
         if n <= 0:
-            raise ValueError(f"table {name} has no rows (spec 0 and dataset count {data[name]})")
+            raise ValueError(f"table {name} has no rows (spec 0 and {TABLE_VOCAB[name]}={data[TABLE_VOCAB[name]]})")
         out[name] = n
     return out
 
 
 def build_embedding_collection(
-    spec: EmbeddingSpec,
-    num_items: int,
-    num_actions: int,
-    num_surfaces: int,
-    device: str | torch.device = "meta",
+    spec: EmbeddingSpec, vocab: Any, device: str | torch.device = "meta"
 ) -> EmbeddingCollection:
-    """EmbeddingCollection with tables t_item (item_id, neg_item_id), t_action, t_surface.
+    """EmbeddingCollection with the registry's tables (t_item: item_id, neg_item_id; t_action;
+    t_surface), sized by ``table_sizes(spec, vocab)``.
 
     Built on ``meta`` by default (DMP materialises it); pass ``device="cpu"`` for tests.
     """
     validate_spec(spec)
-    sizes = table_sizes(spec, num_items, num_actions, num_surfaces)
+    sizes = table_sizes(spec, vocab)
     init = {}
     if spec.init_scale > 0:
         init = dict(weight_init_min=-spec.init_scale, weight_init_max=spec.init_scale)

@@ -21,17 +21,15 @@ n_r.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Tuple
+from typing import Any, Literal, Optional, Tuple
 
 import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from pinfm_rec.data.batch import ACTION_KEY, ITEM_KEY, NEG_ITEM_KEY, SURFACE_KEY
 from pinfm_rec.data.ranking_batch import RankingBatch
-from pinfm_rec.model.embedding import check_ids
-from pinfm_rec.model.features import log_bucket
-from pinfm_rec.model.pinfm import ModelSpec, PinFM, to_ec_kjt
+from pinfm_rec.features import NEG_ITEM_KEY, TOKEN_KEYS
+from pinfm_rec.model.pinfm import ModelSpec, PinFM
 from pinfm_rec.model.jagged import append_tokens, gather_rows, jagged_index, last_index
 from pinfm_rec.spec import bounds
 
@@ -74,15 +72,15 @@ class PinFMEncoder(nn.Module):
         self,
         model_spec: ModelSpec,
         spec: EncoderSpec,
-        num_items: int,
-        num_actions: int,
-        num_surfaces: int,
+        vocab: Any,
         device: str | torch.device = "meta",
         dense_device: str | torch.device = "cpu",
     ) -> None:
+        """vocab: vocabulary sizes of the pretrained tables (``pinfm_rec.features.vocab_sizes``: a
+        mapping such as an export's encoder_meta.json, or dataset info)."""
         super().__init__()
         self.spec = spec
-        self.fm = PinFM(model_spec, num_items, num_actions, num_surfaces, device=device, dense_device=dense_device)
+        self.fm = PinFM(model_spec, vocab, device=device, dense_device=dense_device)
         dim, d_model = model_spec.embedding.dim, model_spec.trunk.d_model
         self.cand_type = AddVector(dim, device=dense_device)
         self.proj = nn.Linear(d_model + 1, spec.out_dim).to(dense_device)
@@ -93,48 +91,37 @@ class PinFMEncoder(nn.Module):
         return self.spec.out_dim
 
     # ---- inputs ----
-    def _lookup(self, batch: RankingBatch) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One EC call -> (history x [L, dim] before scaling, offsets [U+1], candidate emb [C, dim])."""
-        fm = self.fm
-        hist = batch.history.features
-        u = batch.num_requests
-        cand_len = batch.cand_offsets[1:] - batch.cand_offsets[:-1]  # [U]
-        cand_kjt = KeyedJaggedTensor(keys=[NEG_ITEM_KEY], values=batch.cand_item.long(), lengths=cand_len, stride=u)
-        keys = [k for k in hist.keys() if k in (ITEM_KEY, ACTION_KEY, SURFACE_KEY)]
-        kjt = KeyedJaggedTensor.concat([hist.permute([hist.keys().index(k) for k in keys]), cand_kjt])
-        kjt = check_ids(kjt, fm.sizes, fm.spec.embedding.id_mode)
-        emb = fm.ec(to_ec_kjt(kjt))
-        items = emb[ITEM_KEY]
-        x = items.values() + emb[ACTION_KEY].values() + emb[SURFACE_KEY].values()  # [L, dim]
-        return x, items.offsets(), emb[NEG_ITEM_KEY].values()  # [C, dim]
-
     def _cand_time(self, batch: RankingBatch, offsets: torch.Tensor) -> torch.Tensor:
-        """[C, dim] time feature of each candidate token (gap from the last history event to the
-        request; "first event" when the history is empty; next gap unknown)."""
-        tf = self.fm.time
+        """[C, dim] time feature of each candidate token: gap from the last history event to the
+        request ("first event" when the history is empty or the request time unknown)."""
         rows = batch.expand_index()  # [C]
         lengths = offsets[1:] - offsets[:-1]
-        ts = batch.history.timestamps
+        ts, req_ts = batch.history.timestamps, batch.history.target_timestamp
+        if req_ts is None:
+            req_ts, lengths = torch.zeros_like(lengths), torch.zeros_like(lengths)
         last_ts = ts[last_index(offsets)] if ts.numel() else torch.zeros_like(lengths)
-        req_ts = batch.history.target_timestamp
-        gap = (req_ts - last_ts)[rows]
-        special = torch.full_like(gap, tf.num_buckets)
-        b_prev = torch.where(lengths[rows] > 0, log_bucket(gap, tf.num_buckets), special)
-        return tf.prev(b_prev) + tf.next(special)
+        return self.fm.time.appended((req_ts - last_ts)[rows], lengths[rows] == 0)
 
     def _inputs(self, batch: RankingBatch):
+        """One EC call for histories and candidates -> (history inputs x [L, d_model], offsets
+        [U+1], candidate inputs [C, d_model], candidate item embeddings [C, dim])."""
         fm = self.fm
-        x, offsets, e_cand = self._lookup(batch)  # [L, dim], [U+1], [C, dim]
-        if fm.time is not None:
-            x = x + fm.time(batch.history.timestamps, offsets, batch.history.target_timestamp)
-        e_in = e_cand
+        hist = batch.history.features
+        cand_len = batch.cand_offsets[1:] - batch.cand_offsets[:-1]  # [U]
+        cand_kjt = KeyedJaggedTensor(keys=[NEG_ITEM_KEY], values=batch.cand_item.long(), lengths=cand_len,
+                                     stride=batch.num_requests)
+        keys = [k for k in hist.keys() if k in TOKEN_KEYS]
+        kjt = KeyedJaggedTensor.concat([hist.permute([hist.keys().index(k) for k in keys]), cand_kjt])
+        ts = batch.history.timestamps
+        t = fm.embed_tokens(kjt, ts, batch.history.target_timestamp)
+        e_cand = t.emb[NEG_ITEM_KEY].values()  # [C, dim]
         if self.training and self.spec.cand_id_dropout > 0:
             keep = torch.rand(e_cand.shape[0], 1, device=e_cand.device) >= self.spec.cand_id_dropout
-            e_in = e_cand * keep
-        cx = self.cand_type(e_in)
-        if fm.time is not None:
-            cx = cx + self._cand_time(batch, offsets)
-        return fm.in_proj(x * fm.input_scale), offsets, fm.in_proj(cx * fm.input_scale), e_in
+            e_cand = e_cand * keep
+        cx = self.cand_type(e_cand)
+        if fm.time is not None and ts is not None:
+            cx = cx + self._cand_time(batch, t.offsets)
+        return t.x, t.offsets, fm.project_inputs(cx), e_cand
 
     # ---- forward ----
     def forward(
@@ -161,7 +148,6 @@ class PinFMEncoder(nn.Module):
         trunk = fm.trunk
         x, offsets, cx, e_cand = self._inputs(batch)
         lengths = offsets[1:] - offsets[:-1]  # [U]
-        last = last_index(offsets)
         n = batch.history.max_len
         if mode == "dcat":
             h, cache = trunk.encode_context(x, offsets, n)  # [L, d_model]
@@ -184,9 +170,7 @@ class PinFMEncoder(nn.Module):
                 ok = has[src_rows]
                 src = off_a[first[src_rows]] + src_pos
                 h = torch.where(ok[:, None], ha[src.clamp(max=ha.shape[0] - 1)], h)
-        h_last = h[last] if h.shape[0] else h.new_zeros(lengths.numel(), h.shape[-1])  # [U, d_model]
-        user = fm._normalize(fm.head(h_last))  # [U, dim]
-        user = torch.where((lengths > 0)[:, None], user, torch.zeros_like(user))
+        user = fm.user_vectors(h, offsets)  # [U, dim]
         rows = batch.expand_index()
-        sim = (user[rows] * fm._normalize(e_cand)).sum(-1, keepdim=True) / self.temperature  # [C, 1]
+        sim = (user[rows] * fm.normalize(e_cand)).sum(-1, keepdim=True) / self.temperature  # [C, 1]
         return hc, sim, user

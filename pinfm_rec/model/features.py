@@ -68,3 +68,11 @@ class TimeFeatures(nn.Module):
         b_prev = torch.where(is_first, special, log_bucket(gap_prev, self.num_buckets))
         b_next = torch.where(unknown, special, log_bucket(gap_next, self.num_buckets))
         return self.prev(b_prev) + self.next(b_next)
+
+    def appended(self, gap_prev: torch.Tensor, is_first: torch.Tensor) -> torch.Tensor:
+        """Time feature [N, dim] of tokens appended to their rows at request time (candidates):
+        gap_prev [N] seconds from the row's last event (ignored where is_first [N], an empty row),
+        the gap to the next event unknown."""
+        special = torch.full_like(gap_prev, self.num_buckets)
+        b_prev = torch.where(is_first, special, log_bucket(gap_prev, self.num_buckets))
+        return self.prev(b_prev) + self.next(special)

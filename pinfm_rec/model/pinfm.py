@@ -2,22 +2,24 @@
 output head, trained with sampled softmax over shared item embeddings.
 
 Single-device code: the EC is created on ``device`` ("meta" by default, materialised by DMP);
-dense parts live on ``dense_device``. One EC call per forward serves inputs, positives
-(``item_id`` rows) and sampled negatives (``neg_item_id`` rows).
+dense parts live on ``dense_device``. One EC call per forward (``embed_tokens``) serves inputs,
+positives (``item_id`` rows) and sampled negatives (``neg_item_id`` rows). The encoder for
+ranking (``encoder.py``) builds on the same public pieces: ``embed_tokens``, ``project_inputs``,
+``trunk``, ``user_vectors``, ``normalize``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
-from pinfm_rec.data.batch import ACTION_KEY, ITEM_KEY, NEG_ITEM_KEY, SURFACE_KEY, SequenceBatch
+from pinfm_rec.data.batch import SequenceBatch
+from pinfm_rec.features import ACTION_KEY, EC_FEATURES, ITEM_KEY, NEG_ITEM_KEY, TOKEN_KEYS, vocab_sizes
 from pinfm_rec.model.embedding import (
-    EC_FEATURES,
     ITEM_TABLE,
     EmbeddingSpec,
     build_embedding_collection,
@@ -79,27 +81,44 @@ def with_feature_values(kjt: KeyedJaggedTensor, key: str, values: torch.Tensor) 
     return KeyedJaggedTensor.from_jt_dict(jts)
 
 
+@dataclass
+class TokenEmbeddings:
+    """What ``PinFM.embed_tokens`` returns for a KJT of B rows.
+
+    x [L, d_model]: trunk inputs of the history tokens; offsets [B+1]; kjt: the KJT after the id
+    check (hashed ids in ``id_mode=hash``); emb: the EC output, {feature: JaggedTensor} of raw
+    table rows [*, dim] (lookup features such as ``neg_item_id`` are read from here).
+    """
+
+    x: torch.Tensor
+    offsets: torch.Tensor
+    kjt: KeyedJaggedTensor
+    emb: Dict[str, JaggedTensor]
+
+
 class PinFM(nn.Module):
-    """PinFM foundation model (pretraining objective + user/item encoders for eval)."""
+    """PinFM foundation model (pretraining objective + user/item encoders for eval).
+
+    vocab: the vocabulary sizes of the registry's tables, as a mapping {"num_items": ..,
+    "num_actions": .., "num_surfaces": ..} or an object with those fields (DatasetInfo,
+    RankingInfo); see ``pinfm_rec.features``.
+    """
 
     def __init__(
         self,
         spec: ModelSpec,
-        num_items: int,
-        num_actions: int,
-        num_surfaces: int,
+        vocab: Any,
         item_counts: Optional[torch.Tensor] = None,
         device: str | torch.device = "meta",
         dense_device: str | torch.device = "cpu",
     ) -> None:
         super().__init__()
         self.spec = spec
-        self.num_items = int(num_items)
-        self.sizes = table_sizes(spec.embedding, num_items, num_actions, num_surfaces)
+        self.vocab = vocab_sizes(vocab)
+        self.num_items = self.vocab["num_items"]
+        self.sizes = table_sizes(spec.embedding, self.vocab)
         dim, d_model = spec.embedding.dim, spec.trunk.d_model
-        self.ec = build_embedding_collection(
-            spec.embedding, num_items, num_actions, num_surfaces, device=device
-        )
+        self.ec = build_embedding_collection(spec.embedding, self.vocab, device=device)
         dd = torch.device(dense_device)
         self.time = (
             TimeFeatures(dim, init_scale=spec.embedding.init_scale or 0.03).to(dd)
@@ -132,45 +151,73 @@ class PinFM(nn.Module):
                 )
         self.register_buffer("item_counts", item_counts, persistent=False)
 
-    # ---- shared pieces ----
-    def _embed(
-        self, batch: SequenceBatch, all_items_as_negatives: bool = False
-    ) -> Tuple[torch.Tensor, torch.Tensor, KeyedJaggedTensor, Dict[str, JaggedTensor]]:
-        """-> (token inputs x [L, d_model], offsets [B+1], checked KJT, EC output).
+    # ---- shared pieces (also the encoder's) ----
+    def embed_tokens(
+        self,
+        kjt: KeyedJaggedTensor,
+        timestamps: Optional[torch.Tensor] = None,
+        request_ts: Optional[torch.Tensor] = None,
+    ) -> TokenEmbeddings:
+        """One EC call for every registry feature of ``kjt`` -> trunk inputs of its history tokens.
 
-        all_items_as_negatives: the ``neg_item_id`` feature becomes arange(num_items) (the loss's
-        full catalogue), looked up in the same EC call.
+        kjt: B rows with ``item_id`` (required) and optionally the other token features (a missing
+        one leaves its term out of the sum) and lookup features (``neg_item_id``, looked up in the
+        same call, read from ``.emb``); other keys are ignored. timestamps [L] (None: no time
+        features), request_ts [B] (the time the last token predicts for; None: unknown).
         """
+        if ITEM_KEY not in kjt.keys():
+            raise ValueError(f"history KJT needs the feature {ITEM_KEY!r}, it has {list(kjt.keys())}")
+        kjt = check_ids(kjt, self.sizes, self.spec.embedding.id_mode)
+        emb = self.ec(to_ec_kjt(kjt))  # the one EC call
+        offsets = emb[ITEM_KEY].offsets()  # [B+1]
+        x = emb[ITEM_KEY].values()  # [L, dim]
+        for key in TOKEN_KEYS:
+            if key != ITEM_KEY and key in kjt.keys():
+                x = x + emb[key].values()
+        if self.time is not None and timestamps is not None:
+            x = x + self.time(timestamps, offsets, request_ts)
+        return TokenEmbeddings(self.project_inputs(x), offsets, kjt, emb)
+
+    def project_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """Summed table rows [N, dim] -> trunk inputs [N, d_model] (input scale + projection)."""
+        return self.in_proj(x * self.input_scale)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Vectors of the item-embedding space, normalised like the loss (fp32)."""
+        return F.normalize(x.float(), dim=-1) if self.spec.loss.l2_norm else x.float()
+
+    def user_vectors(self, h: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """Trunk hidden h [L, d_model] jagged by offsets [B+1] -> user vectors [B, dim]: the output
+        head at each row's last token, normalised like the loss; zeros for empty rows."""
+        lengths = offsets[1:] - offsets[:-1]  # [B]
+        if h.shape[0] == 0:
+            return h.new_zeros(lengths.numel(), self.spec.embedding.dim).float()
+        u = self.normalize(self.head(h[last_index(offsets)]))  # [B, dim]
+        return torch.where((lengths > 0)[:, None], u, torch.zeros_like(u))
+
+    def _embed(self, batch: SequenceBatch, all_items_as_negatives: bool = False) -> TokenEmbeddings:
+        """all_items_as_negatives: the ``neg_item_id`` feature becomes arange(num_items) (the loss's
+        full catalogue), looked up in the same EC call."""
         kjt = batch.features
         if all_items_as_negatives:
             ids = torch.arange(self.num_items, device=kjt.values().device)
             kjt = with_feature_values(kjt, NEG_ITEM_KEY, ids)
-        kjt = check_ids(kjt, self.sizes, self.spec.embedding.id_mode)
-        emb = self.ec(to_ec_kjt(kjt))  # the one EC call
-        items = emb[ITEM_KEY]
-        offsets = items.offsets()  # [B+1]
-        x = items.values() + emb[ACTION_KEY].values() + emb[SURFACE_KEY].values()  # [L, dim]
-        if self.time is not None:
-            x = x + self.time(batch.timestamps, offsets, batch.target_timestamp)
-        return self.in_proj(x * self.input_scale), offsets, kjt, emb
-
-    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(x.float(), dim=-1) if self.spec.loss.l2_norm else x.float()
+        return self.embed_tokens(kjt, batch.timestamps, batch.target_timestamp)
 
     # ---- training ----
     def forward(self, batch: SequenceBatch) -> Dict[str, torch.Tensor]:
         """Losses of one batch: {"next_token", ... , "loss" (weighted total), "num_targets"}."""
-        x, offsets, kjt, emb = self._embed(batch, all_items_as_negatives=self.spec.loss.full_catalogue)
-        h = self.head(self.trunk(x, offsets, batch.max_len))  # [L, dim]
+        t = self._embed(batch, all_items_as_negatives=self.spec.loss.full_catalogue)
+        h = self.head(self.trunk(t.x, t.offsets, batch.max_len))  # [L, dim]
         inputs = LossInputs(
             h=h,
-            offsets=offsets,
-            item_ids=kjt[ITEM_KEY].values(),
-            actions=kjt[ACTION_KEY].values(),
-            item_emb=emb[ITEM_KEY].values(),
+            offsets=t.offsets,
+            item_ids=t.kjt[ITEM_KEY].values(),
+            actions=t.kjt[ACTION_KEY].values(),
+            item_emb=t.emb[ITEM_KEY].values(),
             timestamps=batch.timestamps,
-            neg_ids=kjt[NEG_ITEM_KEY].values() if NEG_ITEM_KEY in kjt.keys() else None,
-            neg_emb=emb[NEG_ITEM_KEY].values(),
+            neg_ids=t.kjt[NEG_ITEM_KEY].values() if NEG_ITEM_KEY in t.kjt.keys() else None,
+            neg_emb=t.emb[NEG_ITEM_KEY].values(),
         )
         return sequence_losses(
             self.spec.loss, inputs, num_items=self.num_items, item_counts=self.item_counts,
@@ -183,19 +230,13 @@ class PinFM(nn.Module):
 
         Rows with an empty history get zeros.
         """
-        x, offsets, _, _ = self._embed(batch)
-        h = self.head(self.trunk(x, offsets, batch.max_len))  # [L, dim]
-        lengths = offsets[1:] - offsets[:-1]  # [B]
-        last = last_index(offsets)
-        if h.shape[0] == 0:
-            return h.new_zeros(lengths.numel(), h.shape[-1]).float()
-        u = self._normalize(h[last])  # [B, dim]
-        return torch.where((lengths > 0)[:, None], u, torch.zeros_like(u))
+        t = self._embed(batch)
+        return self.user_vectors(self.trunk(t.x, t.offsets, batch.max_len), t.offsets)
 
     def encode_context(self, batch: SequenceBatch) -> Tuple[torch.Tensor, KVCache]:
         """Histories of a batch -> (trunk hidden [L, d_model], KVCache) for DCAT scoring."""
-        x, offsets, _, _ = self._embed(batch)
-        return self.trunk.encode_context(x, offsets, batch.max_len)
+        t = self._embed(batch)
+        return self.trunk.encode_context(t.x, t.offsets, batch.max_len)
 
     def item_embeddings(self, item_ids: torch.Tensor) -> torch.Tensor:
         """item_ids [I] -> [I, dim] output-space item embeddings (normalised like the loss).
@@ -215,4 +256,4 @@ class PinFM(nn.Module):
             length_per_key=[n if f == ITEM_KEY else 0 for f in EC_FEATURES],
         )
         kjt = check_ids(kjt, self.sizes, self.spec.embedding.id_mode)
-        return self._normalize(self.ec(kjt)[ITEM_KEY].values())
+        return self.normalize(self.ec(kjt)[ITEM_KEY].values())

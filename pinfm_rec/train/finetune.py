@@ -22,6 +22,7 @@ import yaml
 
 from pinfm_rec import console
 from pinfm_rec.data.ranking import RankingDataSpec, RankingInfo, build_ranking_loader, prepare_ranking
+from pinfm_rec.features import VOCAB_KEYS
 from pinfm_rec.model.embedding import table_shardings
 from pinfm_rec.model.encoder import EncoderSpec, PinFMEncoder
 from pinfm_rec.model.pinfm import ModelSpec
@@ -74,7 +75,7 @@ def _check_vocab(path: str, info: RankingInfo) -> None:
         return
     with open(meta_p) as f:
         meta = json.load(f)
-    for k in ("num_items", "num_actions", "num_surfaces"):
+    for k in VOCAB_KEYS:
         if k in meta and int(meta[k]) != int(getattr(info, k)):
             raise ValueError(f"{meta_p}: {k}={meta[k]} but the ranking data has {getattr(info, k)}; the encoder "
                              f"must be pretrained on this dataset's pretraining corpus ({info.pretrain_dir})")
@@ -143,8 +144,7 @@ def build_finetune(spec: FinetuneSpec, env: DistEnv) -> Built:
         if spec.data.max_len > model_spec.trunk.max_len:
             raise ValueError(f"data.max_len ({spec.data.max_len}) > the encoder trunk's max_len "
                              f"({model_spec.trunk.max_len}): histories would not fit its positions")
-        encoder = PinFMEncoder(model_spec, enc_spec, info.num_items, info.num_actions, info.num_surfaces,
-                               device="meta", dense_device=env.device)
+        encoder = PinFMEncoder(model_spec, enc_spec, info, device="meta", dense_device=env.device)
         if enc_spec.freeze:
             for p in encoder.fm.parameters():
                 if p.device.type != "meta":

@@ -36,7 +36,8 @@ from pinfm_rec.train.finetune import FinetuneSpec, _dense_optimizer
 def build(num_items: int, d_model: int, n_layers: int, n_heads: int, hist: int, env, opt: str):
     ms = ModelSpec(embedding=EmbeddingSpec(dim=64, item=TableSpec(sharding="row_wise")),
                    trunk=TrunkSpec(d_model=d_model, n_layers=n_layers, n_heads=n_heads, dropout=0.0, max_len=hist))
-    enc = PinFMEncoder(ms, EncoderSpec(out_dim=32), num_items, 4, 4, device="meta", dense_device=env.device)
+    enc = PinFMEncoder(ms, EncoderSpec(out_dim=32), dict(num_items=num_items, num_actions=4, num_surfaces=4),
+                       device="meta", dense_device=env.device)
     rs = RankerSpec()
     ranker = build_ranker(rs, num_items, 3 + 32, device="meta", dense_device=env.device)
     model = RankerWithEncoder(ranker, enc, rs.history_bag_len)

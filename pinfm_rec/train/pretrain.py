@@ -17,6 +17,7 @@ import torch
 from pinfm_rec import console
 from pinfm_rec.data.loader import build_loader
 from pinfm_rec.data.prepare import DataSpec, DatasetInfo, prepare_dataset
+from pinfm_rec.features import vocab_sizes
 from pinfm_rec.model.embedding import table_shardings
 from pinfm_rec.model.pinfm import ModelSpec, PinFM
 from pinfm_rec.parallel import DistEnv, ParallelSpec, build_optimizer, shard_model
@@ -68,9 +69,7 @@ def build(spec: PretrainSpec, env: DistEnv, with_optimizer: bool = True) -> Buil
     counts = torch.as_tensor(np.asarray(info.item_counts), dtype=torch.float64)
     model = PinFM(
         spec.model,
-        num_items=info.num_items,
-        num_actions=info.num_actions,
-        num_surfaces=info.num_surfaces,
+        info,  # vocabulary sizes (pinfm_rec.features.vocab_sizes)
         item_counts=counts,
         device=torch.device("meta"),
         dense_device=env.device,
@@ -114,8 +113,7 @@ class PretrainRecipe(Recipe):
         return run_eval(self.b, self.spec, split)
 
     def _vocab(self) -> dict:
-        info = self.b.info
-        return {"num_items": info.num_items, "num_actions": info.num_actions, "num_surfaces": info.num_surfaces}
+        return vocab_sizes(self.b.info)
 
     def train_state_extra(self) -> dict:
         return self._vocab()
