@@ -111,7 +111,7 @@ def cmd_pretrain(args) -> int:
     spec, _ = _load(args, "pretrain")
     run_dir = _begin("pretrain", args, spec)
     _show_results(pretrain(spec, force_cpu=args.cpu))
-    console.echo(f"encoder: {run_dir}/encoder  checkpoints: {spec.checkpoint.dir or run_dir + '/checkpoints'}")
+    console.echo(f"encoder export: {run_dir}/encoder")
     return 0
 
 
@@ -244,8 +244,20 @@ def _where() -> str:
     return f" (traceback in {console.log_path()})" if console.log_path() else " (--debug shows the traceback)"
 
 
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    """Options and ``key=value`` overrides in any order (argparse alone stops taking positionals
+    after the first option that follows them)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    bad = [x for x in extra if x.startswith("-") or "=" not in x]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    args.overrides = list(getattr(args, "overrides", None) or []) + extra
+    return args
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     console.configure(verbose=args.verbose)
     try:
         return args.fn(args)

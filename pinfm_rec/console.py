@@ -339,7 +339,7 @@ def result_table(results: Dict[str, object]) -> str:
 
 def run_header(command: str, spec_path: str, run_dir: str) -> None:
     """First console line of a run: what runs, from which spec, where it writes."""
-    log = f"  (log: {_state.log_path})" if _state.log_path else ""
+    log = f" (log: {os.path.basename(_state.log_path)})" if _state.log_path else ""
     echo(f"pinfm {command}: spec {spec_path} -> {run_dir}/{log}")
 
 

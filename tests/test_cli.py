@@ -69,6 +69,14 @@ def test_spec_is_required(name, capsys):
     assert "the following arguments are required: --spec" in capsys.readouterr().err
 
 
+def test_options_and_overrides_in_any_order(capsys):
+    args = cli.parse_args(["pretrain", "a.b=1", "--cpu", "c.d=2", "--debug", "--spec", "x.yaml", "e=3"])
+    assert args.overrides == ["a.b=1", "c.d=2", "e=3"] and args.cpu and args.debug and args.spec == "x.yaml"
+    with pytest.raises(SystemExit) as e:
+        cli.parse_args(["pretrain", "--spec", "x.yaml", "a=1", "--nope"])
+    assert e.value.code == 2 and "unrecognized arguments: --nope" in capsys.readouterr().err
+
+
 def _raise(exc):
     def fn(*a, **k):
         raise exc
