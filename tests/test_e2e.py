@@ -112,8 +112,10 @@ def test_torchx_two_gloo_ranks_shard_tables(tmp_path):
     assert out.returncode == 0, text[-4000:]
     res = json.load(open(tmp_path / "run" / "results.json"))
     assert res["world_size"] == 2
-    plan_lines = [l for l in text.splitlines() if "t_item:" in l and "row_wise" in l]
-    assert plan_lines and "rank0:" in plan_lines[0] and "rank1:" in plan_lines[0], text[-4000:]
+    plan = json.load(open(tmp_path / "run" / "plan.json"))  # the plan table the console showed
+    item = [t for t in plan["tables"] if t["table"] == "t_item"][0]
+    assert plan["world_size"] == 2 and item["sharding_type"] == "row_wise" and item["ranks"] == [0, 1], plan
+    assert sorted(item["mb_per_rank"]) == ["0", "1"] and "t_item" in text and "row_wise" in text, text[-4000:]
 
 
 @pytest.mark.slow
