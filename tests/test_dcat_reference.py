@@ -90,7 +90,7 @@ def test_flex_attention_peer_computes_dcat():
     # the bench's flex_attention column (issue 15's peer) computes the same crossing
     # attention: block mask kv < L or kv - L == q over [history; candidates], eager on CPU
     pytest.importorskip("torch.nn.attention.flex_attention")
-    from pinfm_rec.kernels.dcat.bench import flex_dcat, flex_inputs
+    from pinfm_rec.kernels.dcat.peers import flex_dcat, flex_inputs
     R, L, C, h, dh = 2, 24, 8, 2, 16
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(R * C, h, dh, generator=g) for _ in range(3))

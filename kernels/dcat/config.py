@@ -13,6 +13,14 @@ Variants of the forward (the backward is one ``tl`` kernel pair everywhere):
 * ``INTERPRET``: CPU (under ``TRITON_INTERPRET=1``: tests) or any device with the interpreter on:
   the ``tl`` kernel, no launch options.
 
+Each variant's reference is ``reference.dcat_reference`` (fp64 in the checks). Tests:
+GLUON_* compile for sm_90 anywhere (tests/test_dcat_gluon_compile.py) and run on a Hopper GPU
+(tests/test_dcat_triton.py: bf16 Dh 64 fixed-max incl. the overflow "ramp", bf16 Dh 128 and
+fp16 online); TL runs the fp32 tests compiled on any CUDA GPU; INTERPRET runs all of
+tests/test_dcat_*.py on CPU. Bench (``bench.py``): the timed shapes run GLUON_FIXED_MAX on
+Hopper; ``--correctness`` checks bf16 / fp16 / fp32 (GLUON_FIXED_MAX, GLUON_ONLINE and TL on an H100/H200), and
+its ramp check compares GLUON_FIXED_MAX with GLUON_ONLINE.
+
 Tuning (``tune.py``) returns a new :class:`DcatConfig`; nothing here is mutated at run time.
 Notation: Dh head dim.
 """
