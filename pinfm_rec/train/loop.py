@@ -133,18 +133,23 @@ class Trainer:
         total_steps: int,
         on_step: Optional[Callable[[LoopState], None]] = None,
         rng_state: Optional[dict] = None,
+        rng_before_iter: bool = False,
     ) -> bool:
         """One pass over ``batches``. Returns False when max_steps stopped it early.
 
-        rng_state: a checkpoint's RNG state, restored after the loader iterator is created (which
-        draws from the global RNG) so a resumed run continues the exact random stream.
+        rng_state: a checkpoint's RNG state, restored where it was captured relative to the creation
+        of the loader iterator (which draws from the global RNG): after it for a mid-epoch checkpoint,
+        before it (``rng_before_iter``) for one written between epochs, so a resumed run continues the
+        exact random stream either way.
         """
         self.model.train()
         t0 = time.perf_counter()
         win_tokens, win_rows, win_steps = 0, 0, 0
         acc: Dict[str, float] = {}
+        if rng_state is not None and rng_before_iter:
+            set_rng_state(rng_state)
         it = iter(batches)
-        if rng_state is not None:
+        if rng_state is not None and not rng_before_iter:
             set_rng_state(rng_state)
         for batch in it:
             if self.spec.max_steps and state.step >= self.spec.max_steps:
@@ -202,12 +207,13 @@ def run_epochs(
     """The epoch loop shared by the recipes, from ``state.epoch`` to ``trainer.spec.epochs``.
 
     A resumed mid-epoch ``loader_state`` is restored for the first epoch (else the loader's epoch
-    is set), ``rng_state`` right before its first step. After every ``eval_every_epochs`` finished
+    is set), ``rng_state`` where it was captured (``Trainer.run_epoch``). After every ``eval_every_epochs`` finished
     epochs except the last, ``eval_valid()`` runs and its metrics join ``state.history``. Then
     ``on_epoch_end(finished)`` applies the recipe's checkpoint policy; an epoch cut short by
     ``max_steps`` (finished False) ends the loop.
     """
     spec = trainer.spec
+    between_epochs = loader_state is None  # a checkpoint written at an epoch's end has no position
     for epoch in range(state.epoch, spec.epochs):
         state.epoch = epoch
         if loader_state is not None:
@@ -215,7 +221,8 @@ def run_epochs(
             loader_state = None
         else:
             set_loader_epoch(loader, epoch)
-        finished = trainer.run_epoch(loader, state, total_steps, on_step, rng_state=rng_state)
+        finished = trainer.run_epoch(loader, state, total_steps, on_step, rng_state=rng_state,
+                                     rng_before_iter=between_epochs)
         rng_state = None
         ev = spec.eval_every_epochs
         if finished and ev and (epoch + 1) % ev == 0 and epoch + 1 < spec.epochs:
