@@ -137,3 +137,69 @@ def test_encoder_without_action_surface_or_request_time():
     f_flat, _ = enc(b2, mode="flat")
     assert f_dcat.shape == full.shape and not torch.allclose(f_dcat, full)
     torch.testing.assert_close(f_dcat, f_flat, atol=2e-5, rtol=2e-5)
+
+
+def _export(tmp_path, seed=3):
+    """An encoder export as `pinfm pretrain` writes it (train.checkpoint.export_encoder)."""
+    import json
+
+    import yaml
+
+    from pinfm_rec.model.pinfm import PinFM
+    from pinfm_rec.spec import to_dict
+    from pinfm_rec.train.checkpoint import export_encoder
+
+    torch.manual_seed(seed)
+    ms = ModelSpec(embedding=EmbeddingSpec(dim=16), trunk=TrunkSpec(d_model=32, n_layers=2, n_heads=2, dropout=0.0,
+                                                                    max_len=12))
+    vocab = dict(num_items=NUM_ITEMS, num_actions=NUM_ACTIONS, num_surfaces=NUM_SURFACES)
+    fm = PinFM(ms, vocab, device="cpu")
+    path = export_encoder(str(tmp_path / "encoder"), fm, yaml.safe_dump({"model": to_dict(ms)}), vocab, rank=0)
+    assert json.load(open(f"{path}/encoder_meta.json"))["num_items"] == NUM_ITEMS
+    return path, fm
+
+
+def test_from_pretrained_reads_spec_vocab_and_weights(tmp_path):
+    from pinfm_rec.errors import EncoderError
+    from pinfm_rec.model.pretrained import load_pretrained
+
+    path, fm = _export(tmp_path)
+    enc = PinFMEncoder.from_pretrained(path, out_dim=8, kernel="pytorch")
+    assert enc.out_dim == 8 and enc.spec.kernel == "pytorch" and enc.fm.sizes["t_item"] == NUM_ITEMS
+    for k, v in fm.state_dict().items():
+        torch.testing.assert_close(enc.fm.state_dict()[k], v, msg=k)
+    feats, user = enc.eval()(random_ranking_batch(torch.Generator().manual_seed(0), [3, 5], [2, 1]))
+    assert feats.shape == (3, 8) and torch.isfinite(feats).all()
+    # found by type under any attribute name
+    meta = PinFMEncoder.from_pretrained(path, out_dim=4, device="meta")  # tables for DMP: loaded after it
+    assert meta.fm.ec.embeddings["t_item"].weight.is_meta
+    with pytest.raises(EncoderError, match="still on 'meta'"):
+        load_pretrained(meta, path)
+    holder = torch.nn.Module()
+    holder.my_pinfm = make_encoder(9)
+    assert load_pretrained(holder, path) == len(fm.state_dict())
+    torch.testing.assert_close(holder.my_pinfm.fm.trunk.layers[0].qkv.weight, fm.trunk.layers[0].qkv.weight)
+    with pytest.raises(EncoderError, match=r"vocab: num_items=51 \(the encoder has 50\)"):
+        PinFMEncoder.from_pretrained(path, vocab=dict(num_items=51, num_actions=NUM_ACTIONS, num_surfaces=3))
+    with pytest.raises(EncoderError, match="no such encoder export"):
+        PinFMEncoder.from_pretrained(str(tmp_path / "nope"))
+    with pytest.raises(EncoderError, match="holds no PinFM"):
+        load_pretrained(torch.nn.Linear(2, 2), path)
+
+
+def test_freeze_and_sharding_constraints(tmp_path):
+    path, _ = _export(tmp_path)
+    enc = PinFMEncoder.from_pretrained(path, out_dim=8, kernel="pytorch", freeze=True)
+    assert enc.spec.freeze and not any(p.requires_grad for p in enc.fm.parameters())
+    assert all(p.requires_grad for p in enc.proj.parameters()) and enc.cand_type.weight.requires_grad
+    feats, _ = enc.train()(random_ranking_batch(torch.Generator().manual_seed(1), [4, 2], [3, 2]))
+    feats.sum().backward()
+    assert enc.proj.weight.grad is not None and enc.fm.ec.embeddings["t_item"].weight.grad is None
+    assert enc.freeze(False) is enc and all(p.requires_grad for p in enc.fm.parameters())
+    cons = enc.sharding_constraints()
+    assert set(cons) == {"t_item", "t_action", "t_surface"}
+    assert cons["t_item"].sharding_types == ["table_wise", "row_wise", "column_wise"]  # auto
+    assert cons["t_item"].compute_kernels == ["fused"]
+    row = make_encoder(0)
+    row.fm.spec.embedding.item.sharding = "row_wise"
+    assert row.sharding_constraints()["t_item"].sharding_types == ["row_wise"]

@@ -21,7 +21,7 @@ n_r.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Tuple
+from typing import Any, Dict, Literal, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -89,6 +89,73 @@ class PinFMEncoder(nn.Module):
     @property
     def out_dim(self) -> int:
         return self.spec.out_dim
+
+    # ---- construction from an export, freezing, sharding ----
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str,
+        *,
+        out_dim: int = 32,
+        freeze: bool = False,
+        kernel: str = "auto",
+        vocab: Optional[Mapping[str, int]] = None,
+        device: str | torch.device = "cpu",
+        dense_device: str | torch.device = "cpu",
+        **spec_kw: Any,
+    ) -> "PinFMEncoder":
+        """The encoder exported by ``pinfm pretrain`` (``runs/<name>/encoder``) or a pretraining
+        checkpoint: architecture and vocabulary sizes are read from ``path``.
+
+        On a real ``device`` the pretrained weights are loaded now; on ``"meta"`` (tables to be
+        sharded by DMP) call ``pinfm_rec.model.pretrained.load_pretrained(dmp, path)`` after
+        sharding (collective). vocab: your sizes, checked against the export's (EncoderError
+        naming ``vocab`` on a mismatch). spec_kw: other ``EncoderSpec`` fields (cand_id_dropout,
+        max_ctx, lr_mult).
+        """
+        from pinfm_rec.model.pretrained import check_vocab, load_pretrained, read_pretrained
+
+        model_spec, saved = read_pretrained(path)
+        if vocab is not None:
+            check_vocab(path, dict(vocab), saved)
+        spec = EncoderSpec(init="pretrained", checkpoint=path, out_dim=out_dim, freeze=freeze, kernel=kernel,
+                           **spec_kw)
+        enc = cls(model_spec, spec, saved, device=device, dense_device=dense_device)
+        if torch.device(device).type != "meta":
+            load_pretrained(enc, path)
+        if freeze:
+            enc.freeze()
+        return enc
+
+    def freeze(self, frozen: bool = True) -> "PinFMEncoder":
+        """No gradient into the pretrained part (tables, trunk, time features); the candidate-type
+        vector and the projection still train. Dense pretrained parameters get requires_grad=False
+        (so DDP/optimizers skip them); tables (fused optimizer) are skipped by running the
+        pretrained part without grad."""
+        self.spec.freeze = frozen
+        for p in self.fm.parameters():
+            if p.device.type != "meta":
+                p.requires_grad_(not frozen)
+        return self
+
+    def sharding_constraints(self) -> Dict[str, Any]:
+        """``{table name: torchrec ParameterConstraints}`` of the encoder's tables, for your own
+        ``EmbeddingShardingPlanner(constraints=...)``: the sharding each table's ``TableSpec``
+        names (all of table_wise/row_wise/column_wise for ``auto``) and the fused kernel."""
+        from torchrec.distributed.embedding_types import EmbeddingComputeKernel
+        from torchrec.distributed.planner.types import ParameterConstraints
+
+        from pinfm_rec.model.embedding import SHARDING_CHOICES, table_shardings
+
+        fixed = table_shardings(self.fm.spec.embedding)
+        auto = [s for s in SHARDING_CHOICES if s != "auto"]
+        return {
+            table: ParameterConstraints(
+                sharding_types=[fixed[table]] if table in fixed else list(auto),
+                compute_kernels=[EmbeddingComputeKernel.FUSED.value],
+            )
+            for table in self.fm.sizes
+        }
 
     # ---- inputs ----
     def _cand_time(self, batch: RankingBatch, offsets: torch.Tensor) -> torch.Tensor:
