@@ -24,6 +24,7 @@ import torch
 from pinfm_rec import console
 from pinfm_rec.parallel import DistEnv, barrier, init_distributed, shutdown_distributed
 from pinfm_rec.spec import dump_spec
+from pinfm_rec.train import rundir
 from pinfm_rec.train.checkpoint import check_resume_compatible, load_checkpoint, resolve_resume, save_checkpoint
 from pinfm_rec.train.loop import LoopState, Trainer, run_epochs
 from pinfm_rec.train.tblog import TBLogger
@@ -124,9 +125,14 @@ class Recipe:
     # ---- shared ----
     def run(self) -> Dict[str, float]:
         self.wall0 = time.perf_counter()
-        self.setup()
-        self.train()
-        return self.cleanup()
+        self.lock = None
+        try:
+            self.setup()
+            self.train()
+            return self.cleanup()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
 
     def setup(self) -> None:
         spec = self.spec
@@ -134,6 +140,9 @@ class Recipe:
         setup_logging(env.rank)
         self.run_dir, self.ckpt_dir = run_dir_of(spec), ckpt_dir_of(spec)
         self.spec_yaml = dump_spec(spec)
+        # before anything is written to the run dir: own it (lock), settle resume=false, fix the run id
+        self.lock, self.run_id = rundir.claim(self.run_dir, self.ckpt_dir, spec.checkpoint.resume,
+                                              spec.checkpoint.on_existing, env.is_main)
         if env.is_main:
             os.makedirs(self.run_dir, exist_ok=True)
             with open(os.path.join(self.run_dir, "spec.yaml"), "w") as f:
@@ -148,7 +157,7 @@ class Recipe:
         self.total = min(total, spec.train.max_steps) if spec.train.max_steps else total
         self.state = LoopState()
         self.loader_state, self.rng_state = None, None
-        resume = resolve_resume(self.ckpt_dir, spec.checkpoint.resume)
+        resume = resolve_resume(self.ckpt_dir, spec.checkpoint.resume, self.run_id)
         if resume:
             check_resume_compatible(resume, self.spec_yaml, self.compat_sections, self.spec_cls, self.loader_keys)
             ts, self.loader_state, self.rng_state = load_checkpoint(resume, self.b.model, self.b.optimizer, env.rank)
@@ -169,7 +178,7 @@ class Recipe:
               "history": st.history, **self.train_state_extra()}
         lstate = None if epoch_done else self.loader.state_dict()
         save_checkpoint(self.ckpt_dir, st.step, self.b.model, self.b.optimizer, lstate, ts, self.spec_yaml,
-                        self.env.rank, self.spec.checkpoint.keep_last)
+                        self.env.rank, self.spec.checkpoint.keep_last, run_id=self.run_id)
 
     def train(self) -> None:
         spec, b, state = self.spec, self.b, self.state
