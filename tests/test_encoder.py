@@ -203,3 +203,39 @@ def test_freeze_and_sharding_constraints(tmp_path):
     row = make_encoder(0)
     row.fm.spec.embedding.item.sharding = "row_wise"
     assert row.sharding_constraints()["t_item"].sharding_types == ["row_wise"]
+
+
+def test_forward_takes_keyed_jagged_tensors_with_own_key_names():
+    """A TorchRec user's inputs: history KJT with own key names (timestamps as a key), candidates
+    KJT of U rows; same features as the RankingBatch path, and clear errors naming the argument."""
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    from pinfm_rec.errors import EncoderError
+
+    b = random_ranking_batch(torch.Generator().manual_seed(11), [5, 0, 3], [2, 1, 3])
+    enc = make_encoder(4)
+    enc.feature_names = {"item_id": "hist_items", "action": "hist_actions", "surface": "hist_surfaces",
+                         "timestamp": "hist_ts"}
+    want, want_user = enc(b)
+    f = b.history.features
+    hist = KeyedJaggedTensor.from_jt_dict({
+        "hist_items": f["item_id"], "hist_actions": f["action"], "hist_surfaces": f["surface"],
+        "hist_ts": type(f["item_id"])(values=b.history.timestamps, lengths=f["item_id"].lengths()),
+        "user_country": f["action"],  # a key of the user's own: ignored
+    })
+    cand = KeyedJaggedTensor(keys=["cand_items"], values=b.cand_item, lengths=b.cand_offsets.diff(), stride=3)
+    got, user = enc(hist, cand, b.history.target_timestamp)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(user, want_user)
+    # action, surface and time optional
+    items_only = KeyedJaggedTensor.from_jt_dict({"hist_items": f["item_id"]})
+    f_dcat, _ = enc(items_only, cand)
+    torch.testing.assert_close(f_dcat, enc(items_only, cand, mode="flat")[0], atol=2e-5, rtol=2e-5)
+    with pytest.raises(EncoderError, match="history: no key 'hist_items'"):
+        enc(KeyedJaggedTensor.from_jt_dict({"item_id": f["item_id"]}), cand)
+    with pytest.raises(EncoderError, match="candidates has 2 rows, history 3"):
+        enc(hist, KeyedJaggedTensor(keys=["c"], values=b.cand_item[:3], lengths=torch.tensor([1, 2]), stride=2))
+    with pytest.raises(EncoderError, match="candidates: a KJT"):
+        enc(hist)
+    with pytest.raises(EncoderError, match="request_ts has 2 entries for 3 requests"):
+        enc(hist, cand, torch.zeros(2, dtype=torch.long))

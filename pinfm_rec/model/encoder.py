@@ -21,16 +21,18 @@ n_r.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Literal, Mapping, Optional, Tuple
+from typing import Any, Dict, Literal, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from pinfm_rec.data.ranking_batch import RankingBatch
+from pinfm_rec.errors import EncoderError
 from pinfm_rec.features import NEG_ITEM_KEY, TOKEN_KEYS
 from pinfm_rec.model.pinfm import ModelSpec, PinFM
 from pinfm_rec.model.jagged import append_tokens, gather_rows, jagged_index, last_index
+from pinfm_rec.model.requests import Requests, requests_from_batch, requests_from_kjt
 from pinfm_rec.spec import bounds
 
 MODES = ("dcat", "flat")
@@ -75,11 +77,14 @@ class PinFMEncoder(nn.Module):
         vocab: Any,
         device: str | torch.device = "meta",
         dense_device: str | torch.device = "cpu",
+        feature_names: Optional[Mapping[str, str]] = None,
     ) -> None:
         """vocab: vocabulary sizes of the pretrained tables (``pinfm_rec.features.vocab_sizes``: a
-        mapping such as an export's encoder_meta.json, or dataset info)."""
+        mapping such as an export's encoder_meta.json, or dataset info). feature_names: KJT key
+        of each registry feature in your history/candidate KJTs (``model/requests.py``)."""
         super().__init__()
         self.spec = spec
+        self.feature_names = dict(feature_names or {})
         self.fm = PinFM(model_spec, vocab, device=device, dense_device=dense_device)
         dim, d_model = model_spec.embedding.dim, model_spec.trunk.d_model
         self.cand_type = AddVector(dim, device=dense_device)
@@ -100,6 +105,7 @@ class PinFMEncoder(nn.Module):
         freeze: bool = False,
         kernel: str = "auto",
         vocab: Optional[Mapping[str, int]] = None,
+        feature_names: Optional[Mapping[str, str]] = None,
         device: str | torch.device = "cpu",
         dense_device: str | torch.device = "cpu",
         **spec_kw: Any,
@@ -120,7 +126,7 @@ class PinFMEncoder(nn.Module):
             check_vocab(path, dict(vocab), saved)
         spec = EncoderSpec(init="pretrained", checkpoint=path, out_dim=out_dim, freeze=freeze, kernel=kernel,
                            **spec_kw)
-        enc = cls(model_spec, spec, saved, device=device, dense_device=dense_device)
+        enc = cls(model_spec, spec, saved, device=device, dense_device=dense_device, feature_names=feature_names)
         if torch.device(device).type != "meta":
             load_pretrained(enc, path)
         if freeze:
@@ -158,29 +164,29 @@ class PinFMEncoder(nn.Module):
         }
 
     # ---- inputs ----
-    def _cand_time(self, batch: RankingBatch, offsets: torch.Tensor) -> torch.Tensor:
+    def _cand_time(self, batch: Requests, offsets: torch.Tensor) -> torch.Tensor:
         """[C, dim] time feature of each candidate token: gap from the last history event to the
         request ("first event" when the history is empty or the request time unknown)."""
         rows = batch.expand_index()  # [C]
         lengths = offsets[1:] - offsets[:-1]
-        ts, req_ts = batch.history.timestamps, batch.history.target_timestamp
+        ts, req_ts = batch.timestamps, batch.request_ts
         if req_ts is None:
             req_ts, lengths = torch.zeros_like(lengths), torch.zeros_like(lengths)
         last_ts = ts[last_index(offsets)] if ts.numel() else torch.zeros_like(lengths)
         return self.fm.time.appended((req_ts - last_ts)[rows], lengths[rows] == 0)
 
-    def _inputs(self, batch: RankingBatch):
+    def _inputs(self, batch: Requests):
         """One EC call for histories and candidates -> (history inputs x [L, d_model], offsets
         [U+1], candidate inputs [C, d_model], candidate item embeddings [C, dim])."""
         fm = self.fm
-        hist = batch.history.features
+        hist = batch.features
         cand_len = batch.cand_offsets[1:] - batch.cand_offsets[:-1]  # [U]
         cand_kjt = KeyedJaggedTensor(keys=[NEG_ITEM_KEY], values=batch.cand_item.long(), lengths=cand_len,
                                      stride=batch.num_requests)
         keys = [k for k in hist.keys() if k in TOKEN_KEYS]
         kjt = KeyedJaggedTensor.concat([hist.permute([hist.keys().index(k) for k in keys]), cand_kjt])
-        ts = batch.history.timestamps
-        t = fm.embed_tokens(kjt, ts, batch.history.target_timestamp)
+        ts = batch.timestamps
+        t = fm.embed_tokens(kjt, ts, batch.request_ts)
         e_cand = t.emb[NEG_ITEM_KEY].values()  # [C, dim]
         if self.training and self.spec.cand_id_dropout > 0:
             keep = torch.rand(e_cand.shape[0], 1, device=e_cand.device) >= self.spec.cand_id_dropout
@@ -192,30 +198,48 @@ class PinFMEncoder(nn.Module):
 
     # ---- forward ----
     def forward(
-        self, batch: RankingBatch, mode: str = "dcat", frozen: Optional[bool] = None
+        self,
+        batch: Union[RankingBatch, KeyedJaggedTensor],
+        candidates: Optional[KeyedJaggedTensor] = None,
+        request_ts: Optional[torch.Tensor] = None,
+        *,
+        mode: str = "dcat",
+        frozen: Optional[bool] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """batch (U requests, C candidates) -> (features [C, out_dim], user vectors [U, dim]).
+        """U requests with C candidates -> (features [C, out_dim], user vectors [U, dim]).
 
+        Either a ``RankingBatch``, or TorchRec inputs: ``batch`` = the history KJT (U rows, keys
+        mapped by ``self.feature_names``; item ids required, action/surface/timestamp optional),
+        ``candidates`` = KJT of U rows with the candidate item ids of each request, ``request_ts``
+        [U] optional (see ``model/requests.py``). Features are in candidate order (request-major).
         mode "dcat": context pass once per request + DCAT crossing. mode "flat": every candidate
         appended to its history, full causal forward (same result; the reference/baseline).
         frozen: no gradient into the pretrained part (tables, trunk); the projection still trains.
             None = ``spec.freeze``.
         """
+        if isinstance(batch, RankingBatch):
+            if candidates is not None or request_ts is not None:
+                raise EncoderError("candidates/request_ts: give them with a history KJT, not with a RankingBatch")
+            req = requests_from_batch(batch)
+        elif candidates is None:
+            raise EncoderError("candidates: a KJT of the candidate item ids per request is needed with a history KJT")
+        else:
+            req = requests_from_kjt(batch, candidates, request_ts, self.feature_names)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if frozen is None:
             frozen = self.spec.freeze
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
-            hc, sim, user = self._encode(batch, mode)
+            hc, sim, user = self._encode(req, mode)
         return self.proj(torch.cat([hc.float(), sim], -1)), user  # [C, out_dim], [U, dim]
 
-    def _encode(self, batch: RankingBatch, mode: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _encode(self, batch: Requests, mode: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (crossing output [C, d_model], retrieval score [C, 1], user vectors [U, dim])."""
         fm = self.fm
         trunk = fm.trunk
         x, offsets, cx, e_cand = self._inputs(batch)
         lengths = offsets[1:] - offsets[:-1]  # [U]
-        n = batch.history.max_len
+        n = batch.max_len
         if mode == "dcat":
             h, cache = trunk.encode_context(x, offsets, n)  # [L, d_model]
             hc = trunk.score_candidates(
