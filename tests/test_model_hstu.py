@@ -70,3 +70,23 @@ def test_relative_bias_and_gradients_flow():
     assert layer.rel_bias.grad is not None and layer.rel_bias.grad[:, :6].abs().sum() > 0
     assert layer.rel_bias.grad[:, 6:].abs().sum() == 0  # distances >= 6 never occur in rows of <= 6
     assert x.grad.abs().sum() > 0 and torch.isfinite(x.grad).all()
+
+
+def test_hstu_trunk_kv_cache_equals_appended_forward_and_padding_invariance():
+    from pinfm_rec.model.trunk import Trunk, TrunkSpec
+
+    torch.manual_seed(3)
+    trunk = Trunk(TrunkSpec(d_model=16, n_layers=2, n_heads=2, dropout=0.0, max_len=12, block="hstu")).eval()
+    assert all(isinstance(layer, HSTULayer) for layer in trunk.layers)
+    hist, cands = [3, 0, 5, 2], [2, 3, 0, 1]
+    ctx_off = torch.tensor([0, 3, 3, 8, 10])
+    cand_off = torch.tensor([0, 2, 5, 5, 6])
+    x_ctx, x_cand = torch.randn(10, 16), torch.randn(6, 16)
+    h_ctx, cache = trunk.encode_context(x_ctx, ctx_off, 5)
+    torch.testing.assert_close(trunk(x_ctx, ctx_off, 9), h_ctx, atol=1e-5, rtol=0)  # more padding: same
+    out = trunk.score_candidates(x_cand, cand_off, cache)
+    for r in range(4):
+        for j in range(int(cand_off[r]), int(cand_off[r + 1])):
+            seq = torch.cat([x_ctx[ctx_off[r]:ctx_off[r + 1]], x_cand[j:j + 1]])
+            want = trunk(seq, torch.tensor([0, seq.shape[0]]), seq.shape[0])[-1]
+            torch.testing.assert_close(out[j], want, atol=1e-5, rtol=0)

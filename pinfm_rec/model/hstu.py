@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pinfm_rec.model.trunk import jagged_index, pad_jagged, unpad_jagged
+from pinfm_rec.model.jagged import jagged_index, pad_jagged, unpad_jagged
 
 
 class HSTULayer(nn.Module):

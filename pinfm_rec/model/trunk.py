@@ -16,11 +16,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pinfm_rec.model.hstu import HSTULayer
 from pinfm_rec.model.jagged import jagged_index, pad_jagged, unpad_jagged
 from pinfm_rec.spec import FieldError, bounds
 
 Attention = Literal["sdpa", "pytorch"]  # pytorch: explicit softmax, for reference/debugging
 ATTENTION_CHOICES = get_args(Attention)
+# transformer: pre-norm softmax attention + FFN (DCAT crossing through the Triton op);
+# hstu: HSTU blocks (model/hstu.py: SiLU attention, relative position bias, gating; PyTorch crossing)
+Block = Literal["transformer", "hstu"]
 
 
 @dataclass
@@ -34,6 +38,7 @@ class TrunkSpec:
     # (spec_checks.cross_check): the data's max_len is the one that cuts histories.
     max_len: int = field(default=200, metadata=bounds(ge=1))
     attention: Attention = "sdpa"
+    block: Block = "transformer"
 
     def __post_init__(self) -> None:
         if self.n_heads > 0 and self.d_model % self.n_heads:
@@ -135,7 +140,11 @@ class Trunk(nn.Module):
         self.pos_emb = nn.Embedding(spec.max_len + 1, spec.d_model)
         nn.init.normal_(self.pos_emb.weight, std=0.02)
         self.in_drop = nn.Dropout(spec.dropout)
-        self.layers = nn.ModuleList(TrunkLayer(spec) for _ in range(spec.n_layers))
+        if spec.block == "hstu":
+            self.layers = nn.ModuleList(
+                HSTULayer(spec.d_model, spec.n_heads, spec.max_len, spec.dropout) for _ in range(spec.n_layers))
+        else:
+            self.layers = nn.ModuleList(TrunkLayer(spec) for _ in range(spec.n_layers))
         self.final_ln = nn.LayerNorm(spec.d_model)
 
     def _check_len(self, max_len: int, slack: int = 0) -> None:
@@ -215,6 +224,13 @@ class Trunk(nn.Module):
         h = self.in_drop(cand_x + self.pos_emb(ctx_len[cand_rows]))  # [C, D]
         scale = 1.0 / math.sqrt(self.spec.d_model // self.spec.n_heads)
         for layer, k_ctx, v_ctx in zip(self.layers, cache.k, cache.v):
+            if isinstance(layer, HSTULayer):  # pointwise attention: its own (PyTorch) crossing pass
+                attend = functools.partial(
+                    layer.cross_attention, k_ctx=k_ctx, v_ctx=v_ctx, cand_offsets=cand_offsets,
+                    ctx_offsets=cache.offsets, max_ctx_len=cache.max_len, max_cands=max_cands)
+                h, _, _ = layer(h, attend)
+                continue
+
             def attend(q, k, v, k_ctx=k_ctx, v_ctx=v_ctx):  # q, k, v [C, H, Dh] -> [C, H, Dh]
                 return attn_fn(
                     q, k, v, k_ctx, v_ctx, cand_offsets, cache.offsets,
