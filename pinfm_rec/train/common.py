@@ -27,6 +27,7 @@ from pinfm_rec.spec import dump_spec
 from pinfm_rec.train import rundir
 from pinfm_rec.train.checkpoint import check_resume_compatible, load_checkpoint, resolve_resume, save_checkpoint
 from pinfm_rec.train.loop import LoopState, Trainer, run_epochs
+from pinfm_rec.train.preempt import PreemptionGuard, preempted
 from pinfm_rec.train.tblog import TBLogger
 
 logger = logging.getLogger("pinfm_rec")
@@ -125,11 +126,12 @@ class Recipe:
     # ---- shared ----
     def run(self) -> Dict[str, float]:
         self.wall0 = time.perf_counter()
-        self.lock = None
+        self.lock, self.last_ckpt = None, (-1, "")
         try:
-            self.setup()
-            self.train()
-            return self.cleanup()
+            with PreemptionGuard() as self.guard:
+                self.setup()
+                self.train()
+                return self.cleanup()
         finally:
             if self.lock is not None:
                 self.lock.release()
@@ -149,8 +151,6 @@ class Recipe:
                 f.write(self.spec_yaml)
             logger.info("resolved spec:\n%s", self.spec_yaml)
         self.b = self.build()
-        self.tb = TBLogger(self.run_dir, enabled=spec.tensorboard and env.is_main)
-        self.tb.text("spec", self.spec_yaml)
         self.loader = self.train_loader()
         self.steps_per_epoch = len(self.loader)
         total = spec.train.epochs * self.steps_per_epoch
@@ -164,6 +164,10 @@ class Recipe:
             self.state.step, self.state.epoch = ts["step"], ts["epoch"]
             self.state.history = ts.get("history", [])
             console.echo(f"resumed from {resume} (step {self.state.step}, epoch {self.state.epoch})")
+        # a resumed run drops the events its previous attempt logged after the checkpoint's step
+        self.tb = TBLogger(self.run_dir, enabled=spec.tensorboard and env.is_main,
+                           purge_step=self.state.step if resume else None)
+        self.tb.text("spec", self.spec_yaml)
 
     def log_fn(self, stats: Dict[str, float], step: int) -> None:
         self.tb.scalars(stats, step)
@@ -173,12 +177,14 @@ class Recipe:
         self.bar.set_postfix(**{"loss": stats.get("train/loss", float("nan")),
                                 "ex/s": stats.get("perf/examples_per_s", float("nan"))})
 
-    def checkpoint(self, st: LoopState, epoch_done: bool = False) -> None:
+    def checkpoint(self, st: LoopState, epoch_done: bool = False) -> str:
         ts = {"step": st.step, "epoch": st.epoch + (1 if epoch_done else 0), "world_size": self.env.world_size,
               "history": st.history, **self.train_state_extra()}
         lstate = None if epoch_done else self.loader.state_dict()
-        save_checkpoint(self.ckpt_dir, st.step, self.b.model, self.b.optimizer, lstate, ts, self.spec_yaml,
-                        self.env.rank, self.spec.checkpoint.keep_last, run_id=self.run_id)
+        path = save_checkpoint(self.ckpt_dir, st.step, self.b.model, self.b.optimizer, lstate, ts,
+                               self.spec_yaml, self.env.rank, self.spec.checkpoint.keep_last, run_id=self.run_id)
+        self.last_ckpt = (st.step, path)
+        return path
 
     def train(self) -> None:
         spec, b, state = self.spec, self.b, self.state
@@ -189,6 +195,10 @@ class Recipe:
             self.bar.update()
             if spec.checkpoint.every_steps and st.step % spec.checkpoint.every_steps == 0:
                 self.checkpoint(st)
+            signum = self.guard.agreed(self.env.device)  # collective: every rank stops after this step
+            if signum:
+                done = self.last_ckpt[1] if self.last_ckpt[0] == st.step else self.checkpoint(st)
+                raise preempted(signum, st.step, done)
 
         def eval_valid() -> Dict[str, float]:
             m = self.evaluate("valid")

@@ -8,13 +8,17 @@ from torch.utils.tensorboard import SummaryWriter
 
 
 class TBLogger:
-    """Scalars and text under ``<run_dir>/tb``; resumed runs append to the same directory."""
+    """Scalars and text under ``<run_dir>/tb``; resumed runs append to the same directory.
 
-    def __init__(self, run_dir: str, enabled: bool = True) -> None:
+    purge_step: a resumed run's step: TensorBoard drops the events earlier files logged at steps
+    >= it (those of the interrupted attempt after its checkpoint), so no step has two points.
+    """
+
+    def __init__(self, run_dir: str, enabled: bool = True, purge_step: Optional[int] = None) -> None:
         self.writer: Optional[SummaryWriter] = None
         if enabled:
             os.makedirs(os.path.join(run_dir, "tb"), exist_ok=True)
-            self.writer = SummaryWriter(log_dir=os.path.join(run_dir, "tb"))
+            self.writer = SummaryWriter(log_dir=os.path.join(run_dir, "tb"), purge_step=purge_step)
 
     def scalars(self, values: Dict[str, float], step: int) -> None:
         if self.writer is None:
