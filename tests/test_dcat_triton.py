@@ -38,8 +38,17 @@ def _case(dev, cl, xl, h, dh, dtype, seed=0):
     return ins, _offs(cl, dev), _offs(xl, dev)
 
 
-TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float16: dict(rtol=2e-2, atol=2e-2),
-       torch.bfloat16: dict(rtol=6e-2, atol=6e-2)}
+TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float16: dict(rtol=2e-2, atol=2e-2)}
+
+
+def _close(a, b, dtype, name):
+    """Elementwise for fp32/fp16; bf16 (8 mantissa bits, gradients summed over many rows) by
+    the relative Frobenius error, as the GPU bench checks it (run 12: 3.8e-3, SDPA 3.4e-3)."""
+    if dtype == torch.bfloat16:
+        rel = ((a.double() - b).norm() / b.norm().clamp_min(1e-30)).item()
+        assert rel < 2e-2, (name, rel)
+    else:
+        torch.testing.assert_close(a.double(), b, **TOL[dtype], msg=name)
 
 
 def _check(dev, cl, xl, h, dh, dtype, max_ctx=0, fcfg=None, bcfg=None, seed=0):
@@ -51,17 +60,16 @@ def _check(dev, cl, xl, h, dh, dtype, max_ctx=0, fcfg=None, bcfg=None, seed=0):
     o, lse = fwd.dcat_fwd_triton(*ins, co, xo, max_ctx, scale, mc, ml, cfg.fwd)
     xs = [t.double().requires_grad_() for t in ins]
     ref, ref_lse = dcat_reference(*xs, co, xo, max_ctx=max_ctx, return_lse=True)
-    tol = TOL[dtype]
     assert torch.isfinite(o).all() and torch.isfinite(lse).all()
-    torch.testing.assert_close(o.double(), ref.detach(), **tol)
-    torch.testing.assert_close(lse.double(), ref_lse.detach(), **tol)
+    _close(o, ref.detach(), dtype, "o")
+    _close(lse, ref_lse.detach(), dtype, "lse")
     do = torch.randn_like(o)
     grads = bwd.dcat_bwd_triton(do, *ins, o, lse, co, xo, max_ctx, scale, mc, ml, cfg)
     ref_g = torch.autograd.grad(ref, xs, do.double())
     for name, a, b in zip(["dq", "dk", "dv", "dk_ctx", "dv_ctx"], grads, ref_g):
         assert a.dtype == dtype and a.shape == b.shape, name
         assert torch.isfinite(a).all(), name
-        torch.testing.assert_close(a.double(), b, **tol, msg=name)
+        _close(a, b, dtype, name)
 
 
 SMALL_F = dict(block_m=16, block_n=16)
@@ -105,7 +113,8 @@ def test_bf16_default_config_on_cuda(dh, kernel_device):
     # the benchmarked dtype with the selected config (on Hopper the Gluon forward: fixed-max
     # at Dh 64, online at 128), ragged, a split history and a max_ctx window
     if kernel_device.type != "cuda":
-        pytest.skip("bf16 kernels are checked compiled on CUDA (the interpreter has no bf16)")
+        pytest.skip("bf16 kernels are checked compiled on CUDA (the Triton interpreter's bf16 tl.dot "
+                    "returns garbage: 2.7e10 error on a 16x16 product with Triton 3.8)")
     _check(kernel_device, [1, 70, 0, 130], [700, 33, 5, 1500], 4, dh, torch.bfloat16, seed=dh)
     _check(kernel_device, [1, 70, 130], [700, 33, 1500], 4, dh, torch.bfloat16, max_ctx=100)
 
