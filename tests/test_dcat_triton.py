@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from pinfm_rec.kernels.dcat.config import Tile, select
+from pinfm_rec.kernels.dcat.config import Tile, Variant, select
 from pinfm_rec.kernels.dcat.reference import dcat_reference
 
 pytestmark = pytest.mark.skipif(
@@ -117,6 +117,9 @@ def test_bf16_default_config_on_cuda(dh, kernel_device):
                     "returns garbage: 2.7e10 error on a 16x16 product with Triton 3.8)")
     _check(kernel_device, [1, 70, 0, 130], [700, 33, 5, 1500], 4, dh, torch.bfloat16, seed=dh)
     _check(kernel_device, [1, 70, 130], [700, 33, 1500], 4, dh, torch.bfloat16, max_ctx=100)
+    # the tl kernel in bf16 too: non-Hopper GPUs, and Hopper calls Gluon cannot take
+    _check(kernel_device, [1, 70, 0, 130], [700, 33, 5, 1500], 4, dh, torch.bfloat16,
+           fcfg=dict(variant=Variant.TL), seed=dh + 1)
 
 
 def test_empty_inputs(kernel_device):
