@@ -25,7 +25,13 @@ from pinfm_rec import console
 from pinfm_rec.parallel import DistEnv, barrier, init_distributed, shutdown_distributed
 from pinfm_rec.spec import dump_spec
 from pinfm_rec.train import rundir
-from pinfm_rec.train.checkpoint import check_resume_compatible, load_checkpoint, resolve_resume, save_checkpoint
+from pinfm_rec.train.checkpoint import (
+    check_resume_compatible,
+    load_checkpoint,
+    load_model_state,
+    resolve_resume,
+    save_checkpoint,
+)
 from pinfm_rec.train.loop import LoopState, Trainer, run_epochs
 from pinfm_rec.train.preempt import PreemptionGuard, preempted
 from pinfm_rec.train.tblog import TBLogger
@@ -163,6 +169,7 @@ class Recipe:
             ts, self.loader_state, self.rng_state = load_checkpoint(resume, self.b.model, self.b.optimizer, env.rank)
             self.state.step, self.state.epoch = ts["step"], ts["epoch"]
             self.state.history = ts.get("history", [])
+            self.state.load_early_stop(ts.get("early_stop"))
             console.echo(f"resumed from {resume} (step {self.state.step}, epoch {self.state.epoch})")
         # a resumed run drops the events its previous attempt logged after the checkpoint's step
         self.tb = TBLogger(self.run_dir, enabled=spec.tensorboard and env.is_main,
@@ -179,10 +186,11 @@ class Recipe:
 
     def checkpoint(self, st: LoopState, epoch_done: bool = False) -> str:
         ts = {"step": st.step, "epoch": st.epoch + (1 if epoch_done else 0), "world_size": self.env.world_size,
-              "history": st.history, **self.train_state_extra()}
+              "history": st.history, "early_stop": st.early_stop_state(), **self.train_state_extra()}
         lstate = None if epoch_done else self.loader.state_dict()
         path = save_checkpoint(self.ckpt_dir, st.step, self.b.model, self.b.optimizer, lstate, ts,
-                               self.spec_yaml, self.env.rank, self.spec.checkpoint.keep_last, run_id=self.run_id)
+                               self.spec_yaml, self.env.rank, self.spec.checkpoint.keep_last, run_id=self.run_id,
+                               protect=(st.best_step,))  # the best-valid model outlives keep_last
         self.last_ckpt = (st.step, path)
         return path
 
@@ -208,8 +216,8 @@ class Recipe:
 
         def on_epoch_end(finished: bool) -> None:
             # the end of a run always leaves a checkpoint (a partial epoch cut by max_steps too)
-            last = not finished or state.epoch + 1 == spec.train.epochs
-            if self.checkpoint_every_epoch or spec.checkpoint.every_steps or last:
+            last = not finished or state.epoch + 1 == spec.train.epochs or state.stopped
+            if self.checkpoint_every_epoch or spec.checkpoint.every_steps or spec.train.patience or last:
                 self.checkpoint(state, epoch_done=finished)
 
         console.echo(self.describe(self.steps_per_epoch, self.total))
@@ -220,14 +228,35 @@ class Recipe:
         finally:
             self.bar.close()
 
+    def best_valid(self) -> Optional[Dict[str, float]]:
+        """Early stopping: load the best-valid checkpoint's model (unless the current model is it)
+        and return its recorded valid metrics; None when no evaluation happened."""
+        state = self.state
+        if state.best_step < 0:
+            return None
+        if state.best_step != state.step:
+            path = os.path.join(self.ckpt_dir, f"step_{state.best_step:08d}")
+            load_model_state(path, self.b.model)
+            self.model_step = state.best_step
+            console.echo(f"best valid {self.spec.train.early_stop_metric} at epoch {state.best_epoch}: "
+                         f"testing and exporting {path}")
+        entry = next(h for h in reversed(state.history) if h["step"] == state.best_step)
+        return {k[len("valid_"):]: v for k, v in entry.items() if k.startswith("valid_")}
+
     def cleanup(self) -> Dict[str, float]:
         env, state = self.env, self.state
-        valid, test = self.evaluate("valid"), self.evaluate("test")
+        self.model_step = state.step  # the step of the model tested and exported (best_valid may change it)
+        valid = self.best_valid() if self.spec.train.patience else None
+        valid = valid if valid is not None else self.evaluate("valid")
+        test = self.evaluate("test")  # read once, on the model that valid selected
         results = {f"valid_{k}": v for k, v in valid.items()}
         results.update({f"test_{k}": v for k, v in test.items()})
         results.update({"steps": state.step, "world_size": env.world_size, "device": str(env.device),
                         **self.result_extra(), "wall_s": time.perf_counter() - self.wall0,
                         "history": state.history, "perf": self.perf})
+        if self.spec.train.patience:
+            results.update({"best_epoch": state.best_epoch, "best_step": state.best_step,
+                            "stopped_early": state.stopped})
         self.tb.scalars(_scalars("valid", valid), state.step)
         self.tb.scalars(_scalars("test", test), state.step)
         if env.is_main:

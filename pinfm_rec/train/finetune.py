@@ -50,7 +50,8 @@ class FinetuneSpec:
     encoder: EncoderSpec = field(default_factory=EncoderSpec)
     ranker: RankerSpec = field(default_factory=RankerSpec)
     parallel: ParallelSpec = field(default_factory=ParallelSpec)
-    train: TrainSpec = field(default_factory=lambda: TrainSpec(epochs=3, warmup_steps=20, eval_every_epochs=1))
+    train: TrainSpec = field(default_factory=lambda: TrainSpec(epochs=3, warmup_steps=20, eval_every_epochs=1,
+                                                                 early_stop_metric="gauc"))
     checkpoint: CheckpointSpec = field(default_factory=lambda: CheckpointSpec(every_steps=0))
 
 

@@ -16,7 +16,7 @@ from typing import Callable, Dict, Iterable, List, Optional
 import torch
 
 from pinfm_rec.parallel import all_reduce_sum
-from pinfm_rec.spec import bounds
+from pinfm_rec.spec import FieldError, SpecError, bounds
 from pinfm_rec.train.checkpoint import set_rng_state
 
 logger = logging.getLogger(__name__)
@@ -39,6 +39,19 @@ class TrainSpec:
     eval_every_epochs: int = field(default=1, metadata=bounds(ge=0))  # 0 = only at the end
     eval_ks: List[int] = field(default_factory=lambda: [10, 50, 200], metadata=bounds(ge=1))
     eval_max_batches: int = field(default=0, metadata=bounds(ge=0))  # 0 = the whole split
+    # early stopping: stop after this many valid evaluations without a better early_stop_metric
+    # (0 = off). When on, the best-valid model is kept (its checkpoint is never pruned) and is the
+    # one evaluated on test and exported at the end.
+    patience: int = field(default=0, metadata=bounds(ge=0))
+    early_stop_metric: str = "ndcg@10"  # a valid metric's name (ranking: gauc, auc, ne, logloss, ...)
+
+    def __post_init__(self) -> None:
+        if self.patience > 0 and self.eval_every_epochs == 0:
+            raise FieldError("patience", f"{self.patience} needs train.eval_every_epochs >= 1 (early stopping "
+                                         "counts valid evaluations)")
+
+
+LOWER_IS_BETTER = ("logloss", "ne", "loss")
 
 
 def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
@@ -67,6 +80,42 @@ class LoopState:
     epoch: int = 0
     tokens: int = 0
     history: List[Dict[str, float]] = field(default_factory=list)
+    # early stopping (saved in every checkpoint's train_state.json as "early_stop")
+    best_value: Optional[float] = None
+    best_step: int = -1
+    best_epoch: int = 0
+    bad_evals: int = 0
+    stopped: bool = False  # early-stopped: a resumed run trains no further
+
+    EARLY_KEYS = ("best_value", "best_step", "best_epoch", "bad_evals", "stopped")
+
+    def early_stop_state(self) -> dict:
+        return {k: getattr(self, k) for k in self.EARLY_KEYS}
+
+    def load_early_stop(self, saved: Optional[dict]) -> None:
+        for k, v in (saved or {}).items():
+            if k in self.EARLY_KEYS:
+                setattr(self, k, v)
+
+
+def update_early_stop(state: LoopState, metrics: Dict[str, float], spec: TrainSpec) -> bool:
+    """After a valid evaluation at the end of epoch ``state.epoch``: track the best
+    ``spec.early_stop_metric``; True when ``spec.patience`` evaluations in a row did not improve it."""
+    name = spec.early_stop_metric
+    if name not in metrics:
+        raise SpecError(f"train.early_stop_metric: '{name}' is not a valid metric of this run; "
+                        f"one of {sorted(k for k in metrics if k not in ('count', 'requests'))}")
+    value = float(metrics[name])
+    lower = name in LOWER_IS_BETTER or name.endswith("loss")
+    if state.best_value is None or (value < state.best_value if lower else value > state.best_value):
+        state.best_value, state.best_step, state.best_epoch, state.bad_evals = value, state.step, state.epoch + 1, 0
+        return False
+    state.bad_evals += 1
+    if state.bad_evals >= spec.patience:
+        state.stopped = True
+        logger.info("early stop after epoch %d: valid %s did not improve for %d evaluations (best %.4f at epoch %d)",
+                    state.epoch + 1, name, state.bad_evals, state.best_value, state.best_epoch)
+    return state.stopped
 
 
 class Trainer:
@@ -210,9 +259,13 @@ def run_epochs(
     is set), ``rng_state`` where it was captured (``Trainer.run_epoch``). After every ``eval_every_epochs`` finished
     epochs except the last, ``eval_valid()`` runs and its metrics join ``state.history``. Then
     ``on_epoch_end(finished)`` applies the recipe's checkpoint policy; an epoch cut short by
-    ``max_steps`` (finished False) ends the loop.
+    ``max_steps`` (finished False) ends the loop. With ``patience`` the last epoch is evaluated too
+    and ``update_early_stop`` may end the loop early (``state.stopped``).
     """
     spec = trainer.spec
+    early = spec.patience > 0
+    if state.stopped:
+        return
     between_epochs = loader_state is None  # a checkpoint written at an epoch's end has no position
     for epoch in range(state.epoch, spec.epochs):
         state.epoch = epoch
@@ -225,10 +278,14 @@ def run_epochs(
                                      rng_before_iter=between_epochs)
         rng_state = None
         ev = spec.eval_every_epochs
-        if finished and ev and (epoch + 1) % ev == 0 and epoch + 1 < spec.epochs:
+        last = epoch + 1 == spec.epochs
+        due = bool(ev) and ((epoch + 1) % ev == 0 or (early and last))
+        if finished and due and (early or not last):  # without early stopping the end evaluates the last
             m = eval_valid()
             state.history.append({"epoch": epoch + 1, "step": state.step, **{f"valid_{k}": v for k, v in m.items()}})
             logger.info("epoch %d valid %s", epoch + 1, json.dumps({k: round(v, 4) for k, v in m.items()}))
+            if early:
+                update_early_stop(state, m, spec)
         on_epoch_end(finished)
-        if not finished:
+        if not finished or state.stopped:
             break

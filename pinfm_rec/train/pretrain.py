@@ -119,7 +119,7 @@ class PretrainRecipe(Recipe):
         return self._vocab()
 
     def finish(self) -> None:
-        meta = {**self._vocab(), "step": self.state.step, "source": self.spec.data.source}
+        meta = {**self._vocab(), "step": self.model_step, "source": self.spec.data.source}
         export_encoder(os.path.join(self.run_dir, "encoder"), self.b.model, self.spec_yaml, meta, self.env.rank)
 
 
