@@ -213,3 +213,25 @@ def test_train_package_does_not_import_the_cli():
         if name.endswith(".py"):
             src = open(os.path.join(train_dir, name)).read()
             assert not re.search(r"pinfm_rec\.cli|from pinfm_rec import .*\bcli\b", src), name
+
+
+def test_readme_has_the_two_commands_and_ci_runs_the_test_one():
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    blocks = re.findall(r"```bash\n(.*?)```", readme.split("## The two commands")[1].split("\n## ")[0], re.S)
+    commands = [l for b in blocks for l in b.splitlines() if l and not l.startswith("#")]
+    assert commands == [
+        "bash scripts/setup.sh && .venv/bin/pinfm pretrain --spec specs/pretrain/synthetic-tiny.yaml",
+        "bash scripts/setup.sh && .venv/bin/python -m pytest -q -ra tests",
+    ]
+    ci = open(os.path.join(ROOT, ".ci", "run")).read().splitlines()
+    assert commands[1] in ci
+    assert "shared/" not in readme  # the GPU install needs nothing outside the repository
+    assert os.access(os.path.join(ROOT, "scripts", "gpu", "stage-gpu-wheels"), os.X_OK)
+
+
+def test_pyproject_license_is_an_spdx_string_and_k8s_extra_exists():
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        meta = tomllib.load(f)
+    assert meta["project"]["license"] == "BSD-3-Clause"  # a TOML table makes setuptools warn ~38 lines
+    assert any(d.startswith("kubernetes") for d in meta["project"]["optional-dependencies"]["k8s"])
