@@ -95,13 +95,32 @@ def _worker(rank: int, world: int, ports: list, tmp: str) -> None:
 
     pre.PretrainRecipe.run = run
     out = _scenario(tmp, rank)
+    # a live run (here: the test process, spawn's parent) holds the ref dir: rank 0 finds the lock,
+    # rank 1 learns it by broadcast; both refuse before any work
+    from pinfm_rec.errors import RunDirLockedError
+    from pinfm_rec.train import rundir
+
+    if rank == 0:
+        with open(os.path.join(tmp, "ref", rundir.LOCK_NAME), "w") as f:
+            json.dump({"host": socket.gethostname(), "pid": os.getppid(), "since": "then", "token": "t"}, f)
+    try:
+        _pretrain(os.path.join(tmp, "ref"), os.path.join(tmp, "cache"))
+        out["locked"] = "not refused"
+    except RunDirLockedError as e:
+        out["locked"] = str(e)
+    if rank == 1:
+        with open(os.path.join(tmp, "locked_rank1.txt"), "w") as f:
+            f.write(out["locked"])
     if rank == 0:
         with open(os.path.join(tmp, "out.json"), "w") as f:
-            json.dump({k: {m: v for m, v in r.items() if m != "perf"} | {"perf": r["perf"][:1]}
-                       for k, r in out.items()}, f)
+            json.dump({k: r if isinstance(r, str) else {m: v for m, v in r.items() if m != "perf"}
+                       | {"perf": r["perf"][:1]} for k, r in out.items()}, f)
 
 
 @pytest.mark.slow
 def test_resume_from_any_checkpoint_is_exact_two_gloo_ranks(tmp_path):
-    mp.spawn(_worker, args=(2, [_free_port() for _ in range(3)], str(tmp_path)), nprocs=2, join=True)
-    _check(json.load(open(tmp_path / "out.json")))
+    mp.spawn(_worker, args=(2, [_free_port() for _ in range(4)], str(tmp_path)), nprocs=2, join=True)
+    out = json.load(open(tmp_path / "out.json"))
+    _check(out)
+    for msg in (out["locked"], (tmp_path / "locked_rank1.txt").read_text()):
+        assert f"in use by another run (host {socket.gethostname()}, pid {os.getpid()}, since then" in msg, msg

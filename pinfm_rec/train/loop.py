@@ -217,7 +217,7 @@ class Trainer:
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 dt = time.perf_counter() - t0
-                counts = all_reduce_sum(torch.tensor([win_tokens, win_rows], dtype=torch.float64))
+                counts = all_reduce_sum(torch.tensor([win_tokens, win_rows], dtype=torch.float64, device=self.device))
                 stats = {f"train/{k}": v / win_steps for k, v in acc.items() if k != "lr"}
                 stats["train/lr"] = acc.get("lr", 0.0) / win_steps
                 stats["perf/tokens_per_s"] = float(counts[0]) / dt
