@@ -48,8 +48,8 @@ def test_dcat_equals_appended_forward(seed, kernel):
     cands[2] = 1
     b = random_ranking_batch(gen, hist, cands)
     enc = make_encoder(seed, kernel)
-    f_dcat, u_dcat = enc(b, mode="dcat")
-    f_flat, u_flat = enc(b, mode="flat")
+    f_dcat, u_dcat = enc.encode(b, mode="dcat")
+    f_flat, u_flat = enc.encode(b, mode="flat")
     assert f_dcat.shape == (sum(cands), enc.out_dim)
     torch.testing.assert_close(f_dcat, f_flat, atol=2e-5, rtol=2e-5)
     has = torch.tensor([c > 0 for c in cands]) & torch.tensor([h > 0 for h in hist])
@@ -63,7 +63,7 @@ def test_dcat_gradients_equal_flat():
     grads = {}
     for mode in ("dcat", "flat"):
         enc = make_encoder(3)
-        f, _ = enc(b, mode=mode)
+        f, _ = enc.encode(b, mode=mode)
         (f * torch.linspace(-1, 1, f.numel()).view_as(f)).sum().backward()
         grads[mode] = {n: p.grad.clone() for n, p in enc.named_parameters() if p.grad is not None}
         grads[mode]["table"] = enc.fm.ec.embeddings["t_item"].weight.grad.clone()
@@ -78,9 +78,9 @@ def test_candidate_changes_only_its_own_features():
     gen = torch.Generator().manual_seed(9)
     b = random_ranking_batch(gen, [5, 4], [3, 2])
     enc = make_encoder(1)
-    f0, _ = enc(b)
+    f0, _ = enc.encode(b)
     b.cand_item[1] = (b.cand_item[1] + 1) % NUM_ITEMS
-    f1, _ = enc(b)
+    f1, _ = enc.encode(b)
     changed = (f0 - f1).abs().amax(-1) > 1e-6
     assert changed.tolist() == [False, True, False, False, False]
 
@@ -89,12 +89,12 @@ def test_cand_id_dropout_only_in_training():
     gen = torch.Generator().manual_seed(2)
     b = random_ranking_batch(gen, [5, 4], [30, 20])
     enc = make_encoder(0, cand_id_dropout=0.5)
-    f_eval, _ = enc(b)
-    torch.testing.assert_close(enc(b)[0], f_eval)
+    f_eval, _ = enc.encode(b)
+    torch.testing.assert_close(enc.encode(b)[0], f_eval)
     enc.fm.trunk.spec.dropout = 0.0
     enc.train()
     torch.manual_seed(0)
-    f_train, _ = enc(b)
+    f_train, _ = enc.encode(b)
     differs = (f_train - f_eval).abs().amax(-1) > 1e-6
     assert 0.2 < differs.float().mean() < 0.8
 
@@ -106,16 +106,16 @@ def test_flat_layout_batch_gives_same_features():
     fb = flatten_batch(b)
     assert fb.num_requests == 9 and fb.history.features["item_id"].lengths().tolist() == [3, 3, 0, 0, 0] + [7] * 4
     enc = make_encoder(2)
-    torch.testing.assert_close(enc(fb, mode="flat")[0], enc(b, mode="dcat")[0], atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(enc.encode(fb, mode="flat")[0], enc.encode(b, mode="dcat")[0], atol=2e-5, rtol=2e-5)
 
 
 @pytest.mark.parametrize("mode", ["dcat", "flat"])
 def test_all_histories_empty_or_no_candidates(mode):
     gen = torch.Generator().manual_seed(6)
     enc = make_encoder(0)
-    f, u = enc(random_ranking_batch(gen, [0, 0], [2, 3]), mode=mode)
+    f, u = enc.encode(random_ranking_batch(gen, [0, 0], [2, 3]), mode=mode)
     assert f.shape == (5, enc.out_dim) and torch.isfinite(f).all() and (u == 0).all()
-    f, u = enc(random_ranking_batch(gen, [3, 2], [0, 0]), mode=mode)
+    f, u = enc.encode(random_ranking_batch(gen, [3, 2], [0, 0]), mode=mode)
     assert f.shape == (0, enc.out_dim)
 
 
@@ -129,12 +129,12 @@ def test_encoder_without_action_surface_or_request_time():
     gen = torch.Generator().manual_seed(5)
     b = random_ranking_batch(gen, [4, 0, 7], [2, 3, 1])
     enc = make_encoder(5)
-    full, _ = enc(b)
+    full, _ = enc.encode(b)
     items_only = KeyedJaggedTensor.from_jt_dict({"item_id": b.history.features["item_id"]})
     hist = dataclasses.replace(b.history, features=items_only, target_timestamp=None)
     b2 = dataclasses.replace(b, history=hist)
-    f_dcat, _ = enc(b2, mode="dcat")
-    f_flat, _ = enc(b2, mode="flat")
+    f_dcat, _ = enc.encode(b2, mode="dcat")
+    f_flat, _ = enc.encode(b2, mode="flat")
     assert f_dcat.shape == full.shape and not torch.allclose(f_dcat, full)
     torch.testing.assert_close(f_dcat, f_flat, atol=2e-5, rtol=2e-5)
 
@@ -168,7 +168,7 @@ def test_from_pretrained_reads_spec_vocab_and_weights(tmp_path):
     assert enc.out_dim == 8 and enc.spec.kernel == "pytorch" and enc.fm.sizes["t_item"] == NUM_ITEMS
     for k, v in fm.state_dict().items():
         torch.testing.assert_close(enc.fm.state_dict()[k], v, msg=k)
-    feats, user = enc.eval()(random_ranking_batch(torch.Generator().manual_seed(0), [3, 5], [2, 1]))
+    feats, user = enc.eval().encode(random_ranking_batch(torch.Generator().manual_seed(0), [3, 5], [2, 1]))
     assert feats.shape == (3, 8) and torch.isfinite(feats).all()
     # found by type under any attribute name
     meta = PinFMEncoder.from_pretrained(path, out_dim=4, device="meta")  # tables for DMP: loaded after it
@@ -192,7 +192,7 @@ def test_freeze_and_sharding_constraints(tmp_path):
     enc = PinFMEncoder.from_pretrained(path, out_dim=8, kernel="pytorch", freeze=True)
     assert enc.spec.freeze and not any(p.requires_grad for p in enc.fm.parameters())
     assert all(p.requires_grad for p in enc.proj.parameters()) and enc.cand_type.weight.requires_grad
-    feats, _ = enc.train()(random_ranking_batch(torch.Generator().manual_seed(1), [4, 2], [3, 2]))
+    feats, _ = enc.train().encode(random_ranking_batch(torch.Generator().manual_seed(1), [4, 2], [3, 2]))
     feats.sum().backward()
     assert enc.proj.weight.grad is not None and enc.fm.ec.embeddings["t_item"].weight.grad is None
     assert enc.freeze(False) is enc and all(p.requires_grad for p in enc.fm.parameters())
@@ -216,7 +216,7 @@ def test_forward_takes_keyed_jagged_tensors_with_own_key_names():
     enc = make_encoder(4)
     enc.feature_names = {"item_id": "hist_items", "action": "hist_actions", "surface": "hist_surfaces",
                          "timestamp": "hist_ts"}
-    want, want_user = enc(b)
+    want, want_user = enc.encode(b)
     f = b.history.features
     hist = KeyedJaggedTensor.from_jt_dict({
         "hist_items": f["item_id"], "hist_actions": f["action"], "hist_surfaces": f["surface"],
@@ -224,18 +224,18 @@ def test_forward_takes_keyed_jagged_tensors_with_own_key_names():
         "user_country": f["action"],  # a key of the user's own: ignored
     })
     cand = KeyedJaggedTensor(keys=["cand_items"], values=b.cand_item, lengths=b.cand_offsets.diff(), stride=3)
-    got, user = enc(hist, cand, b.history.target_timestamp)
+    got = enc(hist, cand, b.history.target_timestamp)  # forward: the features, one tensor
     torch.testing.assert_close(got, want)
-    torch.testing.assert_close(user, want_user)
+    torch.testing.assert_close(enc.encode(hist, cand, b.history.target_timestamp)[1], want_user)
     # action, surface and time optional
     items_only = KeyedJaggedTensor.from_jt_dict({"hist_items": f["item_id"]})
-    f_dcat, _ = enc(items_only, cand)
-    torch.testing.assert_close(f_dcat, enc(items_only, cand, mode="flat")[0], atol=2e-5, rtol=2e-5)
+    f_dcat, _ = enc.encode(items_only, cand)
+    torch.testing.assert_close(f_dcat, enc.encode(items_only, cand, mode="flat")[0], atol=2e-5, rtol=2e-5)
     with pytest.raises(EncoderError, match="history: no key 'hist_items'"):
         enc(KeyedJaggedTensor.from_jt_dict({"item_id": f["item_id"]}), cand)
     with pytest.raises(EncoderError, match="candidates has 2 rows, history 3"):
-        enc(hist, KeyedJaggedTensor(keys=["c"], values=b.cand_item[:3], lengths=torch.tensor([1, 2]), stride=2))
+        enc.encode(hist, KeyedJaggedTensor(keys=["c"], values=b.cand_item[:3], lengths=torch.tensor([1, 2]), stride=2))
     with pytest.raises(EncoderError, match="candidates: a KJT"):
-        enc(hist)
+        enc.encode(hist)
     with pytest.raises(EncoderError, match="request_ts has 2 entries for 3 requests"):
-        enc(hist, cand, torch.zeros(2, dtype=torch.long))
+        enc.encode(hist, cand, torch.zeros(2, dtype=torch.long))

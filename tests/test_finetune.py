@@ -115,7 +115,7 @@ def _encoder_output(spec, batch_seed: int):
                                  num_surfaces=info.num_surfaces, num_dense=info.num_dense)
     enc = b.model.module.encoder.eval()
     with torch.no_grad():
-        feats, user = enc(batch)
+        feats, user = enc.encode(batch)
     return feats, user
 
 

@@ -26,7 +26,7 @@ class MyRanker(torch.nn.Module):  # your DLRM; its dense input gains the encoder
                          dense_arch_layer_sizes=[16, 8], over_arch_layer_sizes=[16, 1])
 
     def forward(self, dense, sparse, history, candidates, request_ts):  # dense [C, F], sparse: C rows
-        feats, _ = self.encoder(history, candidates, request_ts)  # [C, out_dim]; history once per request
+        feats = self.encoder(history, candidates, request_ts)  # [C, out_dim]; history once per request
         return self.dlrm(torch.cat([dense, feats], -1), sparse).squeeze(-1)
 
 

@@ -55,6 +55,13 @@ class EncoderSpec:
     max_ctx: int = field(default=0, metadata=bounds(ge=0))
 
 
+@torch.fx.wrap
+def _encoder_features(encoder: "PinFMEncoder", batch, candidates, request_ts, mode: str, frozen) -> torch.Tensor:
+    """``encoder.encode(...)[0]`` as one leaf call for torch.fx tracing (its jagged bookkeeping and
+    host-side sizes are not symbolically traceable)."""
+    return encoder.encode(batch, candidates, request_ts, mode=mode, frozen=frozen)[0]
+
+
 class AddVector(nn.Module):
     """x [N, D] -> x + weight [D] (a learned type vector, zero-initialised). A module rather than a
     bare Parameter on the encoder, so data-parallel wrappers (FSDP2 units) can own it."""
@@ -198,6 +205,23 @@ class PinFMEncoder(nn.Module):
 
     # ---- forward ----
     def forward(
+        self,
+        batch: Union[RankingBatch, KeyedJaggedTensor],
+        candidates: Optional[KeyedJaggedTensor] = None,
+        request_ts: Optional[torch.Tensor] = None,
+        *,
+        mode: str = "dcat",
+        frozen: Optional[bool] = None,
+    ) -> torch.Tensor:
+        """Per-candidate features [C, out_dim], ready to concatenate with dense features (the
+        arguments are those of ``encode``, which also returns the user vectors).
+
+        One opaque call for torch.fx (``_encoder_features``), so TorchRec's train pipeline can
+        trace a model that holds the encoder: the encoder's own tables are looked up inside it.
+        """
+        return _encoder_features(self, batch, candidates, request_ts, mode, frozen)
+
+    def encode(
         self,
         batch: Union[RankingBatch, KeyedJaggedTensor],
         candidates: Optional[KeyedJaggedTensor] = None,

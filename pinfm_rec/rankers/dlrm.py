@@ -132,7 +132,7 @@ class RankerWithEncoder(nn.Module):
         """batch (U requests, C candidates) -> logits [C]."""
         dense = batch.dense.float()
         if self.encoder is not None:
-            feats, _ = self.encoder(batch, mode=self.mode, frozen=self.freeze_encoder)
+            feats = self.encoder(batch, mode=self.mode, frozen=self.freeze_encoder)
             dense = torch.cat([dense, feats.to(dense.dtype)], -1)  # [C, F + out_dim]
         sparse = ranker_features(batch, self.history_bag_len)
         if self.ranker_sizes is not None:
