@@ -199,3 +199,62 @@ def test_tma_descriptors_cached_per_tensor_and_bounded(monkeypatch):
         g._descriptor(t, 40, 128, 128, 64)
     assert len(g._DESCRIPTORS) == g._MAX_DESCRIPTORS
     assert g._descriptor(ts[0], 40, 128, 128, 64) is not a  # evicted, rebuilt
+
+
+def test_direct_launch_after_the_first_jit_launch(monkeypatch):
+    # the Gluon forward's host path: the first call of a key goes through Triton's JIT (which
+    # returns the CompiledKernel), later calls call that kernel with every parameter in
+    # signature order; a failing direct launch warns once and the JIT path takes over.
+    # Fakes stand in for Triton (the real path runs in the GPU tests)
+    pytest.importorskip("triton.experimental.gluon.nvidia.hopper")
+    from pinfm_rec.kernels.dcat import gluon_launch as g
+    calls = []
+
+    class Compiled:
+        fail = False
+
+        def __getitem__(self, grid):
+            def run(*args):
+                if Compiled.fail:
+                    raise TypeError("launcher API changed")
+                calls.append(("direct", grid, args))
+            return run
+
+    class Kernel:
+        arg_names = ["A", "n", "X", "Y"]
+
+        def __getitem__(self, grid):
+            def run(*args, **consts):
+                calls.append(("jit", grid, args, consts))
+                return Compiled()
+            return run
+
+    monkeypatch.setattr(g, "_COMPILED", {})
+    monkeypatch.setattr(g, "_DIRECT_FAILED", [])
+    k, consts = Kernel(), dict(Y=2, X=1)  # keyword order differs from the signature's
+    g._run(k, (3, 1, 1), ("a", 5), consts, key=("k",))
+    g._run(k, (4, 1, 1), ("b", 6), consts, key=("k",))
+    g._run(k, (4, 1, 1), ("c", 7), consts, key=None)  # unkeyable call: always the JIT
+    assert calls == [("jit", (3, 1, 1), ("a", 5), consts), ("direct", (4, 1, 1), ("b", 6, 1, 2)),
+                     ("jit", (4, 1, 1), ("c", 7), consts)]
+    Compiled.fail = True
+    with pytest.warns(RuntimeWarning, match="direct launch unavailable"):
+        g._run(k, (5, 1, 1), ("d", 8), consts, key=("k",))
+    assert calls[-1] == ("jit", (5, 1, 1), ("d", 8), consts) and len(g._DIRECT_FAILED) == 1
+    g._run(k, (5, 1, 1), ("e", 9), consts, key=("k",))
+    assert calls[-1][0] == "jit"  # remembered
+
+
+def test_direct_launch_key_needs_aligned_pointers_and_int32():
+    pytest.importorskip("triton.experimental.gluon.nvidia.hopper")
+    from pinfm_rec.kernels.dcat import gluon_launch as g
+    buf = torch.zeros(64, dtype=torch.bfloat16)
+    q, co = buf[:32], torch.zeros(3, dtype=torch.int64)
+    ptrs = (q,) * 5 + (co, co) + (q,) * 4 + (torch.zeros(4, dtype=torch.int32),)
+    consts = dict(HEAD_DIM=64, SPLIT=True)
+    key = g._launch_key(q, q, ptrs[-1], ptrs, (10, 8, 1, 0, 256), consts)
+    assert key is not None and key[3:6] == (torch.int64, torch.int64, torch.int32)
+    assert key != g._launch_key(q, q, ptrs[-1], ptrs, (10, 8, 1, 0, 256), dict(consts, SPLIT=False))
+    odd = (buf[1:33],) + ptrs[1:]  # a 2-byte offset: Triton specialises on 16-byte alignment
+    assert g._launch_key(q, q, ptrs[-1], odd, (10, 8, 1, 0, 256), consts) is None
+    assert g._launch_key(q, q, ptrs[-1], ptrs, (2 ** 31, 8, 1, 0, 256), consts) is None

@@ -165,3 +165,15 @@ def test_logits_spanning_past_fp32_exp_range(dtype, kernel_device):
         rel = (o.double() - ref).norm() / ref.norm()
         assert rel < 2e-2, rel
         torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-2, atol=0.5)
+
+
+def test_repeated_gluon_calls_launch_directly_and_stay_exact(kernel_device):
+    # after the first call of a shape class, the Gluon forward is launched without Triton's
+    # binder (gluon_launch._run): later calls with new data must still match fp64
+    if kernel_device.type != "cuda" or not select(kernel_device, torch.bfloat16, 64).variant.gluon:
+        pytest.skip("the Gluon forward runs on Hopper GPUs only")
+    from pinfm_rec.kernels.dcat import gluon_launch
+    for seed in range(3):
+        _check(kernel_device, [3, 70], [300, 1200], 2, 64, torch.bfloat16, seed=10 + seed)
+        _check(kernel_device, [3, 70], [300, 1200], 2, 64, torch.float16, seed=20 + seed)
+    assert gluon_launch._COMPILED and not gluon_launch._DIRECT_FAILED

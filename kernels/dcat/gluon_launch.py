@@ -7,6 +7,7 @@ Notation: Cn candidates, Lc history tokens, H heads, Dh head dim.
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 from triton.experimental.gluon import language as gl
@@ -67,6 +68,41 @@ def _descriptor(t, rows: int, cols: int, bn: int, dh: int):
     return d
 
 
+_COMPILED: dict = {}    # launch key -> the CompiledKernel Triton's JIT chose for it
+_DIRECT_FAILED: list = []  # the error, once a direct launch failed: the JIT path from then on
+_I32 = 2 ** 31
+
+
+def _run(kernel, grid, args, consts, key):
+    """kernel[grid](*args, **consts), after the first call of a launch key without Triton's
+    per-call binder and cache lookup: the CompiledKernel it returned is called directly
+    (``CompiledKernel[grid](*all parameters in order)``, what the JIT itself does once it has
+    found the kernel). key None: always the JIT path. The key must hold everything Triton
+    specialises on: dtypes, constexprs, descriptor blocks, 16-byte alignment of every pointer
+    and the int widths (the caller only makes keys for all-aligned pointers and int32 ints)."""
+    compiled = None if key is None or _DIRECT_FAILED else _COMPILED.get(key)
+    if compiled is not None:
+        try:
+            compiled[grid](*args, *(consts[n] for n in kernel.arg_names[len(args):]))
+            return
+        except Exception as e:  # noqa: BLE001  (a Triton release with another launcher API)
+            _DIRECT_FAILED.append(repr(e)[:500])
+            warnings.warn(f"DCAT direct launch unavailable ({type(e).__name__}: {str(e)[:200]});"
+                          " using Triton's JIT launch from now on", RuntimeWarning, stacklevel=3)
+    compiled = kernel[grid](*args, **consts)
+    if key is not None and compiled is not None and not _DIRECT_FAILED:
+        _COMPILED[key] = compiled
+
+
+def _launch_key(q, k_ctx, cnt, ptrs, ints, consts):
+    """The direct-launch key of a call, or None when a pointer is not 16-byte aligned or an
+    int needs 64 bits (Triton specialises on both: the JIT path handles those calls)."""
+    if any(t.data_ptr() % 16 for t in ptrs) or any(not -_I32 <= i < _I32 for i in ints):
+        return None
+    return (q.device.index, q.dtype, k_ctx.dtype, ptrs[5].dtype, ptrs[6].dtype, cnt.dtype,
+            tuple(consts.values()))
+
+
 def launch(grid, q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, o, lse, po, pl,
            Cn, H, n_mtiles, max_ctx, split_size, qk_scale, cfg: FwdConfig, split):
     """Launch the Gluon forward on ``grid`` (same grid and arguments as the ``tl`` kernel).
@@ -83,11 +119,12 @@ def launch(grid, q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, o, lse, po, p
     # bf16 only (fp16 p overflows at 2^16); Dh <= 64 (at 128 the fallback copy spills)
     fixed = (cfg.variant is Variant.GLUON_FIXED_MAX and k_ctx.dtype == torch.bfloat16
              and Dh <= 64)
-    _dcat_fwd_gluon_kernel[grid](
-        q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, o, lse, po, pl, kd, vd, cnt,
-        Cn, H, n_mtiles, max_ctx, split_size, qk_scale,
-        HEAD_DIM=Dh, BLOCK_M=cfg.block_m, BLOCK_N=bn, STAGES=cfg.num_stages,
-        SPLIT=split, FUSE_COMBINE=fuse, FIXED_MAX=fixed, num_warps=cfg.num_warps)
+    ptrs = (q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, o, lse, po, pl, cnt)
+    ints = (Cn, H, n_mtiles, max_ctx, split_size)
+    consts = dict(HEAD_DIM=Dh, BLOCK_M=cfg.block_m, BLOCK_N=bn, STAGES=cfg.num_stages,
+                  SPLIT=split, FUSE_COMBINE=fuse, FIXED_MAX=fixed, num_warps=cfg.num_warps)
+    _run(_dcat_fwd_gluon_kernel, grid, (*ptrs[:11], kd, vd, cnt, *ints, qk_scale), consts,
+         _launch_key(q, k_ctx, cnt, ptrs, ints, consts))
     return fuse
 
 
