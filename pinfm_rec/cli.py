@@ -258,6 +258,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
+    if not args.verbose:
+        # C++ warnings (c10 / FBGEMM LOG(WARNING)) print straight to stderr, past Python's logging:
+        # errors only, unless --verbose or the user set the level (torch is not imported yet)
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     console.configure(verbose=args.verbose)
     try:
         return args.fn(args)

@@ -178,6 +178,20 @@ def test_library_records_go_to_the_log_file_not_the_console(tmp_path, capsys):
         assert text in log, text
 
 
+def test_cpp_warnings_quiet_unless_verbose(tmp_path, monkeypatch):
+    """c10/FBGEMM C++ warnings bypass Python logging: the CLI sets TORCH_CPP_LOG_LEVEL (before torch
+    loads in a fresh process) unless --verbose or the user chose a level."""
+    monkeypatch.setattr(pretrain_mod, "pretrain", _raise(DataError("x")))
+    for argv, preset, want in ((["--verbose"], None, None), ([], None, "ERROR"), ([], "INFO", "INFO")):
+        if preset is None:
+            monkeypatch.delenv("TORCH_CPP_LOG_LEVEL", raising=False)
+        else:
+            monkeypatch.setenv("TORCH_CPP_LOG_LEVEL", preset)
+        cli.main(argv + ["pretrain", "--spec", TINY, f"run_dir={tmp_path}/run"])
+        assert os.environ.get("TORCH_CPP_LOG_LEVEL") == want
+        console.reset()
+
+
 def test_verbose_shows_library_records(tmp_path, capsys):
     console.configure(verbose=True)
     logging.getLogger("torchrec.distributed.planner.stats").info("# planner stats line")

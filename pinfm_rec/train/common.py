@@ -110,8 +110,12 @@ class Recipe:
     def build(self) -> Built:
         raise NotImplementedError
 
+    # make_loader(data_spec, info, split, *, rank, world_size, seed): the recipe's loader builder
+    make_loader: Callable = staticmethod(lambda *a, **k: None)
+
     def train_loader(self):
-        raise NotImplementedError
+        return self.make_loader(self.spec.data, self.b.info, "train", rank=self.env.rank,
+                                world_size=self.env.world_size, seed=self.spec.seed)
 
     def evaluate(self, split: str) -> Dict[str, float]:
         raise NotImplementedError

@@ -178,13 +178,10 @@ class FinetuneRecipe(Recipe):
     spec_cls = FinetuneSpec
     compat_sections = ("model", "ranker")
     checkpoint_every_epoch = False
+    make_loader = staticmethod(build_ranking_loader)
 
     def build(self) -> Built:
         return build_finetune(self.spec, self.env)
-
-    def train_loader(self):
-        return build_ranking_loader(self.spec.data, self.b.info, "train", rank=self.env.rank,
-                                    world_size=self.env.world_size, seed=self.spec.seed)
 
     def evaluate(self, split: str) -> Dict[str, float]:
         return _eval(self.b, self.spec, split)

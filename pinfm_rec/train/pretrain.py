@@ -101,13 +101,10 @@ def run_eval(b: Built, spec: PretrainSpec, split: str) -> Dict[str, float]:
 class PretrainRecipe(Recipe):
     spec_cls = PretrainSpec
     loader_keys = LOADER_KEYS
+    make_loader = staticmethod(build_loader)
 
     def build(self) -> Built:
         return build(self.spec, self.env)
-
-    def train_loader(self):
-        return build_loader(self.spec.data, self.b.info, "train", rank=self.env.rank,
-                            world_size=self.env.world_size, seed=self.spec.seed)
 
     def evaluate(self, split: str) -> Dict[str, float]:
         return run_eval(self.b, self.spec, split)
