@@ -10,10 +10,10 @@ FT=specs/finetune/$DS.yaml
 PRE=specs/pretrain/$([ "$DS" = mind ] && echo mind || echo movielens-rank).yaml
 DIR=$($PINFM prepare-ranking --spec "$FT" 2>/dev/null | python3 -c "import json,sys; print(json.load(sys.stdin)['pretrain_dir'])")
 echo "pretraining corpus: $DIR"
-$PINFM pretrain --spec "$PRE" name=pre-$DS data.path="$DIR" checkpoint.resume=false 2>&1 | grep -E "final|Error" | cut -c1-300
+$PINFM pretrain --spec "$PRE" name=pre-$DS data.path="$DIR" checkpoint.resume=false checkpoint.on_existing=overwrite 2>&1 | grep -E "final|Error" | cut -c1-300
 for init in none random pretrained; do
   $PINFM finetune --spec "$FT" name=ft-$DS-$init encoder.init=$init encoder.checkpoint=runs/pre-$DS/encoder \
-    checkpoint.resume=false "$@" 2>&1 | grep -E "final|Error" | cut -c1-400
+    checkpoint.resume=false checkpoint.on_existing=overwrite "$@" 2>&1 | grep -E "final|Error" | cut -c1-400
 done
 python3 - "$DS" <<'PY'
 import json, sys

@@ -12,4 +12,4 @@ echo "\$ pinfm smoke" | tee -a "$OUT/smoke.log"
 python3 -m pinfm_rec.cli smoke 2>&1 | grep -v "TBE=\|\[AMD\|Feature Gates" | tee -a "$OUT/smoke.log"
 echo "== calibrate: 2 epochs ML-1M" | tee "$OUT/calib.log"
 python3 -m pinfm_rec.cli pretrain --spec specs/pretrain/ml1m-gpu.yaml name=calib train.epochs=2 train.eval_every_epochs=0 \
-  checkpoint.every_steps=0 checkpoint.resume=false 2>&1 | grep -E "step |final|Error|error" | cut -c1-400 | tee -a "$OUT/calib.log"
+  checkpoint.every_steps=0 checkpoint.resume=false checkpoint.on_existing=overwrite 2>&1 | grep -E "step |final|Error|error" | cut -c1-400 | tee -a "$OUT/calib.log"
