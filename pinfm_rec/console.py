@@ -35,7 +35,7 @@ class _State:
     verbose: bool = False
     configured: bool = False
     console: Optional[logging.Handler] = None
-    buffer: Optional[logging.handlers.MemoryHandler] = None
+    buffer: Optional["_Buffer"] = None
     file: Optional[logging.Handler] = None
     log_path: str = ""
     plan_dir: str = ""  # where show_plan saves plan.txt / plan.json ('' = nowhere)
@@ -105,6 +105,16 @@ class _ConsoleHandler(logging.StreamHandler):
             self.handleError(record)
 
 
+class _Buffer(logging.handlers.MemoryHandler):
+    """Records logged before the run's log file exists (the newest ``capacity``), written into it
+    by ``attach_run_log``."""
+
+    def shouldFlush(self, record: logging.LogRecord) -> bool:
+        if len(self.buffer) > self.capacity:
+            del self.buffer[0]
+        return False
+
+
 def _route_torch_loggers() -> None:
     """torch's own loggers (``[rank0]:W... torch/fx/...``) print to stderr and do not propagate:
     send them through the root logger's handlers (log file; console when verbose) instead."""
@@ -140,7 +150,7 @@ def configure(verbose: bool = False) -> None:
         con.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         root.addHandler(con)
         # records before the run dir is known wait here (flushed into the log file when it is)
-        buf = logging.handlers.MemoryHandler(capacity=100_000, flushLevel=logging.CRITICAL + 10, target=None)
+        buf = _Buffer(capacity=10_000)
         root.addHandler(buf)
         _state.console, _state.buffer, _state.configured = con, buf, True
     root.setLevel(logging.INFO)

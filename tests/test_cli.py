@@ -249,3 +249,13 @@ def test_pyproject_license_is_an_spdx_string_and_k8s_extra_exists():
         meta = tomllib.load(f)
     assert meta["project"]["license"] == "BSD-3-Clause"  # a TOML table makes setuptools warn ~38 lines
     assert any(d.startswith("kubernetes") for d in meta["project"]["optional-dependencies"]["k8s"])
+
+
+def test_records_before_the_run_dir_are_bounded_then_written(tmp_path):
+    console.configure()
+    log = logging.getLogger("pinfm_rec.data")
+    for i in range(10_005):
+        log.info("record %d", i)
+    path = console.attach_run_log(str(tmp_path / "run"))
+    text = open(path).read()
+    assert "record 10004" in text and "record 3\n" not in text and text.count("record ") <= 10_001
