@@ -22,6 +22,7 @@ import yaml
 
 from pinfm_rec import console
 from pinfm_rec.data.ranking import RankingDataSpec, RankingInfo, build_ranking_loader, prepare_ranking
+from pinfm_rec.errors import EncoderError, SpecError
 from pinfm_rec.features import VOCAB_KEYS
 from pinfm_rec.model.embedding import table_shardings
 from pinfm_rec.model.encoder import EncoderSpec, PinFMEncoder
@@ -59,7 +60,7 @@ def pretrained_model_spec(path: str) -> ModelSpec:
     """The ``model`` section of the spec.yaml saved beside a pretraining checkpoint/export."""
     p = os.path.join(path, "spec.yaml")
     if not os.path.isfile(p):
-        raise FileNotFoundError(f"{p}: missing; encoder.checkpoint must be a pretraining checkpoint or "
+        raise EncoderError(f"{p}: missing; encoder.checkpoint must be a pretraining checkpoint or "
                                 f"encoder export (runs/<name>/encoder)")
     with open(p) as f:
         raw = yaml.safe_load(f) or {}
@@ -78,7 +79,7 @@ def _check_vocab(path: str, info: RankingInfo) -> None:
         meta = json.load(f)
     for k in VOCAB_KEYS:
         if k in meta and int(meta[k]) != int(getattr(info, k)):
-            raise ValueError(f"{meta_p}: {k}={meta[k]} but the ranking data has {getattr(info, k)}; the encoder "
+            raise EncoderError(f"{meta_p}: {k}={meta[k]} but the ranking data has {getattr(info, k)}; the encoder "
                              f"must be pretrained on this dataset's pretraining corpus ({info.pretrain_dir})")
 
 
@@ -92,7 +93,7 @@ def load_pretrained_encoder(model: torch.nn.Module, path: str) -> int:
     tensors loaded. The checkpoint's keys are ``model.<PinFM state key>``.
     """
     if not os.path.isfile(os.path.join(path, "COMPLETE")):
-        raise FileNotFoundError(f"{path}: not a complete checkpoint or encoder export (no COMPLETE marker)")
+        raise EncoderError(f"{path}: not a complete checkpoint or encoder export (no COMPLETE marker)")
     full = model.state_dict()
     sub = {}
     for k, v in full.items():
@@ -100,7 +101,7 @@ def load_pretrained_encoder(model: torch.nn.Module, path: str) -> int:
         if i >= 0:
             sub[k[i + len(ENCODER_PREFIX):]] = v
     if not sub:
-        raise ValueError("load_pretrained_encoder: the model has no encoder.fm parameters")
+        raise EncoderError("load_pretrained_encoder: the model has no encoder.fm parameters")
     state = {"model": sub}
     dcp.load(state, checkpoint_id=path)
     loaded = {}
@@ -136,14 +137,14 @@ def build_finetune(spec: FinetuneSpec, env: DistEnv) -> Built:
     encoder = None
     model_spec = spec.model
     if enc_spec.init == "pretrained" and not enc_spec.checkpoint:
-        raise ValueError("encoder.init=pretrained needs encoder.checkpoint (a pretraining run's encoder dir)")
+        raise SpecError("encoder.init=pretrained needs encoder.checkpoint (a pretraining run's encoder dir)")
     if enc_spec.checkpoint and enc_spec.init != "none":
         # the architecture always comes from the checkpoint, so init=random is the same model untrained
         model_spec = pretrained_model_spec(enc_spec.checkpoint)
         _check_vocab(enc_spec.checkpoint, info)
     if enc_spec.init != "none":
         if spec.data.max_len > model_spec.trunk.max_len:
-            raise ValueError(f"data.max_len ({spec.data.max_len}) > the encoder trunk's max_len "
+            raise SpecError(f"data.max_len ({spec.data.max_len}) > the encoder trunk's max_len "
                              f"({model_spec.trunk.max_len}): histories would not fit its positions")
         encoder = PinFMEncoder(model_spec, enc_spec, info, device="meta", dense_device=env.device)
         if enc_spec.freeze:

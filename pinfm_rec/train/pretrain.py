@@ -17,6 +17,7 @@ import torch
 from pinfm_rec import console
 from pinfm_rec.data.loader import build_loader
 from pinfm_rec.data.prepare import DataSpec, DatasetInfo, prepare_dataset
+from pinfm_rec.errors import SpecError
 from pinfm_rec.features import vocab_sizes
 from pinfm_rec.model.embedding import table_shardings
 from pinfm_rec.model.pinfm import ModelSpec, PinFM
@@ -62,7 +63,7 @@ def prepare_on_rank0(data: DataSpec, env: DistEnv) -> DatasetInfo:
 
 def build(spec: PretrainSpec, env: DistEnv, with_optimizer: bool = True) -> Built:
     if spec.data.max_len > spec.model.trunk.max_len:  # else it fails only when a long batch comes
-        raise ValueError(f"data.max_len ({spec.data.max_len}) > model.trunk.max_len "
+        raise SpecError(f"data.max_len ({spec.data.max_len}) > model.trunk.max_len "
                          f"({spec.model.trunk.max_len}): histories would not fit the trunk's positions")
     info = prepare_on_rank0(spec.data, env)
     seed_everything(spec.seed)
