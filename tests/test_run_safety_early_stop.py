@@ -63,7 +63,8 @@ def test_early_stop_tests_and_exports_the_best_valid_model(tmp_path):
     assert res["valid_hr@10"] == res["history"][0]["valid_hr@10"]
     assert json.load(open(tmp_path / "run" / "encoder" / "encoder_meta.json"))["step"] == spe
     # the test metrics are those of the best checkpoint
-    again = evaluate_checkpoint(spec, str(ck / f"step_{spe:08d}"), force_cpu=True)
+    again = evaluate_checkpoint(spec, force_cpu=True)  # `pinfm eval` picks the best-valid checkpoint
+    assert again["checkpoint"] == str(ck / f"step_{spe:08d}")
     assert again["test_ndcg@10"] == res["test_ndcg@10"] and again["valid_hr@10"] == res["valid_hr@10"]
     # resuming the stopped run trains nothing more and reports the same
     res2 = pretrain(spec, force_cpu=True)

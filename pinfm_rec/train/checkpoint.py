@@ -116,6 +116,27 @@ def latest_checkpoint(ckpt_dir: str, run_id: Optional[str] = None) -> Optional[s
     return None
 
 
+def model_checkpoint(ckpt_dir: str) -> Optional[str]:
+    """The checkpoint whose model a run stands for: its best-valid one when it early-stopped
+    (``train.patience``; recorded in the newest checkpoint's train_state.json), else its newest
+    intact one. What ``pinfm eval`` evaluates by default."""
+    path = latest_checkpoint(ckpt_dir)
+    if path is None:
+        return None
+    try:
+        with open(os.path.join(path, "train_state.json")) as f:
+            best = int((json.load(f).get("early_stop") or {}).get("best_step", -1))
+    except (OSError, ValueError):
+        return path
+    best_path = os.path.join(ckpt_dir, f"step_{best:08d}")
+    if best >= 0 and best_path != path:
+        why = manifest.verify(best_path)
+        if why is None:
+            return best_path
+        logger.warning("best-valid checkpoint %s unusable (%s): using the newest, %s", best_path, why, path)
+    return path
+
+
 def _rng_state() -> dict:
     st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():

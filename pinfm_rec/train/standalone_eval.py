@@ -15,7 +15,7 @@ from typing import Dict, Optional
 from pinfm_rec.errors import CheckpointError
 from pinfm_rec.parallel import init_distributed, shutdown_distributed
 from pinfm_rec.spec import dump_spec
-from pinfm_rec.train.checkpoint import check_resume_compatible, latest_checkpoint, load_model_state
+from pinfm_rec.train.checkpoint import check_resume_compatible, load_model_state, model_checkpoint
 
 logger = logging.getLogger("pinfm_rec")
 
@@ -35,7 +35,7 @@ def _recipe(spec, kind: str, force_cpu: bool):
 
 
 def evaluate_run(spec, kind: str, checkpoint: Optional[str] = None, force_cpu: bool = False) -> Dict[str, object]:
-    """Valid and test metrics of ``checkpoint`` (default: the run's newest complete one).
+    """Valid and test metrics of ``checkpoint`` (default: the run's newest intact one, or its best-valid one when it early-stopped).
 
     kind: 'pretrain' or 'finetune' (``cli.spec_kind``). Returns ``valid_<metric>``,
     ``test_<metric>`` and ``checkpoint``. Collective: every rank calls it.
@@ -43,7 +43,7 @@ def evaluate_run(spec, kind: str, checkpoint: Optional[str] = None, force_cpu: b
     recipe = _recipe(spec, kind, force_cpu)
     run_dir = spec.run_dir or os.path.join("runs", spec.name)
     ckpt_dir = spec.checkpoint.dir or os.path.join(run_dir, "checkpoints")
-    path = checkpoint or latest_checkpoint(ckpt_dir)
+    path = checkpoint or model_checkpoint(ckpt_dir)  # early-stopped runs: the best-valid one
     if path is None:
         raise CheckpointError(f"{ckpt_dir}: no complete checkpoint of run '{spec.name}'; train it first "
                               f"or pass --checkpoint")
