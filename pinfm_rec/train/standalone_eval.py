@@ -35,7 +35,8 @@ def _recipe(spec, kind: str, force_cpu: bool):
 
 
 def evaluate_run(spec, kind: str, checkpoint: Optional[str] = None, force_cpu: bool = False) -> Dict[str, object]:
-    """Valid and test metrics of ``checkpoint`` (default: the run's newest intact one, or its best-valid one when it early-stopped).
+    """Valid and test metrics of ``checkpoint`` (default: the run's newest intact one, or its
+    best-valid one when it early-stopped).
 
     kind: 'pretrain' or 'finetune' (``cli.spec_kind``). Returns ``valid_<metric>``,
     ``test_<metric>`` and ``checkpoint``. Collective: every rank calls it.
