@@ -173,3 +173,29 @@ def test_corrupt_newest_checkpoint_is_skipped_with_a_warning(tmp_path, caplog):
     # loading a broken checkpoint anyway: one CheckpointError naming the path, not a zip-reader trace
     with pytest.raises(CheckpointError, match=rf"{newer}: cannot be loaded"):
         load_checkpoint(newer, torch.nn.Linear(2, 2, bias=False), None, 0)
+
+
+def _cli(tmp_path, *extra):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "pinfm_rec.cli", "pretrain", "--spec", "specs/pretrain/synthetic-tiny.yaml",
+           f"run_dir={tmp_path}/run", f"data.cache_dir={tmp_path}/cache", *extra]
+    return subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def test_cli_refuses_a_held_run_dir_and_resume_false_on_a_previous_run(tmp_path):
+    import socket
+
+    run = tmp_path / "run"
+    _write_lock(str(run), host=socket.gethostname(), pid=os.getpid(), proc_start=rundir._proc_start(os.getpid()))
+    out = _cli(tmp_path)
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    msg = [line for line in out.stderr.splitlines() if line.startswith("pinfm: ")]
+    assert len(msg) == 1 and msg[0].startswith(f"pinfm: run locked: {run} is in use by another run (host "
+                                               f"{socket.gethostname()}, pid {os.getpid()}"), out.stderr[-2000:]
+    assert not (run / "spec.yaml").exists()  # nothing of the refused run was written
+    os.remove(run / rundir.LOCK_NAME)
+    _previous_run(run)
+    out = _cli(tmp_path, "checkpoint.resume=false")
+    assert out.returncode == 2 and "checkpoint.on_existing=archive" in out.stderr, out.stderr[-2000:]
+    assert (run / "spec.yaml").read_text() == "name: old\n" and not (run / rundir.LOCK_NAME).exists()
