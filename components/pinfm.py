@@ -26,13 +26,13 @@ from torchx.components import dist as dist_components
 _MODULE = "pinfm_rec.cli"
 CPU_PER_GPU, MEM_MB_PER_GPU = 16, 120 * 1024  # per-node request of a GPU job, per GPU ...
 MAX_NODE_CPU, MAX_NODE_MEM_MB = 128, 960 * 1024  # ... capped at what an 8-GPU host offers
-CPU_PER_PROC, MEM_MB_PER_PROC = 2, 4096  # per process of a CPU (gloo) job
+CPU_PER_PROC, MEM_MB_PER_PROC = 1, 4096  # per process of a CPU (gloo) job (OMP_NUM_THREADS=1 each)
 
 
 def node_resources(gpu: int, nproc: int, cpu: int = 0, memMB: int = 0) -> Tuple[int, int]:
     """(cpu, memMB) per node: values > 0 are kept; 0 means derived, from the GPUs per node
     (16 CPUs and 120 GiB each, capped at 128 CPUs / 960 GiB) or, without GPUs, from the processes
-    per node (2 CPUs and 4 GiB each)."""
+    per node (1 CPU and 4 GiB each)."""
     if gpu > 0:
         auto_cpu, auto_mem = min(CPU_PER_GPU * gpu, MAX_NODE_CPU), min(MEM_MB_PER_GPU * gpu, MAX_NODE_MEM_MB)
     else:
@@ -120,7 +120,7 @@ def pretrain(
         name: job name
         image: image for the scheduler (local_cwd, slurm: the working directory; kubernetes: a container image)
         j: {nnodes}x{nproc_per_node}, e.g. 1x2 (two gloo ranks on CPU) or 2x8 (two 8-GPU hosts)
-        cpu: CPUs per node (0: 16 per GPU up to 128, or 2 per process without GPUs)
+        cpu: CPUs per node (0: 16 per GPU up to 128, or 1 per process without GPUs)
         gpu: GPUs per node (0 = CPU/gloo)
         memMB: host memory per node in MB (0: 120 GiB per GPU up to 960 GiB, or 4 GiB per process)
         h: a registered named resource (overrides cpu/gpu/memMB)
@@ -219,7 +219,7 @@ def finetune(
         name: job name
         image: image for the scheduler (local_cwd, slurm: the working directory; kubernetes: a container image)
         j: {nnodes}x{nproc_per_node}; any world size can load a pretraining checkpoint
-        cpu: CPUs per node (0: 16 per GPU up to 128, or 2 per process without GPUs)
+        cpu: CPUs per node (0: 16 per GPU up to 128, or 1 per process without GPUs)
         gpu: GPUs per node (0 = CPU/gloo)
         memMB: host memory per node in MB (0: 120 GiB per GPU up to 960 GiB, or 4 GiB per process)
         h: a registered named resource (overrides cpu/gpu/memMB)

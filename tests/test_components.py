@@ -49,7 +49,7 @@ def test_multinode_and_gpu_resources():
 
 
 @pytest.mark.parametrize("gpu,nproc,want", [(8, 8, (128, 960 * 1024)), (2, 2, (32, 240 * 1024)),
-                                            (16, 16, (128, 960 * 1024)), (0, 2, (4, 8192))])
+                                            (16, 16, (128, 960 * 1024)), (0, 2, (2, 8192))])
 def test_node_resources_follow_the_gpu_count(gpu, nproc, want):
     assert comp.node_resources(gpu, nproc) == want
     assert comp.node_resources(gpu, nproc, cpu=7, memMB=1000) == (7, 1000)  # explicit values win
