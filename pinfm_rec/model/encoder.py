@@ -1,8 +1,9 @@
 """PinFMEncoder: the pretrained PinFM as a feature extractor for ranking models.
 
-Per batch of U requests with C candidates (``RankingBatch``):
+Per batch of U requests with C candidates (a ``RankingBatch``, or TorchRec KJTs: a history KJT and
+a candidates KJT of U rows each, see ``model/requests.py``):
 
-1. one EC call looks up the histories (item/action/surface, U rows) and the candidates (under the
+1. one EC call (``PinFM.embed_tokens``) looks up the histories (item/action/surface, U rows) and the candidates (under the
    item table's second feature ``neg_item_id``, lengths = candidates per request);
 2. context pass: ``trunk.encode_context`` runs each history ONCE and caches K/V per layer;
 3. crossing pass: ``trunk.score_candidates`` (DCAT kernel) — candidate j of request r attends r's
@@ -17,6 +18,11 @@ request's history, full causal forward): the reference for tests and the baselin
 A candidate token is the candidate's item embedding + a learned candidate-type vector (init 0)
 + the time feature of its gap to the last history event (the request time); it sits at position
 n_r.
+
+``forward`` returns the features [C, out_dim] (one fx-opaque call, so TorchRec's train pipeline can
+trace a model holding the encoder); ``encode`` returns (features, user vectors).
+``from_pretrained`` builds it from an export, ``freeze`` / ``sharding_constraints`` serve a user's
+own training code and planner.
 """
 from __future__ import annotations
 
@@ -57,9 +63,9 @@ class EncoderSpec:
 
 @torch.fx.wrap
 def _encoder_features(encoder: "PinFMEncoder", batch, candidates, request_ts, mode: str, frozen) -> torch.Tensor:
-    """``encoder.encode(...)[0]`` as one leaf call for torch.fx tracing (its jagged bookkeeping and
+    """The encoder's features as one leaf call for torch.fx tracing (its jagged bookkeeping and
     host-side sizes are not symbolically traceable)."""
-    return encoder.encode(batch, candidates, request_ts, mode=mode, frozen=frozen)[0]
+    return encoder._run(batch, candidates, request_ts, mode, frozen)[0]
 
 
 class AddVector(nn.Module):
@@ -213,24 +219,8 @@ class PinFMEncoder(nn.Module):
         mode: str = "dcat",
         frozen: Optional[bool] = None,
     ) -> torch.Tensor:
-        """Per-candidate features [C, out_dim], ready to concatenate with dense features (the
-        arguments are those of ``encode``, which also returns the user vectors).
-
-        One opaque call for torch.fx (``_encoder_features``), so TorchRec's train pipeline can
-        trace a model that holds the encoder: the encoder's own tables are looked up inside it.
-        """
-        return _encoder_features(self, batch, candidates, request_ts, mode, frozen)
-
-    def encode(
-        self,
-        batch: Union[RankingBatch, KeyedJaggedTensor],
-        candidates: Optional[KeyedJaggedTensor] = None,
-        request_ts: Optional[torch.Tensor] = None,
-        *,
-        mode: str = "dcat",
-        frozen: Optional[bool] = None,
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """U requests with C candidates -> (features [C, out_dim], user vectors [U, dim]).
+        """U requests with C candidates -> per-candidate features [C, out_dim], ready to
+        concatenate with dense features (``encode`` also returns the user vectors [U, dim]).
 
         Either a ``RankingBatch``, or TorchRec inputs: ``batch`` = the history KJT (U rows, keys
         mapped by ``self.feature_names``; item ids required, action/surface/timestamp optional),
@@ -240,7 +230,18 @@ class PinFMEncoder(nn.Module):
         appended to its history, full causal forward (same result; the reference/baseline).
         frozen: no gradient into the pretrained part (tables, trunk); the projection still trains.
             None = ``spec.freeze``.
+        One opaque call for torch.fx (``_encoder_features``), so TorchRec's train pipeline can
+        trace a model that holds the encoder: the encoder's own tables are looked up inside it.
         """
+        return _encoder_features(self, batch, candidates, request_ts, mode, frozen)
+
+    def encode(self, batch, candidates=None, request_ts=None, **options) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``forward``'s arguments -> (features [C, out_dim], user vectors [U, dim])."""
+        return self._run(batch, candidates, request_ts, **options)
+
+    def _run(
+        self, batch, candidates, request_ts, mode: str = "dcat", frozen: Optional[bool] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         if isinstance(batch, RankingBatch):
             if candidates is not None or request_ts is not None:
                 raise EncoderError("candidates/request_ts: give them with a history KJT, not with a RankingBatch")
