@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Dict
 
 import torch
-import torch.distributed.checkpoint as dcp
 import yaml
 
 from pinfm_rec import console
@@ -27,6 +26,7 @@ from pinfm_rec.features import VOCAB_KEYS
 from pinfm_rec.model.embedding import table_shardings
 from pinfm_rec.model.encoder import EncoderSpec, PinFMEncoder
 from pinfm_rec.model.pinfm import ModelSpec
+from pinfm_rec.model.pretrained import load_pretrained
 from pinfm_rec.parallel import DistEnv, ParallelSpec, shard_model
 from pinfm_rec.rankers.dlrm import RankerSpec, RankerWithEncoder, build_ranker
 from pinfm_rec.spec import bounds, from_dict
@@ -83,36 +83,6 @@ def _check_vocab(path: str, info: RankingInfo) -> None:
                              f"must be pretrained on this dataset's pretraining corpus ({info.pretrain_dir})")
 
 
-ENCODER_PREFIX = "encoder.fm."
-
-
-def load_pretrained_encoder(model: torch.nn.Module, path: str) -> int:
-    """Load the pretrained PinFM (tables + dense) into ``model``'s ``encoder.fm`` (collective).
-
-    Works for any number of ranks and any sharding plan (DCP reshards). Returns the number of
-    tensors loaded. The checkpoint's keys are ``model.<PinFM state key>``.
-    """
-    if not os.path.isfile(os.path.join(path, "COMPLETE")):
-        raise EncoderError(f"{path}: not a complete checkpoint or encoder export (no COMPLETE marker)")
-    full = model.state_dict()
-    sub = {}
-    for k, v in full.items():
-        i = k.find(ENCODER_PREFIX)
-        if i >= 0:
-            sub[k[i + len(ENCODER_PREFIX):]] = v
-    if not sub:
-        raise EncoderError("load_pretrained_encoder: the model has no encoder.fm parameters")
-    state = {"model": sub}
-    dcp.load(state, checkpoint_id=path)
-    loaded = {}
-    for k in full:
-        i = k.find(ENCODER_PREFIX)
-        if i >= 0:
-            loaded[k] = state["model"][k[i + len(ENCODER_PREFIX):]]
-    model.load_state_dict(loaded, strict=False)
-    return len(loaded)
-
-
 FTBuilt = Built  # the name tests and benchmarks used
 
 
@@ -159,7 +129,7 @@ def build_finetune(spec: FinetuneSpec, env: DistEnv) -> Built:
     dmp, _ = shard_model(model, spec.parallel, env, shardings, spec.data.batch_size,
                          lr_mult={"encoder": enc_spec.lr_mult})
     if encoder is not None and enc_spec.init == "pretrained":
-        n = load_pretrained_encoder(dmp, enc_spec.checkpoint)
+        n = load_pretrained(dmp, enc_spec.checkpoint)  # finds the encoder's PinFM by type
         logger.info("loaded %d pretrained encoder tensors from %s", n, enc_spec.checkpoint)
     optimizer, dense_opt = _dense_optimizer(dmp, spec)
     groups = dense_opt.param_groups
