@@ -118,9 +118,7 @@ def build_finetune(spec: FinetuneSpec, env: DistEnv) -> Built:
                              f"({model_spec.trunk.max_len}): histories would not fit its positions")
         encoder = PinFMEncoder(model_spec, enc_spec, info, device="meta", dense_device=env.device)
         if enc_spec.freeze:
-            for p in encoder.fm.parameters():
-                if p.device.type != "meta":
-                    p.requires_grad_(False)
+            encoder.freeze()
     dense_in = info.num_dense + (enc_spec.out_dim if encoder is not None else 0)
     ranker = build_ranker(spec.ranker, info.num_items, dense_in, device="meta", dense_device=env.device)
     model = RankerWithEncoder(ranker, encoder, spec.ranker.history_bag_len, freeze_encoder=enc_spec.freeze,
