@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pinfm_rec.model.jagged import jagged_index, pad_jagged, unpad_jagged
+from pinfm_rec.model.jagged import jagged_index, pad_heads, pad_jagged, unpad_jagged
 
 
 class HSTULayer(nn.Module):
@@ -80,9 +80,7 @@ class HSTULayer(nn.Module):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, flat_idx: torch.Tensor, b: int, n: int
     ) -> torch.Tensor:
         """q, k, v [L, H, Dh] jagged (flat_idx = row * N + pos) -> causal attention [L, H, Dh]."""
-        qp = pad_jagged(q, flat_idx, b, n).transpose(1, 2)  # [B, H, N, Dh]
-        kp = pad_jagged(k, flat_idx, b, n).transpose(1, 2)  # [B, H, N, Dh]
-        vp = pad_jagged(v, flat_idx, b, n).transpose(1, 2)  # [B, H, N, Dh]
+        qp, kp, vp = pad_heads(flat_idx, b, n, q, k, v)  # [B, H, N, Dh] x 3
         pos = torch.arange(n, device=q.device)
         dist = pos[:, None] - pos[None, :]  # [N, N]
         a = self._weights(qp @ kp.transpose(-1, -2), dist, dist >= 0)  # [B, H, N, N]
@@ -113,9 +111,8 @@ class HSTULayer(nn.Module):
         crow, cpos = jagged_index(cand_offsets, c)  # [C]
         hrow, hpos = jagged_index(ctx_offsets, k_ctx.shape[0])  # [L]
         cidx, hidx = crow * m + cpos, hrow * n + hpos
-        qp = pad_jagged(q, cidx, u, m).transpose(1, 2)  # [U, H, M, Dh]
-        kp = pad_jagged(k_ctx, hidx, u, n).transpose(1, 2)  # [U, H, N, Dh]
-        vp = pad_jagged(v_ctx, hidx, u, n).transpose(1, 2)  # [U, H, N, Dh]
+        (qp,) = pad_heads(cidx, u, m, q)  # [U, H, M, Dh]
+        kp, vp = pad_heads(hidx, u, n, k_ctx, v_ctx)  # [U, H, N, Dh] x 2
         n_r = (ctx_offsets[1:] - ctx_offsets[:-1])  # [U]
         pos = torch.arange(n, device=q.device)
         dist = (n_r[:, None] - pos[None, :])[:, None, :].expand(u, m, n)  # [U, M, N]

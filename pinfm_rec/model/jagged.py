@@ -39,6 +39,13 @@ def pad_jagged(values: torch.Tensor, flat_idx: torch.Tensor, b: int, n: int) -> 
     return out.view((b, n) + tuple(values.shape[1:]))  # [B, N, *S]
 
 
+def pad_heads(
+    flat_idx: torch.Tensor, b: int, n: int, *xs: torch.Tensor
+) -> Tuple[torch.Tensor, ...]:
+    """Each of xs [L, H, Dh] jagged -> [B, H, N, Dh] right-padded with zeros (attention layout)."""
+    return tuple(pad_jagged(x, flat_idx, b, n).transpose(1, 2) for x in xs)
+
+
 def unpad_jagged(dense: torch.Tensor, flat_idx: torch.Tensor) -> torch.Tensor:
     """[B, N, *S] -> [L, *S] (inverse of pad_jagged)."""
     return dense.reshape((-1,) + tuple(dense.shape[2:]))[flat_idx]  # [L, *S]

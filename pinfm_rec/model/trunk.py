@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pinfm_rec.model.hstu import HSTULayer
-from pinfm_rec.model.jagged import jagged_index, pad_jagged, unpad_jagged
+from pinfm_rec.model.jagged import jagged_index, pad_heads, pad_jagged, unpad_jagged
 from pinfm_rec.spec import FieldError, bounds
 
 Attention = Literal["sdpa", "pytorch"]  # pytorch: explicit softmax, for reference/debugging
@@ -110,9 +110,7 @@ class TrunkLayer(nn.Module):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, flat_idx: torch.Tensor, b: int, n: int
     ) -> torch.Tensor:
         """q, k, v [L, H, Dh] jagged -> causal self-attention output [L, H, Dh] (per row)."""
-        qp = pad_jagged(q, flat_idx, b, n).transpose(1, 2)  # [B, H, N, Dh]
-        kp = pad_jagged(k, flat_idx, b, n).transpose(1, 2)  # [B, H, N, Dh]
-        vp = pad_jagged(v, flat_idx, b, n).transpose(1, 2)  # [B, H, N, Dh]
+        qp, kp, vp = pad_heads(flat_idx, b, n, q, k, v)  # [B, H, N, Dh] x 3
         p = self.dropout if self.training else 0.0
         if self.attention == "sdpa":
             o = F.scaled_dot_product_attention(qp, kp, vp, dropout_p=p, is_causal=True)
