@@ -175,9 +175,12 @@ class Recipe:
             self.state.history = ts.get("history", [])
             self.state.load_early_stop(ts.get("early_stop"))
             console.echo(f"resumed from {resume} (step {self.state.step}, epoch {self.state.epoch})")
-        # a resumed run drops the events its previous attempt logged after the checkpoint's step
+        # a resumed run drops the events its previous attempt logged after the checkpoint's step (a
+        # fresh start over the events of an attempt that died before its first checkpoint: all of them)
+        tb_dir = os.path.join(self.run_dir, "tb")
+        leftovers = not resume and os.path.isdir(tb_dir) and bool(os.listdir(tb_dir))
         self.tb = TBLogger(self.run_dir, enabled=spec.tensorboard and env.is_main,
-                           purge_step=self.state.step if resume else None)
+                           purge_step=self.state.step if resume else (0 if leftovers else None))
         self.tb.text("spec", self.spec_yaml)
 
     def log_fn(self, stats: Dict[str, float], step: int) -> None:
