@@ -205,24 +205,31 @@ def shard_model(
     env: DistEnv,
     table_shardings: Dict[str, str],
     batch_size: Optional[int] = None,
-    lr_mult: Optional[Dict[str, float]] = None,
+    lr_mult: Optional[Dict[object, float]] = None,
 ) -> tuple[DistributedModelParallel, ShardingPlan]:
     """Wrap ``model`` (its EmbeddingCollection / EmbeddingBagCollection modules on ``meta``) in DMP
     under the spec's constraints.
 
     table_shardings: table name → one of table_wise | row_wise | column_wise | auto (tables not
         named get auto).
-    lr_mult: module path prefix → multiplier of ``spec.embedding_lr`` for the tables under it
-        (e.g. {"encoder": 0.1} for a pretrained encoder inside a ranker).
+    lr_mult: module path prefix, or module type (matched with isinstance, whatever the attribute
+        name) → multiplier of ``spec.embedding_lr`` for the tables under it (e.g.
+        {PinFMEncoder: 0.1} for a pretrained encoder inside a ranker).
     Returns the DMP module and the plan (also logged on rank 0).
     """
     ecs = _find_embedding_collections(model)
     if not ecs:
         raise ValueError("shard_model: the model has no EmbeddingCollection or EmbeddingBagCollection")
     opt_cls, opt_kwargs = _embedding_optimizer(spec, env.device)
+    mults = []  # (module path prefix, multiplier)
+    for key, mult in (lr_mult or {}).items():
+        if isinstance(key, type):
+            mults += [(n, mult) for n, m in model.named_modules() if isinstance(m, key)]
+        else:
+            mults.append((key, mult))
     for path, ec in ecs.items():
         kwargs = dict(opt_kwargs)
-        for prefix, mult in (lr_mult or {}).items():
+        for prefix, mult in mults:
             if path == prefix or path.startswith(prefix + "."):
                 kwargs["lr"] = kwargs["lr"] * mult
         apply_optimizer_in_backward(opt_cls, ec.parameters(), kwargs)

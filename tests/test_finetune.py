@@ -227,20 +227,3 @@ def test_finetune_fsdp2_trains_like_ddp(tmp_path):
     assert res["ddp"]["steps"] == res["fsdp2"]["steps"] > 0
     for k in ("valid_auc", "valid_gauc", "valid_logloss", "test_auc", "test_gauc", "test_logloss"):
         assert abs(res["ddp"][k] - res["fsdp2"][k]) < 1e-4, (k, res["ddp"][k], res["fsdp2"][k])
-
-
-def test_vocabulary_checked_for_exports_and_checkpoint_dirs(tmp_path):
-    import json
-    from types import SimpleNamespace
-
-    from pinfm_rec.train.finetune import _check_vocab
-
-    info = SimpleNamespace(num_items=40, num_actions=4, num_surfaces=3, pretrain_dir="pre")
-    for name in ("encoder_meta.json", "train_state.json"):  # an export / a pretraining checkpoint
-        d = tmp_path / name.split(".")[0]
-        d.mkdir()
-        (d / name).write_text(json.dumps({"num_items": 40, "num_actions": 4, "num_surfaces": 3}))
-        _check_vocab(str(d), info)
-        (d / name).write_text(json.dumps({"num_items": 41, "num_actions": 4, "num_surfaces": 3}))
-        with pytest.raises(ValueError, match=rf"{name}: num_items=41 but the ranking data has 40"):
-            _check_vocab(str(d), info)

@@ -7,13 +7,15 @@ vocabulary sizes, ``pinfm_rec.features.VOCAB_KEYS``); a pretraining checkpoint h
 
 ``load_pretrained(model, path)`` finds every ``PinFM`` inside ``model`` by type (whatever the
 attribute is called, inside DMP too) and loads it through DCP: any number of ranks, any sharding
-plan. It is a collective when the model is sharded.
+plan. It is a collective when the model is sharded. ``encoder_module_paths`` /
+``encoder_parameter_names`` find the ``PinFMEncoder`` modules of a model the same way (by type),
+for per-module learning rates and freezing.
 """
 from __future__ import annotations
 
 import json
 import os
-from typing import Dict, Tuple
+from typing import Dict, List, Set, Tuple
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -80,3 +82,25 @@ def load_pretrained(model: torch.nn.Module, path: str) -> int:
         fm.load_state_dict(state)
         n = len(state)
     return n
+
+
+def encoder_module_paths(model: torch.nn.Module) -> List[str]:
+    """Module paths (as in ``model.named_modules()``) of every ``PinFMEncoder`` in ``model``, found
+    by type whatever its attribute name; an encoder nested in another is not listed twice."""
+    from pinfm_rec.model.encoder import PinFMEncoder  # encoder.py imports this module
+
+    paths: List[str] = []
+    for name, m in model.named_modules():
+        if isinstance(m, PinFMEncoder) and not any(name.startswith(p + ".") for p in paths):
+            paths.append(name)
+    return paths
+
+
+def encoder_parameter_names(model: torch.nn.Module) -> Set[str]:
+    """Names (as in ``model.named_parameters()``, so DMP/DDP/FSDP2 prefixes included) of the
+    parameters held by a ``PinFMEncoder`` inside ``model``: e.g. its own optimizer group at
+    ``lr_mult`` x lr."""
+    from pinfm_rec.model.encoder import PinFMEncoder
+
+    owned = {id(p) for m in model.modules() if isinstance(m, PinFMEncoder) for p in m.parameters()}
+    return {n for n, p in model.named_parameters() if id(p) in owned}

@@ -10,26 +10,23 @@ checkpoints. cleanup: test metrics, results.json.
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
 from dataclasses import dataclass, field
 from typing import Dict
 
 import torch
-import yaml
 
 from pinfm_rec import console
 from pinfm_rec.data.ranking import RankingDataSpec, RankingInfo, build_ranking_loader, prepare_ranking
-from pinfm_rec.errors import EncoderError, SpecError
-from pinfm_rec.features import VOCAB_KEYS
+from pinfm_rec.errors import SpecError
+from pinfm_rec.features import vocab_sizes
 from pinfm_rec.model.embedding import table_shardings
 from pinfm_rec.model.encoder import EncoderSpec, PinFMEncoder
 from pinfm_rec.model.pinfm import ModelSpec
-from pinfm_rec.model.pretrained import load_pretrained
+from pinfm_rec.model.pretrained import check_vocab, encoder_parameter_names, load_pretrained, read_pretrained
 from pinfm_rec.parallel import DistEnv, ParallelSpec, shard_model
 from pinfm_rec.rankers.dlrm import RankerSpec, RankerWithEncoder, build_ranker
-from pinfm_rec.spec import bounds, from_dict
+from pinfm_rec.spec import bounds
 from pinfm_rec.train.checkpoint import CheckpointSpec
 from pinfm_rec.train.common import Built, Recipe, prepare_on_rank0, seed_everything
 from pinfm_rec.train.loop import TrainSpec
@@ -56,31 +53,13 @@ class FinetuneSpec:
     checkpoint: CheckpointSpec = field(default_factory=lambda: CheckpointSpec(every_steps=0))
 
 
-def pretrained_model_spec(path: str) -> ModelSpec:
-    """The ``model`` section of the spec.yaml saved beside a pretraining checkpoint/export."""
-    p = os.path.join(path, "spec.yaml")
-    if not os.path.isfile(p):
-        raise EncoderError(f"{p}: missing; encoder.checkpoint must be a pretraining checkpoint or "
-                                f"encoder export (runs/<name>/encoder)")
-    with open(p) as f:
-        raw = yaml.safe_load(f) or {}
-    return from_dict(ModelSpec, raw.get("model") or {}, where=f"{p}: model")
-
-
-def _check_vocab(path: str, info: RankingInfo) -> None:
-    """The encoder at ``path`` (an export's encoder_meta.json, or a pretraining checkpoint's
-    train_state.json) must have the ranking data's vocabulary sizes."""
-    meta_p = os.path.join(path, "encoder_meta.json")
-    if not os.path.isfile(meta_p):
-        meta_p = os.path.join(path, "train_state.json")
-    if not os.path.isfile(meta_p):
-        return
-    with open(meta_p) as f:
-        meta = json.load(f)
-    for k in VOCAB_KEYS:
-        if k in meta and int(meta[k]) != int(getattr(info, k)):
-            raise EncoderError(f"{meta_p}: {k}={meta[k]} but the ranking data has {getattr(info, k)}; the encoder "
-                             f"must be pretrained on this dataset's pretraining corpus ({info.pretrain_dir})")
+def _pretrained_spec(path: str, info: RankingInfo) -> ModelSpec:
+    """The architecture of the encoder at ``path`` (model.pretrained.read_pretrained), its vocabulary
+    checked against the ranking data's (an EncoderError naming both on a mismatch)."""
+    model_spec, saved = read_pretrained(path)
+    check_vocab(path, vocab_sizes(info), saved,
+                argument=f"the ranking data (pretrain the encoder on its corpus {info.pretrain_dir})")
+    return model_spec
 
 
 FTBuilt = Built  # the name tests and benchmarks used
@@ -91,8 +70,9 @@ def _dense_optimizer(dmp, spec: FinetuneSpec):
     from torchrec.optim.optimizers import in_backward_optimizer_filter
 
     dense = {k: p for k, p in in_backward_optimizer_filter(dmp.named_parameters(), include=False) if p.requires_grad}
-    enc = [p for k, p in dense.items() if ".encoder." in f".{k}"]
-    rest = [p for k, p in dense.items() if ".encoder." not in f".{k}"]
+    in_encoder = encoder_parameter_names(dmp)  # PinFMEncoder modules by type, any attribute name
+    enc = [p for k, p in dense.items() if k in in_encoder]
+    rest = [p for k, p in dense.items() if k not in in_encoder]
     lr, wd = spec.train.lr, spec.train.weight_decay
     groups = [{"params": rest, "lr": lr}] + ([{"params": enc, "lr": lr * spec.encoder.lr_mult}] if enc else [])
     dense_opt = KeyedOptimizerWrapper(dense, lambda _: torch.optim.AdamW(groups, lr=lr, weight_decay=wd,
@@ -110,8 +90,7 @@ def build_finetune(spec: FinetuneSpec, env: DistEnv) -> Built:
         raise SpecError("encoder.init=pretrained needs encoder.checkpoint (a pretraining run's encoder dir)")
     if enc_spec.checkpoint and enc_spec.init != "none":
         # the architecture always comes from the checkpoint, so init=random is the same model untrained
-        model_spec = pretrained_model_spec(enc_spec.checkpoint)
-        _check_vocab(enc_spec.checkpoint, info)
+        model_spec = _pretrained_spec(enc_spec.checkpoint, info)
     if enc_spec.init != "none":
         if spec.data.max_len > model_spec.trunk.max_len:
             raise SpecError(f"data.max_len ({spec.data.max_len}) > the encoder trunk's max_len "
@@ -125,7 +104,7 @@ def build_finetune(spec: FinetuneSpec, env: DistEnv) -> Built:
                               num_items=info.num_items, id_mode=model_spec.embedding.id_mode)
     shardings = table_shardings(model_spec.embedding) if encoder is not None else {}
     dmp, _ = shard_model(model, spec.parallel, env, shardings, spec.data.batch_size,
-                         lr_mult={"encoder": enc_spec.lr_mult})
+                         lr_mult={PinFMEncoder: enc_spec.lr_mult})
     if encoder is not None and enc_spec.init == "pretrained":
         n = load_pretrained(dmp, enc_spec.checkpoint)  # finds the encoder's PinFM by type
         logger.info("loaded %d pretrained encoder tensors from %s", n, enc_spec.checkpoint)
