@@ -131,3 +131,22 @@ def test_hr_ndcg_from_ranks():
     out = hr_ndcg_sums(ranks, torch.tensor([1.0, 0.0]), ks=(1, 2))
     assert float(out["count"]) == 1.0 and float(out["hr@1"]) == 0.0 and float(out["hr@2"]) == 1.0
     assert float(out["ndcg@2"]) == pytest.approx(1 / math.log2(3))
+
+
+def test_exclude_history_masks_history_items_but_not_the_target():
+    """GR's protocol: the row's history items leave the ranking; the target stays, even if repeated."""
+    import types
+
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    from pinfm_rec.train.evaluate import mask_history
+    from pinfm_rec.train.metrics import target_ranks
+
+    scores = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0, 5.0]])
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=["item_id"], values=torch.tensor([0, 1, 4, 3]), lengths=torch.tensor([2, 2]))
+    batch = types.SimpleNamespace(features=kjt, target_item=torch.tensor([2, 3]))
+    assert target_ranks(scores, batch.target_item).tolist() == [2, 1]
+    masked = mask_history(scores, batch)
+    assert target_ranks(masked, batch.target_item).tolist() == [0, 0]  # items 0,1 / 4 were above
+    assert masked[1, 3] == 4.0 and torch.isinf(masked[0, :2]).all() and masked[0, 3] == 2.0

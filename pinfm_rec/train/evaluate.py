@@ -3,7 +3,9 @@
 Correct with sharded tables: every rank looks up its slice of the item ids through the (sharded)
 EmbeddingCollection, the slices are all-gathered into the full item matrix [I, D], each rank ranks
 its own users against all items, and the weighted metric sums are all-reduced. No history item is
-filtered from the ranking (the protocol of the generative-recommenders SASRec/HSTU numbers).
+filtered from the ranking (SASRec's protocol) unless ``exclude_history``: then the items of the
+row's history score -inf (except the target), as generative-recommenders' eval does
+(``filter_invalid_ids``) for its published SASRec/HSTU figures.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from typing import Dict, Iterable, Sequence
 import torch
 import torch.distributed as dist
 
+from pinfm_rec.features import ITEM_KEY
 from pinfm_rec.parallel import all_gather_cat, all_reduce_sum
 from pinfm_rec.train.metrics import hr_ndcg_sums, target_ranks
 
@@ -47,8 +50,10 @@ def evaluate_retrieval(
     ks: Sequence[int] = (10, 50, 200),
     max_batches: int = 0,
     autocast_dtype=None,
+    exclude_history: bool = False,
 ) -> Dict[str, float]:
-    """HR@K and NDCG@K of the held-out target among all ``num_items`` items.
+    """HR@K and NDCG@K of the held-out target among all ``num_items`` items (minus the row's
+    history items when ``exclude_history``).
 
     model: the unwrapped PinFM (``dmp.module``) with ``encode_users(batch) -> [B, D]`` and
     ``item_embeddings(ids [I]) -> [I, D]``. batches: SequenceBatch with target_item [B], weights [B].
@@ -65,6 +70,8 @@ def evaluate_retrieval(
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             users = model.encode_users(batch)  # [B, D]
         scores = users.float() @ items.t()  # [B, I]
+        if exclude_history:
+            scores = mask_history(scores, batch)
         ranks = target_ranks(scores, batch.target_item)
         w = batch.weights if batch.weights is not None else torch.ones_like(ranks, dtype=torch.float32)
         for k, v in hr_ndcg_sums(ranks, w, ks).items():
@@ -79,3 +86,13 @@ def evaluate_retrieval(
     out = {k: v / max(count, 1.0) for k, v in tot.items()}
     out["count"] = count
     return out
+
+
+def mask_history(scores: torch.Tensor, batch) -> torch.Tensor:
+    """scores [B, I] -> the same with every history item of row b at -inf, the target kept."""
+    hist = batch.features[ITEM_KEY]
+    rows = torch.repeat_interleave(torch.arange(scores.shape[0], device=scores.device), hist.lengths())  # [L]
+    tgt = batch.target_item[:, None]  # [B, 1]
+    keep = scores.gather(1, tgt)
+    scores = scores.index_put((rows, hist.values()), torch.tensor(float("-inf"), device=scores.device))
+    return scores.scatter(1, tgt, keep)

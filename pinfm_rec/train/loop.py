@@ -39,6 +39,9 @@ class TrainSpec:
     eval_every_epochs: int = field(default=1, metadata=bounds(ge=0))  # 0 = only at the end
     eval_ks: List[int] = field(default_factory=lambda: [10, 50, 200], metadata=bounds(ge=1))
     eval_max_batches: int = field(default=0, metadata=bounds(ge=0))  # 0 = the whole split
+    # retrieval eval: rank the target among all items except the user's history items
+    # (generative-recommenders' protocol); false = among all items (SASRec's, the default)
+    eval_exclude_history: bool = False
     # early stopping: stop after this many valid evaluations without a better early_stop_metric
     # (0 = off). When on, the best-valid model is kept (its checkpoint is never pruned) and is the
     # one evaluated on test and exported at the end.

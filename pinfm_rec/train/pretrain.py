@@ -96,6 +96,7 @@ def run_eval(b: Built, spec: PretrainSpec, split: str) -> Dict[str, float]:
         ks=spec.train.eval_ks,
         max_batches=spec.train.eval_max_batches,
         autocast_dtype=b.autocast,
+        exclude_history=spec.train.eval_exclude_history,
     )
 
 
