@@ -177,7 +177,7 @@ def test_corrupt_newest_checkpoint_is_skipped_with_a_warning(tmp_path, caplog):
 
 def _cli(tmp_path, *extra):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cmd = [sys.executable, "-m", "pinfm_rec.cli", "pretrain", "--spec", "specs/pretrain/synthetic-tiny.yaml",
+    cmd = [sys.executable, "-m", "pinfm_rec.cli", "pretrain", "--cpu", "--spec", "specs/pretrain/synthetic-tiny.yaml",
            f"run_dir={tmp_path}/run", f"data.cache_dir={tmp_path}/cache", *extra]
     return subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))

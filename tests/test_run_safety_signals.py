@@ -60,7 +60,7 @@ def _env():
 
 
 def _cmd(tmp, run="run"):
-    return [sys.executable, "-m", "pinfm_rec.cli", "pretrain", "--spec", SPEC, f"run_dir={tmp}/{run}",
+    return [sys.executable, "-m", "pinfm_rec.cli", "pretrain", "--cpu", "--spec", SPEC, f"run_dir={tmp}/{run}",
             f"data.cache_dir={tmp}/cache"] + SMALL
 
 
@@ -114,7 +114,7 @@ def _children(pid: int) -> list:
 @pytest.mark.slow
 def test_torchrun_restart_of_a_killed_rank_resumes(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "--max-restarts", "1", "-m", "pinfm_rec.cli", "pretrain", "--spec", SPEC, f"run_dir={tmp_path}/run",
+           "--max-restarts", "1", "-m", "pinfm_rec.cli", "pretrain", "--cpu", "--spec", SPEC, f"run_dir={tmp_path}/run",
            f"data.cache_dir={tmp_path}/cache", "parallel.timeout_s=60"] + SMALL
     log = str(tmp_path / "torchrun.log")
     with open(log, "w") as f:
