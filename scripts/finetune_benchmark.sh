@@ -1,26 +1,38 @@
 #!/usr/bin/env bash
 # Fine-tuning comparison on one dataset: pretrain the encoder on the ranking data's pretraining
 # corpus (pre-valid events only), then fine-tune DLRM alone / + random-init encoder / + pretrained
-# encoder, and print the test metrics. Usage (data under $PINFM_DATA_DIR):
-#   bash scripts/finetune_benchmark.sh mind|movielens [extra overrides for all finetune runs]
+# encoder with the same ranker, seeds and early stopping (best valid GAUC; test read once on that
+# model), and print the test metrics. Usage (data under $PINFM_DATA_DIR):
+#   SEEDS="0 1 2" INITS="none random pretrained" bash scripts/finetune_benchmark.sh mind|movielens [overrides]
+# Runs: runs/ft-<ds>-<init>-s<seed>/results.json (read by scripts/finetune_report.py).
+# SKIP_PRETRAIN=1 reuses runs/pre-<ds>/encoder.
 set -euo pipefail
 DS=${1:?mind|movielens}; shift || true
 PINFM=${PINFM:-.venv/bin/pinfm}
+SEEDS=${SEEDS:-0 1 2}
+INITS=${INITS:-none random pretrained}
 FT=specs/finetune/$DS.yaml
 PRE=specs/pretrain/$([ "$DS" = mind ] && echo mind || echo movielens-rank).yaml
 DIR=$($PINFM prepare-ranking --spec "$FT" 2>/dev/null | python3 -c "import json,sys; print(json.load(sys.stdin)['pretrain_dir'])")
 echo "pretraining corpus: $DIR"
-$PINFM pretrain --spec "$PRE" name=pre-$DS data.path="$DIR" checkpoint.resume=false checkpoint.on_existing=overwrite 2>&1 | grep -E "final|Error" | cut -c1-300
-for init in none random pretrained; do
-  $PINFM finetune --spec "$FT" name=ft-$DS-$init encoder.init=$init encoder.checkpoint=runs/pre-$DS/encoder \
-    checkpoint.resume=false checkpoint.on_existing=overwrite "$@" 2>&1 | grep -E "final|Error" | cut -c1-400
+if [ -z "${SKIP_PRETRAIN:-}" ]; then
+  $PINFM pretrain --spec "$PRE" name=pre-$DS data.path="$DIR" checkpoint.resume=false checkpoint.on_existing=overwrite 2>&1 | grep -E "final|Error" | cut -c1-300
+fi
+for seed in $SEEDS; do
+  for init in $INITS; do
+    $PINFM finetune --spec "$FT" name=ft-$DS-$init-s$seed seed=$seed encoder.init=$init \
+      encoder.checkpoint=runs/pre-$DS/encoder checkpoint.resume=false checkpoint.on_existing=overwrite "$@" \
+      2>&1 | grep -E "final|Error" | cut -c1-400
+  done
 done
-python3 - "$DS" <<'PY'
+python3 - "$DS" "$SEEDS" "$INITS" <<'PY'
 import json, sys
-ds = sys.argv[1]
-print(f"| {ds} | test AUC | test GAUC | test logloss | test AUC new items |")
-print("|---|---|---|---|---|")
-for init in ("none", "random", "pretrained"):
-    r = json.load(open(f"runs/ft-{ds}-{init}/results.json"))
-    print(f"| {init} | {r['test_auc']:.4f} | {r['test_gauc']:.4f} | {r['test_logloss']:.4f} | {r['test_new_auc']:.4f} |")
+ds, seeds, inits = sys.argv[1], sys.argv[2].split(), sys.argv[3].split()
+print(f"| {ds} | seed | valid GAUC | test GAUC | test AUC | test logloss | best epoch |")
+print("|---|---|---|---|---|---|---|")
+for init in inits:
+    for s in seeds:
+        r = json.load(open(f"runs/ft-{ds}-{init}-s{s}/results.json"))
+        print(f"| {init} | {s} | {r['valid_gauc']:.4f} | {r['test_gauc']:.4f} | {r['test_auc']:.4f} | "
+              f"{r['test_logloss']:.4f} | {r.get('best_epoch', '-')} |")
 PY

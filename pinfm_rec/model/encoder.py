@@ -59,6 +59,9 @@ class EncoderSpec:
     kernel: Literal["auto", "triton", "pytorch", "sdpa"] = "auto"  # the DCAT kernel
     # candidates attend the last max_ctx history tokens (0 = all)
     max_ctx: int = field(default=0, metadata=bounds(ge=0))
+    # fine-tuning recipe, init=pretrained: "zero" the item rows pretraining never trained (items
+    # absent from its corpus keep random init: noise features; train/unseen_items.py)
+    unseen_items: Literal["keep", "zero"] = "keep"
 
 
 @torch.fx.wrap
