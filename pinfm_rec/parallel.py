@@ -23,6 +23,7 @@ from torch import nn
 
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.mc_embedding import ManagedCollisionEmbeddingCollectionSharder
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.model_parallel import (
     DataParallelWrapper,
@@ -261,7 +262,9 @@ def shard_model(
         local_world_size=local_world,
     )
     planner = EmbeddingShardingPlanner(topology=topology, batch_size=batch_size, constraints=constraints)
-    sharders = [EmbeddingCollectionSharder(), EmbeddingBagCollectionSharder()]
+    # managed-collision ECs (embedding.id_mode=managed; row_wise only) wrap an EC of their own
+    sharders = [EmbeddingCollectionSharder(), EmbeddingBagCollectionSharder(),
+                ManagedCollisionEmbeddingCollectionSharder()]
     pg = dist.GroupMember.WORLD
     plan = planner.collective_plan(model, sharders, pg)
     if env.is_main:

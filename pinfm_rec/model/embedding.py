@@ -9,6 +9,10 @@ dataset info (``features.vocab_sizes``).
 
 ``EmbeddingCollection`` requires one embedding dim for all of its tables, so ``EmbeddingSpec.dim``
 is shared by the three tables.
+
+Id modes: ``error`` (dense ids, an out-of-range id raises), ``hash`` (id modulo the table size;
+raw ids collide) and ``managed`` (raw int64 item ids through TorchRec's zero-collision managed
+tables with eviction, ``model/managed.py``; the item table is then sharded row_wise).
 """
 from __future__ import annotations
 
@@ -29,11 +33,13 @@ from pinfm_rec.features import (  # noqa: F401  (EC_FEATURES, TABLE_FEATURES re-
     TABLE_VOCAB,
     vocab_sizes,
 )
+from pinfm_rec.model.managed import ManagedSpec, ManagedTables, managed_rows
 from pinfm_rec.spec import bounds
 
 ITEM_TABLE = FEATURE_TABLE[ITEM_KEY]
 Sharding = Literal["auto", "table_wise", "row_wise", "column_wise"]  # auto: the planner decides
-IdMode = Literal["error", "hash"]  # error: an out-of-range id raises | hash: id modulo table size
+# error: an out-of-range id raises | hash: id modulo table size | managed: raw ids, zero-collision item table
+IdMode = Literal["error", "hash", "managed"]
 SHARDING_CHOICES = get_args(Sharding)
 ID_MODES = get_args(IdMode)
 
@@ -51,6 +57,7 @@ class EmbeddingSpec:
     action: TableSpec = field(default_factory=TableSpec)
     surface: TableSpec = field(default_factory=TableSpec)
     id_mode: IdMode = "error"
+    managed: ManagedSpec = field(default_factory=ManagedSpec)  # id_mode=managed: the item table
     # weights ~ U(-init_scale, init_scale) (0 -> TorchRec default)
     init_scale: float = field(default=0.03, metadata=bounds(ge=0))
 
@@ -71,6 +78,9 @@ def validate_spec(spec: EmbeddingSpec) -> None:
             )
         if t.num_embeddings < 0:
             raise ValueError(f"num_embeddings of table {name} must be >= 0, got {t.num_embeddings}")
+    if spec.id_mode == "managed" and spec.item.sharding not in ("auto", "row_wise"):
+        raise ValueError(f"embedding.item.sharding={spec.item.sharding} with id_mode=managed: TorchRec shards "
+                         f"managed-collision tables row_wise only (set auto or row_wise)")
 
 
 def table_sizes(spec: EmbeddingSpec, vocab: Any) -> Dict[str, int]:
@@ -84,24 +94,25 @@ def table_sizes(spec: EmbeddingSpec, vocab: Any) -> Dict[str, int]:
         n = t.num_embeddings if t.num_embeddings > 0 else data[TABLE_VOCAB[name]]
         if n <= 0:
             raise ValueError(f"table {name} has no rows (spec 0 and {TABLE_VOCAB[name]}={data[TABLE_VOCAB[name]]})")
-        out[name] = n
+        out[name] = managed_rows(n, spec.managed) if spec.id_mode == "managed" and name == ITEM_TABLE else n
     return out
 
 
 def build_embedding_collection(
     spec: EmbeddingSpec, vocab: Any, device: str | torch.device = "meta"
-) -> EmbeddingCollection:
+) -> EmbeddingCollection | ManagedTables:
     """EmbeddingCollection with the registry's tables (t_item: item_id, neg_item_id; t_action;
     t_surface), sized by ``table_sizes(spec, vocab)``.
 
-    Built on ``meta`` by default (DMP materialises it); pass ``device="cpu"`` for tests.
+    Built on ``meta`` by default (DMP materialises it); pass ``device="cpu"`` for tests. With
+    ``id_mode=managed`` a ``ManagedTables`` (the item table managed, the others in an EC).
     """
     validate_spec(spec)
     sizes = table_sizes(spec, vocab)
     init = {}
     if spec.init_scale > 0:
         init = dict(weight_init_min=-spec.init_scale, weight_init_max=spec.init_scale)
-    tables = [
+    configs = [
         EmbeddingConfig(
             num_embeddings=sizes[name],
             embedding_dim=spec.dim,
@@ -111,7 +122,9 @@ def build_embedding_collection(
         )
         for name, feats in TABLE_FEATURES.items()
     ]
-    return EmbeddingCollection(tables=tables, device=torch.device(device))
+    if spec.id_mode == "managed":
+        return ManagedTables(configs, spec.managed, torch.device(device))
+    return EmbeddingCollection(tables=configs, device=torch.device(device))
 
 
 def table_shardings(spec: EmbeddingSpec) -> Dict[str, str]:
@@ -121,7 +134,10 @@ def table_shardings(spec: EmbeddingSpec) -> Dict[str, str]:
     "column_wise").
     """
     validate_spec(spec)
-    return {n: t.sharding for n, t in _table_specs(spec).items() if t.sharding != "auto"}
+    out = {n: t.sharding for n, t in _table_specs(spec).items() if t.sharding != "auto"}
+    if spec.id_mode == "managed":
+        out[ITEM_TABLE] = "row_wise"
+    return out
 
 
 def check_ids(
@@ -131,10 +147,14 @@ def check_ids(
 
     sizes: {table_name: num_rows} (as from ``table_sizes``) or {feature_name: num_rows}.
     Features of the KJT that map to no size are left alone. Costs one host sync in "error" mode.
+    Mode "managed": the item table's raw ids are left to the managed table, the others checked.
     Returns the KJT (unchanged in "error" mode, a new KJT with hashed values in "hash" mode).
     """
     if mode not in ID_MODES:
         raise ValueError(f"id mode must be one of {ID_MODES}, got {mode!r}")
+    if mode == "managed":
+        sizes = {k: v for k, v in sizes.items() if k != ITEM_TABLE and FEATURE_TABLE.get(k) != ITEM_TABLE}
+        mode = "error"
     keys = kjt.keys()
     limits: List[int] = []
     for k in keys:

@@ -28,6 +28,7 @@ from pinfm_rec.model.embedding import (
 )
 from pinfm_rec.model.features import TimeFeatures
 from pinfm_rec.model.jagged import last_index
+from pinfm_rec.model.managed import ManagedTables, with_slots
 from pinfm_rec.model.losses import LossInputs, LossSpec, sequence_losses
 from pinfm_rec.model.trunk import KVCache, Trunk, TrunkSpec
 
@@ -86,7 +87,7 @@ class TokenEmbeddings:
     """What ``PinFM.embed_tokens`` returns for a KJT of B rows.
 
     x [L, d_model]: trunk inputs of the history tokens; offsets [B+1]; kjt: the KJT after the id
-    check (hashed ids in ``id_mode=hash``); emb: the EC output, {feature: JaggedTensor} of raw
+    check (hashed ids in ``id_mode=hash``, slot ids in ``managed``); emb: the EC output, {feature: JaggedTensor} of raw
     table rows [*, dim] (lookup features such as ``neg_item_id`` are read from here).
     """
 
@@ -130,6 +131,11 @@ class PinFM(nn.Module):
         self.input_scale = float(dim) ** 0.5
         self.in_proj = nn.Linear(dim, d_model).to(dd) if dim != d_model else nn.Identity()
         self.trunk = Trunk(spec.trunk).to(dd)
+        if spec.loss.full_catalogue and spec.embedding.id_mode == "managed":
+            raise ValueError("model.loss.full_catalogue needs dense item ids; with embedding.id_mode=managed "
+                             "use sampled / in-batch negatives")
+        if spec.embedding.id_mode == "managed":
+            item_counts = None  # counts are per dense id; managed rows are slots of raw ids
         if spec.loss.full_catalogue and self.sizes[ITEM_TABLE] < self.num_items:
             raise ValueError(
                 f"model.loss.full_catalogue needs an item table of >= num_items ({self.num_items}) "
@@ -168,7 +174,7 @@ class PinFM(nn.Module):
         if ITEM_KEY not in kjt.keys():
             raise ValueError(f"history KJT needs the feature {ITEM_KEY!r}, it has {list(kjt.keys())}")
         kjt = check_ids(kjt, self.sizes, self.spec.embedding.id_mode)
-        emb = self.ec(to_ec_kjt(kjt))  # the one EC call
+        emb, kjt = self.lookup(kjt)  # the one EC call
         offsets = emb[ITEM_KEY].offsets()  # [B+1]
         x = emb[ITEM_KEY].values()  # [L, dim]
         for key in TOKEN_KEYS:
@@ -177,6 +183,14 @@ class PinFM(nn.Module):
         if self.time is not None and timestamps is not None:
             x = x + self.time(timestamps, offsets, request_ts)
         return TokenEmbeddings(self.project_inputs(x), offsets, kjt, emb)
+
+    def lookup(self, kjt: KeyedJaggedTensor) -> Tuple[Dict[str, JaggedTensor], KeyedJaggedTensor]:
+        """The EC call on ``kjt``'s registry features -> ({feature: rows}, ``kjt`` with the ids the
+        rows were read at: item ids replaced by their slots in ``id_mode=managed``)."""
+        if isinstance(self.ec, ManagedTables):
+            emb, slots = self.ec(to_ec_kjt(kjt))
+            return emb, with_slots(kjt, slots)
+        return self.ec(to_ec_kjt(kjt)), kjt
 
     def project_inputs(self, x: torch.Tensor) -> torch.Tensor:
         """Summed table rows [N, dim] -> trunk inputs [N, d_model] (input scale + projection)."""
@@ -256,4 +270,4 @@ class PinFM(nn.Module):
             length_per_key=[n if f == ITEM_KEY else 0 for f in EC_FEATURES],
         )
         kjt = check_ids(kjt, self.sizes, self.spec.embedding.id_mode)
-        return self.normalize(self.ec(kjt)[ITEM_KEY].values())
+        return self.normalize(self.lookup(kjt)[0][ITEM_KEY].values())
