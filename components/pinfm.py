@@ -13,6 +13,8 @@ the same component runs on the local_cwd, slurm and kubernetes schedulers config
 file system (local_cwd, slurm; ``image`` is a directory) ``<python>`` is the interpreter that runs
 ``torchx`` (the project's .venv, activated or not); in a container image it is the image's
 ``python``. ``cpu`` / ``memMB`` of 0 are derived per node from the GPU count (``node_resources``).
+``gpu=0`` means CPU/gloo: the role's environment sets ``CUDA_VISIBLE_DEVICES=""`` (before the user's
+``env``, which may override it) so the ranks do not pick up a GPU of the host.
 """
 
 import os
@@ -74,6 +76,8 @@ def _app(
     nproc = _nproc(j)
     cpu, memMB = node_resources(gpu, nproc, cpu, memMB)
     environment = {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(max(1, cpu // max(1, nproc)))}
+    if gpu == 0 and not h:  # CPU/gloo: hide the host's GPUs from the ranks (a named resource decides itself)
+        environment["CUDA_VISIBLE_DEVICES"] = ""
     environment.update(env or {})
     app = dist_components.ddp(
         *args,

@@ -57,6 +57,16 @@ def test_node_resources_follow_the_gpu_count(gpu, nproc, want):
     assert (role.resource.cpu, role.resource.memMB) == want
 
 
+@pytest.mark.parametrize("fn", [comp.pretrain, comp.finetune, comp.evaluate, comp.smoke])
+def test_cpu_jobs_hide_the_gpus_and_gpu_jobs_see_them(fn):
+    """gpu=0 is CPU/gloo: on a GPU host the ranks must not see the GPU (CUDA_VISIBLE_DEVICES="");
+    a user's env wins; a GPU job leaves the variable to the scheduler."""
+    assert materialize_appdef(fn, []).roles[0].env["CUDA_VISIBLE_DEVICES"] == ""
+    user = materialize_appdef(fn, ["--env", "CUDA_VISIBLE_DEVICES=1,PINFM_DATA_DIR=/d"]).roles[0].env
+    assert user["CUDA_VISIBLE_DEVICES"] == "1" and user["PINFM_DATA_DIR"] == "/d"
+    assert "CUDA_VISIBLE_DEVICES" not in materialize_appdef(fn, ["--gpu", "1"]).roles[0].env
+
+
 def test_eval_and_smoke_args():
     ev = _cmd(materialize_appdef(comp.evaluate, ["--checkpoint", "runs/x/checkpoints/step_00000010"]))
     assert "pinfm_rec.cli eval --spec specs/pretrain/synthetic-tiny.yaml --checkpoint runs/x/checkpoints/step_00000010" in ev
