@@ -326,8 +326,9 @@ def check_resume_compatible(path: str, spec_yaml: str, sections: tuple = ("model
     diffs = []
     for sec in sections:
         a, b = _flatten(saved.get(sec) or {}, sec), _flatten(now.get(sec) or {}, sec)
+        # a table's sharding type does not change its tensors (DCP reshards): re-planning is allowed
         diffs += [f"{k}: checkpoint {a.get(k)!r} != now {b.get(k)!r}" for k in sorted(set(a) | set(b))
-                  if a.get(k) != b.get(k)]
+                  if a.get(k) != b.get(k) and not k.endswith(".sharding")]
     flat_a, flat_b = _flatten(saved, ""), _flatten(now, "")
     diffs += [f"{k}: checkpoint {flat_a.get(k)!r} != now {flat_b.get(k)!r}" for k in keys
               if flat_a.get(k) != flat_b.get(k)]
