@@ -9,6 +9,10 @@ slot, shared by all such ids (per shard when sharded): the "unknown item" row. T
 stay in a plain ``EmbeddingCollection``. ``ManagedTables`` runs both in one call and returns what
 an EC returns plus the slot ids of the item features.
 
+A slot given to a new id: under DMP (every recipe shards, one rank too) TorchRec re-initialises
+its row and optimizer state (``ShardedManagedCollisionEmbeddingCollection._evict``); the unsharded
+module keeps the evicted id's row (TorchRec's ``mc_embedding_modules.evict`` is a no-op).
+
 Sharding: TorchRec shards managed-collision tables ``row_wise`` only; raw ids are routed to the
 rank owning ``[r, r+1) * input_hash_size / buckets``, so ``buckets`` must be a multiple of the world
 size (0: the world size of the process group when the model is built) and the slots per table a
