@@ -63,7 +63,7 @@ def gather_rows(
     if keep_last is not None:
         lengths = lengths.clamp(max=keep_last)
     new_off = lengths_to_offsets(lengths)  # [R+1]
-    r, pos = jagged_index(new_off, int(new_off[-1]))  # [M]
+    r, pos = jagged_index(new_off, new_off[-1].item())  # [M] (.item(): an unbacked size under torch.export)
     start = offsets[1:][rows] - lengths  # [R] first kept element of each gathered row
     return start[r] + pos, new_off
 
