@@ -12,7 +12,7 @@ from pinfm_rec.data.schema import read_event_columns
 from pinfm_rec.model.embedding import EmbeddingSpec
 from pinfm_rec.model.pinfm import ModelSpec, PinFM
 from pinfm_rec.model.trunk import TrunkSpec
-from pinfm_rec.train.unseen_items import ITEM_TABLE, unseen_items, zero_unseen_items
+from pinfm_rec.train.unseen_items import ITEM_TABLE, pretraining_corpus, unseen_items, zero_unseen_items
 
 
 def test_unseen_items_are_the_items_without_pretraining_events(tmp_path):
@@ -44,3 +44,16 @@ def test_zero_unseen_items_zeroes_only_those_item_rows():
     for k in after:  # other tables and the trunk untouched
         if k != key:
             torch.testing.assert_close(after[k], before[k])
+
+
+def test_pretraining_corpus_is_read_from_the_encoder_spec(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "events.parquet").write_bytes(b"")
+    enc = tmp_path / "enc"
+    enc.mkdir()
+    (enc / "spec.yaml").write_text(f"data:\n  path: {corpus}\n")
+    assert pretraining_corpus(str(enc), "fallback") == str(corpus)
+    (enc / "spec.yaml").write_text("data:\n  path: /nonexistent\n")
+    assert pretraining_corpus(str(enc), "fallback") == "fallback"
+    assert pretraining_corpus(str(tmp_path / "missing"), "fallback") == "fallback"

@@ -31,7 +31,7 @@ from pinfm_rec.train.checkpoint import CheckpointSpec
 from pinfm_rec.train.common import Built, Recipe, prepare_on_rank0, seed_everything
 from pinfm_rec.train.loop import TrainSpec
 from pinfm_rec.train.rank_eval import evaluate_ranking
-from pinfm_rec.train.unseen_items import unseen_items, zero_unseen_items
+from pinfm_rec.train.unseen_items import pretraining_corpus, unseen_items, zero_unseen_items
 
 logger = logging.getLogger("pinfm_rec")
 
@@ -110,8 +110,9 @@ def build_finetune(spec: FinetuneSpec, env: DistEnv) -> Built:
         n = load_pretrained(dmp, enc_spec.checkpoint)  # finds the encoder's PinFM by type
         logger.info("loaded %d pretrained encoder tensors from %s", n, enc_spec.checkpoint)
         if enc_spec.unseen_items == "zero":
-            z = zero_unseen_items(dmp, unseen_items(info.pretrain_dir, info.num_items))
-            logger.info("zeroed %d pretrained item rows absent from the pretraining corpus", z)
+            corpus = pretraining_corpus(enc_spec.checkpoint, info.pretrain_dir)
+            z = zero_unseen_items(dmp, unseen_items(corpus, info.num_items))
+            logger.info("zeroed %d pretrained item rows absent from the pretraining corpus %s", z, corpus)
     optimizer, dense_opt = _dense_optimizer(dmp, spec)
     groups = dense_opt.param_groups
     params = [p for g in groups for p in g["params"]]

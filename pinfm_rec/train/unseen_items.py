@@ -15,14 +15,29 @@ as usual.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
+import yaml
 
 from pinfm_rec.data.schema import read_event_columns
 from pinfm_rec.features import FEATURE_TABLE, ITEM_KEY
 from pinfm_rec.model.pinfm import PinFM
 
 ITEM_TABLE = FEATURE_TABLE[ITEM_KEY]
+
+
+def pretraining_corpus(checkpoint: str, default: str) -> str:
+    """The prepared dir the encoder at ``checkpoint`` was pretrained on (``data.path`` of the
+    spec.yaml saved beside it, when that is a prepared dir), else ``default``."""
+    p = os.path.join(checkpoint, "spec.yaml")
+    if os.path.isfile(p):
+        with open(p) as f:
+            path = ((yaml.safe_load(f) or {}).get("data") or {}).get("path") or ""
+        if path and os.path.isfile(os.path.join(path, "events.parquet")):
+            return path
+    return default
 
 
 def unseen_items(pretrain_dir: str, num_items: int) -> np.ndarray:
