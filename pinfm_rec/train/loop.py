@@ -18,6 +18,7 @@ import torch
 from pinfm_rec.parallel import all_reduce_sum
 from pinfm_rec.spec import FieldError, SpecError, bounds
 from pinfm_rec.train.checkpoint import set_rng_state
+from pinfm_rec.train.phases import PhaseTimer
 
 logger = logging.getLogger(__name__)
 
@@ -151,6 +152,7 @@ class Trainer:
         self.world_size = world_size
         self.log_fn = log_fn
         self.autocast_dtype = autocast_dtype
+        self.phases = PhaseTimer(model, device)
 
     def set_lr(self, step: int, total: int) -> float:
         f = lr_factor(step, total, self.spec.warmup_steps, self.spec.min_lr_ratio)
@@ -159,8 +161,13 @@ class Trainer:
         return self.base_lrs[0] * f if self.base_lrs else 0.0
 
     def train_step(self, batch, state: LoopState, total_steps: int) -> Dict[str, torch.Tensor]:
+        with self.phases.phase("step"):  # step-time breakdown (train/phases.py; off unless PINFM_PHASE_TIMES=1)
+            return self._train_step(batch, state, total_steps)
+
+    def _train_step(self, batch, state: LoopState, total_steps: int) -> Dict[str, torch.Tensor]:
         lr = self.set_lr(state.step, total_steps)
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None), \
+                self.phases.phase("forward"):
             out = self.model(batch)
         loss = out["loss"]
         if not torch.isfinite(loss.detach()).all():
@@ -170,11 +177,13 @@ class Trainer:
                 f"non-finite loss at step {state.step} (epoch {state.epoch}): {parts}; "
                 f"first request ids of the batch: {ids}"
             )
-        loss.backward()
-        if self.spec.grad_clip > 0 and self.dense_params:
-            torch.nn.utils.clip_grad_norm_(self.dense_params, self.spec.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        with self.phases.phase("backward"):
+            loss.backward()
+        with self.phases.phase("optimizer"):
+            if self.spec.grad_clip > 0 and self.dense_params:
+                torch.nn.utils.clip_grad_norm_(self.dense_params, self.spec.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         out["lr"] = torch.tensor(lr)
         return out
 
@@ -227,6 +236,7 @@ class Trainer:
                 stats["perf/examples_per_s"] = float(counts[1]) / dt
                 stats["perf/step_ms"] = 1000 * dt / win_steps
                 stats["perf/peak_mem_mb"] = peak_memory_mb(self.device)
+                stats.update(self.phases.summary())
                 stats["epoch"] = state.epoch
                 self.log_fn(stats, state.step)
                 acc, win_tokens, win_rows, win_steps = {}, 0, 0, 0
