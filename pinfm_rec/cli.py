@@ -27,6 +27,7 @@ import yaml
 
 from pinfm_rec import console
 from pinfm_rec.errors import PinfmError, Preempted, SpecError
+from pinfm_rec.serve import cli as _score_cli  # options only (argparse); the scorer loads on use
 from pinfm_rec.spec import load_spec
 
 SPEC_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "specs")
@@ -168,6 +169,13 @@ def cmd_prepare_ranking(args) -> int:
     return 0
 
 
+def cmd_score(args) -> int:
+    from pinfm_rec.serve.cli import run
+
+    run(args)
+    return 0
+
+
 # name, function, one-line help, description, example
 COMMANDS: List[Tuple[str, Callable, str, str, str]] = [
     ("pretrain", cmd_pretrain, "pretrain the sequence model",
@@ -198,6 +206,8 @@ COMMANDS: List[Tuple[str, Callable, str, str, str]] = [
      "Convert the ranking data of a fine-tuning spec (impressions stored once per request); prints the "
      "prepared dir, the pretraining corpus dir to pretrain the encoder on, and storage sizes.",
      "pinfm prepare-ranking --spec specs/finetune/mind.yaml"),
+    ("score", cmd_score, "score request-grouped Parquet with a fine-tuned run (serving path)",
+     _score_cli.DESCRIPTION, _score_cli.EXAMPLE),
 ]
 
 
@@ -219,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "smoke":
             sp.add_argument("--spec", default=SMOKE_SPEC,
                             help="YAML spec (path, run dir, or name under specs/); default: %(default)s")
+        elif name == "score":
+            _score_cli.add_options(sp)  # --run/--spec and the scorer's options
         else:
             sp.add_argument("--spec", required=True,
                             help="YAML spec: a path, a run dir / its spec.yaml, or a name under specs/ "

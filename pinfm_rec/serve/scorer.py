@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -45,24 +45,36 @@ def _split_even(total: int, parts: int, cap: int) -> torch.Tensor:
     return out
 
 
-def pad_batch(batch: RankingBatch, n_cap: int) -> RankingBatch:
-    """``batch`` (CPU) padded to bucket shapes (module doc): padding requests after the real ones,
-    their tokens/candidates after the real ones, so the real candidates keep positions [0, C).
-    n_cap: the longest history allowed (trunk max_len)."""
+def bucket_sizes(batch: RankingBatch, n_cap: int) -> Tuple[int, int, int, int, int]:
+    """Bucket shape (U, L, C, N, max_cands) for ``batch``: powers of two, N capped at ``n_cap``
+    (the trunk's max_len), with room for at least one padding request holding the filler tokens."""
+    hist = batch.history
+    u, c, total = batch.num_requests, batch.num_candidates, hist.timestamps.numel()
+    n_b = min(pow2(hist.max_len, 8), n_cap)
+    l_b, c_b = pow2(total, 8), pow2(c, 8)
+    u_b = pow2(u + max(1, math.ceil((l_b - total) / n_b)), 2)
+    max_c = pow2(max(batch.max_cands or 0, math.ceil((c_b - c) / (u_b - u))), 1)
+    return u_b, l_b, c_b, n_b, max_c
+
+
+def pad_batch(batch: RankingBatch, n_cap: int, sizes: Optional[Tuple[int, int, int, int, int]] = None) -> RankingBatch:
+    """``batch`` (CPU) padded to ``sizes`` = (U, L, C, N, max_cands) (default ``bucket_sizes``):
+    padding requests after the real ones, their tokens/candidates after the real ones, so the
+    real candidates keep positions [0, C). Padding requests hold at most N tokens and max_cands
+    candidates each (a ValueError when the sizes leave no room)."""
     hist = batch.history
     kjt = hist.features
     keys = list(kjt.keys())
     u, c = batch.num_requests, batch.num_candidates
     lengths = kjt[keys[0]].lengths()
-    total = int(lengths.sum())
-    n_b = min(pow2(hist.max_len, 8), n_cap)
-    l_b, c_b = pow2(total, 8), pow2(c, 8)
-    pad_l, pad_c = l_b - total, c_b - c
-    p = max(1, math.ceil(pad_l / n_b))
-    u_b = pow2(u + p, 2)
-    p = u_b - u
+    total = hist.timestamps.numel()
+    u_b, l_b, c_b, n_b, max_c = sizes or bucket_sizes(batch, n_cap)
+    pad_l, pad_c, p = l_b - total, c_b - c, u_b - u
+    if p < 1 or pad_l < 0 or pad_c < 0 or pad_l > p * n_b or pad_c > p * max_c or hist.max_len > n_b \
+            or (batch.max_cands or 0) > max_c:
+        raise ValueError(f"batch (U={u}, L={total}, C={c}, N={hist.max_len}, max_cands={batch.max_cands}) does not "
+                         f"fit the shape (U, L, C, N, max_cands)={(u_b, l_b, c_b, n_b, max_c)} with >= 1 padding request")
     pad_len = _split_even(pad_l, p, n_b)  # [P] filler tokens per padding request
-    max_c = pow2(max(batch.max_cands or 0, math.ceil(pad_c / p)), 1)
     pad_cn = _split_even(pad_c, p, max_c)  # [P] filler candidates per padding request
     zl = torch.zeros(pad_l, dtype=torch.long)
     values = torch.cat([torch.cat([kjt[k].values(), zl]) for k in keys])
