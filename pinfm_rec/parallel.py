@@ -200,6 +200,62 @@ def _find_embedding_collections(model: nn.Module) -> Dict[str, nn.Module]:
     }
 
 
+def _sharders() -> list:
+    # managed-collision ECs (embedding.id_mode=managed; row_wise only) wrap an EC of their own
+    return [EmbeddingCollectionSharder(), EmbeddingBagCollectionSharder(), ManagedCollisionEmbeddingCollectionSharder()]
+
+
+def _device_hbm(device: torch.device) -> Optional[int]:
+    """Bytes of memory of a CUDA device (the planner's HBM budget per rank; TorchRec's default
+    assumes 32 GB, too small for e.g. a 51 GB table on an H200); None on CPU (TorchRec's default)."""
+    if device.type != "cuda":
+        return None
+    return int(torch.cuda.get_device_properties(device).total_memory)
+
+
+def _planner(ecs: Dict[str, nn.Module], table_shardings: Dict[str, str], world_size: int, compute_device: str,
+             local_world_size: int, hbm_cap: Optional[int], batch_size: Optional[int]) -> EmbeddingShardingPlanner:
+    """The planner for ``world_size`` devices under the per-table sharding constraints (fused kernels)."""
+    all_tables = [
+        cfg.name
+        for ec in ecs.values()
+        for cfg in (ec.embedding_configs() if isinstance(ec, EmbeddingCollection) else ec.embedding_bag_configs())
+    ]
+    unknown = sorted(set(table_shardings) - set(all_tables))
+    if unknown:
+        raise ValueError(f"sharding given for unknown tables {unknown}; the model has {all_tables}")
+    constraints = {}
+    for table in all_tables:
+        st = table_shardings.get(table, "auto")
+        if st == "auto":
+            types = list(SHARDING_TYPES)
+        elif st in SHARDING_TYPES:
+            types = [st]
+        else:
+            raise ValueError(f"table {table}: sharding must be one of {SHARDING_TYPES} or auto, got {st!r}")
+        constraints[table] = ParameterConstraints(
+            sharding_types=types, compute_kernels=[EmbeddingComputeKernel.FUSED.value]
+        )
+    topo = {"hbm_cap": hbm_cap} if hbm_cap else {}
+    topology = Topology(world_size=world_size, compute_device=compute_device,
+                        local_world_size=min(local_world_size, world_size), **topo)
+    return EmbeddingShardingPlanner(topology=topology, batch_size=batch_size, constraints=constraints)
+
+
+def dry_plan(model: nn.Module, table_shardings: Dict[str, str], world_size: int, compute_device: str = "cuda",
+             hbm_gb: float = 141.0, local_world_size: int = 8, batch_size: Optional[int] = None) -> ShardingPlan:
+    """The sharding plan ``shard_model`` would use on ``world_size`` devices (``local_world_size``
+    per host, ``hbm_gb`` of memory each), computed here without a process group or any device:
+    ``model`` holds its tables on ``meta``. The embedding optimizer is not attached, so the
+    planner's estimate leaves out optimizer state (small for row-wise Adagrad)."""
+    ecs = _find_embedding_collections(model)
+    if not ecs:
+        raise ValueError("dry_plan: the model has no EmbeddingCollection or EmbeddingBagCollection")
+    hbm = int(hbm_gb * 2**30) if compute_device == "cuda" else None
+    planner = _planner(ecs, table_shardings, world_size, compute_device, local_world_size, hbm, batch_size)
+    return planner.plan(model, _sharders())
+
+
 def shard_model(
     model: nn.Module,
     spec: ParallelSpec,
@@ -235,38 +291,11 @@ def shard_model(
                 kwargs["lr"] = kwargs["lr"] * mult
         apply_optimizer_in_backward(opt_cls, ec.parameters(), kwargs)
 
-    all_tables = [
-        cfg.name
-        for ec in ecs.values()
-        for cfg in (ec.embedding_configs() if isinstance(ec, EmbeddingCollection) else ec.embedding_bag_configs())
-    ]
-    unknown = sorted(set(table_shardings) - set(all_tables))
-    if unknown:
-        raise ValueError(f"sharding given for unknown tables {unknown}; the model has {all_tables}")
-    constraints = {}
-    for table in all_tables:
-        st = table_shardings.get(table, "auto")
-        if st == "auto":
-            types = list(SHARDING_TYPES)
-        elif st in SHARDING_TYPES:
-            types = [st]
-        else:
-            raise ValueError(f"table {table}: sharding must be one of {SHARDING_TYPES} or auto, got {st!r}")
-        constraints[table] = ParameterConstraints(
-            sharding_types=types, compute_kernels=[EmbeddingComputeKernel.FUSED.value]
-        )
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
-    topology = Topology(
-        world_size=env.world_size,
-        compute_device=env.device.type,
-        local_world_size=local_world,
-    )
-    planner = EmbeddingShardingPlanner(topology=topology, batch_size=batch_size, constraints=constraints)
-    # managed-collision ECs (embedding.id_mode=managed; row_wise only) wrap an EC of their own
-    sharders = [EmbeddingCollectionSharder(), EmbeddingBagCollectionSharder(),
-                ManagedCollisionEmbeddingCollectionSharder()]
+    planner = _planner(ecs, table_shardings, env.world_size, env.device.type, local_world,
+                       _device_hbm(env.device), batch_size)
     pg = dist.GroupMember.WORLD
-    plan = planner.collective_plan(model, sharders, pg)
+    plan = planner.collective_plan(model, _sharders(), pg)
     if env.is_main:
         logger.info("sharding plan (world_size=%d):\n%s", env.world_size, format_plan(plan))
         console.show_plan(plan_rows(plan), env.world_size, f"{env.device} ({env.backend})")
@@ -276,7 +305,7 @@ def shard_model(
         env=ShardingEnv.from_process_group(pg),
         device=env.device,
         plan=plan,
-        sharders=sharders,
+        sharders=_sharders(),
         data_parallel_wrapper=wrapper,
     )
     return dmp, plan
