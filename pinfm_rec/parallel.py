@@ -34,6 +34,7 @@ from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.distributed.types import ShardingEnv, ShardingPlan
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+from torchrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingCollection
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
@@ -278,6 +279,13 @@ def shard_model(
     if not ecs:
         raise ValueError("shard_model: the model has no EmbeddingCollection or EmbeddingBagCollection")
     opt_cls, opt_kwargs = _embedding_optimizer(spec, env.device)
+    managed = any(isinstance(m, ManagedCollisionEmbeddingCollection) for m in model.modules())
+    if managed and env.device.type != "cuda" and spec.embedding_optimizer != "sgd":
+        raise ValueError(
+            f"parallel.embedding_optimizer={spec.embedding_optimizer} with managed-collision tables "
+            f"(embedding.id_mode=managed) needs CUDA: FBGEMM has no CPU kernel to reset the optimizer "
+            f"state of a re-used slot (reset_weight_momentum); use parallel.embedding_optimizer=sgd on CPU"
+        )
     mults = []  # (module path prefix, multiplier)
     for key, mult in (lr_mult or {}).items():
         if isinstance(key, type):

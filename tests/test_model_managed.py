@@ -94,3 +94,15 @@ def test_managed_spec_rules():
     with pytest.raises(ValueError, match="full_catalogue needs dense item ids"):
         PinFM(ModelSpec(embedding=EmbeddingSpec(dim=16, id_mode="managed"), loss=LossSpec(full_catalogue=True),
                         trunk=TrunkSpec(d_model=16, n_layers=1, n_heads=2, max_len=10)), VOCAB, device="cpu")
+
+
+def test_managed_tables_on_cpu_need_the_sgd_table_optimizer():
+    from pinfm_rec.parallel import ParallelSpec, init_distributed, shard_model, shutdown_distributed
+
+    env = init_distributed(ParallelSpec(), force_cpu=True)
+    try:
+        m = managed_model(device="meta")
+        with pytest.raises(ValueError, match="embedding_optimizer=rowwise_adagrad with managed-collision.*sgd on CPU"):
+            shard_model(m, ParallelSpec(embedding_optimizer="rowwise_adagrad"), env, table_shardings(m.spec.embedding))
+    finally:
+        shutdown_distributed()
