@@ -52,7 +52,10 @@ class SequenceBatchDataset(Dataset):
     """Map-style dataset whose item ``(epoch, step)`` is this rank's ``SequenceBatch`` number ``step``."""
 
     def __init__(self, store: EventStore, rows: SplitRows, *, batch_size: int, num_items: int,
-                 num_negatives: int, rank: int, world_size: int, seed: int) -> None:
+                 num_negatives: int, rank: int, world_size: int, seed: int,
+                 item_ids: Optional[np.ndarray] = None) -> None:
+        """item_ids: [num_items] the id each dense item id is emitted as (raw ids, data.raw_ids); None
+        emits the dense ids."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
         if batch_size < 1:
@@ -61,6 +64,7 @@ class SequenceBatchDataset(Dataset):
         self.train = rows.split == "train"
         self.batch_size, self.num_items, self.num_negatives = batch_size, num_items, num_negatives
         self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.item_ids = item_ids
         r = len(rows)
         self.rows_per_rank = r // world_size if self.train else math.ceil(r / world_size)
         if self.rows_per_rank == 0:
@@ -98,12 +102,13 @@ class SequenceBatchDataset(Dataset):
         lengths = end - start  # [B]
         idx = gather_index(start, end)  # [L]
         b = int(pos.size)
-        values = [st.item_id[idx], st.action[idx], st.surface[idx]]
+        emit = (lambda x: x) if self.item_ids is None else (lambda x: self.item_ids[x])  # noqa: E731
+        values = [emit(st.item_id[idx]), st.action[idx], st.surface[idx]]
         all_lengths = [lengths] * len(SEQUENCE_KEYS)
         keys = list(SEQUENCE_KEYS)
         if self.train:
             rng = np.random.default_rng([self.seed, epoch, step * self.world_size + self.rank, 1])
-            values.append(rng.integers(0, self.num_items, size=b * self.num_negatives, dtype=np.int64))
+            values.append(emit(rng.integers(0, self.num_items, size=b * self.num_negatives, dtype=np.int64)))
             all_lengths.append(np.full(b, self.num_negatives, np.int64))
             keys.append(NEG_ITEM_KEY)
         features = KeyedJaggedTensor.from_lengths_sync(
@@ -119,7 +124,7 @@ class SequenceBatchDataset(Dataset):
         )
         if not self.train:
             tgt = rows.target[pos]
-            batch.target_item = torch.from_numpy(st.item_id[tgt])
+            batch.target_item = torch.from_numpy(emit(st.item_id[tgt]))
             batch.target_timestamp = torch.from_numpy(st.timestamp[tgt])
             batch.weights = torch.from_numpy(weight)
         return batch
@@ -224,7 +229,8 @@ def build_loader(spec: DataSpec, info: DatasetInfo, split: str, *, rank: int = 0
     train = split == "train"
     dataset = SequenceBatchDataset(
         store, rows, batch_size=spec.batch_size if train else spec.eval_batch_size, num_items=info.num_items,
-        num_negatives=spec.num_negatives_per_row, rank=rank, world_size=world_size, seed=seed)
+        num_negatives=spec.num_negatives_per_row, rank=rank, world_size=world_size, seed=seed,
+        item_ids=info.item_raw_ids if spec.raw_ids else None)
     return SequenceDataLoader(
         dataset, batch_size=None, sampler=EpochBatchSampler(len(dataset)), collate_fn=_identity,
         num_workers=spec.num_workers, persistent_workers=spec.num_workers > 0)

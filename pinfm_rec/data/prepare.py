@@ -18,15 +18,16 @@ import os
 import shutil
 import uuid
 from dataclasses import asdict, dataclass, field
-from typing import Literal, get_args
+from typing import Literal, Optional, get_args
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from .convert import locate_input, resolve_data_path
 from .convert_csv import ColumnMapping, convert_event_log
 from .convert_movielens import convert_ml1m_raw, convert_ml1m_sasrec, convert_ml100k
 from .convert_sasrec import convert_sasrec
-from .schema import EVENTS_FILE, META_FILE, DatasetMeta, read_event_columns, validate_prepared
+from .schema import EVENTS_FILE, ITEM_MAP_FILE, META_FILE, DatasetMeta, read_event_columns, validate_prepared
 from .splits import request_offsets, train_item_counts
 from .synthetic import write_synthetic
 from pinfm_rec.spec import bounds
@@ -77,6 +78,9 @@ class DataSpec:
     # last one (SASRec's protocol drops the rest: 35% of ML-1M's events)
     train_windows: bool = False
     synthetic: SyntheticSpec = field(default_factory=SyntheticSpec)
+    # batches carry the source's raw item ids (item_map.parquet original_id, any int64) instead of the
+    # dense 0..N-1 remap: for embedding.id_mode=managed (or hash); eval ranks the catalogue of raw ids
+    raw_ids: bool = False
     columns: ColumnMapping = field(default_factory=ColumnMapping)  # source = csv | parquet only
 
 
@@ -91,6 +95,7 @@ class DatasetInfo:
     num_surfaces: int
     num_events: int
     item_counts: np.ndarray  # [num_items] int64 counts in the TRAIN split (for logQ correction)
+    item_raw_ids: Optional[np.ndarray] = None  # [num_items] raw id of each dense id (data.raw_ids)
 
 
 @dataclass
@@ -196,5 +201,10 @@ def prepare_dataset(spec: DataSpec) -> DatasetInfo:
     meta = store.meta
     counts = train_item_counts(store.item_id, store.offsets, meta.num_items, spec.max_len, spec.min_events,
                                spec.train_windows)
+    raw = None
+    if spec.raw_ids:
+        path = os.path.join(root, meta.files.get("item_map", ITEM_MAP_FILE))
+        raw = pq.read_table(path, columns=["original_id"]).column("original_id").to_numpy().astype(np.int64)
     return DatasetInfo(root=root, num_users=meta.num_users, num_items=meta.num_items, num_actions=meta.num_actions,
-                       num_surfaces=meta.num_surfaces, num_events=meta.num_events, item_counts=counts)
+                       num_surfaces=meta.num_surfaces, num_events=meta.num_events, item_counts=counts,
+                       item_raw_ids=raw)

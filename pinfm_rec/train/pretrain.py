@@ -67,7 +67,10 @@ def build(spec: PretrainSpec, env: DistEnv, with_optimizer: bool = True) -> Buil
                          f"({spec.model.trunk.max_len}): histories would not fit the trunk's positions")
     info = prepare_on_rank0(spec.data, env)
     seed_everything(spec.seed)
-    counts = torch.as_tensor(np.asarray(info.item_counts), dtype=torch.float64)
+    # train counts per dense id; with raw ids (data.raw_ids) the table rows are not dense ids
+    counts = None
+    if info.item_raw_ids is None:
+        counts = torch.as_tensor(np.asarray(info.item_counts), dtype=torch.float64)
     model = PinFM(
         spec.model,
         info,  # vocabulary sizes (pinfm_rec.features.vocab_sizes)
@@ -97,6 +100,7 @@ def run_eval(b: Built, spec: PretrainSpec, split: str) -> Dict[str, float]:
         max_batches=spec.train.eval_max_batches,
         autocast_dtype=b.autocast,
         exclude_history=spec.train.eval_exclude_history,
+        catalogue=None if b.info.item_raw_ids is None else torch.as_tensor(b.info.item_raw_ids),
     )
 
 
