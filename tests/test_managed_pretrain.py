@@ -51,3 +51,43 @@ def test_pretrain_with_raw_ids_and_managed_tables(tmp_path):
     num_items = json.loads((tmp_path / "run" / "encoder" / "encoder_meta.json").read_text())["num_items"]
     hr = res["test_hr@10"]
     assert np.isfinite(hr) and hr > 3 * 10 / num_items, res  # learned: well above a random ranking
+
+
+def _run(tmp_path, name, csv, *extra):
+    cmd = [sys.executable, "-m", "pinfm_rec.cli", "pretrain", "--spec", "specs/pretrain/synthetic-tiny.yaml",
+           f"run_dir={tmp_path}/{name}", f"data.cache_dir={tmp_path}/cache", "data.source=csv", f"data.path={csv}",
+           "data.raw_ids=true", "data.max_len=20", "model.trunk.max_len=20", "data.batch_size=32",
+           "model.embedding.id_mode=managed", "model.embedding.item.num_embeddings=512",
+           "parallel.embedding_optimizer=sgd", "parallel.embedding_lr=0.2", "train.log_every=5", *extra]
+    return subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_continued_pretraining_from_a_checkpoint_admits_new_ids(tmp_path):
+    """Pretrain on the events before the new items appear; continue on the whole stream with
+    init_from=<its encoder>: it starts where the first run ended (lower first losses than a fresh
+    run), and the new raw ids get slots."""
+    s = churn_stream(num_users=300, num_items=300, mean_len=20, seed=1)
+    cols = ("user_id", "item_id", "timestamp")
+    old = s.events["timestamp"] < s.t_new
+    for name, keep in (("old.csv", old), ("all.csv", np.ones_like(old))):
+        np.savetxt(tmp_path / name, np.stack([s.events[k][keep] for k in cols], 1), fmt="%d", delimiter=",",
+                   header=",".join(cols), comments="")
+    first = _run(tmp_path, "first", tmp_path / "old.csv", "train.epochs=3")
+    assert first.returncode == 0, first.stderr[-3000:]
+    losses = {}
+    for name, extra in (("continued", [f"init_from={tmp_path}/first/encoder"]), ("fresh", [])):
+        out = _run(tmp_path, name, tmp_path / "all.csv", "train.epochs=1", *extra)
+        assert out.returncode == 0, out.stderr[-3000:]
+        losses[name] = json.loads((tmp_path / name / "results.json").read_text())["perf"][0]["train/loss"]
+    assert losses["continued"] < 0.8 * losses["fresh"], losses
+    from pinfm_rec.model.encoder import PinFMEncoder
+    from pinfm_rec.model.managed import slot_ids
+
+    admitted = {}
+    for name in ("first", "continued"):
+        admitted[name] = set(slot_ids(PinFMEncoder.from_pretrained(str(tmp_path / name / "encoder")))[0].tolist())
+    new_ids = set(s.events["item_id"][s.is_new].tolist())
+    assert not admitted["first"] & new_ids and len(admitted["continued"] & new_ids) > 0.5 * len(new_ids)
+    bad = _run(tmp_path, "bad", tmp_path / "all.csv", f"init_from={tmp_path}/first/encoder", "model.trunk.d_model=16")
+    assert bad.returncode == 2 and "init_from=" in bad.stderr and "trunk" in bad.stderr, bad.stderr[-2000:]

@@ -33,6 +33,7 @@ from pinfm_rec.train.common import (  # noqa: F401  (re-exported: eval, finetune
 )
 from pinfm_rec.train.common import prepare_on_rank0 as _prepare_on_rank0
 from pinfm_rec.train.evaluate import evaluate_retrieval
+from pinfm_rec.train.init_from import init_from
 from pinfm_rec.train.loop import TrainSpec
 
 
@@ -49,6 +50,8 @@ class PretrainSpec:
     parallel: ParallelSpec = field(default_factory=ParallelSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
     checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
+    # continued pretraining: start from this encoder export / checkpoint (weights only, train/init_from.py)
+    init_from: str = ""
 
 
 # spec keys that define the train loader's rows and batches (a resumed (epoch, step) must mean the same)
@@ -79,6 +82,8 @@ def build(spec: PretrainSpec, env: DistEnv, with_optimizer: bool = True) -> Buil
         dense_device=env.device,
     )
     dmp, _ = shard_model(model, spec.parallel, env, table_shardings(spec.model.embedding), spec.data.batch_size)
+    if spec.init_from:  # a resumed run's own checkpoint, loaded after build, replaces these weights
+        init_from(dmp, spec.init_from, spec.model)
     optimizer, dense_params, dense_groups = None, [], []
     if with_optimizer:
         optimizer = build_optimizer(dmp, spec.train.lr, spec.train.weight_decay)
