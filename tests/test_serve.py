@@ -205,9 +205,9 @@ def test_load_bench_cpu_tiny_mode(tmp_path):
                 "int8_table_memory_ratio", "p99_ms_L2048_C256", "device"):
         assert key in saved
     rows = saved["rows"]
-    assert {r["method"] for r in rows} >= {"dcat", "dup_sdpa", "appended"}
+    assert {r["method"] for r in rows} == {"dcat", "dup_sdpa", "masked_sdpa", "flex"}
     assert all(r["cands_per_s"] > 0 and r["p99_ms"] >= r["p50_ms"] > 0 for r in rows)
     # the methods compute the same scores (checked by the bench itself before timing)
-    assert all(r["max_abs_diff_vs_dcat"] < 1e-3 for r in rows)
-    assert saved["int8_table_memory_ratio"] > 3.0  # the bench's D=128 tables
+    assert all(r["max_abs_diff_vs_dcat"] < 1e-4 for r in rows if r["precision"] == "fp32")
+    assert saved["int8_table_memory_ratio_encoder"] > 3.5 > saved["int8_table_memory_ratio"] > 3.0  # D=128 / +D=16
     assert os.path.isfile(str(tmp_path / "serving.md"))

@@ -85,17 +85,19 @@ def _custom_op_crossing(model: nn.Module):
     export traces with fake tensors)."""
     enc = model.encoder
     old_env = os.environ.get("TRITON_INTERPRET")
+    on_cpu = next(model.parameters()).device.type == "cpu"
     if enc is not None:
         enc.spec.kernel = "triton"
         enc.fm.spec.embedding.id_mode = "hash"  # no data-dependent raise in the graph
     model.id_mode = "hash"
-    os.environ["TRITON_INTERPRET"] = "1"
+    if on_cpu:
+        os.environ["TRITON_INTERPRET"] = "1"
     try:
         yield
     finally:
-        if old_env is None:
+        if on_cpu and old_env is None:
             os.environ.pop("TRITON_INTERPRET", None)
-        else:
+        elif on_cpu:
             os.environ["TRITON_INTERPRET"] = old_env
 
 
