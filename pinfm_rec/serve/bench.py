@@ -142,7 +142,8 @@ def queue_latency(service: np.ndarray, rate: float, n: int = 2000, seed: int = 0
 
 
 def run(cfg: dict, device: torch.device, loads=(0.5, 0.8), methods=METHODS, precisions=("bf16", "int8"),
-        log=print) -> List[dict]:
+        log=print, on_shape=None) -> List[dict]:
+    """Rows of every (L, C, precision, method); ``on_shape(rows)`` after each (L, C) (partial saves)."""
     from pinfm_rec.data.ranking_batch import random_ranking_batch
     from pinfm_rec.serve.quantize import quantize_tables
 
@@ -189,6 +190,8 @@ def run(cfg: dict, device: torch.device, loads=(0.5, 0.8), methods=METHODS, prec
                     rows.append(row)
                     log(f"{name:12s} {label:5s} L={L:6d} C={C:5d} {row['cands_per_s']:12.0f} cands/s "
                         f"mean {row['mean_ms']:.3f} ms  diff {row['max_abs_diff_vs_dcat']:.2e}")
+            if on_shape is not None:
+                on_shape(rows)
     return rows
 
 
@@ -287,19 +290,23 @@ def main(argv=None) -> dict:
             cfg[key] = tuple(int(x) for x in getattr(a, key).split(","))
     if a.iters:
         cfg["iters"] = a.iters
-    rows = run(cfg, device, loads=tuple(float(x) for x in a.loads.split(",")))
     quality = quality_of(a.quality_run) if a.quality_run else None
     if a.quality_json and quality is None:
         with open(a.quality_json) as f:
             quality = json.load(f)
-    res = summary(rows, cfg, device, quality)
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(res, f, indent=1)
-    if a.md:
-        with open(a.md, "w") as f:
-            f.write(markdown(res))
-    return res
+
+    def save(rows: List[dict]) -> dict:  # after every shape: a run cut by a time limit keeps its rows
+        res = summary(rows, cfg, device, quality)
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=1)
+        if a.md:
+            with open(a.md, "w") as f:
+                f.write(markdown(res))
+        return res
+
+    rows = run(cfg, device, loads=tuple(float(x) for x in a.loads.split(",")), on_shape=save)
+    return save(rows)
 
 
 if __name__ == "__main__":

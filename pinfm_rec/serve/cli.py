@@ -34,6 +34,8 @@ def add_options(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--max-requests", type=int, default=None, help="with --make-input: at most this many requests")
     sp.add_argument("--export", metavar="PATH", help="also save the scorer as a torch.export program for the "
                                                      "first batch's bucket shape (pinfm_rec/serve/export.py)")
+    sp.add_argument("--aoti", metavar="PATH", help="with --export: also an AOTInductor package of it (.pt2; "
+                                                   "compiles C++, about a minute on 2 CPU cores)")
 
 
 def run(args) -> dict:
@@ -82,8 +84,15 @@ def run(args) -> dict:
         first = next(req.batches(args.batch_requests, loaded.max_len), None)
         if first is None:
             raise SpecError(f"--export: {args.input} has no request to take the shape from")
-        export_scorer(loaded.model, pad_batch(first[0], scorer.n_cap), args.export)
+        ep = export_scorer(loaded.model, pad_batch(first[0], scorer.n_cap), args.export)
         console.echo(f"exported the scorer to {args.export} (load: import torch, pinfm_rec.serve.ops; "
                      f"torch.export.load(path).module())")
+        if args.aoti:
+            from pinfm_rec.serve.export import aoti_package
+
+            path, why = aoti_package(ep, args.aoti)
+            out["aoti"] = why
+            console.echo(f"AOTInductor package: {path} (load: torch._inductor.aoti_load_package)" if path
+                         else f"AOTInductor packaging failed: {why}; the torch.export program stands")
     console.echo(json.dumps(out))
     return out
