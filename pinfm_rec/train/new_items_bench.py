@@ -58,11 +58,11 @@ class BenchConfig:
     max_len: int = 40
     batch: int = 64
     epochs1: int = 3
-    epochs2: int = 2  # per day
+    epochs2: int = 4  # per day
     hash_rows: int = 1024
     managed_rows: int = 1600
     negatives: int = 16
-    eval_targets: int = 3
+    eval_targets: int = 10
     eval_negatives: int = 100
     # fused SGD: FBGEMM has no CPU kernel to reset the Adagrad state of a re-used managed slot
     table_lr: float = 0.2
