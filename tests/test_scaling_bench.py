@@ -1,0 +1,51 @@
+"""scripts/scaling/bench.py: the weak-scaling driver through the TorchX component, on CPU/gloo at
+1 and 2 ranks (tiny configs), and its summary arithmetic."""
+import importlib.util
+import json
+import math
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_spec = importlib.util.spec_from_file_location("scaling_bench", os.path.join(ROOT, "scripts/scaling/bench.py"))
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+
+def test_efficiency_is_per_gpu_throughput_over_one_gpu():
+    rows = [{"config": "pretrain-50m-rowwise", "kind": "pretraining", "gpus": 1, "examples_per_s": 1000.0},
+            {"config": "pretrain-50m-rowwise", "kind": "pretraining", "gpus": 2, "examples_per_s": 1900.0},
+            {"config": "pretrain-50m-rowwise", "kind": "pretraining", "gpus": 8, "examples_per_s": 6800.0},
+            {"config": "finetune-dcat", "kind": "finetuning", "gpus": 1, "examples_per_s": 500.0},
+            {"config": "finetune-dcat", "kind": "finetuning", "gpus": 4, "examples_per_s": 1800.0}]
+    s = bench.summarise(rows, "NVIDIA H200")
+    assert s["weak_scaling_efficiency"]["pretraining"] == {"config": "pretrain-50m-rowwise", "1": 1.0, "2": 0.95,
+                                                           "8": 0.85}
+    assert s["weak_scaling_efficiency"]["finetuning"] == {"config": "finetune-dcat", "1": 1.0, "4": 0.9}
+    assert s["max_gpus_measured"] == 8 and s["device"] == "NVIDIA H200" and s["rows"] == rows
+    assert bench.scaled_lr(0.001, 4) == pytest.approx(0.002)
+
+
+def test_tiny_run_through_torchx_on_1_and_2_gloo_ranks(tmp_path):
+    out = tmp_path / "scaling.json"
+    rc = bench.main(["run", "--tiny", "--gpus", "1,2", "--steps", "4", "--runs", str(tmp_path / "runs"),
+                     "--out", str(out)])
+    assert rc == 0
+    s = json.load(open(out))
+    assert s["max_gpus_measured"] == 2 and s["device"].startswith("cpu") and not s["failed"]
+    for kind, cfg in (("pretraining", "pretrain-tiny"), ("finetuning", "finetune-tiny")):
+        eff = s["weak_scaling_efficiency"][kind]
+        assert eff["config"] == cfg and eff["1"] == 1.0 and 0 < eff["2"] < 2.5
+    rows = {(r["config"], r["gpus"]): r for r in s["rows"]}
+    assert len(rows) == 4
+    for (cfg, n), r in rows.items():
+        assert r["world_size"] == n and r["steps"] == 4 and r["examples_per_s"] > 0 and r["tokens_per_s"] > 0
+        assert r["peak_mem_mb_rank0"] > 0 and r["lr"] == pytest.approx(0.002 * math.sqrt(n), rel=1e-5)
+        assert {"forward", "backward", "optimizer", "step", "embedding_fwd"} <= set(r["phase_ms"]), r["phase_ms"]
+        ph = r["phase_ms"]
+        assert all(0 < ph[k] <= ph["step"] * 1.05 for k in ("forward", "backward", "optimizer")), ph
+        assert "components/pinfm.py:" in r["command"] and f"-j 1x{n}" in r["command"]
+    assert "trunk_fwd" in rows[("pretrain-tiny", 1)]["phase_ms"]
+    # checkpoints and exports are deleted after reading (the 50M runs would leave ~100 GB)
+    assert not os.path.exists(tmp_path / "runs" / "pretrain-tiny-1gpu" / "checkpoints")
