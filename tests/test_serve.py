@@ -211,3 +211,28 @@ def test_load_bench_cpu_tiny_mode(tmp_path):
     assert all(r["max_abs_diff_vs_dcat"] < 1e-4 for r in rows if r["precision"] == "fp32")
     assert saved["int8_table_memory_ratio_encoder"] > 3.5 > saved["int8_table_memory_ratio"] > 3.0  # D=128 / +D=16
     assert os.path.isfile(str(tmp_path / "serving.md"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (DCAT Triton kernel, FBGEMM TBE on the GPU)")
+@pytest.mark.parametrize("tables", ["fp32", "int8"])
+def test_scorer_and_export_on_cuda_match_cpu(run, tables, tmp_path):
+    """On the GPU (DCAT Triton kernel, TBE on CUDA) the scorer and its exported program give the CPU
+    scorer's logits (fp32 compute)."""
+    from pinfm_rec.serve.export import batch_inputs, export_scorer
+    from pinfm_rec.serve.quantize import quantize_tables
+
+    cpu = load_finetuned(run["dir"])
+    gpu = load_finetuned(run["dir"], device="cuda")
+    assert gpu.model.encoder.spec.kernel == "auto"
+    for ld in (cpu, gpu):
+        quantize_tables(ld.model, tables)
+    req = RequestFile(run["requests"], cpu.num_dense)
+    batch, _ = next(req.batches(16, cpu.max_len))
+    want = Scorer(cpu.model, cpu.max_len).logits(batch)
+    scorer = Scorer(gpu.model, gpu.max_len, "cuda")
+    torch.testing.assert_close(scorer.logits(batch), want, atol=2e-4, rtol=1e-4)
+    padded = pad_batch(batch, scorer.n_cap)
+    ep = export_scorer(gpu.model, padded.to(torch.device("cuda")), str(tmp_path / "scorer.pt2"))
+    with torch.no_grad():
+        got = ep.module()(*batch_inputs(padded.to(torch.device("cuda"))))[: batch.num_candidates]
+    torch.testing.assert_close(got.float().cpu(), want, atol=2e-4, rtol=1e-4)
