@@ -91,3 +91,23 @@ def test_continued_pretraining_from_a_checkpoint_admits_new_ids(tmp_path):
     assert not admitted["first"] & new_ids and len(admitted["continued"] & new_ids) > 0.5 * len(new_ids)
     bad = _run(tmp_path, "bad", tmp_path / "all.csv", f"init_from={tmp_path}/first/encoder", "model.trunk.d_model=16")
     assert bad.returncode == 2 and "init_from=" in bad.stderr and "trunk" in bad.stderr, bad.stderr[-2000:]
+
+
+def test_init_from_a_checkpoint_with_another_dense_vocabulary_is_one_error(tmp_path):
+    import pytest
+    import yaml
+
+    from pinfm_rec.errors import CheckpointError
+    from pinfm_rec.model import EmbeddingSpec, ModelSpec, PinFM, TrunkSpec
+    from pinfm_rec.spec import to_dict
+    from pinfm_rec.train.checkpoint import export_encoder
+    from pinfm_rec.train.init_from import init_from
+
+    ms = ModelSpec(embedding=EmbeddingSpec(dim=16), trunk=TrunkSpec(d_model=16, n_layers=1, n_heads=2, max_len=10))
+    vocab = {"num_items": 40, "num_actions": 4, "num_surfaces": 3}
+    path = export_encoder(str(tmp_path / "enc"), PinFM(ms, vocab, device="cpu"), yaml.safe_dump({"model": to_dict(ms)}),
+                          vocab, rank=0)
+    same = PinFM(ms, vocab, device="cpu")
+    assert init_from(same, path, ms) > 0
+    with pytest.raises(CheckpointError, match="init_from=.*id_mode=managed"):
+        init_from(PinFM(ms, dict(vocab, num_items=50), device="cpu"), path, ms)

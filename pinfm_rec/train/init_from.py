@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 
 from pinfm_rec.errors import CheckpointError, EncoderError, SpecError
 from pinfm_rec.model.pinfm import ModelSpec
@@ -39,6 +40,7 @@ def init_from(model: nn.Module, path: str, spec: ModelSpec) -> int:
         return load_pretrained(model, path)
     except EncoderError:
         raise
-    except Exception as e:  # DCP: a table of another size (dense ids of another vocabulary), ...
-        raise CheckpointError(f"init_from={path}: cannot load its weights into this model ({e}); with a new "
+    except (CheckpointException, RuntimeError, ValueError) as e:  # DCP (a BaseException): e.g. a table of another size
+        first = str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"init_from={path}: cannot load its weights into this model ({first}); with a new "
                               f"vocabulary use embedding.id_mode=managed (raw ids, fixed table size)") from e
