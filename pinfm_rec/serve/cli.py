@@ -16,7 +16,7 @@ EXAMPLE = "pinfm score --run runs/ft-synthetic-tiny --input requests.parquet --o
 
 
 def add_options(sp: argparse.ArgumentParser) -> None:
-    sp.add_argument("--run", "--spec", dest="spec", required=True,
+    sp.add_argument("--spec", "--run", dest="spec", required=True, metavar="RUN",
                     help="the fine-tuning run: its dir (runs/<name>), its spec.yaml, or a checkpoint dir")
     sp.add_argument("--input", help="request-grouped Parquet to score")
     sp.add_argument("--output", help="Parquet of scores to write (one row per candidate)")
