@@ -3,6 +3,8 @@
 # installed (README "GPU install") and the data copied to /root/data (PINFM_DATA_DIR):
 #   bash scripts/gpu/session.sh start    # ML-1M sweep in the background (setsid), then the test suite
 #   bash scripts/gpu/session.sh finish   # waits for the sweep, GR-protocol evals, collects; DCAT bench
+# The test suite needs a quiet machine: on 2026-12-04 it ran beside the 8 training runs and both
+# halves hit their timeouts; run `bash scripts/gpu/test_suite.sh` alone when the suite is the goal.
 # Results under $OUT: gpu_suite_{fast,slow}.txt/.log, ml1m_*.json, ml1m_sweep.log, ml1m_exclhist_*.json.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -15,7 +17,7 @@ case "${1:-}" in
 start)
   python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
   (export OUT=$SW OMP_NUM_THREADS=2
-   setsid nohup bash scripts/gpu/ml1m_sweep.sh \
+   SEEDS="42 7 1" setsid nohup bash scripts/gpu/ml1m_sweep.sh \
      "h8d64|model.trunk.block=hstu model.trunk.n_layers=8 model.trunk.d_model=64 model.embedding.dim=64 model.trunk.dropout=0.2 $COMMON" \
      "h4d128|model.trunk.block=hstu model.trunk.n_layers=4 model.trunk.d_model=128 model.embedding.dim=128 model.trunk.dropout=0.3 $COMMON" \
      > $SW/sweep3.out 2>&1 < /dev/null &
