@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable, List, Literal, Optional, Tuple, get_args
 
 import torch
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import nn
 
@@ -39,6 +40,9 @@ class TrunkSpec:
     max_len: int = field(default=200, metadata=bounds(ge=1))
     attention: Attention = "sdpa"
     block: Block = "transformer"
+    # recompute each layer's activations in backward (torch.utils.checkpoint per layer) instead of
+    # keeping them: long sequences (max_len in the thousands) for ~1/3 more compute
+    activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         if self.n_heads > 0 and self.d_model % self.n_heads:
@@ -167,7 +171,10 @@ class Trunk(nn.Module):
                 attend = _no_attention
             else:  # causal self-attention within each row: [L, H, Dh]
                 attend = functools.partial(layer.causal_attention, flat_idx=flat_idx, b=b, n=max_len)
-            h, k, v = layer(h, attend)  # [L, D], [L, H, Dh] x 2
+            if self.spec.activation_checkpointing and self.training and torch.is_grad_enabled():
+                h, k, v = torch.utils.checkpoint.checkpoint(layer, h, attend, use_reentrant=False)
+            else:
+                h, k, v = layer(h, attend)  # [L, D], [L, H, Dh] x 2
             if keep_cache:
                 ks.append(k)
                 vs.append(v)
