@@ -16,10 +16,11 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from test_model_managed import managed_model, raw_batch
-from test_sharded_equivalence import _free_port
+from gloo_world import free_port, join_gloo_world
 
 from pinfm_rec.model import table_shardings
 from pinfm_rec.model.managed import EMPTY_SLOT, slot_ids
+from pinfm_rec.train.delta_export import plain_state
 
 WORLD, ROWS, LR, HASH = 2, 32, 0.1, 2**62
 g = torch.Generator().manual_seed(1)
@@ -33,27 +34,17 @@ def _model(device: str):
 
 
 def _full_tables(dmp) -> dict:
-    import torch.distributed as dist
-
-    sd, out = dmp.state_dict(), {}
-    for t, key in TABLES.items():
-        st = sd[key]
-        full = torch.empty(st.shape, dtype=st.dtype) if dist.get_rank() == 0 else None
-        st.gather(dst=0, out=full)
-        out[t] = full
-    return out
+    """{table: full weight} on rank 0 (None elsewhere; collective)."""
+    state = plain_state(dmp)
+    return {t: state[key] if state else None for t, key in TABLES.items()}
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD))
-    torch.set_num_threads(1)
+    pspec, env = join_gloo_world(rank, port, WORLD, embedding_optimizer="sgd", embedding_lr=LR)
     import torch.distributed as dist
 
-    from pinfm_rec.parallel import ParallelSpec, init_distributed, shard_model
+    from pinfm_rec.parallel import shard_model
 
-    pspec = ParallelSpec(backend="gloo", embedding_optimizer="sgd", embedding_lr=LR, timeout_s=120)
-    env = init_distributed(pspec, force_cpu=True)
     try:
         model = _model("meta")
         dmp, plan = shard_model(model, pspec, env, table_shardings(model.spec.embedding), batch_size=4)
@@ -102,7 +93,7 @@ def _reference(r0: dict, raw: torch.Tensor, slot: torch.Tensor):
 
 @pytest.mark.slow
 def test_managed_sharded_equals_unsharded(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     res = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     assert res[0]["plan"]["ec.items"]["t_item"] == "row_wise"
     raw, slot = torch.cat([r["raw"] for r in res]), torch.cat([r["slot"] for r in res])

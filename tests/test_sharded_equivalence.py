@@ -30,6 +30,8 @@ import torch
 import torch.multiprocessing as mp
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from gloo_world import join_gloo_world
+
 from pinfm_rec.data.batch import SequenceBatch
 from pinfm_rec.model import EmbeddingSpec, ModelSpec, PinFM, TableSpec, TrunkSpec, table_shardings
 
@@ -93,18 +95,12 @@ def _full_tables(dmp) -> dict:
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD))
-    torch.set_num_threads(1)
+    pspec, env = join_gloo_world(rank, port, WORLD, embedding_optimizer="sgd", embedding_lr=LR)
     import torch.distributed as dist
 
     from torchrec.distributed import comm_ops
 
-    from pinfm_rec.parallel import ParallelSpec, format_plan, init_distributed, shard_model
-
-    pspec = ParallelSpec(backend="gloo", embedding_optimizer="sgd", embedding_lr=LR, timeout_s=120)
-    env = init_distributed(pspec, force_cpu=True)
-    assert env.world_size == WORLD and env.rank == rank
+    from pinfm_rec.parallel import format_plan, shard_model
     full = lambda t: t.full_tensor() if hasattr(t, "full_tensor") else t  # FSDP2 DTensor -> full
     try:
         for sharding, dense in CASES:

@@ -54,12 +54,12 @@ def example_batch(seed: int, num_items: int = 40):  # 3 requests: 10 history eve
     return torch.randn(6, 3, generator=g), sparse, history, candidates, torch.full((3,), 900), (cand % 2).float()
 
 
-def main(export_dir: str, steps: int = 3) -> float:
+def main(export_dir: str, steps: int = 3, make=None) -> float:  # make: another build(export_dir)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")  # alone: a world of one; torchrun sets these
     os.environ.setdefault("MASTER_PORT", "29511")
     dist.init_process_group("gloo", rank=int(os.environ.get("RANK", 0)),
                             world_size=int(os.environ.get("WORLD_SIZE", 1)))
-    dmp, opt = build(export_dir)
+    dmp, opt = (make or build)(export_dir)
     *inputs, labels = example_batch(dist.get_rank(), dmp.module.encoder.fm.vocab["num_items"])
     for _ in range(steps):
         loss = torch.nn.functional.binary_cross_entropy_with_logits(dmp(*inputs), labels)

@@ -5,13 +5,11 @@ found by type), and wraps the dense rest in DDP or FSDP2 (ParallelSpec.dense).
 python docs/examples/plug_encoder_with_shard_model.py runs/<pretrain run>/encoder   (or torchrun)"""
 import sys
 
-import torch
-
-from plug_encoder_into_dlrm import MyRanker, example_batch  # your DLRM and your batches, unchanged
+from plug_encoder_into_dlrm import MyRanker, main  # your DLRM, batches and training loop, unchanged
 from pinfm_rec.model.embedding import table_shardings
 from pinfm_rec.model.encoder import PinFMEncoder
 from pinfm_rec.model.pretrained import load_pretrained
-from pinfm_rec.parallel import ParallelSpec, build_optimizer, init_distributed, shard_model, shutdown_distributed
+from pinfm_rec.parallel import ParallelSpec, build_optimizer, init_distributed, shard_model
 
 
 def build(export_dir: str, dense: str = "ddp"):  # -> (DMP, optimizer: fused tables + dense AdamW)
@@ -26,17 +24,5 @@ def build(export_dir: str, dense: str = "ddp"):  # -> (DMP, optimizer: fused tab
     return dmp, build_optimizer(dmp, lr=1e-3, weight_decay=0.0)
 
 
-def main(export_dir: str, steps: int = 3) -> float:
-    dmp, opt = build(export_dir)
-    *inputs, labels = example_batch(torch.distributed.get_rank(), dmp.module.encoder.fm.vocab["num_items"])
-    for _ in range(steps):
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(dmp(*inputs), labels)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    shutdown_distributed()
-    return float(loss)
-
-
 if __name__ == "__main__":
-    print(f"loss {main(sys.argv[1]):.4f}")
+    print(f"loss {main(sys.argv[1], make=build):.4f}")  # the plain example's training loop, this build
