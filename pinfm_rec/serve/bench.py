@@ -161,7 +161,13 @@ def run(cfg: dict, device: torch.device, loads=(0.5, 0.8), methods=METHODS, prec
                 if prec == "int8" and quant is None:
                     import copy
 
-                    quant = quantize_tables(copy.deepcopy(base), "int8")  # FBGEMM TBE on the device
+                    try:
+                        quant = quantize_tables(copy.deepcopy(base), "int8")  # FBGEMM TBE on the device
+                    except Exception as e:  # noqa: BLE001 - reported in the rows
+                        quant = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                if prec == "int8" and isinstance(quant, str):
+                    rows.append({"method": "dcat", "precision": "int8", "L": L, "C": C, "skipped": quant})
+                    continue
                 model = quant if prec == "int8" else base
                 for name in methods:
                     if prec == "int8" and name != "dcat":
@@ -178,6 +184,8 @@ def run(cfg: dict, device: torch.device, loads=(0.5, 0.8), methods=METHODS, prec
                             ref = out if ref is None else ref
                             st = service_times(lambda: model.logits(batch), cfg["iters"], cfg["warmup"], device)
                     except (RuntimeError, torch.OutOfMemoryError) as e:  # report, keep going
+                        if device.type == "cuda":
+                            torch.cuda.empty_cache()
                         rows.append({**row, "skipped": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
                         continue
                     mean = float(st.mean())
