@@ -106,3 +106,23 @@ def test_managed_tables_on_cpu_need_the_sgd_table_optimizer():
             shard_model(m, ParallelSpec(embedding_optimizer="rowwise_adagrad"), env, table_shardings(m.spec.embedding))
     finally:
         shutdown_distributed()
+
+
+def test_encoder_over_a_managed_table_scores_raw_candidate_ids():
+    from pinfm_rec.data.ranking_batch import random_ranking_batch
+    from pinfm_rec.model.encoder import EncoderSpec, PinFMEncoder
+
+    fm = managed_model()
+    enc = PinFMEncoder(fm.spec, EncoderSpec(kernel="pytorch", out_dim=8), VOCAB, device="cpu")
+    b = random_ranking_batch(torch.Generator().manual_seed(0), [4, 3], [2, 3], num_items=30)
+    b.cand_item = RAW[b.cand_item]  # raw 64-bit candidate and history ids
+    hist = b.history.features
+    b.history.features = KeyedJaggedTensor.from_lengths_sync(
+        hist.keys(), torch.cat([RAW[hist["item_id"].values()], hist.values()[hist["item_id"].values().numel():]]),
+        hist.lengths())
+    feats, _ = enc.train().encode(b)  # training admits the ids it sees
+    assert feats.shape == (5, 8) and torch.isfinite(feats).all()
+    admitted = set(slot_ids(enc)[0].tolist())
+    assert set(b.cand_item.tolist()) <= admitted and set(RAW[hist["item_id"].values()].tolist()) <= admitted
+    f_dcat, _ = enc.eval().encode(b)
+    torch.testing.assert_close(f_dcat, enc.encode(b, mode="flat")[0], atol=2e-5, rtol=2e-5)

@@ -8,7 +8,8 @@ half of [0, input_hash_size)); the second step is compared. The test process bui
 managed model with rank 0's weights before step 2 and the slots the sharded run gave each raw id,
 and checks per rank: loss == unsharded loss on that rank's batch; table update == -lr * mean over ranks of the
 unsharded table gradients (TorchRec's gradient division, as in test_sharded_equivalence.py); every
-raw id holds exactly one slot (zero collisions), on the rank its bucket names.
+raw id holds exactly one slot (zero collisions), on the rank its bucket names; an incremental
+export (base after step 1, delta after step 2) loads back to the full sharded state.
 """
 import os
 
@@ -20,7 +21,7 @@ from gloo_world import free_port, join_gloo_world
 
 from pinfm_rec.model import table_shardings
 from pinfm_rec.model.managed import EMPTY_SLOT, slot_ids
-from pinfm_rec.train.delta_export import plain_state
+from pinfm_rec.train.delta_export import DeltaExporter, load_chain, plain_state
 
 WORLD, ROWS, LR, HASH = 2, 32, 0.1, 2**62
 g = torch.Generator().manual_seed(1)
@@ -51,13 +52,21 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         # step 1 admits every id of both ranks' batches; TorchRec's sharded MC-EC re-initialises the rows
         # of admitted slots (and their optimizer state), so the compared step is the second one
         dmp(raw_batch(IDS, seed=rank))["loss"].backward()
+        exporter = DeltaExporter(os.path.join(out_dir, "export"))  # incremental export under DMP
+        exporter.export(dmp, 1)
         before = _full_tables(dmp)
         dense_init = {k: v.detach().clone() for k, v in dmp.module.state_dict().items() if not k.startswith("ec.")}
         out = dmp(raw_batch(IDS, seed=rank))
         out["loss"].backward()
         after = _full_tables(dmp)
+        exporter.export(dmp, 2)
+        full = plain_state(dmp)
+        chain_ok = None
+        if rank == 0:
+            chained = load_chain(os.path.join(out_dir, "export"))
+            chain_ok = set(chained) == set(full) and all(torch.equal(chained[k], v) for k, v in full.items())
         raw, slot = slot_ids(dmp)
-        torch.save({"loss": out["loss"].detach(), "raw": raw, "slot": slot, "before": before, "after": after,
+        torch.save({"chain_ok": chain_ok, "loss": out["loss"].detach(), "raw": raw, "slot": slot, "before": before, "after": after,
                     "dense_init": dense_init, "plan": {k: {t: p.sharding_type for t, p in v.items()}
                                                        for k, v in plan.plan.items()}},
                    os.path.join(out_dir, f"rank{rank}.pt"))
@@ -96,6 +105,7 @@ def test_managed_sharded_equals_unsharded(tmp_path):
     mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     res = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     assert res[0]["plan"]["ec.items"]["t_item"] == "row_wise"
+    assert res[0]["chain_ok"]  # base + delta after step 2 == the full sharded state (slot buffers too)
     raw, slot = torch.cat([r["raw"] for r in res]), torch.cat([r["slot"] for r in res])
     seen = torch.cat([raw_batch(IDS, seed=r).features[k].values() for r in range(WORLD)
                       for k in ("item_id", "neg_item_id")])
