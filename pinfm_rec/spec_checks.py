@@ -12,6 +12,7 @@ Rules:
 * ``model.output_head=false`` scores the trunk output against the item table: d_model == dim;
 * pretraining has negatives: ``model.loss`` in-batch negatives, full catalogue, or sampled ids
   with ``data.num_negatives_per_row`` > 0;
+* ``data.raw_ids`` (source ids in the batches) needs ``model.embedding.id_mode`` managed or hash;
 * the encoder checkpoint's item vocabulary matches synthetic ranking data (other sources are
   checked once prepared, in the recipe). An empty ``encoder.checkpoint`` with init=pretrained is
   refused by the recipe, not here: ``pinfm prepare-ranking`` loads such specs without one.
@@ -114,7 +115,14 @@ def _check_encoder(spec: Any, fail) -> None:
             return
 
 
-RULES = (_check_max_len, _check_output_head, _check_negatives, _check_encoder)
+def _check_raw_ids(spec: Any, fail) -> None:
+    if _has(spec, "data.raw_ids", "model.embedding.id_mode") and spec.data.raw_ids \
+            and spec.model.embedding.id_mode not in ("managed", "hash"):
+        fail("data.raw_ids", f"true needs model.embedding.id_mode=managed (or hash), not "
+                             f"{spec.model.embedding.id_mode!r}: raw ids are not dense row numbers")
+
+
+RULES = (_check_max_len, _check_output_head, _check_negatives, _check_encoder, _check_raw_ids)
 
 
 def cross_check(spec: Any, where: str) -> None:

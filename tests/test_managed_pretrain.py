@@ -111,3 +111,18 @@ def test_init_from_a_checkpoint_with_another_dense_vocabulary_is_one_error(tmp_p
     assert init_from(same, path, ms) > 0
     with pytest.raises(CheckpointError, match="init_from=.*id_mode=managed"):
         init_from(PinFM(ms, dict(vocab, num_items=50), device="cpu"), path, ms)
+
+
+def test_raw_ids_need_a_managed_or_hashed_item_table():
+    import pytest
+
+    from pinfm_rec.errors import SpecError
+    from pinfm_rec.spec import load_spec
+    from pinfm_rec.train.pretrain import PretrainSpec
+
+    path = os.path.join(ROOT, "specs", "pretrain", "synthetic-tiny.yaml")
+    with pytest.raises(SpecError, match="'data.raw_ids': true needs model.embedding.id_mode=managed"):
+        load_spec(PretrainSpec, path, ["data.raw_ids=true"])
+    spec = load_spec(PretrainSpec, path, ["data.raw_ids=true", "model.embedding.id_mode=managed",
+                                          "model.embedding.managed.eviction=lfu"])
+    assert spec.model.embedding.managed.eviction == "lfu"
