@@ -36,7 +36,7 @@ RUN = ["train.eval_every_epochs=0", "train.eval_max_batches=1", "checkpoint.ever
        "checkpoint.resume=false", "checkpoint.on_existing=overwrite", "tensorboard=false"]
 # fine-tuning at GPU size: synthetic ranking data, a d=256 3-layer encoder (random init), DLRM
 FT_GPU = ["encoder.init=random", "data.max_len=200", "model.trunk.max_len=200", "model.embedding.dim=256",
-          "model.trunk.d_model=256", "model.trunk.n_layers=3", "data.batch_size=64", "data.synthetic.num_requests=200000",
+          "model.trunk.d_model=256", "model.trunk.n_layers=3", "data.batch_size=64", "data.synthetic.num_requests=50000",
           "data.synthetic.num_items=1000000", "data.synthetic.mean_len=150", "ranker.history_bag_len=100",
           "train.epochs=100"]
 FT_SPEC = "specs/finetune/synthetic-tiny.yaml"
@@ -53,6 +53,8 @@ TINY_CONFIGS = {
     "pretrain-tiny": ("pretraining", "pretrain", "specs/pretrain/synthetic-tiny.yaml", ["train.epochs=20"]),
     "finetune-tiny": ("finetuning", "finetune", FT_SPEC, ["train.epochs=20"]),
 }
+# a config without its own 1-GPU row is compared with this one's (table_wise = row_wise on one GPU)
+BASELINE = {"pretrain-50m-tablewise": "pretrain-50m-rowwise"}
 HEADLINE = {"pretraining": ("pretrain-50m-rowwise", "pretrain-tiny"), "finetuning": ("finetune-dcat", "finetune-tiny")}
 
 
@@ -132,7 +134,7 @@ def summarise(rows: List[dict], device: str) -> dict:
         by_cfg.setdefault(r["config"], {})[int(r["gpus"])] = r
     eff_by_cfg: Dict[str, Dict[str, float]] = {}
     for cfg, per in by_cfg.items():
-        base = per.get(1, {}).get("examples_per_s")
+        base = (per.get(1) or by_cfg.get(BASELINE.get(cfg, ""), {}).get(1) or {}).get("examples_per_s")
         if base:
             eff_by_cfg[cfg] = {str(n): round(r["examples_per_s"] / (n * base), 4)
                                for n, r in sorted(per.items()) if r.get("examples_per_s")}
@@ -204,7 +206,7 @@ def main(argv=None) -> int:
         s.add_argument("--gpus", default="1,2,4,8", help="comma-separated GPU (rank) counts")
         s.add_argument("--configs", default="", help="comma-separated config names (default: all)")
         s.add_argument("--tiny", action="store_true", help="CPU/gloo, synthetic-tiny configs")
-        s.add_argument("--steps", type=int, default=150)
+        s.add_argument("--steps", type=int, default=100)
         s.add_argument("--runs", default=os.path.join(ROOT, "runs", "scaling"))
         s.add_argument("--out", default="", help="scaling.json to write")
         s.add_argument("--keep", action="store_true", help="keep checkpoints and encoder exports")
