@@ -185,7 +185,7 @@ def run(args) -> int:
                   f"step {row['step_ms']:.1f} ms, peak {row['peak_mem_mb_rank0']:.0f} MB ({time.time() - t0:.0f}s)",
                   flush=True)
             if not args.keep:  # the 50M runs leave ~100 GB of checkpoint + encoder export
-                for sub in ("checkpoints", "encoder"):
+                for sub in ("checkpoints", "encoder", "encoder.tmp"):
                     shutil.rmtree(os.path.join(run_dir, sub), ignore_errors=True)
     summary = summarise(rows, device_name())
     summary["failed"] = failed
