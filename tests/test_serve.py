@@ -3,7 +3,6 @@ bucketed padding leaves scores unchanged, int8/int4 tables (torchrec.quant), the
 in a fresh process, and the load benchmark's CPU mode."""
 from __future__ import annotations
 
-import dataclasses
 import glob
 import json
 import os

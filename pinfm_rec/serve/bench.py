@@ -30,7 +30,6 @@ import argparse
 import contextlib
 import functools
 import json
-import math
 import os
 import time
 from typing import Dict, List, Optional

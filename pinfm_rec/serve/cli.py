@@ -53,7 +53,8 @@ def run(args) -> dict:
     from pinfm_rec.serve.scorer import Scorer, pad_batch
 
     if args.overrides:
-        raise SpecError(f"pinfm score takes no key=value overrides (got {args.overrides}); it serves the run as trained")
+        raise SpecError(f"pinfm score takes no key=value overrides (got {args.overrides}); it serves the run "
+                        f"as trained")
     if not args.input or not (args.output or args.export):
         raise SpecError("pinfm score needs --input and --output (or --export)")
     run_path = args.spec

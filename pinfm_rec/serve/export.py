@@ -73,7 +73,8 @@ def batch_inputs(batch: RankingBatch) -> Tuple[torch.Tensor, ...]:
     h = batch.history
     k = h.features
     return (k[ITEM_KEY].values(), k[ACTION_KEY].values(), k[SURFACE_KEY].values(), h.timestamps,
-            k[ITEM_KEY].lengths(), h.target_timestamp, batch.cand_item, batch.cand_offsets[1:] - batch.cand_offsets[:-1],
+            k[ITEM_KEY].lengths(), h.target_timestamp, batch.cand_item,
+            batch.cand_offsets[1:] - batch.cand_offsets[:-1],
             batch.dense.float())
 
 

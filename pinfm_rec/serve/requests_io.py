@@ -86,7 +86,8 @@ class RequestFile:
 
     def __init__(self, path: str, num_dense: int) -> None:
         if not os.path.isfile(path):
-            raise DataError(f"{path}: no such request file (Parquet, one row per request; pinfm_rec/serve/requests_io.py)")
+            raise DataError(f"{path}: no such request file (Parquet, one row per request; "
+                            f"pinfm_rec/serve/requests_io.py)")
         table = pq.read_table(path)
         missing = [c for c in REQUIRED if c not in table.column_names]
         if missing:
@@ -103,7 +104,8 @@ class RequestFile:
         dense = np.zeros((n_c, num_dense), np.float32)
         if num_dense:
             if "cand_dense" not in table.column_names:
-                raise DataError(f"{path}: no column cand_dense; the model takes {num_dense} dense features per candidate")
+                raise DataError(f"{path}: no column cand_dense; the model takes {num_dense} dense features "
+                                f"per candidate")
             d_off, flat = _jagged(table, "cand_dense")
             inner = pc.list_flatten(table.column("cand_dense").combine_chunks())
             sizes = pc.list_value_length(inner).to_numpy(zero_copy_only=False)

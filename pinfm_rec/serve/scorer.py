@@ -73,7 +73,8 @@ def pad_batch(batch: RankingBatch, n_cap: int, sizes: Optional[Tuple[int, int, i
     if p < 1 or pad_l < 0 or pad_c < 0 or pad_l > p * n_b or pad_c > p * max_c or hist.max_len > n_b \
             or (batch.max_cands or 0) > max_c:
         raise ValueError(f"batch (U={u}, L={total}, C={c}, N={hist.max_len}, max_cands={batch.max_cands}) does not "
-                         f"fit the shape (U, L, C, N, max_cands)={(u_b, l_b, c_b, n_b, max_c)} with >= 1 padding request")
+                         f"fit the shape (U, L, C, N, max_cands)={(u_b, l_b, c_b, n_b, max_c)} with >= 1 "
+                         f"padding request")
     pad_len = _split_even(pad_l, p, n_b)  # [P] filler tokens per padding request
     pad_cn = _split_even(pad_c, p, max_c)  # [P] filler candidates per padding request
     zl = torch.zeros(pad_l, dtype=torch.long)
