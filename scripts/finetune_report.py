@@ -1,8 +1,12 @@
 """Collect fine-tuning results into docs/benchmarks/finetune.json.
 
-    PINFM_DATA_DIR=../shared/data python scripts/finetune_report.py   # reads runs/ft-{mind,movielens}-{none,random,pretrained}/results.json,
-                                        # docs/benchmarks/raw/finetune_throughput_*.json, storage reports
+    PINFM_DATA_DIR=../shared/data .venv/bin/python scripts/finetune_report.py
+reads runs/ft-{mind,movielens}-{none,random,pretrained}-s{seed}/results.json (written by
+scripts/finetune_benchmark.sh), docs/benchmarks/raw/finetune_throughput_*.json and the storage
+reports. ``<ds>.gauc_<model>`` is the mean test GAUC over the seeds; per-seed values under
+``<ds>.<init>.seeds``.
 """
+import datetime
 import json
 import os
 import subprocess
@@ -11,9 +15,31 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_results(ds: str, init: str) -> dict:
-    with open(os.path.join(ROOT, "runs", f"ft-{ds}-{init}", "results.json")) as f:
+SEEDS = (0, 1, 2)
+KEYS = (("none", "gauc_ranker"), ("random", "gauc_random_init"), ("pretrained", "gauc_pretrained"))
+
+
+def run_results(ds: str, init: str, seed: int) -> dict:
+    with open(os.path.join(ROOT, "runs", f"ft-{ds}-{init}-s{seed}", "results.json")) as f:
         return json.load(f)
+
+
+def seed_rows(ds: str, init: str) -> dict:
+    """{seed: valid/test metrics} of the finished runs of (ds, init)."""
+    rows = {}
+    for s in SEEDS:
+        try:
+            r = run_results(ds, init, s)
+        except FileNotFoundError:
+            continue
+        rows[str(s)] = {"valid_gauc": round(r["valid_gauc"], 4), "best_epoch": r.get("best_epoch"),
+                        "wall_s": round(r["wall_s"], 1),
+                        **{k: round(v, 4) for k, v in r.items() if k.startswith("test_") and isinstance(v, float)}}
+    return rows
+
+
+def mean(rows: dict, key: str) -> float:
+    return round(sum(r[key] for r in rows.values()) / len(rows), 4)
 
 
 def storage(ds: str) -> dict:
@@ -26,16 +52,17 @@ def storage(ds: str) -> dict:
 def main() -> None:
     out: dict = {}
     for ds in ("mind", "movielens"):
-        for init, key in (("none", "gauc_ranker"), ("random", "gauc_random_init"), ("pretrained", "gauc_pretrained")):
-            r = run_results(ds, init)
-            out[f"{ds}.{key}"] = round(r["test_gauc"], 4)
-            out[f"{ds}.{init}.test"] = {k[5:]: round(v, 4) for k, v in r.items()
-                                        if k.startswith("test_") and isinstance(v, float)}
-            out[f"{ds}.{init}.valid_gauc"] = round(r["valid_gauc"], 4)
-    out["new_items.auc_pretrained"] = out["mind.pretrained.test"]["new_auc"]  # MIND: 86% of test candidates are new
-    for ds in ("mind", "movielens"):
-        for init in ("none", "random", "pretrained"):
-            out[f"new_items.{ds}.auc_{init}"] = out[f"{ds}.{init}.test"]["new_auc"]
+        for init, key in KEYS:
+            rows = seed_rows(ds, init)
+            if not rows:
+                continue
+            out[f"{ds}.{key}"] = mean(rows, "test_gauc")
+            out[f"{ds}.{init}.valid_gauc"] = mean(rows, "valid_gauc")
+            out[f"{ds}.{init}.test"] = {k[5:]: mean(rows, k) for k in next(iter(rows.values()))
+                                        if k.startswith("test_") and k != "test_count" and k != "test_requests"}
+            out[f"{ds}.{init}.seeds"] = rows
+            out[f"new_items.{ds}.auc_{init}"] = out[f"{ds}.{init}.test"].get("new_auc")
+    out["new_items.auc_pretrained"] = out.get("new_items.mind.auc_pretrained")  # MIND: 86% of test candidates are new
     st = {ds: storage(ds) for ds in ("mind", "movielens")}
     out["storage_ratio_flat_over_dedup"] = round(st["mind"]["shuffled_flat"]["ratio"], 2)
     out["storage"] = {ds: {"dedup_bytes": s["dedup_bytes"], "flat_request_ordered_bytes": s["flat_bytes"],
@@ -53,12 +80,21 @@ def main() -> None:
     out["throughput"] = {f"{r['cands_per_request']}": {"dedup_examples_per_s": round(r["dedup_examples_per_s"]),
                                                         "flat_examples_per_s": round(r["flat_examples_per_s"]),
                                                         "speedup": round(r["speedup"], 2)} for r in tp["rows"]}
-    out["device"] = f"{tp['device']} (nvidia-h100-x1), torch {tp['torch']}, fbgemm_gpu 1.6.0, torchrec 1.6.1"
-    out["command"] = ("metrics: PINFM_DATA_DIR=../shared/data bash scripts/finetune_benchmark.sh mind|movielens (CPU); "
+    out["throughput_device"] = f"{tp['device']} (nvidia-h100-x1), torch {tp['torch']}, fbgemm_gpu 1.6.0, torchrec 1.6.1"
+    import torch
+    import torchrec
+
+    out["device"] = (f"CPU (2-core shared dev machine, gloo, 1 process), torch {torch.__version__}, "
+                     f"torchrec {torchrec.__version__}")
+    out["date"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    out["seeds"] = list(SEEDS)
+    out["command"] = ("metrics: PINFM_DATA_DIR=../shared/data SEEDS='0 1 2' bash scripts/finetune_benchmark.sh "
+                      "mind|movielens (CPU; MIND pretrained on the histories-only corpus of scripts/history_corpus.py, "
+                      "see docs/benchmarks/finetune.md); report: .venv/bin/python scripts/finetune_report.py; "
                       "throughput: python3 -m pinfm_rec.train.finetune_bench --cands-per-step 4096 (GPU)")
     with open(os.path.join(ROOT, "docs", "benchmarks", "finetune.json"), "w") as f:
         json.dump(out, f, indent=1)
-    print(json.dumps({k: v for k, v in out.items() if "." in k and not isinstance(v, dict)}, indent=1))
+    print(json.dumps({k: v for k, v in out.items() if k.count(".") == 1 and not isinstance(v, dict)}, indent=1))
 
 
 if __name__ == "__main__":

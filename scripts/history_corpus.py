@@ -45,12 +45,14 @@ def history_events(tables, t_valid: int) -> dict:
 
 
 def main(root: str) -> str:
+    out = os.path.join(root, OUT)
+    if os.path.isfile(os.path.join(out, "meta.json")):  # written already (same input: same corpus)
+        return out
     store = load_ranking_store(root)
     with open(os.path.join(root, PRETRAIN_DIR, "meta.json")) as f:
         full = json.load(f)
     ev = history_events(store.tables, store.meta.t_valid)
     assert ev["timestamp"].max() < store.meta.t_valid
-    out = os.path.join(root, OUT)
     write_prepared(out, **ev, source=f"{store.meta.source}-pretrain-history", num_items=full["num_items"],
                    num_actions=full["num_actions"], num_surfaces=full["num_surfaces"],
                    provenance={"ranking_dir": root, "before_time": store.meta.t_valid,
