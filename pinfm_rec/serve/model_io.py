@@ -103,6 +103,9 @@ def _encoder_arch(spec, shapes: Dict[str, Tuple[int, ...]]) -> Tuple[ModelSpec, 
             raise EncoderError(f"encoder.checkpoint={enc.checkpoint}: not found; the encoder's architecture is "
                                f"read from its spec.yaml (copy the export along with the run)")
         model_spec, _ = read_pretrained(enc.checkpoint)
+    if model_spec.embedding.id_mode == "managed":  # slot tables: rows are not the vocabulary
+        raise EncoderError("the encoder's item table is managed (model.embedding.id_mode=managed): pinfm score "
+                           "serves dense-id encoders (id_mode error|hash) only")
     vocab = {}
     for table, key in TABLE_VOCAB.items():
         shape = shapes.get(f"{EC_PREFIX}{table}.weight")
