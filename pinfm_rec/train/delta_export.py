@@ -56,13 +56,23 @@ class DeltaExporter:
     """Writes a base snapshot, then deltas of changed table rows + the dense rest (see module doc)."""
 
     def __init__(self, out_dir: str) -> None:
+        """An ``out_dir`` that already holds a chain (a resumed run) is continued: its tables are the
+        reference of the next delta."""
         self.out_dir = out_dir
         self.prev: Optional[Dict[str, torch.Tensor]] = None  # tables at the last export (rank 0)
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        if rank == 0 and os.path.isfile(os.path.join(out_dir, BASE, STATE_FILE)):
+            self.prev = {k: v for k, v in load_chain(out_dir).items() if _is_table(k, v)}
+        self.last_step: Optional[int] = None
         self.changed_rows = 0  # rows written by the last delta (all rows for the base)
         self.total_rows = 0
 
     def export(self, model: nn.Module, step: int) -> Optional[str]:
-        """Export ``model`` at ``step`` (collective under DMP); returns the written dir on rank 0."""
+        """Export ``model`` at ``step`` (collective under DMP); returns the written dir on rank 0. A
+        second export at the step just exported writes nothing (the same weights)."""
+        if step == self.last_step:
+            return None
+        self.last_step = step
         state = plain_state(model)
         if state is None:
             return None
