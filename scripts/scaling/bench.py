@@ -30,6 +30,7 @@ import time
 from typing import Dict, List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)  # pinfm_rec without an install (a GPU host running from the checkout)
 
 # per-run overrides: bounded by steps, no periodic eval, one final eval batch, no resume
 RUN = ["train.eval_every_epochs=0", "train.eval_max_batches=1", "checkpoint.every_steps=0",

@@ -14,17 +14,20 @@ when any tensor differs or is missing. tests/test_resharding.py runs it on CPU.
 """
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import shutil
-import json
 import subprocess
 import sys
-import argparse
 from typing import Dict, List
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+from pinfm_rec.train.checkpoint import _flatten  # noqa: E402  (nested dict -> {"a.b.c": value})
+
 # both runs: no periodic eval or checkpoint, one eval batch at the end, no TensorBoard
 RUN = ["train.eval_every_epochs=0", "train.eval_max_batches=1", "checkpoint.every_steps=0", "tensorboard=false"]
 # a smaller synthetic-tiny (the CPU tests): 300 users, 16 rows per rank and step
@@ -51,15 +54,6 @@ def full_state(ckpt: str, out_file: str) -> Dict[str, object]:
 
     dcp_to_torch_save(ckpt, out_file)
     return _flatten(torch.load(out_file, weights_only=False))
-
-
-def _flatten(d, prefix: str = "") -> Dict[str, object]:
-    if not isinstance(d, dict):
-        return {prefix: d}
-    out: Dict[str, object] = {}
-    for k, v in d.items():
-        out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-    return out
 
 
 def compare(a: Dict[str, object], b: Dict[str, object]) -> Dict[str, List[str]]:
