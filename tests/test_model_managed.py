@@ -18,8 +18,9 @@ def raw_batch(ids: torch.Tensor, seed: int = 0, lengths=(6, 3, 8, 1), k: int = 2
     g = torch.Generator().manual_seed(seed)
     L, B = sum(lengths), len(lengths)
     pick = lambda n: ids[torch.randint(0, ids.numel(), (n,), generator=g)]  # noqa: E731
-    keys, vals, lens = ["item_id", "action", "surface"], [pick(L), torch.randint(0, 4, (L,), generator=g),
-                                                          torch.randint(0, 3, (L,), generator=g)], [torch.tensor(lengths)] * 3
+    keys = ["item_id", "action", "surface"]
+    vals = [pick(L), torch.randint(0, 4, (L,), generator=g), torch.randint(0, 3, (L,), generator=g)]
+    lens = [torch.tensor(lengths)] * 3
     if train:
         keys.append("neg_item_id")
         vals.append(pick(B * k))
