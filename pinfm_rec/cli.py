@@ -1,4 +1,4 @@
-"""pinfm {pretrain, finetune, eval, smoke, prepare-data, prepare-ranking}: PinFM on TorchRec.
+"""pinfm {pretrain, finetune, eval, smoke, prepare-data, prepare-ranking, plan, score}: PinFM on TorchRec.
 
     pinfm pretrain --spec specs/pretrain/synthetic-tiny.yaml train.epochs=2 data.batch_size=64
     pinfm finetune --spec specs/finetune/synthetic-tiny.yaml encoder.checkpoint=runs/synthetic-tiny/encoder
@@ -6,6 +6,7 @@
     pinfm smoke                                               # GPU (nccl, fused TBE, bf16) if present, else CPU
     pinfm prepare-data    --spec specs/pretrain/ml1m-cpu.yaml
     pinfm prepare-ranking --spec specs/finetune/mind.yaml
+    pinfm plan --spec specs/pretrain/synthetic-50m.yaml --world-size 16   # sharding plan, nothing runs
 
 Every ``key=value`` after the options overrides a dotted spec key (unknown keys are errors). The
 console shows a header, progress bars and a result table; everything else (library logs, the
@@ -169,6 +170,28 @@ def cmd_prepare_ranking(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from torchrec.distributed.planner.types import PlannerError
+
+    from pinfm_rec.parallel import spec_plan_rows
+
+    spec, _ = _load(args, "pretrain")
+    device = "cpu" if args.cpu else "cuda"
+    try:
+        rows = spec_plan_rows(spec, args.world_size, device, args.hbm_gb, args.gpus_per_host)
+    except PlannerError as e:
+        why = next((ln.strip() for ln in str(e).splitlines() if "failed" in ln), str(e).strip()[:200])
+        raise SpecError(f"{args.spec}: no sharding plan fits {args.world_size} device(s) of {args.hbm_gb:g} GB "
+                        f"({why.split('. ')[0]}): use more devices, row_wise sharding or --hbm-gb") from e
+    where = "CPU ranks" if args.cpu else f"GPUs ({args.hbm_gb:g} GB each, {args.gpus_per_host} per host)"
+    console.echo(f"sharding plan of {args.spec} on {args.world_size} {where}:")
+    console.echo(console.plan_table(rows))
+    if args.out:
+        console.save_plan(args.out, rows, args.world_size)
+        console.echo(f"written: {os.path.join(args.out, 'plan.txt')}, plan.json")
+    return 0
+
+
 def cmd_score(args) -> int:
     from pinfm_rec.serve.cli import run
 
@@ -206,6 +229,11 @@ COMMANDS: List[Tuple[str, Callable, str, str, str]] = [
      "Convert the ranking data of a fine-tuning spec (impressions stored once per request); prints the "
      "prepared dir, the pretraining corpus dir to pretrain the encoder on, and storage sizes.",
      "pinfm prepare-ranking --spec specs/finetune/mind.yaml"),
+    ("plan", cmd_plan, "print the sharding plan of a pretraining spec for N GPUs, without running",
+     "The sharding plan TorchRec's planner would make for a pretraining spec on --world-size devices "
+     "(table, sharding type, ranks, rows x dim, MB of weights per rank), computed without a process group "
+     "or a GPU; --out writes plan.txt / plan.json as a run does.",
+     "pinfm plan --spec specs/pretrain/synthetic-50m.yaml --world-size 16 --gpus-per-host 8"),
     ("score", cmd_score, "score request-grouped Parquet with a fine-tuned run (serving path)",
      _score_cli.DESCRIPTION, _score_cli.EXAMPLE),
 ]
@@ -242,6 +270,12 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--json", action="store_true", help="also print the metrics as JSON")
         if name == "smoke":
             sp.add_argument("--steps", type=int, default=30, help="training steps (default: %(default)s)")
+        if name == "plan":
+            sp.add_argument("--world-size", type=int, required=True, help="devices (ranks) in all")
+            sp.add_argument("--gpus-per-host", type=int, default=8, help="ranks per host (default: %(default)s)")
+            sp.add_argument("--hbm-gb", type=float, default=141.0, help="GB per GPU (default: %(default)s, H200)")
+            sp.add_argument("--cpu", action="store_true", help="plan for CPU ranks (gloo)")
+            sp.add_argument("--out", default="", help="write plan.txt / plan.json into this dir")
         _global_flags(sp, argparse.SUPPRESS)
         sp.add_argument("overrides", nargs="*", help="dotted key=value spec overrides, e.g. train.epochs=2")
         sp.set_defaults(fn=fn)

@@ -14,6 +14,7 @@ import datetime
 import logging
 import os
 import socket
+import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Literal, Optional
 
@@ -254,7 +255,31 @@ def dry_plan(model: nn.Module, table_shardings: Dict[str, str], world_size: int,
         raise ValueError("dry_plan: the model has no EmbeddingCollection or EmbeddingBagCollection")
     hbm = int(hbm_gb * 2**30) if compute_device == "cuda" else None
     planner = _planner(ecs, table_shardings, world_size, compute_device, local_world_size, hbm, batch_size)
-    return planner.plan(model, _sharders())
+    with warnings.catch_warnings():  # TorchRec's dry-run caveats about dense tensor estimates
+        warnings.simplefilter("ignore", FutureWarning)
+        return planner.plan(model, _sharders())
+
+
+def spec_plan_rows(spec, world_size: int, compute_device: str = "cuda", hbm_gb: float = 141.0,
+                   gpus_per_host: int = 8) -> List[dict]:
+    """``plan_rows`` of the plan a pretraining spec would get on ``world_size`` devices (``dry_plan``;
+    ``pinfm plan``). Vocabulary sizes of a synthetic spec come from the spec (nothing is generated);
+    other sources are prepared (cached) to read them."""
+    from pinfm_rec.model.embedding import table_shardings
+    from pinfm_rec.model.pinfm import PinFM
+
+    data = spec.data
+    if data.source == "synthetic":
+        s = data.synthetic
+        vocab = {"num_items": s.num_items, "num_actions": s.num_actions, "num_surfaces": s.num_surfaces}
+    else:
+        from pinfm_rec.data.prepare import prepare_dataset
+
+        vocab = prepare_dataset(data)
+    model = PinFM(spec.model, vocab, device=torch.device("meta"), dense_device="cpu")
+    plan = dry_plan(model, table_shardings(spec.model.embedding), world_size, compute_device, hbm_gb,
+                    gpus_per_host, data.batch_size)
+    return plan_rows(plan)
 
 
 def shard_model(

@@ -1,29 +1,22 @@
-"""Dry sharding plans per topology (scripts/scaling/plan.py, parallel.dry_plan): no process group,
-no device; the HBM budget per device decides what fits (TorchRec's 32 GB default would refuse the
-51 GB item table of synthetic-50m on one GPU)."""
-import importlib.util
+"""`pinfm plan`: the sharding plan of a spec for a topology (parallel.dry_plan / spec_plan_rows), with no
+process group and no device; the HBM budget per device decides what fits (TorchRec's 32 GB default
+would refuse the 51 GB item table of synthetic-50m on one GPU)."""
 import json
 import os
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_spec = importlib.util.spec_from_file_location("scaling_plan", os.path.join(ROOT, "scripts/scaling/plan.py"))
-plan = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(plan)
+from pinfm_rec import cli
+from pinfm_rec.parallel import spec_plan_rows
+from pinfm_rec.spec import load_spec
+from pinfm_rec.train.pretrain import PretrainSpec
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPEC = os.path.join(ROOT, "specs/pretrain/synthetic-50m.yaml")
 
 
-def _spec_with(*overrides):
-    from pinfm_rec.spec import load_spec
-    from pinfm_rec.train.pretrain import PretrainSpec
-
-    return load_spec(PretrainSpec, SPEC, list(overrides))
-
-
 def test_row_wise_50m_items_on_8_gpus(tmp_path, capsys):
-    assert plan.main(["--spec", SPEC, "--world-size", "8", "--out", str(tmp_path)]) == 0
+    assert cli.main(["plan", "--spec", SPEC, "--world-size", "8", "--out", str(tmp_path)]) == 0
     saved = json.load(open(tmp_path / "plan.json"))
     item = next(r for r in saved["tables"] if r["table"] == "t_item")
     assert saved["world_size"] == 8 and item["sharding_type"] == "row_wise" and item["ranks"] == list(range(8))
@@ -32,13 +25,17 @@ def test_row_wise_50m_items_on_8_gpus(tmp_path, capsys):
     assert sum(item["mb_per_rank"].values()) == pytest.approx(50_000_000 * 256 * 4 / 2**20, rel=1e-6)
     assert max(item["mb_per_rank"].values()) == pytest.approx(6103.5, rel=1e-3)
     out = capsys.readouterr().out
-    assert "t_item" in out and "row_wise" in out and "8 devices" in out
+    assert "t_item" in out and "row_wise" in out and "on 8 GPUs" in out
     assert "t_item" in open(tmp_path / "plan.txt").read()
 
 
-def test_table_wise_places_the_whole_table_on_one_rank_within_the_hbm_budget():
-    rows = plan.plan_for(_spec_with("model.embedding.item.sharding=table_wise"), 4, hbm_gb=141)
-    item = next(r for r in rows if r["table"] == "t_item")
+def test_table_wise_fits_an_h200_but_not_a_32gb_device(capsys):
+    spec = load_spec(PretrainSpec, SPEC, ["model.embedding.item.sharding=table_wise"])
+    item = next(r for r in spec_plan_rows(spec, 4, hbm_gb=141) if r["table"] == "t_item")
     assert item["sharding_type"] == "table_wise" and len(item["ranks"]) == 1
-    with pytest.raises(Exception, match="(?i)plan|memory|storage"):  # 51 GB of weights > a 32 GB device
-        plan.plan_for(_spec_with("model.embedding.item.sharding=table_wise"), 1, hbm_gb=32)
+    # 51 GB of weights on one 32 GB device: a one-line spec error (exit 2) naming what to change
+    assert cli.main(["plan", "--spec", SPEC, "--world-size", "1", "--hbm-gb", "32",
+                     "model.embedding.item.sharding=table_wise"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("pinfm: spec error:") and "no sharding plan fits 1 device(s) of 32 GB" in err
+    assert len(err.splitlines()) == 1
