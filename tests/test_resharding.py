@@ -37,6 +37,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_checkpoint_reshards_exactly(tmp_path, case):
     n, m, save_ov, load_ov = CASES[case]

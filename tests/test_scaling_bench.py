@@ -27,6 +27,7 @@ def test_efficiency_is_per_gpu_throughput_over_one_gpu():
     assert bench.scaled_lr(0.001, 4) == pytest.approx(0.002)
 
 
+@pytest.mark.slow
 def test_tiny_run_through_torchx_on_1_and_2_gloo_ranks(tmp_path):
     out = tmp_path / "scaling.json"
     rc = bench.main(["run", "--tiny", "--gpus", "1,2", "--steps", "4", "--runs", str(tmp_path / "runs"),

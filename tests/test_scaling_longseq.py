@@ -5,6 +5,7 @@ import importlib.util
 import json
 import os
 
+import pytest
 import torch
 
 from pinfm_rec.model.trunk import Trunk, TrunkSpec
@@ -40,6 +41,7 @@ def test_activation_checkpointing_same_outputs_and_gradients(monkeypatch):
     assert len(calls) == 4  # one per layer, for each block type, only in the checkpointed runs
 
 
+@pytest.mark.slow
 def test_long_seq_script_steps_max_len_up_on_cpu(tmp_path):
     spec = importlib.util.spec_from_file_location("long_seq", os.path.join(ROOT, "scripts/scaling/long_seq.py"))
     ls = importlib.util.module_from_spec(spec)
