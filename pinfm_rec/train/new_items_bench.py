@@ -242,6 +242,7 @@ def main(argv=None) -> Dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="")
     p.add_argument("--quick", action="store_true", help="a small stream (tests)")
+    p.add_argument("--seeds", type=int, default=1, help="streams + inits seed, seed+1, ...: means and per-seed AUCs")
     p.add_argument("overrides", nargs="*", help="BenchConfig fields, e.g. managed_rows=2048")
     args = p.parse_args(argv)
     c = BenchConfig(users=300, items=300, mean_len=20, epochs1=1, epochs2=1, hash_rows=200, managed_rows=320,
@@ -249,17 +250,26 @@ def main(argv=None) -> Dict:
     for kv in args.overrides:
         k, v = kv.split("=", 1)
         setattr(c, k, type(getattr(c, k))(v))
-    s = churn_stream(c.users, c.items, c.mean_len, c.new_frac, c.new_at, c.seed)
     env = init_distributed(ParallelSpec(), force_cpu=True)
+    runs, first = [], None  # per seed: {mode: result}; the first seed's stream (its sizes are recorded)
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            res = {m: run_mode(m, c, s, env, tmp) for m in MODES}
+        for seed in range(c.seed, c.seed + args.seeds):
+            cs = BenchConfig(**dict(asdict(c), seed=seed))
+            s = churn_stream(cs.users, cs.items, cs.mean_len, cs.new_frac, cs.new_at, cs.seed)
+            first = first or s
+            with tempfile.TemporaryDirectory() as tmp:
+                runs.append({m: run_mode(m, cs, s, env, tmp) for m in MODES})
     finally:
         shutdown_distributed()
+    res = {m: {k: float(np.mean([r[m][k] for r in runs])) for k in runs[0][m]} for m in MODES}
+    for m in MODES:
+        res[m]["per_seed"] = [{k: r[m][k] for k in ("new_item_auc", "old_item_auc")} for r in runs]
+    s = first
     out = {"config": asdict(c), "modes": res, "events": int(s.is_new.size), "new_item_events": int(s.is_new.sum()),
            "distinct_raw_ids": int(np.unique(s.events["item_id"]).size),
-           "command": " ".join(["python -m pinfm_rec.train.new_items_bench"] + (["--quick"] if args.quick else [])
-                               + list(args.overrides)),
+           "seeds": args.seeds, "command": " ".join(
+               ["python -m pinfm_rec.train.new_items_bench"] + (["--quick"] if args.quick else [])
+               + ([f"--seeds {args.seeds}"] if args.seeds > 1 else []) + list(args.overrides)),
            "device": "cpu (1 process, gloo)", "date": time.strftime("%Y-%m-%d")}
     if args.out:
         with open(args.out, "w") as f:
