@@ -4,6 +4,7 @@
     python scripts/scaling/bench.py run --tiny --gpus 1,2              # CPU / gloo code-path check
     python scripts/scaling/bench.py summarise --runs runs/scaling --out docs/benchmarks/scaling.json
     python scripts/scaling/bench.py commands --gpus 2                  # print the torchx commands only
+    python scripts/scaling/bench.py quality --gpus 1,8 --out q.json    # full ML-1M recipe at 1 and 8 GPUs
 
 Each (config, N) row is ``torchx run -s local_cwd components/pinfm.py:<pretrain|finetune> --spec ...
 -j 1xN --gpu N`` with ``PINFM_PHASE_TIMES=1`` (step-time breakdown, pinfm_rec/train/phases.py), a
@@ -81,9 +82,55 @@ def command(name: str, cfg, gpus: int, steps: int, runs: str, tiny: bool) -> Lis
     overrides = RUN + list(extra) + [f"train.max_steps={steps}", f"train.log_every={log_every}",
                                      f"train.lr={lr:.6g}", f"name={name}-{gpus}gpu",
                                      f"run_dir={os.path.join(runs, f'{name}-{gpus}gpu')}"]
+    return torchx_cmd(component, spec, gpus, tiny, overrides)
+
+
+def torchx_cmd(component: str, spec: str, gpus: int, tiny: bool, overrides: List[str]) -> List[str]:
     return [sys.executable, "-m", "torchx.cli.main", "run", "-s", "local_cwd", f"components/pinfm.py:{component}",
             "--spec", spec, "-j", f"1x{gpus}", "--gpu", "0" if tiny else str(gpus),
             "--env", "PINFM_PHASE_TIMES=1", *overrides]
+
+
+# quality at N GPUs under the same rule: the full ML-1M recipe (its own epochs and evaluation)
+QUALITY = ("pretrain", "specs/pretrain/ml1m-gpu.yaml", [])
+QUALITY_TINY = ("pretrain", "specs/pretrain/synthetic-tiny.yaml", ["train.epochs=1", "train.eval_max_batches=2"])
+QUALITY_METRICS = ("test_hr@10", "test_ndcg@10", "valid_hr@10", "valid_ndcg@10")
+
+
+def quality(args) -> dict:
+    """Train the whole recipe at each GPU count (dense lr x sqrt(N)) and record its test/valid metrics."""
+    component, spec, extra = QUALITY_TINY if args.tiny else QUALITY
+    rows = []
+    for n in (int(g) for g in args.gpus.split(",")):
+        run_dir = os.path.join(args.runs, f"quality-{n}gpu")
+        lr = scaled_lr(spec_lr(component, spec, extra), n)
+        cmd = torchx_cmd(component, spec, n, args.tiny, list(extra) + [
+            "checkpoint.resume=false", "checkpoint.on_existing=overwrite", "tensorboard=false", f"train.lr={lr:.6g}",
+            f"name=quality-{n}gpu", f"run_dir={run_dir}"])
+        print("+", " ".join(cmd[1:]), flush=True)
+        out = subprocess.run(cmd, cwd=ROOT, env=_env(args.tiny), capture_output=True, text=True, timeout=args.timeout)
+        path = os.path.join(run_dir, "results.json")
+        if not os.path.isfile(path):
+            print(f"FAILED quality x{n} (rc {out.returncode}):\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}", flush=True)
+            continue
+        with open(path) as f:
+            res = json.load(f)
+        rows.append({"gpus": n, "lr": lr, "steps": res.get("steps"), "wall_s": res.get("wall_s"),
+                     **{k: res.get(k) for k in QUALITY_METRICS}, "command": " ".join(cmd[1:])})
+        print(f"  quality x{n}: " + " ".join(f"{k}={rows[-1][k]}" for k in QUALITY_METRICS), flush=True)
+    result = {"spec": spec, "rows": rows}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"written: {args.out}")
+    return result
+
+
+def _env(tiny: bool) -> dict:
+    env = dict(os.environ)
+    if tiny:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
 
 
 def _median(vals: List[float]) -> Optional[float]:
@@ -164,11 +211,8 @@ def run(args) -> int:
             run_dir = os.path.join(args.runs, f"{name}-{n}gpu")
             shutil.rmtree(run_dir, ignore_errors=True)
             print("+", " ".join(cmd[1:]), flush=True)
-            env = dict(os.environ)
-            if args.tiny:
-                env["CUDA_VISIBLE_DEVICES"] = ""
             t0 = time.time()
-            out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.timeout)
+            out = subprocess.run(cmd, cwd=ROOT, env=_env(args.tiny), capture_output=True, text=True, timeout=args.timeout)
             meta = {"config": name, "kind": configs[name][0], "gpus": n, "command": " ".join(cmd[1:]),
                     "lr": float(next(a for a in cmd if a.startswith("train.lr=")).split("=", 1)[1])}
             row = None
@@ -202,7 +246,7 @@ def run(args) -> int:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    for name in ("run", "commands"):
+    for name in ("run", "commands", "quality"):
         s = sub.add_parser(name)
         s.add_argument("--gpus", default="1,2,4,8", help="comma-separated GPU (rank) counts")
         s.add_argument("--configs", default="", help="comma-separated config names (default: all)")
@@ -215,7 +259,10 @@ def main(argv=None) -> int:
     s = sub.add_parser("summarise")
     s.add_argument("--runs", default=os.path.join(ROOT, "runs", "scaling"))
     s.add_argument("--out", required=True)
+    s.add_argument("--quality", default="", help="a `quality` JSON to embed as ml1m_quality")
     a = p.parse_args(argv)
+    if a.cmd == "quality":
+        return 0 if quality(a)["rows"] else 1
     if a.cmd == "commands":
         configs = TINY_CONFIGS if a.tiny else GPU_CONFIGS
         for name in (a.configs.split(",") if a.configs else configs):
@@ -226,6 +273,9 @@ def main(argv=None) -> int:
         return run(a)
     rows = [r for d in sorted(os.listdir(a.runs)) if (r := row_of(os.path.join(a.runs, d))) and "config" in r]
     summary = summarise(rows, device_name())
+    if a.quality and os.path.isfile(a.quality):
+        with open(a.quality) as f:
+            summary["ml1m_quality"] = json.load(f)
     with open(a.out, "w") as f:
         json.dump(summary, f, indent=1)
     print(json.dumps(summary["weak_scaling_efficiency"]))

@@ -2,7 +2,7 @@
 # Scale-out measurements (issue 17; docs/benchmarks/scaling.md). From the repo root on a GPU host
 # with the GPU wheels installed (README "GPU install"; /root/site is put on PYTHONPATH if present):
 #
-#   bash scripts/scaling/bench.sh start    # background: resharding checks, then the weak-scaling rows
+#   bash scripts/scaling/bench.sh start    # background: resharding checks, weak-scaling rows, ML-1M quality at 1 and N
 #   bash scripts/scaling/bench.sh wait     # waits up to WAIT_S (540 s) and shows progress; repeat until DONE
 #   bash scripts/scaling/bench.sh longseq  # one GPU, foreground, ~4 min: max_len limit with/without checkpointing
 #   bash scripts/scaling/bench.sh reshard  # foreground: only the GPU resharding checks
@@ -53,12 +53,18 @@ bench() {
     $PY scripts/scaling/bench.py run --configs "$cfg" --gpus "$gpus" --steps "$STEPS" --runs "$RUNS"
     $PY scripts/scaling/bench.py summarise --runs "$RUNS" --out "$OUT/scaling.json"  # after every part
   done
+  # the same ML-1M quality on N GPUs as on 1: the whole recipe at 1 and at all GPUs (lr x sqrt(N))
+  if [ -f "$PINFM_DATA_DIR/ml-1m/sasrec/ml-1m.txt" ] && [ "$NGPU" -ge 1 ]; then
+    local q=1; [ "$NGPU" -gt 1 ] && q="1,$NGPU"
+    $PY scripts/scaling/bench.py quality --gpus "$q" --runs "$RUNS-quality" --out "$OUT/scaling_quality.json"
+    $PY scripts/scaling/bench.py summarise --runs "$RUNS" --out "$OUT/scaling.json" --quality "$OUT/scaling_quality.json"
+  fi
   [ -f "$OUT/scaling.json" ] && cp "$OUT/scaling.json" docs/benchmarks/scaling.json
 }
 
 case "${1:-}" in
 start)
-  rm -rf "$RUNS" runs/reshard-*; mkdir -p "$RUNS"; : > "$OUT/reshard.jsonl"
+  rm -rf "$RUNS" "$RUNS-quality" runs/reshard-*; mkdir -p "$RUNS"; : > "$OUT/reshard.jsonl"
   echo "GPUs: $NGPU; log: $LOG"
   setsid nohup bash -c "$(declare -f fit reshard bench); NGPU=$NGPU PY=$PY OUT=$OUT RUNS=$RUNS STEPS=$STEPS; \
     reshard; bench; touch $DONE" > "$LOG" 2>&1 < /dev/null &
@@ -66,7 +72,7 @@ start)
   ;;
 wait)
   for _ in $(seq 1 "${WAIT_S:-540}"); do [ -f "$DONE" ] && break; sleep 1; done
-  grep -E '^\{|ex/s|FAILED|skip|written' "$LOG" | tail -30
+  grep -E '^\{|ex/s|FAILED|skip|written|quality x' "$LOG" | tail -30
   nvidia-smi --query-gpu=index,utilization.gpu,memory.used --format=csv,noheader
   if [ -f "$DONE" ]; then echo DONE; cat "$OUT/scaling.json" | head -40; else echo "still running"; fi
   ;;
