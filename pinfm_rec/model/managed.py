@@ -25,6 +25,7 @@ to score all slots of the table and map them back.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Dict, List, Literal, Tuple
 
@@ -95,10 +96,12 @@ class ManagedTables(nn.Module):
         self.n_item_features = len(ITEM_FEATURES)
         self.spec = spec
         mc_device = torch.device("cpu") if device.type == "meta" else device  # buffers are real
+        # ``buckets`` (the planner's check that ranks own whole buckets) is newer than torchrec 1.6
+        params = inspect.signature(MCHManagedCollisionModule).parameters
+        kw = {"buckets": resolved_buckets(spec)} if "buckets" in params else {}
         mch = MCHManagedCollisionModule(
             zch_size=item[0].num_embeddings, device=mc_device, eviction_policy=_policy(spec.eviction),
-            eviction_interval=spec.eviction_interval, input_hash_size=spec.input_hash_size,
-            buckets=resolved_buckets(spec),
+            eviction_interval=spec.eviction_interval, input_hash_size=spec.input_hash_size, **kw,
         )
         self.items = ManagedCollisionEmbeddingCollection(
             EmbeddingCollection(tables=item, device=device),
