@@ -27,6 +27,22 @@ def test_efficiency_is_per_gpu_throughput_over_one_gpu():
     assert bench.scaled_lr(0.001, 4) == pytest.approx(0.002)
 
 
+@pytest.mark.parametrize("name", list(bench.GPU_CONFIGS) + list(bench.TINY_CONFIGS))
+def test_every_config_is_a_valid_spec(name):
+    """The GPU rows cannot be tried here: their specs + overrides must at least load (a spec change,
+    e.g. early stopping in ml1m-gpu.yaml, must not break the benchmark)."""
+    from pinfm_rec.spec import load_spec
+    from pinfm_rec.train.finetune import FinetuneSpec
+    from pinfm_rec.train.pretrain import PretrainSpec
+
+    kind, component, spec, extra = {**bench.GPU_CONFIGS, **bench.TINY_CONFIGS}[name]
+    cmd = bench.command(name, (kind, component, spec, extra), 8, 100, "/tmp/runs", False)
+    overrides = cmd[cmd.index("PINFM_PHASE_TIMES=1") + 1:]
+    loaded = load_spec(FinetuneSpec if component == "finetune" else PretrainSpec, os.path.join(ROOT, spec), overrides)
+    assert loaded.train.max_steps == 100 and loaded.train.eval_every_epochs == 0 and not loaded.checkpoint.resume
+    assert "--gpu" in cmd and cmd[cmd.index("--gpu") + 1] == "8" and "1x8" in cmd
+
+
 @pytest.mark.slow
 def test_tiny_run_through_torchx_on_1_and_2_gloo_ranks(tmp_path):
     out = tmp_path / "scaling.json"

@@ -33,8 +33,8 @@ from typing import Dict, List, Optional
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)  # pinfm_rec without an install (a GPU host running from the checkout)
 
-# per-run overrides: bounded by steps, no periodic eval, one final eval batch, no resume
-RUN = ["train.eval_every_epochs=0", "train.eval_max_batches=1", "checkpoint.every_steps=0",
+# per-run overrides: bounded by steps, no periodic eval or early stopping, one final eval batch, no resume
+RUN = ["train.eval_every_epochs=0", "train.patience=0", "train.eval_max_batches=1", "checkpoint.every_steps=0",
        "checkpoint.resume=false", "checkpoint.on_existing=overwrite", "tensorboard=false"]
 # fine-tuning at GPU size: synthetic ranking data, a d=256 3-layer encoder (random init), DLRM
 FT_GPU = ["encoder.init=random", "data.max_len=200", "model.trunk.max_len=200", "model.embedding.dim=256",

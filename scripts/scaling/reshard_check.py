@@ -29,7 +29,8 @@ sys.path.insert(0, ROOT)
 from pinfm_rec.train.checkpoint import _flatten  # noqa: E402  (nested dict -> {"a.b.c": value})
 
 # both runs: no periodic eval or checkpoint, one eval batch at the end, no TensorBoard
-RUN = ["train.eval_every_epochs=0", "train.eval_max_batches=1", "checkpoint.every_steps=0", "tensorboard=false"]
+RUN = ["train.eval_every_epochs=0", "train.patience=0", "train.eval_max_batches=1", "checkpoint.every_steps=0",
+       "tensorboard=false"]
 # a smaller synthetic-tiny (the CPU tests): 300 users, 16 rows per rank and step
 TINY = ["data.synthetic.num_users=300", "data.batch_size=16"]
 
