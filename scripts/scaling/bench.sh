@@ -19,6 +19,7 @@ PY=${PYTHON:-python3}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 RUNS=${RUNS:-runs/scaling}
 STEPS=${STEPS:-100}
+QUALITY=${QUALITY:-1}  # 0: skip the ML-1M quality runs (whole recipe at 1 and N GPUs)
 NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
 LOG=$OUT/scaling_bench.log
 DONE=$RUNS/DONE
@@ -54,7 +55,7 @@ bench() {
     $PY scripts/scaling/bench.py summarise --runs "$RUNS" --out "$OUT/scaling.json"  # after every part
   done
   # the same ML-1M quality on N GPUs as on 1: the whole recipe at 1 and at all GPUs (lr x sqrt(N))
-  if [ -f "$PINFM_DATA_DIR/ml-1m/sasrec/ml-1m.txt" ] && [ "$NGPU" -ge 1 ]; then
+  if [ "$QUALITY" = 1 ] && [ -f "$PINFM_DATA_DIR/ml-1m/sasrec/ml-1m.txt" ] && [ "$NGPU" -ge 1 ]; then
     local q=1; [ "$NGPU" -gt 1 ] && q="1,$NGPU"
     $PY scripts/scaling/bench.py quality --gpus "$q" --runs "$RUNS-quality" --out "$OUT/scaling_quality.json"
     $PY scripts/scaling/bench.py summarise --runs "$RUNS" --out "$OUT/scaling.json" --quality "$OUT/scaling_quality.json"
@@ -66,7 +67,7 @@ case "${1:-}" in
 start)
   rm -rf "$RUNS" "$RUNS-quality" runs/reshard-*; mkdir -p "$RUNS"; : > "$OUT/reshard.jsonl"
   echo "GPUs: $NGPU; log: $LOG"
-  setsid nohup bash -c "$(declare -f fit reshard bench); NGPU=$NGPU PY=$PY OUT=$OUT RUNS=$RUNS STEPS=$STEPS; \
+  setsid nohup bash -c "$(declare -f fit reshard bench); NGPU=$NGPU PY=$PY OUT=$OUT RUNS=$RUNS STEPS=$STEPS QUALITY=$QUALITY; \
     reshard; bench; touch $DONE" > "$LOG" 2>&1 < /dev/null &
   sleep 5; tail -5 "$LOG"
   ;;
