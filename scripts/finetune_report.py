@@ -88,6 +88,13 @@ def main() -> None:
                      f"torchrec {torchrec.__version__}")
     out["date"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     out["seeds"] = list(SEEDS)
+    out["protocol"] = ("same DLRM, seeds and protocol per arm: up to train.epochs, valid GAUC each epoch, early "
+                       "stopping (train.patience), the best-valid model tested once; means over the seeds listed "
+                       "under <ds>.<init>.seeds")
+    out["mind.note"] = ("encoder pretrained on the histories-only corpus (scripts/history_corpus.py; the default "
+                        "corpus holds the train clicks) with encoder.unseen_items=zero; both arms are at chance "
+                        "on MIND test (77% of test candidates never appear in the train split): the MIND "
+                        "difference is within seed noise, see docs/benchmarks/finetune.md")
     out["command"] = ("metrics: PINFM_DATA_DIR=../shared/data SEEDS='0 1 2' bash scripts/finetune_benchmark.sh "
                       "mind|movielens (CPU; MIND pretrained on the histories-only corpus of scripts/history_corpus.py, "
                       "see docs/benchmarks/finetune.md); report: .venv/bin/python scripts/finetune_report.py; "
