@@ -1,6 +1,8 @@
 """PinFMEncoder: DCAT crossing == the candidate appended to its history (full causal forward)."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -40,6 +42,10 @@ def test_append_tokens():
 
 @pytest.mark.parametrize("seed,kernel", [(0, "pytorch"), (1, "pytorch"), (2, "triton")])
 def test_dcat_equals_appended_forward(seed, kernel):
+    if kernel == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        # a CUDA host (conftest leaves the interpreter off): this CPU-built encoder cannot launch
+        # the compiled kernel; the compiled kernels are checked on CUDA in tests/test_dcat_*.py
+        pytest.skip("the encoder-level triton case runs under the CPU interpreter")
     gen = torch.Generator().manual_seed(seed)
     hist = torch.randint(0, 13, (6,), generator=gen).tolist()
     hist[0] = 0  # an empty history

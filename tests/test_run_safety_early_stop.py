@@ -40,6 +40,9 @@ def test_patience_needs_valid_evaluations(tmp_path):
     from pinfm_rec.train.finetune import FinetuneSpec
 
     assert FinetuneSpec().train.early_stop_metric == "gauc" and PretrainSpec().train.early_stop_metric == "ndcg@10"
+    # a fine-tune spec file with its own train: section (no metric named) still stops on GAUC
+    ft = load_spec(FinetuneSpec, os.path.join(ROOT, "specs", "finetune", "synthetic-tiny.yaml"), ["train.patience=2"])
+    assert ft.train.early_stop_metric == "gauc"
 
 
 @pytest.mark.slow

@@ -39,10 +39,14 @@ def plain_state(model: nn.Module) -> Optional[Dict[str, torch.Tensor]]:
     from torch.distributed._shard.sharded_tensor import ShardedTensor
 
     rank = dist.get_rank() if dist.is_initialized() else 0
+    # the gather's buffer lives where the backend can write: on the GPU under nccl (a CPU buffer
+    # fails there: "ProcessGroupNCCL::gather: invalid tensor type"), on the host under gloo
+    nccl = dist.is_initialized() and dist.get_backend() == "nccl"
+    dev = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
     out: Dict[str, torch.Tensor] = {}
     for k, v in model.state_dict().items():
         if isinstance(v, ShardedTensor):
-            full = torch.empty(v.shape, dtype=v.dtype) if rank == 0 else None
+            full = torch.empty(v.shape, dtype=v.dtype, device=dev) if rank == 0 else None
             v.gather(dst=0, out=full)
             v = full
         elif hasattr(v, "full_tensor"):

@@ -53,6 +53,12 @@ class FinetuneSpec:
                                                                  early_stop_metric="gauc"))
     checkpoint: CheckpointSpec = field(default_factory=lambda: CheckpointSpec(every_steps=0))
 
+    def __post_init__(self) -> None:
+        # a spec file's `train:` section is built as a TrainSpec, whose default early-stop metric is
+        # the retrieval one (ndcg@10), which a ranking run never has: ranking runs stop on GAUC
+        if self.train.early_stop_metric == "ndcg@10":
+            self.train.early_stop_metric = "gauc"
+
 
 def _pretrained_spec(path: str, info: RankingInfo) -> ModelSpec:
     """The architecture of the encoder at ``path`` (model.pretrained.read_pretrained), its vocabulary
