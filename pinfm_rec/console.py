@@ -129,10 +129,6 @@ def _route_torch_loggers() -> None:
             lg.propagate = True
 
 
-def _formatter() -> logging.Formatter:
-    return logging.Formatter(LOG_FORMAT.format(rank=rank()))
-
-
 def configure(verbose: bool = False) -> None:
     """Install the console handler and capture everything else until ``attach_run_log``.
 
