@@ -199,3 +199,60 @@ def test_cli_refuses_a_held_run_dir_and_resume_false_on_a_previous_run(tmp_path)
     out = _cli(tmp_path, "checkpoint.resume=false")
     assert out.returncode == 2 and "checkpoint.on_existing=archive" in out.stderr, out.stderr[-2000:]
     assert (run / "spec.yaml").read_text() == "name: old\n" and not (run / rundir.LOCK_NAME).exists()
+
+
+def test_stale_takeover_never_steals_a_lock_another_process_just_took(tmp_path, monkeypatch):
+    """Two processes judge the same dead lock stale; the one that renames it second must not move
+    the first one's fresh (live) lock aside: it puts it back and is refused."""
+    import socket
+
+    run = str(tmp_path / "run")
+    _write_lock(run, host=socket.gethostname(), pid=_dead_pid())
+    live = {"host": socket.gethostname(), "pid": os.getppid(), "token": "live", "since": "now"}
+    real_rename = os.rename
+
+    def rename_after_a_rival_took_over(src, dst):
+        if src.endswith(rundir.LOCK_NAME):
+            with open(src, "w") as f:  # the rival won the race: a live lock is in place now
+                json.dump(live, f)
+            monkeypatch.setattr(os, "rename", real_rename)
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename_after_a_rival_took_over)
+    with pytest.raises(RunDirLockedError, match=f"pid {os.getppid()}"):
+        rundir.RunDirLock(run).acquire()
+    assert json.load(open(os.path.join(run, rundir.LOCK_NAME)))["token"] == "live"
+    assert not [n for n in os.listdir(run) if ".stale." in n]
+
+
+def test_a_lock_with_a_bad_pid_is_unreadable_not_alive(tmp_path):
+    run = str(tmp_path / "run")
+    path = _write_lock(run, host="h", pid="x")
+    with pytest.raises(RunDirLockedError):  # fresh: maybe being written
+        rundir.RunDirLock(run).acquire()
+    old = time.time() - rundir.STALE_AFTER_S - 5
+    os.utime(path, (old, old))
+    lock = rundir.RunDirLock(run)
+    lock.acquire()  # old and unreadable: taken over (os.kill(-1, 0) would have read "alive")
+    lock.release()
+
+
+def test_external_checkpoint_dir_only_loses_the_runs_entries(tmp_path):
+    run, ck = tmp_path / "run", tmp_path / "shared_ckpts"
+    os.makedirs(run)
+    os.makedirs(ck / "step_00000010")
+    (ck / "RUN_ID").write_text("old")
+    (ck / "notes.txt").write_text("someone else's")
+    rundir.clear_previous_run(str(run), str(ck), "overwrite")
+    assert sorted(os.listdir(ck)) == ["notes.txt"]
+    with pytest.raises(CheckpointError, match="checkpoints need a directory of their own"):
+        rundir.claim(str(run), str(tmp_path), True, "error", True)
+
+
+def test_a_damaged_manifest_is_not_accepted(tmp_path):
+    d = tmp_path / "step_00000001"
+    os.makedirs(d)
+    (d / "COMPLETE").write_text('{"files": {"a": ')
+    assert "damaged" in verify(str(d))
+    (d / "COMPLETE").write_text("step 1\n")  # a pre-manifest marker stays accepted
+    assert verify(str(d)) is None and read_marker(str(d)) == {}

@@ -18,7 +18,7 @@ SPEC = "specs/pretrain/synthetic-tiny.yaml"
 SMALL = ["data.synthetic.num_users=400", "data.synthetic.num_items=200", "data.synthetic.mean_len=20",
          "data.max_len=20", "model.trunk.max_len=20", "data.batch_size=16", "model.trunk.n_layers=1",
          "train.log_every=5", "train.eval_every_epochs=0", "checkpoint.every_steps=4", "checkpoint.keep_last=3",
-         "train.epochs=3"]
+         "train.epochs=6"]  # long enough that SIGTERM lands mid-training even on a loaded host
 
 
 def test_guard_sets_a_flag_then_a_second_signal_stops_at_once():

@@ -64,18 +64,22 @@ def write_marker(dirpath: str, world: int, meta: dict) -> None:
 
 
 def read_marker(dirpath: str) -> Optional[dict]:
-    """The marker's content; {} for a pre-manifest marker; None when there is none."""
+    """The marker's content; {} for a pre-manifest marker; {"damaged": True} for an unreadable
+    manifest; None when there is none."""
     p = os.path.join(dirpath, MARKER)
     try:
         with open(p) as f:
             text = f.read()
     except OSError:
         return None
+    if not text.lstrip().startswith("{"):
+        return {}  # a pre-manifest marker ("step N")
     try:
         out = json.loads(text)
     except ValueError:
-        return {}
-    return out if isinstance(out, dict) else {}
+        out = None
+    # a damaged manifest is not a pre-manifest marker: verify() must not accept it unchecked
+    return out if isinstance(out, dict) else {"damaged": True}
 
 
 def verify(dirpath: str) -> Optional[str]:
@@ -83,6 +87,8 @@ def verify(dirpath: str) -> Optional[str]:
     marker = read_marker(dirpath)
     if marker is None:
         return "no COMPLETE marker (a save that did not finish)"
+    if marker.get("damaged"):
+        return f"its {MARKER} manifest is damaged (not valid JSON)"
     for name, want in sorted((marker.get("files") or {}).items()):
         p = os.path.join(dirpath, name)
         if not os.path.isfile(p):

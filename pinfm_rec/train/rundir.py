@@ -62,6 +62,23 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _read_json(path: str) -> Optional[dict]:
+    """A lock file's content, or None when it is missing or unreadable (being written, damaged)."""
+    try:
+        with open(path) as f:
+            out = json.load(f)
+        return out if isinstance(out, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _holder_pid(holder: dict) -> int:
+    try:
+        return int(holder.get("pid", -1))
+    except (TypeError, ValueError):
+        return -1
+
+
 def _elastic() -> tuple[str, int]:
     return os.environ.get("TORCHELASTIC_RUN_ID", ""), int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
 
@@ -82,12 +99,7 @@ class RunDirLock:
                 "restart_count": restart, "token": self.token}
 
     def _read(self) -> Optional[dict]:
-        try:
-            with open(self.path) as f:
-                out = json.load(f)
-            return out if isinstance(out, dict) else None
-        except (OSError, ValueError):
-            return None
+        return _read_json(self.path)
 
     def stale_reason(self, holder: Optional[dict]) -> Optional[str]:
         """Why the lock ``holder`` is stale, or None when its run may still be alive."""
@@ -95,13 +107,13 @@ class RunDirLock:
             age = time.time() - os.path.getmtime(self.path)
         except OSError:
             return "it vanished"
-        if holder is None:  # unreadable: a holder killed while writing it, or one writing it now
+        if holder is None or _holder_pid(holder) <= 0:  # unreadable: killed while writing it, or writing now
             return f"unreadable and not refreshed for {age:.0f}s" if age > STALE_AFTER_S else None
         job, restart = _elastic()
         if job not in ("", "none") and holder.get("elastic_run_id") == job and int(holder.get("restart_count", 0)) < restart:
             return f"written by attempt {holder.get('restart_count')} of this torchelastic job (now {restart})"
         if holder.get("host") == socket.gethostname():
-            pid = int(holder.get("pid", -1))
+            pid = _holder_pid(holder)
             if pid == os.getpid():
                 return "left by this process"
             if not _pid_alive(pid):
@@ -127,9 +139,16 @@ class RunDirLock:
                 aside = f"{self.path}.stale.{os.getpid()}"
                 try:
                     os.rename(self.path, aside)
-                    os.remove(aside)
                 except FileNotFoundError:
-                    pass
+                    continue
+                if (_read_json(aside) or {}).get("token") != (holder or {}).get("token"):
+                    # another process took the stale lock over between our read and our rename: what
+                    # we moved aside is its live lock; put it back (link fails if a third one is there)
+                    try:
+                        os.link(aside, self.path)
+                    except FileExistsError:
+                        pass
+                os.remove(aside)
                 continue
             with os.fdopen(fd, "w") as f:
                 json.dump(self._mine(), f)
@@ -197,7 +216,12 @@ def clear_previous_run(run_dir: str, ckpt_dir: str, mode: str) -> Optional[str]:
     moves = [(os.path.join(run_dir, n), os.path.join(dest, n) if dest else None)
              for n in os.listdir(run_dir) if n not in _KEEP]
     if not os.path.abspath(ckpt_dir).startswith(os.path.abspath(run_dir) + os.sep) and os.path.isdir(ckpt_dir):
-        moves.append((ckpt_dir, f"{ckpt_dir.rstrip('/')}.{stamp}" if dest else None))  # a checkpoint.dir elsewhere
+        # a checkpoint.dir elsewhere: only this run's entries move, never the directory itself
+        cdest = f"{ckpt_dir.rstrip('/')}.{stamp}" if dest else None
+        if cdest:
+            os.makedirs(cdest)
+        moves += [(os.path.join(ckpt_dir, n), os.path.join(cdest, n) if cdest else None)
+                  for n in os.listdir(ckpt_dir) if n.startswith("step_") or n == "RUN_ID"]
     for src, to in moves:
         if to:
             os.rename(src, to)
@@ -217,6 +241,11 @@ def claim(run_dir: str, ckpt_dir: str, resume: bool, on_existing: str, is_main: 
     lock, outcome = None, None
     if is_main:
         try:
+            ck, rd = os.path.abspath(ckpt_dir), os.path.abspath(run_dir)
+            if rd == ck or rd.startswith(ck + os.sep):
+                raise CheckpointError(
+                    f"checkpoint.dir {ckpt_dir} is the run dir {run_dir} or holds it: checkpoints need a directory "
+                    f"of their own (leave checkpoint.dir empty for {os.path.join(run_dir, 'checkpoints')})")
             lock = RunDirLock(run_dir)
             lock.acquire()
             if not resume:
