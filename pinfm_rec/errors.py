@@ -48,6 +48,12 @@ class DeviceError(PinfmError, RuntimeError):
     kind = "device error"
 
 
+class DependencyError(PinfmError, RuntimeError):
+    """An installed package's version breaks the pinned stack; names the package and the version to install."""
+
+    kind = "dependency error"
+
+
 class Preempted(PinfmError):
     """SIGINT/SIGTERM arrived: the current step finished and a checkpoint was written.
 

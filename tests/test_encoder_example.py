@@ -25,7 +25,9 @@ def test_example_plugs_the_encoder_into_a_users_dlrm(tmp_path, example):
     path = export_encoder(str(tmp_path / "encoder"), PinFM(ms, vocab, device="cpu"),
                           yaml.safe_dump({"model": to_dict(ms)}), vocab, rank=0)
     example = os.path.join(EXAMPLES, example)
-    env = dict(os.environ, PYTHONPATH=ROOT, MASTER_PORT=str(29500 + os.getpid() % 1000))
+    # keep the caller's PYTHONPATH (a GPU host puts its torchrec/fbgemm_gpu there) after the project root
+    pythonpath = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, PYTHONPATH=pythonpath, MASTER_PORT=str(29500 + os.getpid() % 1000))
     out = subprocess.run([sys.executable, example, path], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     loss = float(out.stdout.strip().split()[-1])

@@ -150,3 +150,17 @@ def test_exclude_history_masks_history_items_but_not_the_target():
     masked = mask_history(scores, batch)
     assert target_ranks(masked, batch.target_item).tolist() == [0, 0]  # items 0,1 / 4 were above
     assert masked[1, 3] == 4.0 and torch.isinf(masked[0, :2]).all() and masked[0, 3] == 2.0
+
+
+def test_a_torchmetrics_that_rejects_torchrecs_reports_is_one_clear_error(monkeypatch):
+    # torchmetrics 1.9 (the GPU image's) breaks every torchrec.metrics compute() with lightning_utilities'
+    # "A frozen dataclass was passed to `apply_to_collection`": the user must read what to install
+    from pinfm_rec.errors import DependencyError
+    m = RankingMetrics(torch.device("cpu"))
+    _feed(m, REQS, NEW)
+
+    def broken():
+        raise ValueError("A frozen dataclass was passed to `apply_to_collection` but this is not allowed.")
+    monkeypatch.setattr(m._gauc, "compute", broken)
+    with pytest.raises(DependencyError, match=r"torchmetrics==1\.0\.3"):
+        m.compute()

@@ -30,6 +30,8 @@ from torchrec.metrics.gauc import GAUCMetric
 from torchrec.metrics.metrics_config import RecTaskInfo
 from torchrec.metrics.ne import NEMetric
 
+from ..errors import DependencyError
+
 
 def target_ranks(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """0-based rank of each row's target among all items.
@@ -118,19 +120,35 @@ class RankingMetrics:
         if _world()[0] > 1:
             dist.all_reduce(counts, group=self.process_group)
         n, reqs, n_new, pos = (float(v) for v in counts.cpu())
-        gauc, ne = self._gauc.compute(), self._ne.compute()
+        gauc, ne = _compute(self._gauc), _compute(self._ne)
         nan = float("nan")
         one_class = n == 0 or pos == 0 or pos == n
         return {
-            "auc": nan if one_class else _value(self._auc.compute(), "window_auc"),
+            "auc": nan if one_class else _value(_compute(self._auc), "window_auc"),
             "gauc": nan if _value(gauc, "lifetime_gauc_num_samples") == 0 else _value(gauc, "lifetime_gauc"),
             "ne": nan if one_class else _value(ne, "lifetime_ne"),
             "logloss": nan if n == 0 else _value(ne, "lifetime_logloss") * math.log(2.0),
-            "calibration": nan if pos == 0 else _value(self._cal.compute(), "lifetime_calibration"),
-            "new_auc": nan if n_new == 0 else _value(self._new_auc.compute(), "window_auc"),
+            "calibration": nan if pos == 0 else _value(_compute(self._cal), "lifetime_calibration"),
+            "new_auc": nan if n_new == 0 else _value(_compute(self._new_auc), "window_auc"),
             "count": n,
             "requests": reqs,
         }
+
+
+def _compute(metric) -> Dict[str, torch.Tensor]:
+    """``metric.compute()``, with the known torchmetrics mismatch turned into one clear line:
+    newer torchmetrics (seen: 1.9.0 on the GPU image) squeeze compute() results through
+    lightning_utilities, which rejects TorchRec's frozen ``MetricComputationReport`` ("A frozen dataclass was passed ...")."""
+    try:
+        return metric.compute()
+    except ValueError as e:
+        if "frozen dataclass" not in str(e):
+            raise
+        import torchmetrics
+        raise DependencyError(
+            f"torchrec.metrics needs torchmetrics==1.0.3 (TorchRec's own pin); this Python has torchmetrics "
+            f"{torchmetrics.__version__}, whose compute() rejects TorchRec's metric reports: "
+            "pip install torchmetrics==1.0.3") from e
 
 
 def _value(result: Dict[str, torch.Tensor], name: str) -> float:

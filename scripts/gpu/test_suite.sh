@@ -21,7 +21,7 @@ unset TRITON_INTERPRET  # compiled kernels on the GPU; conftest decides
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 t0=$(date +%s)
 ARGS=("$@"); [ ${#ARGS[@]} -gt 0 ] || ARGS=(tests)
-$PY -m pytest -q -ra -p no:cacheprovider "${ARGS[@]}" > "$OUT/gpu_suite.log" 2>&1
+$PY -m pytest -q -ra --durations=25 -p no:cacheprovider "${ARGS[@]}" > "$OUT/gpu_suite.log" 2>&1
 rc=$?
 t1=$(date +%s)
 {
@@ -31,7 +31,7 @@ t1=$(date +%s)
   $PY - <<'EOF'
 import importlib, platform
 print("python", platform.python_version())
-for mod in ("torch", "triton", "numpy", "fbgemm_gpu", "torchrec", "torchx"):
+for mod in ("torch", "triton", "numpy", "fbgemm_gpu", "torchrec", "torchmetrics", "torchx"):
     try:
         m = importlib.import_module(mod)
         print(mod, getattr(m, "__version__", "?"))
