@@ -78,7 +78,7 @@ wait)
   if [ -f "$DONE" ]; then echo DONE; cat "$OUT/scaling.json" | head -40; else echo "still running"; fi
   ;;
 longseq)
-  timeout 280 $PY scripts/scaling/long_seq.py --budget-s 220 --out "$OUT/long_seq.json" 2>&1 | tee "$OUT/long_seq.log" | tail -12
+  timeout 520 $PY scripts/scaling/long_seq.py --budget-s 420 --out "$OUT/long_seq.json" 2>&1 | tee "$OUT/long_seq.log" | tail -12
   ;;
 reshard) : > "$OUT/reshard.jsonl"; reshard ;;
 tiny)

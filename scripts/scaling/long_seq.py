@@ -66,7 +66,7 @@ def one(max_len: int, longest: int, batch: int, ac: bool, steps: int, runs: str,
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--lens", default="4096,8192,16384,32768,65536,131072", help="max_len values, ascending")
+    p.add_argument("--lens", default="4096,8192,16384,32768,65536,131072,262144", help="max_len values, ascending")
     p.add_argument("--batch", type=int, default=8, help="rows per step")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--budget-s", type=float, default=230, help="no new length after this many seconds")
