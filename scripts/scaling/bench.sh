@@ -4,7 +4,7 @@
 #
 #   bash scripts/scaling/bench.sh start    # background: resharding checks, weak-scaling rows, ML-1M quality at 1 and N
 #   bash scripts/scaling/bench.sh wait     # waits up to WAIT_S (540 s) and shows progress; repeat until DONE
-#   bash scripts/scaling/bench.sh longseq  # one GPU, foreground, ~4 min: max_len limit with/without checkpointing
+#   bash scripts/scaling/bench.sh longseq  # one GPU, foreground, ~8 min: max_len limit with/without checkpointing
 #   bash scripts/scaling/bench.sh reshard  # foreground: only the GPU resharding checks
 #   bash scripts/scaling/bench.sh tiny     # CPU / gloo, 1 and 2 ranks: the code path, in ~1 min
 #
