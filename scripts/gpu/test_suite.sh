@@ -2,7 +2,8 @@
 # The whole test suite on a GPU host, one command (after the GPU wheels are installed, README
 # "GPU install"; /root/site is added to PYTHONPATH when it exists):
 #   bash scripts/gpu/test_suite.sh [pytest args, default: tests]   (writes under $OUT, default /tmp/out)
-# Installs pinfm_rec editable (--no-deps), runs `pytest -q -ra tests` (kernel tests compiled on
+# Installs pinfm_rec editable (--no-deps), runs `pytest -v -ra tests` (-v: a run cut by a timeout still
+# names every test it finished) (kernel tests compiled on
 # CUDA: tests/conftest.py switches the Triton interpreter on only without CUDA), and writes
 #   $OUT/gpu_suite.log  the full pytest output
 #   $OUT/gpu_suite.txt  summary: date, device, driver, python/torch/triton/numpy/fbgemm_gpu/
@@ -21,7 +22,7 @@ unset TRITON_INTERPRET  # compiled kernels on the GPU; conftest decides
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 t0=$(date +%s)
 ARGS=("$@"); [ ${#ARGS[@]} -gt 0 ] || ARGS=(tests)
-$PY -m pytest -q -ra --durations=25 -p no:cacheprovider "${ARGS[@]}" > "$OUT/gpu_suite.log" 2>&1
+$PY -m pytest -v -ra --durations=25 -p no:cacheprovider "${ARGS[@]}" > "$OUT/gpu_suite.log" 2>&1
 rc=$?
 t1=$(date +%s)
 {
