@@ -1,0 +1,1 @@
+"""TorchX components of pinfm_rec (``torchx run components/pinfm.py:pretrain ...``)."""

@@ -1,0 +1,1 @@
+"""pinfm_rec.kernels: custom GPU kernels (Triton) with PyTorch fallbacks."""

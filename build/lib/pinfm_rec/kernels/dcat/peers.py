@@ -1,0 +1,52 @@
+"""Peers and host timing for the DCAT benchmark (``bench.py``): the same crossing attention
+with ``torch.nn.attention.flex_attention`` (issue 15's nearest peer), and the host time per
+eager call. Notation: R requests, L history tokens and C candidates per request (equal
+lengths), H heads, Dh head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def flex_dcat(R, L, C, device="cuda", compile=True):
+    """The same crossing attention with ``torch.nn.attention.flex_attention`` (compiled), the
+    nearest peer: per request, the C candidates attend over [history (L); candidates (C)] with
+    the block mask ``kv < L or kv - L == q``. Returns fn(q4, k4, v4) on [R, H, C or L+C, Dh]
+    (``flex_inputs``: history and candidates concatenated outside the timing) -> [R, H, C, Dh],
+    or None without flex_attention."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:
+        return None
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx < L) | (kv_idx - L == q_idx)
+    bm = create_block_mask(mask_mod, R, None, C, L + C, device=device)
+    fa = torch.compile(flex_attention, dynamic=False) if compile else flex_attention
+    return lambda q4, k4, v4: fa(q4, k4, v4, block_mask=bm)
+
+
+def flex_inputs(q, k, v, kc, vc, R, L, C):
+    """[R*C, H, Dh] candidates and [R*L, H, Dh] histories (equal lengths per request) ->
+    flex_attention's q [R, H, C, Dh] and k, v [R, H, L+C, Dh]."""
+    h, dh = q.shape[1:]
+
+    def cat(ctx, cand):
+        return torch.cat([ctx.view(R, L, h, dh), cand.view(R, C, h, dh)], 1).transpose(1, 2)
+    return (q.view(R, C, h, dh).transpose(1, 2).contiguous(), cat(kc, k).contiguous(),
+            cat(vc, v).contiguous())
+
+
+def host_us(fn, n=200):
+    """Host (CPU) time per call of fn in eager mode, GPU queue not waited for: the launch
+    overhead a caller pays when the GPU keeps up."""
+    import time
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / n * 1e6

@@ -1,0 +1,78 @@
+"""Dense input features of PinFM tokens: log-bucketed time gaps.
+
+For token t of a row: gap to the previous event (ts[t] - ts[t-1]; the first event of a row gets
+its own bucket) and gap to the time its prediction is made for: the next event (ts[t+1] - ts[t])
+inside the row, and for the row's last token the request time (``request_ts``, e.g. the eval
+batch's ``target_timestamp``) or, without one, an "unknown" bucket. This keeps training and
+serving consistent: in training token t predicts event t+1, at serving the last token predicts
+the request. (A gap to the row's last event instead would hand the last token, the one every
+user embedding is read from, a bucket that never gets a training signal.)
+Gaps in seconds are bucketed as floor(log2(1 + gap)), clamped to ``num_buckets - 1``
+(2^31 s ~ 68 years).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+from pinfm_rec.model.jagged import jagged_index
+
+NUM_TIME_BUCKETS = 32
+
+
+def log_bucket(gap_s: torch.Tensor, num_buckets: int = NUM_TIME_BUCKETS) -> torch.Tensor:
+    """gap_s [L] int seconds (negative -> 0) -> bucket ids [L] long in [0, num_buckets)."""
+    g = gap_s.clamp_min(0).double()
+    return torch.floor(torch.log2(1.0 + g)).long().clamp(max=num_buckets - 1)
+
+
+def time_gaps(
+    timestamps: torch.Tensor, offsets: torch.Tensor, request_ts: Optional[torch.Tensor] = None
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """timestamps [L] jagged by offsets [B+1], request_ts [B] or None ->
+    (gap_prev [L], gap_next [L], is_first [L] bool, next_unknown [L] bool)."""
+    total = timestamps.numel()
+    rows, pos = jagged_index(offsets, total)
+    is_first = pos == 0
+    is_last = torch.arange(total, device=timestamps.device) == offsets[1:][rows] - 1
+    gap_prev = torch.where(is_first, torch.zeros_like(timestamps), timestamps - torch.roll(timestamps, 1))
+    nxt = torch.roll(timestamps, -1)
+    if request_ts is not None:
+        nxt = torch.where(is_last, request_ts.to(timestamps.dtype)[rows], nxt)
+        next_unknown = torch.zeros_like(is_last)
+    else:
+        next_unknown = is_last
+    gap_next = torch.where(next_unknown, torch.zeros_like(timestamps), nxt - timestamps)
+    return gap_prev, gap_next, is_first, next_unknown
+
+
+class TimeFeatures(nn.Module):
+    """Sum of two small embeddings of the log-bucketed gaps -> [L, dim]."""
+
+    def __init__(self, dim: int, num_buckets: int = NUM_TIME_BUCKETS, init_scale: float = 0.1) -> None:
+        super().__init__()
+        self.num_buckets = num_buckets
+        self.prev = nn.Embedding(num_buckets + 1, dim)  # extra row: first event of the row
+        self.next = nn.Embedding(num_buckets + 1, dim)  # extra row: prediction time unknown
+        for e in (self.prev, self.next):
+            nn.init.uniform_(e.weight, -init_scale, init_scale)
+
+    def forward(
+        self, timestamps: torch.Tensor, offsets: torch.Tensor, request_ts: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """timestamps [L] jagged by offsets [B+1], request_ts [B] (optional) -> [L, dim]."""
+        gap_prev, gap_next, is_first, unknown = time_gaps(timestamps, offsets, request_ts)
+        special = torch.full_like(gap_prev, self.num_buckets)
+        b_prev = torch.where(is_first, special, log_bucket(gap_prev, self.num_buckets))
+        b_next = torch.where(unknown, special, log_bucket(gap_next, self.num_buckets))
+        return self.prev(b_prev) + self.next(b_next)
+
+    def appended(self, gap_prev: torch.Tensor, is_first: torch.Tensor) -> torch.Tensor:
+        """Time feature [N, dim] of tokens appended to their rows at request time (candidates):
+        gap_prev [N] seconds from the row's last event (ignored where is_first [N], an empty row),
+        the gap to the next event unknown."""
+        special = torch.full_like(gap_prev, self.num_buckets)
+        b_prev = torch.where(is_first, special, log_bucket(gap_prev, self.num_buckets))
+        return self.prev(b_prev) + self.next(special)

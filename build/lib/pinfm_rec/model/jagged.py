@@ -1,0 +1,81 @@
+"""Jagged-tensor helpers shared by the trunk, features, losses, encoder and rankers.
+
+A jagged tensor travels as ``(values [L, *S], offsets [B+1])``: row b holds
+``values[offsets[b]:offsets[b+1]]``. Nothing here syncs with the device unless it says so.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+
+def lengths_to_offsets(lengths: torch.Tensor) -> torch.Tensor:
+    """lengths [B] -> offsets [B+1] (int64, starting at 0)."""
+    offsets = torch.zeros(lengths.numel() + 1, dtype=torch.long, device=lengths.device)
+    offsets[1:] = torch.cumsum(lengths, 0)
+    return offsets
+
+
+def jagged_index(offsets: torch.Tensor, total: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Row id and position in row of each jagged element: (row [L], pos [L]). No host sync."""
+    lengths = offsets[1:] - offsets[:-1]
+    rows = torch.repeat_interleave(
+        torch.arange(lengths.numel(), device=offsets.device), lengths, output_size=total
+    )  # [L]
+    pos = torch.arange(total, device=offsets.device) - offsets[:-1][rows]  # [L]
+    return rows, pos
+
+
+def last_index(offsets: torch.Tensor) -> torch.Tensor:
+    """Index [B] of each row's last element (0 for an empty row: mask with lengths > 0)."""
+    return (offsets[1:] - 1).clamp_min(0)
+
+
+def pad_jagged(values: torch.Tensor, flat_idx: torch.Tensor, b: int, n: int) -> torch.Tensor:
+    """[L, *S] jagged -> [B, N, *S] right-padded with zeros (flat_idx = row * N + pos)."""
+    out = values.new_zeros((b * n,) + tuple(values.shape[1:]))
+    out = out.index_copy(0, flat_idx, values)  # [B*N, *S]
+    return out.view((b, n) + tuple(values.shape[1:]))  # [B, N, *S]
+
+
+def pad_heads(
+    flat_idx: torch.Tensor, b: int, n: int, *xs: torch.Tensor
+) -> Tuple[torch.Tensor, ...]:
+    """Each of xs [L, H, Dh] jagged -> [B, H, N, Dh] right-padded with zeros (attention layout)."""
+    return tuple(pad_jagged(x, flat_idx, b, n).transpose(1, 2) for x in xs)
+
+
+def unpad_jagged(dense: torch.Tensor, flat_idx: torch.Tensor) -> torch.Tensor:
+    """[B, N, *S] -> [L, *S] (inverse of pad_jagged)."""
+    return dense.reshape((-1,) + tuple(dense.shape[2:]))[flat_idx]  # [L, *S]
+
+
+def gather_rows(
+    offsets: torch.Tensor, rows: torch.Tensor, keep_last: Optional[int] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``rows [R]`` of a jagged tensor (repeats allowed), each cut to its last ``keep_last``
+    elements -> (index [M] into its values, offsets [R+1] of the gathered tensor).
+
+    ``values[index]`` jagged by the returned offsets is the gathered tensor. One host sync (M).
+    """
+    lengths = (offsets[1:] - offsets[:-1])[rows]  # [R]
+    if keep_last is not None:
+        lengths = lengths.clamp(max=keep_last)
+    new_off = lengths_to_offsets(lengths)  # [R+1]
+    r, pos = jagged_index(new_off, new_off[-1].item())  # [M] (.item(): an unbacked size under torch.export)
+    start = offsets[1:][rows] - lengths  # [R] first kept element of each gathered row
+    return start[r] + pos, new_off
+
+
+def append_tokens(
+    values: torch.Tensor, offsets: torch.Tensor, extra: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """values [L, *S] jagged by offsets [B+1], extra [B, *S] -> (values [L+B, *S] with extra[b]
+    appended to row b, offsets [B+1])."""
+    b = offsets.numel() - 1
+    new_off = lengths_to_offsets(offsets[1:] - offsets[:-1] + 1)
+    rows, pos = jagged_index(offsets, values.shape[0])
+    out = values.new_zeros((values.shape[0] + b,) + tuple(values.shape[1:]))
+    out = out.index_copy(0, new_off[:-1][rows] + pos, values)
+    return out.index_copy(0, new_off[1:] - 1, extra), new_off

@@ -1,0 +1,147 @@
+"""The pretrained PinFM encoder joined to an unchanged TorchRec ranker (DLRM / DLRM_DCN).
+
+The ranker keeps its own sparse features in its own ``EmbeddingBagCollection`` (the candidate's
+item id and the bag of the request's last history items) and its dense arch. The encoder's
+per-candidate features ``[C, out_dim]`` are appended to the ranker's dense features, so the
+ranker's ``dense_in_features`` grows by ``out_dim`` and nothing else about it changes:
+
+    logits [C] = ranker(dense_features = cat(batch.dense [C, F], encoder(batch) [C, out_dim]),
+                        sparse_features = ranker_features(batch))     # KJT with C rows
+
+Plugging the encoder into your own TorchRec model is the same three lines (see
+``docs/finetune.md``): run ``encoder(batch)`` on the request-deduplicated batch, concatenate
+its output to whatever per-candidate dense input your model has, and expand per-request sparse
+features on the device with ``batch.expand_index()``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchrec.models.dlrm import DLRM, DLRM_DCN
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from pinfm_rec.data.batch import ITEM_KEY
+from pinfm_rec.data.ranking_batch import RankingBatch
+from pinfm_rec.model.embedding import check_ids
+from pinfm_rec.model.encoder import PinFMEncoder
+from pinfm_rec.model.jagged import gather_rows
+from pinfm_rec.spec import FieldError, bounds
+
+CAND_FEATURE = "r_cand_item"
+HIST_FEATURE = "r_hist_items"
+RANKER_TABLES = {"t_r_cand": CAND_FEATURE, "t_r_hist": HIST_FEATURE}
+
+
+@dataclass
+class RankerSpec:
+    """The TorchRec ranker (owned by rankers/dlrm.py)."""
+
+    arch: Literal["dlrm", "dlrm_dcn"] = "dlrm"  # torchrec.models.dlrm, unchanged
+    embedding_dim: int = field(default=32, metadata=bounds(ge=1))  # = dense_arch[-1] (DLRM requires it)
+    dense_arch: List[int] = field(default_factory=lambda: [64, 32], metadata=bounds(ge=1))
+    over_arch: List[int] = field(default_factory=lambda: [64, 32, 1], metadata=bounds(ge=1))
+    dcn_num_layers: int = field(default=2, metadata=bounds(ge=1))
+    dcn_low_rank_dim: int = field(default=16, metadata=bounds(ge=1))
+    # the ranker's own history feature: the last N history items (0 = off)
+    history_bag_len: int = field(default=50, metadata=bounds(ge=0))
+
+    def __post_init__(self) -> None:
+        if not self.dense_arch or self.dense_arch[-1] != self.embedding_dim:
+            raise FieldError(
+                "dense_arch", f"must end with ranker.embedding_dim={self.embedding_dim} (DLRM interacts "
+                f"them), got {self.dense_arch}"
+            )
+        if not self.over_arch or self.over_arch[-1] != 1:
+            raise FieldError("over_arch", f"must end with 1 (one logit), got {self.over_arch}")
+
+
+def build_ranker(
+    spec: RankerSpec, num_items: int, dense_in_features: int, device: str | torch.device = "meta",
+    dense_device: str | torch.device = "cpu",
+) -> nn.Module:
+    """An unchanged ``DLRM`` / ``DLRM_DCN`` whose EmbeddingBagCollection (on ``device``) holds the
+    candidate-item table and the history-bag table (mean pooling)."""
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+    tables = [
+        EmbeddingBagConfig(
+            num_embeddings=num_items, embedding_dim=spec.embedding_dim, name=name, feature_names=[feat],
+            pooling=PoolingType.SUM if feat == CAND_FEATURE else PoolingType.MEAN,
+        )
+        for name, feat in RANKER_TABLES.items()
+        if feat == CAND_FEATURE or spec.history_bag_len > 0
+    ]
+    ebc = EmbeddingBagCollection(tables=tables, device=torch.device(device))
+    kw = dict(embedding_bag_collection=ebc, dense_in_features=dense_in_features,
+              dense_arch_layer_sizes=list(spec.dense_arch), over_arch_layer_sizes=list(spec.over_arch),
+              dense_device=torch.device(dense_device))
+    if spec.arch == "dlrm_dcn":
+        return DLRM_DCN(dcn_num_layers=spec.dcn_num_layers, dcn_low_rank_dim=spec.dcn_low_rank_dim, **kw)
+    return DLRM(**kw)
+
+
+def ranker_features(batch: RankingBatch, history_bag_len: int) -> KeyedJaggedTensor:
+    """KJT with C rows (one per candidate), expanded on the device from the deduplicated batch:
+    ``r_cand_item`` (1 id per row) and ``r_hist_items`` (the last ``history_bag_len`` history
+    items of the candidate's request)."""
+    c = batch.num_candidates
+    dev = batch.cand_item.device
+    keys = [CAND_FEATURE]
+    values = [batch.cand_item.long()]
+    lengths = [torch.ones(c, dtype=torch.long, device=dev)]
+    if history_bag_len > 0:
+        hist = batch.history.features[ITEM_KEY]
+        # the last history_bag_len items of each candidate's request, expanded per candidate
+        index, off = gather_rows(hist.offsets(), batch.expand_index(), keep_last=history_bag_len)
+        keys.append(HIST_FEATURE)
+        values.append(hist.values()[index])
+        lengths.append(off[1:] - off[:-1])
+    return KeyedJaggedTensor(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths), stride=c)
+
+
+class RankerWithEncoder(nn.Module):
+    """An unchanged TorchRec ranker + (optionally) the PinFM encoder feeding its dense input.
+
+    forward(batch) -> {"loss": weighted BCE (mean), "bce": the same (detached), "num_targets": C};
+    logits(batch) -> [C].
+    """
+
+    def __init__(self, ranker: nn.Module, encoder: Optional[PinFMEncoder], history_bag_len: int,
+                 freeze_encoder: bool = False, num_items: Optional[int] = None,
+                 id_mode: str = "error") -> None:
+        """num_items: rows of the ranker's item tables; when given, the ranker's ids are checked
+        (``id_mode`` "error": a clear error naming the feature and id) or hashed ("hash") like
+        the encoder's, before they reach the EmbeddingBagCollection."""
+        super().__init__()
+        self.ranker_sizes = (
+            {CAND_FEATURE: int(num_items), HIST_FEATURE: int(num_items)} if num_items else None
+        )
+        self.id_mode = id_mode
+        self.ranker = ranker
+        self.encoder = encoder
+        self.history_bag_len = history_bag_len
+        self.freeze_encoder = freeze_encoder
+        self.mode = "dcat"  # "flat": the encoder appends each candidate to its history (baseline)
+
+    def logits(self, batch: RankingBatch) -> torch.Tensor:
+        """batch (U requests, C candidates) -> logits [C]."""
+        dense = batch.dense.float()
+        if self.encoder is not None:
+            feats = self.encoder(batch, mode=self.mode, frozen=self.freeze_encoder)
+            dense = torch.cat([dense, feats.to(dense.dtype)], -1)  # [C, F + out_dim]
+        sparse = ranker_features(batch, self.history_bag_len)
+        if self.ranker_sizes is not None:
+            sparse = check_ids(sparse, self.ranker_sizes, self.id_mode)
+        return self.ranker(dense, sparse).squeeze(-1).float()
+
+    def forward(self, batch: RankingBatch) -> Dict[str, torch.Tensor]:
+        logits = self.logits(batch)
+        w = batch.weights if batch.weights is not None else torch.ones_like(logits)
+        bce = F.binary_cross_entropy_with_logits(logits, batch.labels.float(), reduction="none")
+        loss = (bce * w).sum() / w.sum().clamp_min(1.0)
+        return {"loss": loss, "bce": loss.detach(), "num_targets": w.sum().detach()}

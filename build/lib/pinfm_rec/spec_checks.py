@@ -1,0 +1,135 @@
+"""Consistency of a whole spec across its sections: the one place for rules that span sections.
+
+``load_spec`` calls ``cross_check`` on the top-level spec it built (``PretrainSpec``,
+``FinetuneSpec``). Rules read the tree by dotted path and apply when those sections exist, so this
+module imports no spec class (no layer runs back up). A rule inside one section lives in that
+section (``bounds`` metadata, ``FieldError`` in its ``__post_init__``).
+
+Rules:
+* ``data.max_len`` <= ``model.trunk.max_len`` of the model in effect (for a fine-tune from a
+  pretrained encoder: the ``model`` of the checkpoint's spec.yaml), else histories overflow the
+  trunk's positions on the first long batch;
+* ``model.output_head=false`` scores the trunk output against the item table: d_model == dim;
+* pretraining has negatives: ``model.loss`` in-batch negatives, full catalogue, or sampled ids
+  with ``data.num_negatives_per_row`` > 0;
+* ``data.raw_ids`` (source ids in the batches) needs ``model.embedding.id_mode`` managed or hash;
+* the encoder checkpoint's item vocabulary matches synthetic ranking data (other sources are
+  checked once prepared, in the recipe). An empty ``encoder.checkpoint`` with init=pretrained is
+  refused by the recipe, not here: ``pinfm prepare-ranking`` loads such specs without one.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Optional
+
+import yaml
+
+from pinfm_rec.errors import SpecError
+
+_MISSING = object()
+
+
+def _get(spec: Any, dotted: str) -> Any:
+    node = spec
+    for part in dotted.split("."):
+        node = getattr(node, part, _MISSING)
+        if node is _MISSING:
+            return _MISSING
+    return node
+
+
+def _has(spec: Any, *keys: str) -> bool:
+    return all(_get(spec, k) is not _MISSING for k in keys)
+
+
+def _pretrained_dir(spec: Any) -> Optional[str]:
+    """The encoder checkpoint whose architecture replaces ``model`` (fine-tuning), if any."""
+    if not _has(spec, "encoder.init", "encoder.checkpoint"):
+        return None
+    if spec.encoder.init == "none" or not spec.encoder.checkpoint:
+        return None
+    return spec.encoder.checkpoint
+
+
+def _pretrained_model(ckpt: Optional[str]) -> Optional[dict]:
+    p = os.path.join(ckpt, "spec.yaml") if ckpt else ""
+    if not p or not os.path.isfile(p):
+        return None
+    try:
+        with open(p) as f:
+            return (yaml.safe_load(f) or {}).get("model") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None  # the recipe reports an unreadable checkpoint with its path
+
+
+def _check_max_len(spec: Any, fail) -> None:
+    if not _has(spec, "data.max_len", "model.trunk.max_len"):
+        return
+    trunk_len, owner = spec.model.trunk.max_len, "model.trunk.max_len"
+    saved = _pretrained_model(_pretrained_dir(spec))
+    if saved is not None:
+        trunk_len = int((saved.get("trunk") or {}).get("max_len", trunk_len))
+        owner = f"trunk.max_len of encoder.checkpoint {spec.encoder.checkpoint}"
+    if spec.data.max_len > trunk_len:
+        fail("data.max_len", f"{spec.data.max_len} > {owner} ({trunk_len}): histories would not fit "
+                             f"the trunk's positions; lower data.max_len or raise model.trunk.max_len")
+
+
+def _check_output_head(spec: Any, fail) -> None:
+    if not _has(spec, "model.output_head", "model.trunk.d_model", "model.embedding.dim"):
+        return
+    m = spec.model
+    if not m.output_head and m.trunk.d_model != m.embedding.dim:
+        fail("model.output_head", f"false needs model.trunk.d_model ({m.trunk.d_model}) == "
+                                  f"model.embedding.dim ({m.embedding.dim})")
+
+
+def _check_negatives(spec: Any, fail) -> None:
+    if not _has(spec, "model.loss", "data.num_negatives_per_row"):
+        return
+    loss = spec.model.loss
+    if (not loss.full_catalogue and loss.in_batch_negatives == 0 and loss.use_sampled_negatives
+            and spec.data.num_negatives_per_row == 0):
+        fail("data.num_negatives_per_row", "0 with model.loss.in_batch_negatives=0 leaves the loss no "
+                                           "negatives: set one of them > 0 (or model.loss.full_catalogue=true)")
+
+
+def _check_encoder(spec: Any, fail) -> None:
+    if not _has(spec, "encoder.init", "encoder.checkpoint"):
+        return
+    ckpt = _pretrained_dir(spec)
+    if not ckpt or not _has(spec, "data.source", "data.synthetic.num_items") or spec.data.source != "synthetic":
+        return
+    for name in ("encoder_meta.json", "train_state.json"):
+        p = os.path.join(ckpt, name)
+        if os.path.isfile(p):
+            try:
+                with open(p) as f:
+                    n = json.load(f).get("num_items")
+            except (OSError, ValueError):
+                return
+            if n is not None and int(n) != spec.data.synthetic.num_items:
+                fail("data.synthetic.num_items", f"{spec.data.synthetic.num_items}, but the encoder at {p} "
+                                                 f"has num_items={n}: pretrain on this data's corpus")
+            return
+
+
+def _check_raw_ids(spec: Any, fail) -> None:
+    if _has(spec, "data.raw_ids", "model.embedding.id_mode") and spec.data.raw_ids \
+            and spec.model.embedding.id_mode not in ("managed", "hash"):
+        fail("data.raw_ids", f"true needs model.embedding.id_mode=managed (or hash), not "
+                             f"{spec.model.embedding.id_mode!r}: raw ids are not dense row numbers")
+
+
+RULES = (_check_max_len, _check_output_head, _check_negatives, _check_encoder, _check_raw_ids)
+
+
+def cross_check(spec: Any, where: str) -> None:
+    """Raise SpecError (naming ``where`` and the dotted key) if the sections of ``spec`` disagree."""
+
+    def fail(key: str, message: str) -> None:
+        raise SpecError(f"{where}: key '{key}': {message}")
+
+    for rule in RULES:
+        rule(spec, fail)
