@@ -12,7 +12,10 @@ Rules:
 * ``model.output_head=false`` scores the trunk output against the item table: d_model == dim;
 * pretraining has negatives: ``model.loss`` in-batch negatives, full catalogue, or sampled ids
   with ``data.num_negatives_per_row`` > 0;
-* ``data.raw_ids`` (source ids in the batches) needs ``model.embedding.id_mode`` managed or hash;
+* ``data.raw_ids`` (source ids in the batches) needs ``model.embedding.id_mode`` managed or hash (of
+  the encoder checkpoint's model when fine-tuning from one; no rule without an encoder: the ranker's
+  own tables hash), no ``encoder.unseen_items=zero`` (dense-id rule), and synthetic raw ids below a
+  managed table's ``input_hash_size``;
 * the encoder checkpoint's item vocabulary matches synthetic ranking data (other sources are
   checked once prepared, in the recipe). An empty ``encoder.checkpoint`` with init=pretrained is
   refused by the recipe, not here: ``pinfm prepare-ranking`` loads such specs without one.
@@ -115,11 +118,40 @@ def _check_encoder(spec: Any, fail) -> None:
             return
 
 
+def _id_mode_in_effect(spec: Any) -> tuple:
+    """(embedding id mode, managed input_hash_size, where it comes from) of the model in effect: the
+    encoder checkpoint's ``model`` when fine-tuning from one, else ``model.embedding``."""
+    emb = spec.model.embedding
+    mode, hash_size, owner = emb.id_mode, emb.managed.input_hash_size, "model.embedding.id_mode"
+    saved = _pretrained_model(_pretrained_dir(spec))
+    if saved is not None:
+        e = saved.get("embedding") or {}
+        mode = e.get("id_mode", "error")
+        hash_size = int((e.get("managed") or {}).get("input_hash_size", hash_size))
+        owner = f"embedding.id_mode of encoder.checkpoint {spec.encoder.checkpoint}"
+    return mode, hash_size, owner
+
+
 def _check_raw_ids(spec: Any, fail) -> None:
-    if _has(spec, "data.raw_ids", "model.embedding.id_mode") and spec.data.raw_ids \
-            and spec.model.embedding.id_mode not in ("managed", "hash"):
-        fail("data.raw_ids", f"true needs model.embedding.id_mode=managed (or hash), not "
-                             f"{spec.model.embedding.id_mode!r}: raw ids are not dense row numbers")
+    if not _has(spec, "data.raw_ids", "model.embedding.id_mode") or not spec.data.raw_ids:
+        return
+    if _has(spec, "encoder.init") and spec.encoder.init == "none":
+        return  # no encoder: only the ranker's own tables, which hash raw ids
+    mode, hash_size, owner = _id_mode_in_effect(spec)
+    if mode not in ("managed", "hash"):
+        fail("data.raw_ids", f"true needs {owner} managed (or hash), not {mode!r}: raw ids are not dense row "
+                             f"numbers (set data.raw_ids=false, or use an encoder with id_mode managed/hash)")
+    if _has(spec, "encoder.unseen_items") and spec.encoder.unseen_items == "zero":
+        fail("encoder.unseen_items", "zero finds unseen items by dense id; with data.raw_ids=true use keep "
+                                     "(a managed table admits new ids itself)")
+    if mode == "managed" and _has(spec, "data.source", "data.synthetic.raw_id_offset", "data.synthetic.num_items") \
+            and spec.data.source == "synthetic" and spec.data.synthetic.raw_id_offset:
+        from pinfm_rec.data.ranking_synthetic import RAW_ID_STRIDE
+
+        top = spec.data.synthetic.raw_id_offset + (spec.data.synthetic.num_items - 1) * RAW_ID_STRIDE
+        if top >= hash_size:
+            fail("data.synthetic.raw_id_offset", f"{spec.data.synthetic.raw_id_offset} gives raw ids up to {top}, "
+                                                 f">= the managed table's input_hash_size {hash_size}")
 
 
 RULES = (_check_max_len, _check_output_head, _check_negatives, _check_encoder, _check_raw_ids)

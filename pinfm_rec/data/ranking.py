@@ -47,7 +47,7 @@ from .ranking_movielens import MOVIELENS_INPUTS, convert_movielens_ranking
 from .ranking_store import (PRETRAIN_DIR, RANKING_META_FILE, SPLIT_IDS, RankingStore, load_ranking_store,
                             storage_report, write_flat_layout)
 from .ranking_synthetic import write_synthetic_ranking
-from .schema import DatasetMeta
+from .schema import DataFormatError, DatasetMeta
 from .splits import gather_index
 from pinfm_rec.spec import FieldError, bounds
 
@@ -85,6 +85,9 @@ class SyntheticRankingSpec:
     candidates_next: int = field(default=5, metadata=bounds(ge=0))
     negatives_per_request: int = field(default=15, metadata=bounds(ge=0))
     seed: int = field(default=0, metadata=bounds(ge=0))
+    # > 0: item k's source id is raw_id_offset + k * 7919 (sparse int64 ids, e.g. 2**40), stored in the
+    # item map; data.raw_ids=true feeds them to the model (ranking_synthetic.raw_item_ids)
+    raw_id_offset: int = field(default=0, metadata=bounds(ge=0))
 
 
 @dataclass
@@ -99,6 +102,10 @@ class RankingDataSpec:
     valid_frac: float = field(default=0.1, metadata=bounds(ge=0, lt=1))
     test_frac: float = field(default=0.1, metadata=bounds(ge=0, lt=1))  # latest requests by time
     num_workers: int = field(default=0, metadata=bounds(ge=0))
+    # batches carry the source's raw int64 item ids (the pretraining corpus's item_map.parquet
+    # original_id) in histories and candidates instead of the dense remap; needs an encoder with
+    # model.embedding.id_mode managed or hash; the ranker's own item tables hash them
+    raw_ids: bool = False
     movielens: MovieLensRankingSpec = field(default_factory=MovieLensRankingSpec)
     synthetic: SyntheticRankingSpec = field(default_factory=SyntheticRankingSpec)
 
@@ -124,6 +131,7 @@ class RankingInfo:
     dense_features: Tuple[str, ...] = ()
     t_valid: int = 0  # first valid request time (every pretraining event is earlier)
     t_test: int = 0
+    item_raw_ids: Optional[np.ndarray] = None  # [num_items] raw id of each dense id (data.raw_ids)
 
 
 def _cache_key(spec: RankingDataSpec) -> dict:
@@ -131,6 +139,8 @@ def _cache_key(spec: RankingDataSpec) -> dict:
                  "valid_frac": spec.valid_frac, "test_frac": spec.test_frac}
     if spec.source == "synthetic":
         key["synthetic"] = asdict(spec.synthetic)
+        if not spec.synthetic.raw_id_offset:  # caches prepared before the option keep their key
+            del key["synthetic"]["raw_id_offset"]
         return key
     src = locate_input(spec.path, MIND_INPUTS if spec.source == "mind" else MOVIELENS_INPUTS)
     st = os.stat(src)
@@ -186,20 +196,46 @@ def prepare_ranking(spec: RankingDataSpec) -> RankingInfo:
     else:
         logger.info("using cached ranking data %s", root)
     m = load_ranking_store(root).meta
+    raw = read_item_map(root) if spec.raw_ids else None
     return RankingInfo(root=root, num_items=m.num_items, num_actions=m.num_actions, num_surfaces=m.num_surfaces,
                        num_dense=len(m.dense_features), pretrain_dir=os.path.join(root, PRETRAIN_DIR),
                        num_requests={s: m.num_requests[s] for s in SPLIT_IDS},
                        num_candidates={s: m.num_candidates[s] for s in SPLIT_IDS},
                        new_item_fraction={s: m.new_item_fraction[s] for s in SPLIT_IDS},
                        dense_features=tuple(m.dense_features),
-                       t_valid=m.t_valid, t_test=m.t_test)
+                       t_valid=m.t_valid, t_test=m.t_test, item_raw_ids=raw)
+
+
+def read_item_map(root: str) -> np.ndarray:
+    """[num_items] int64 raw (source) id of each dense item id of a prepared ranking dir (its pretraining
+    corpus's item_map.parquet); DataFormatError naming the file if it is missing, short or negative."""
+    import pyarrow.parquet as pq
+
+    from .schema import ITEM_MAP_FILE
+
+    path = os.path.join(root, PRETRAIN_DIR, ITEM_MAP_FILE)
+    if not os.path.isfile(path):
+        raise DataFormatError(f"{path}: missing; data.raw_ids=true reads the raw item ids from it")
+    t = pq.read_table(path, columns=["item_id", "original_id"])
+    dense, raw = (t.column(c).to_numpy().astype(np.int64) for c in ("item_id", "original_id"))
+    n = load_ranking_store(root).meta.num_items
+    if not np.array_equal(dense, np.arange(n)):
+        raise DataFormatError(f"{path}: item_id must be 0..{n - 1} in order (got {dense.size} rows)")
+    if raw.size and int(raw.min()) < 0:
+        row = int(np.flatnonzero(raw < 0)[0])
+        raise DataFormatError(f"{path}: row {row}: original_id {int(raw[row])} < 0; raw item ids are int64 >= 0")
+    if np.unique(raw).size != raw.size:
+        raise DataFormatError(f"{path}: original_id has duplicates; each raw id names one item")
+    return raw
 
 
 class RankingBatchDataset(Dataset):
     """Map-style dataset whose item ``(epoch, step)`` is this rank's ``RankingBatch`` number ``step``."""
 
     def __init__(self, store: RankingStore, split: str, *, batch_size: int, max_len: int, rank: int,
-                 world_size: int, seed: int) -> None:
+                 world_size: int, seed: int, item_ids: Optional[np.ndarray] = None) -> None:
+        """item_ids: [num_items] the id each stored (dense) item id is emitted as (raw ids, data.raw_ids);
+        None emits the stored ids."""
         if split not in SPLIT_IDS:
             raise ValueError(f"split must be one of {tuple(SPLIT_IDS)}, got {split!r}")
         if not 0 <= rank < world_size:
@@ -210,6 +246,7 @@ class RankingBatchDataset(Dataset):
         self.requests = np.flatnonzero(store.tables.split == SPLIT_IDS[split]).astype(np.int64)  # [R]
         self.batch_size, self.max_len = batch_size, max_len
         self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.item_ids = item_ids
         r = self.requests.size
         self.per_rank = r // world_size if self.train else math.ceil(r / world_size)
         if self.per_rank == 0:
@@ -248,16 +285,19 @@ class RankingBatchDataset(Dataset):
         cs, ce = t.cand_offsets[reqs], t.cand_offsets[reqs + 1]
         cidx = gather_index(cs, ce)  # [C]
         ncand = ce - cs  # [U]
+        hist_item, cand_item = t.hist_item[hidx], t.cand_item[cidx]
+        if self.item_ids is not None:  # dense -> raw ids
+            hist_item, cand_item = self.item_ids[hist_item], self.item_ids[cand_item]
         features = KeyedJaggedTensor.from_lengths_sync(
             keys=list(SEQUENCE_KEYS),
-            values=torch.from_numpy(np.concatenate([t.hist_item[hidx], t.hist_action[hidx], t.hist_surface[hidx]])),
+            values=torch.from_numpy(np.concatenate([hist_item, t.hist_action[hidx], t.hist_surface[hidx]])),
             lengths=torch.from_numpy(np.tile(lengths, len(SEQUENCE_KEYS))))
         history = SequenceBatch(
             features=features, timestamps=torch.from_numpy(t.hist_ts[hidx]), request_ids=torch.from_numpy(reqs),
             max_len=int(lengths.max(initial=0)), target_timestamp=torch.from_numpy(t.time[reqs]),
             weights=torch.from_numpy(weight))
         return RankingBatch(
-            history=history, cand_item=torch.from_numpy(t.cand_item[cidx]),
+            history=history, cand_item=torch.from_numpy(cand_item),
             cand_offsets=torch.from_numpy(np.r_[0, np.cumsum(ncand)].astype(np.int64)),
             labels=torch.from_numpy(t.label[cidx].astype(np.float32)),
             dense=torch.from_numpy(np.ascontiguousarray(self.store.dense[cidx])),
@@ -275,6 +315,7 @@ def build_ranking_loader(spec: RankingDataSpec, info: RankingInfo, split: str, *
     """
     dataset = RankingBatchDataset(
         load_ranking_store(info.root), split, batch_size=spec.batch_size if split == "train" else spec.eval_batch_size,
-        max_len=spec.max_len, rank=rank, world_size=world_size, seed=seed)
+        max_len=spec.max_len, rank=rank, world_size=world_size, seed=seed,
+        item_ids=info.item_raw_ids if spec.raw_ids else None)
     return SequenceDataLoader(dataset, batch_size=None, sampler=EpochBatchSampler(len(dataset)), collate_fn=_identity,
                               num_workers=spec.num_workers, persistent_workers=spec.num_workers > 0)

@@ -232,6 +232,20 @@ def _jagged(col: pa.ChunkedArray) -> Tuple[np.ndarray, np.ndarray]:
     return np.r_[0, np.cumsum(lengths)].astype(np.int64), pc.list_flatten(arr).to_numpy().astype(np.int64)
 
 
+def _check_item_ids(path: str, column: str, ids: np.ndarray, offsets: Optional[np.ndarray], num_items: int) -> None:
+    """Stored item ids are dense rows of the item table: DataFormatError naming the file, row and column
+    for the first id outside [0, num_items) (raw ids live in the corpus's item_map.parquet, not here).
+    offsets [R+1]: ``ids`` is a list column (row = request), None: one id per row."""
+    bad = (ids < 0) | (ids >= num_items)
+    if not bad.any():
+        return
+    pos = int(np.flatnonzero(bad)[0])
+    row = pos if offsets is None else int(np.searchsorted(offsets, pos, side="right") - 1)
+    raise DataFormatError(f"{path}: row {row}: {column} {int(ids[pos])} outside the dense item ids [0, {num_items}) "
+                          f"({int(bad.sum())} such id(s)); a prepared ranking dir stores dense ids and maps them "
+                          f"to raw ids in {PRETRAIN_DIR}/{ITEM_MAP_FILE} (data.raw_ids=true emits those)")
+
+
 @functools.lru_cache(maxsize=4)
 def _load(root: str, mtime_ns: int) -> RankingStore:
     meta = RankingMeta.load(root)
@@ -255,6 +269,8 @@ def _load(root: str, mtime_ns: int) -> RankingStore:
     dense = np.stack([cand.column(f"dense_{j}").to_numpy() for j in range(f)], axis=1) if f else \
         np.zeros((cand.num_rows, 0), np.float32)
     is_new = cand.column("is_new").to_numpy(zero_copy_only=False)
+    _check_item_ids(os.path.join(root, REQUESTS_FILE), "hist_item", tables.hist_item, offsets, meta.num_items)
+    _check_item_ids(os.path.join(root, CANDIDATES_FILE), "item_id", tables.cand_item, None, meta.num_items)
     return RankingStore(root, meta, tables, dense.astype(np.float32), is_new)
 
 

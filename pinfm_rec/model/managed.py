@@ -150,6 +150,25 @@ def slot_ids(model: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(raws), torch.cat(slots)
 
 
+@torch.no_grad()
+def resort_slots(model: nn.Module) -> int:
+    """Re-sort the slot state of every managed table of an UNSHARDED ``model`` after loading weights a
+    sharded run saved: each rank kept its own slice sorted (free slots, raw id int64 max, at its end),
+    so the concatenated slices are not one sorted array, which the remap's binary search needs.
+    Returns the number of tables re-sorted."""
+    mods = _mch_modules(model)
+    for m in mods:
+        if hasattr(m, "_sort_mch_buffers"):
+            m._sort_mch_buffers()
+        else:  # pragma: no cover - TorchRec without the helper
+            order = torch.argsort(m._mch_sorted_raw_ids, stable=True)
+            m._mch_sorted_raw_ids.copy_(m._mch_sorted_raw_ids[order])
+            m._mch_remapped_ids_mapping.copy_(m._mch_remapped_ids_mapping[order])
+            for buf in getattr(m, "_mch_metadata", {}).values():
+                buf.copy_(buf[order])
+    return len(mods)
+
+
 def managed_stats(model: nn.Module) -> Dict[str, int]:
     """This rank's managed-table counters: ``slots`` (rows), ``occupied`` (admitted raw ids)."""
     n = sum(int(m._zch_size) for m in _mch_modules(model))

@@ -66,11 +66,13 @@ def run(args) -> dict:
         from pinfm_rec.data.ranking import prepare_ranking
 
         info = prepare_ranking(loaded.spec.data)
-        n = write_request_file(info.root, args.make_input, args.input, args.max_requests)
+        n = write_request_file(info.root, args.make_input, args.input, args.max_requests,
+                               raw_ids=loaded.spec.data.raw_ids)
         console.echo(f"wrote {n} {args.make_input} requests to {args.input}")
     fp32_bytes = table_bytes(loaded.model)
     quantize_tables(loaded.model, args.tables)
     req = RequestFile(args.input, loaded.num_dense)
+    req.check_item_ids(*loaded.item_id_rule())
     scorer = Scorer(loaded.model, loaded.max_len, device, buckets=args.buckets, compile=args.compile,
                     autocast=torch.bfloat16 if args.bf16 else None)
     out = {"checkpoint": loaded.checkpoint, "device": str(device), "tables": args.tables,

@@ -23,12 +23,14 @@ from pinfm_rec.errors import CheckpointError, EncoderError
 from pinfm_rec.features import TABLE_VOCAB, VOCAB_KEYS
 from pinfm_rec.model.encoder import PinFMEncoder
 from pinfm_rec.model.pinfm import ModelSpec
-from pinfm_rec.rankers.dlrm import RankerWithEncoder, build_ranker
+from pinfm_rec.rankers.dlrm import CAND_FEATURE, RankerWithEncoder, build_ranker
 from pinfm_rec.spec import from_dict
 
 DENSE_IN = "ranker.dense_arch.model._mlp.0._linear.weight"  # [dense_arch[0], F + out_dim]
 CAND_TABLE = "ranker.sparse_arch.embedding_bag_collection.embedding_bags.t_r_cand.weight"  # [num_items, E]
 EC_PREFIX = "encoder.fm.ec.embeddings."
+# embedding.id_mode=managed: the item table inside the managed collection, the others beside it
+MANAGED_PREFIX = {"t_item": "encoder.fm.ec.items._embedding_module.embeddings.", "*": "encoder.fm.ec.rest.embeddings."}
 
 
 @dataclass
@@ -44,6 +46,21 @@ class Loaded:
     @property
     def max_len(self) -> int:
         return self.spec.data.max_len
+
+    def item_id_rule(self) -> Tuple[Optional[int], str]:
+        """(exclusive upper bound of the item ids a request may carry or None, what the ids are): dense
+        row numbers of the ranker's tables unless the run trained on raw ids (``data.raw_ids``: any
+        int64 >= 0, below ``input_hash_size`` for a managed encoder) or hashes them (``id_mode=hash``)."""
+        enc = self.model.encoder
+        emb = enc.fm.spec.embedding if enc is not None else None
+        if self.spec.data.raw_ids:
+            if emb is not None and emb.id_mode == "managed":
+                return emb.managed.input_hash_size, "raw item ids (data.raw_ids=true, a managed encoder)"
+            return None, "raw item ids (data.raw_ids=true)"
+        if emb is not None and emb.id_mode == "hash":
+            return None, "item ids hashed into the tables (embedding.id_mode=hash)"
+        n = self.model.ranker_sizes[CAND_FEATURE] if self.model.ranker_sizes else None
+        return n, "the fine-tuning data's dense item ids (the run has data.raw_ids=false)"
 
 
 def checkpoint_shapes(path: str) -> Dict[str, Tuple[int, ...]]:
@@ -103,15 +120,17 @@ def _encoder_arch(spec, shapes: Dict[str, Tuple[int, ...]]) -> Tuple[ModelSpec, 
             raise EncoderError(f"encoder.checkpoint={enc.checkpoint}: not found; the encoder's architecture is "
                                f"read from its spec.yaml (copy the export along with the run)")
         model_spec, _ = read_pretrained(enc.checkpoint)
-    if model_spec.embedding.id_mode == "managed":  # slot tables: rows are not the vocabulary
-        raise EncoderError("the encoder's item table is managed (model.embedding.id_mode=managed): pinfm score "
-                           "serves dense-id encoders (id_mode error|hash) only")
+    managed = model_spec.embedding.id_mode == "managed"
     vocab = {}
     for table, key in TABLE_VOCAB.items():
-        shape = shapes.get(f"{EC_PREFIX}{table}.weight")
+        # managed: the item table's rows are slots (a multiple of the run's buckets), taken as its size
+        prefix = MANAGED_PREFIX.get(table, MANAGED_PREFIX["*"]) if managed else EC_PREFIX
+        shape = shapes.get(f"{prefix}{table}.weight")
         if shape is None:
-            raise CheckpointError(f"checkpoint has no encoder table {table} (model.{EC_PREFIX}{table}.weight)")
+            raise CheckpointError(f"checkpoint has no encoder table {table} (model.{prefix}{table}.weight)")
         vocab[key] = shape[0]
+    if managed:  # the slots the run saved (rounded up to its buckets), whatever the spec asked for
+        model_spec.embedding.item.num_embeddings = vocab[TABLE_VOCAB["t_item"]]
     return model_spec, {k: vocab[k] for k in VOCAB_KEYS}
 
 
@@ -130,7 +149,9 @@ def build_model(spec, shapes: Dict[str, Tuple[int, ...]], device: torch.device) 
     num_items = shapes[CAND_TABLE][0]
     dense_in = shapes[DENSE_IN][1]
     ranker = build_ranker(spec.ranker, num_items, dense_in, device=device, dense_device=device)
-    id_mode = encoder.fm.spec.embedding.id_mode if encoder is not None else "error"
+    from pinfm_rec.train.finetune import ranker_id_mode
+
+    id_mode = ranker_id_mode(spec.data.raw_ids, encoder.fm.spec.embedding.id_mode if encoder is not None else "error")
     model = RankerWithEncoder(ranker, encoder, spec.ranker.history_bag_len, freeze_encoder=enc_spec.freeze,
                               num_items=num_items, id_mode=id_mode)
     return model, dense_in - out_dim
@@ -150,6 +171,9 @@ def load_finetuned(run: str, checkpoint: Optional[str] = None, device: str | tor
     model, num_dense = build_model(spec, shapes, device)
     load_model_state(ckpt, model)
     if model.encoder is not None:
+        from pinfm_rec.model.managed import resort_slots
+
+        resort_slots(model)  # managed tables saved by several ranks: one sorted slot state
         k = kernel or spec.encoder.kernel
         model.encoder.spec.kernel = "pytorch" if k == "auto" and device.type != "cuda" else k
     return Loaded(model.eval(), spec, ckpt, num_dense)

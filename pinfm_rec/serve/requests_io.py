@@ -4,7 +4,8 @@ Input schema (``REQUEST_SCHEMA``; one row per request, any order):
 
     request_id    int64            your id of the request (echoed in the output)
     time          int64            request time, unix s (the candidates' "gap to now" feature)
-    hist_item     list<int64>      history item ids (the fine-tuning data's dense id space),
+    hist_item     list<int64>      history item ids (the fine-tuning data's ids: dense, or raw int64
+                                   source ids when the run trained with data.raw_ids=true),
     hist_action   list<int64>        chronological, aligned; any length (the scorer keeps the last
     hist_surface  list<int64>        ``data.max_len`` events of the run's spec, as training did)
     hist_ts       list<int64>      event times, unix s
@@ -17,8 +18,10 @@ Output (``write_scores``): one row per candidate, in input order: request_id int
 int32 (position in the request's ``cand_item`` list), item_id int64, score float32 (the ranker's
 probability, sigmoid of the logit), logit float32, and label int8 when the input had ``cand_label``.
 
+``RequestFile.check_item_ids`` refuses ids the model cannot take (``pinfm score`` calls it with the
+run's rule, ``model_io.Loaded.item_id_rule``): a DataError naming the file, column, row and id.
 ``write_request_file`` converts a split of a prepared ranking dir (``pinfm prepare-ranking``) into
-this schema, so tests and benchmarks can make inputs. Batches are built by the training loader's
+this schema (raw ids with ``raw_ids=True``), so tests and benchmarks can make inputs. Batches are built by the training loader's
 own code (``RankingBatchDataset`` in request order), so histories are cut exactly as in training.
 """
 from __future__ import annotations
@@ -50,14 +53,23 @@ def _lists(offsets: np.ndarray, values: np.ndarray, typ: pa.DataType) -> pa.Arra
     return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32), pa.int32()), pa.array(values, typ))
 
 
-def write_request_file(ranking_dir: str, split: str, out_path: str, max_requests: Optional[int] = None) -> int:
+def write_request_file(ranking_dir: str, split: str, out_path: str, max_requests: Optional[int] = None,
+                       raw_ids: bool = False) -> int:
     """Write requests of ``split`` (train | valid | test) of a prepared ranking dir as request-grouped
-    Parquet (module doc; labels included). Returns the number of requests written."""
+    Parquet (module doc; labels included), item ids raw (the dir's item map) when ``raw_ids``.
+    Returns the number of requests written."""
     st = load_ranking_store(ranking_dir)
     rows = np.flatnonzero(st.tables.split == SPLIT_IDS[split])
     if max_requests is not None:
         rows = rows[:max_requests]
     t = st.tables.take(rows)
+    if raw_ids:
+        from dataclasses import replace
+
+        from pinfm_rec.data.ranking import read_item_map
+
+        raw = read_item_map(ranking_dir)
+        t = replace(t, hist_item=raw[t.hist_item], cand_item=raw[t.cand_item])
     cidx = np.concatenate([np.arange(st.tables.cand_offsets[r], st.tables.cand_offsets[r + 1]) for r in rows]
                           ) if rows.size else np.zeros(0, np.int64)
     dense = st.dense[cidx.astype(np.int64)]  # [C, F]
@@ -128,6 +140,21 @@ class RequestFile:
     @property
     def num_requests(self) -> int:
         return int(self.request_id.size)
+
+    def check_item_ids(self, upper: Optional[int], what: str) -> None:
+        """DataError naming the file, column, row (0-based, of the file) and id for the first item id
+        < 0 or >= ``upper`` (None: no upper bound) in hist_item / cand_item; ``what``: the ids the
+        model takes, for the message."""
+        t = self.store.tables
+        for col, ids, off in (("hist_item", t.hist_item, t.hist_offsets), ("cand_item", t.cand_item, t.cand_offsets)):
+            bad = ids < 0 if upper is None else (ids < 0) | (ids >= upper)
+            if bad.any():
+                pos = int(np.flatnonzero(bad)[0])
+                row = int(np.searchsorted(off, pos, side="right") - 1)
+                rng = "ids >= 0" if upper is None else f"ids in [0, {upper})"
+                raise DataError(f"{self.path}: row {row} (request_id {int(self.request_id[row])}): {col} id "
+                                f"{int(ids[pos])} is not one the model takes ({int(bad.sum())} such id(s) in "
+                                f"{col}); it takes {what}: {rng}")
 
     def batches(self, requests_per_batch: int, max_len: int) -> Iterator[Tuple[RankingBatch, np.ndarray]]:
         """(batch, the file rows of its requests [U]) in file order; histories cut to the last

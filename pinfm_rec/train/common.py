@@ -32,6 +32,7 @@ from pinfm_rec.train.checkpoint import (
     resolve_resume,
     save_checkpoint,
 )
+from pinfm_rec.train.delta_export import RecipeDeltas
 from pinfm_rec.train.loop import LoopState, Trainer, run_epochs
 from pinfm_rec.train.preempt import PreemptionGuard, preempted
 from pinfm_rec.train.tblog import TBLogger
@@ -161,6 +162,8 @@ class Recipe:
                 f.write(self.spec_yaml)
             logger.info("resolved spec:\n%s", self.spec_yaml)
         self.b = self.build()
+        # delta_export=true: an incremental export (base, then changed rows) at every checkpoint
+        self.deltas = RecipeDeltas(os.path.join(self.run_dir, "deltas"), bool(getattr(spec, "delta_export", False)))
         self.loader = self.train_loader()
         self.steps_per_epoch = len(self.loader)
         total = spec.train.epochs * self.steps_per_epoch
@@ -199,6 +202,7 @@ class Recipe:
                                self.spec_yaml, self.env.rank, self.spec.checkpoint.keep_last, run_id=self.run_id,
                                protect=(st.best_step,))  # the best-valid model outlives keep_last
         self.last_ckpt = (st.step, path)
+        self.deltas.after_checkpoint(self.b.model, st.step)
         return path
 
     def train(self) -> None:

@@ -12,11 +12,19 @@ bytes of each file, for delta vs full comparisons.
 The changed rows are found by comparing against the previous export's tables, kept on rank 0 (CPU
 memory of one copy of the tables); TorchRec's DeltaTracker (``torchrec.distributed.model_tracker``,
 torchrec >= 1.7) tracks the ids in the step instead, which a larger deployment would use.
-Works on an unsharded model and under DMP (ShardedTensors are gathered on rank 0: a collective).
+Works on an unsharded model and under DMP (ShardedTensors are gathered on rank 0: a collective, in
+the tensor's own dtype: torch's ``ShardedTensor.gather`` stages shards in a float32 buffer unless told
+the dtype, which rounds int64 raw ids above 2**24 in the managed tables' slot state).
+
+Tables: EmbeddingCollection (``.embeddings.<table>.weight``) and EmbeddingBagCollection
+(``.embedding_bags.<table>.weight``, a ranker's own tables) rows; everything else is the dense rest.
+``RecipeDeltas`` is what the training recipes (pretrain, finetune) hold to write a chain at every
+checkpoint when their spec sets ``delta_export=true``.
 """
 from __future__ import annotations
 
 import glob
+import inspect
 import json
 import os
 from typing import Dict, List, Optional
@@ -30,7 +38,20 @@ STATE_FILE = "state.pt"
 
 
 def _is_table(key: str, value: torch.Tensor) -> bool:
-    return ".embeddings." in f".{key}" and key.endswith(".weight") and value.dim() == 2
+    k = f".{key}"
+    return (".embeddings." in k or ".embedding_bags." in k) and key.endswith(".weight") and value.dim() == 2
+
+
+def gather_full(v, rank: int, device: torch.device) -> Optional[torch.Tensor]:
+    """The full tensor of ShardedTensor ``v`` on rank 0 (None elsewhere; collective), in ``v``'s dtype.
+    torch's ``gather`` stages the shards in a buffer of its ``dtype`` argument, default float32: int64
+    ids (managed-table slot state, raw ids up to 2**63) would come back rounded to 24 bits."""
+    full = torch.empty(v.shape, dtype=v.dtype, device=device) if rank == 0 else None
+    if "dtype" in inspect.signature(v.gather).parameters:
+        v.gather(dst=0, out=full, dtype=v.dtype)
+    else:  # older torch: enforce_dtype uses the shards' dtype
+        v.gather(dst=0, out=full, enforce_dtype=True)
+    return full
 
 
 def plain_state(model: nn.Module) -> Optional[Dict[str, torch.Tensor]]:
@@ -46,9 +67,7 @@ def plain_state(model: nn.Module) -> Optional[Dict[str, torch.Tensor]]:
     out: Dict[str, torch.Tensor] = {}
     for k, v in model.state_dict().items():
         if isinstance(v, ShardedTensor):
-            full = torch.empty(v.shape, dtype=v.dtype, device=dev) if rank == 0 else None
-            v.gather(dst=0, out=full)
-            v = full
+            v = gather_full(v, rank, dev)
         elif hasattr(v, "full_tensor"):
             v = v.full_tensor()
         if rank == 0 and isinstance(v, torch.Tensor):
@@ -99,6 +118,27 @@ class DeltaExporter:
             json.dump({"step": step, "kind": "base" if self.prev is None else "delta"}, f)
         self.prev = tables
         return path
+
+
+class RecipeDeltas:
+    """A training recipe's incremental exports: ``after_checkpoint(model, step)`` writes the base (first
+    call) or a delta to ``out_dir`` when ``enabled`` (the spec's ``delta_export``), a no-op otherwise.
+    Held by ``train.common.Recipe`` (pretrain and finetune): the interval is the checkpoint interval
+    (``checkpoint.every_steps``, epoch ends where the recipe checkpoints them, the run's end). The
+    exporter is made at the first export, after a resume has loaded its weights, and continues a chain
+    already in ``out_dir``."""
+
+    def __init__(self, out_dir: str, enabled: bool) -> None:
+        self.out_dir, self.enabled = out_dir, enabled
+        self.exporter: Optional[DeltaExporter] = None
+
+    def after_checkpoint(self, model: nn.Module, step: int) -> Optional[str]:
+        """Collective under DMP; returns the written dir on rank 0."""
+        if not self.enabled:
+            return None
+        if self.exporter is None:
+            self.exporter = DeltaExporter(self.out_dir)
+        return self.exporter.export(model, step)
 
 
 def chain_dirs(out_dir: str) -> List[str]:

@@ -52,6 +52,9 @@ class FinetuneSpec:
     train: TrainSpec = field(default_factory=lambda: TrainSpec(epochs=3, warmup_steps=20, eval_every_epochs=1,
                                                                  early_stop_metric="gauc"))
     checkpoint: CheckpointSpec = field(default_factory=lambda: CheckpointSpec(every_steps=0))
+    # at every checkpoint also write an incremental export to <run_dir>/deltas: the encoder's and the
+    # ranker's table rows changed since the last one + the dense weights (train/delta_export.py)
+    delta_export: bool = False
 
     def __post_init__(self) -> None:
         # a spec file's `train:` section is built as a TrainSpec, whose default early-stop metric is
@@ -70,6 +73,13 @@ def _pretrained_spec(path: str, info: RankingInfo) -> ModelSpec:
 
 
 FTBuilt = Built  # the name tests and benchmarks used
+
+
+def ranker_id_mode(raw_ids: bool, encoder_id_mode: str) -> str:
+    """How the ranker's own item tables (DLRM sparse features, ``num_items`` rows) take ids: raw ids
+    (``data.raw_ids``) are hashed into them (a managed encoder admits raw ids; the ranker's tables
+    stay plain EmbeddingBagCollection tables); dense ids follow the encoder's mode (``error``: checked)."""
+    return "hash" if raw_ids else encoder_id_mode
 
 
 def _dense_optimizer(dmp, spec: FinetuneSpec):
@@ -108,7 +118,8 @@ def build_finetune(spec: FinetuneSpec, env: DistEnv) -> Built:
     dense_in = info.num_dense + (enc_spec.out_dim if encoder is not None else 0)
     ranker = build_ranker(spec.ranker, info.num_items, dense_in, device="meta", dense_device=env.device)
     model = RankerWithEncoder(ranker, encoder, spec.ranker.history_bag_len, freeze_encoder=enc_spec.freeze,
-                              num_items=info.num_items, id_mode=model_spec.embedding.id_mode)
+                              num_items=info.num_items,
+                              id_mode=ranker_id_mode(spec.data.raw_ids, model_spec.embedding.id_mode))
     shardings = table_shardings(model_spec.embedding) if encoder is not None else {}
     dmp, _ = shard_model(model, spec.parallel, env, shardings, spec.data.batch_size,
                          lr_mult={PinFMEncoder: enc_spec.lr_mult})

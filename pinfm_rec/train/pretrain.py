@@ -33,7 +33,6 @@ from pinfm_rec.train.common import (  # noqa: F401  (re-exported: eval, finetune
 )
 from pinfm_rec.train.common import prepare_on_rank0 as _prepare_on_rank0
 from pinfm_rec.train.evaluate import evaluate_retrieval
-from pinfm_rec.train.delta_export import DeltaExporter
 from pinfm_rec.train.init_from import init_from
 from pinfm_rec.train.loop import TrainSpec
 
@@ -53,7 +52,8 @@ class PretrainSpec:
     checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
     # continued pretraining: start from this encoder export / checkpoint (weights only, train/init_from.py)
     init_from: str = ""
-    # at every checkpoint also write an incremental export to <run_dir>/deltas (train/delta_export.py)
+    # at every checkpoint also write an incremental export to <run_dir>/deltas (train/delta_export.py;
+    # Recipe.deltas, shared with the fine-tune recipe)
     delta_export: bool = False
 
 
@@ -128,14 +128,6 @@ class PretrainRecipe(Recipe):
 
     def train_state_extra(self) -> dict:
         return self._vocab()
-
-    def checkpoint(self, st, epoch_done: bool = False) -> str:
-        path = super().checkpoint(st, epoch_done)
-        if self.spec.delta_export:  # base first, then the rows changed since the previous export
-            if getattr(self, "_deltas", None) is None:
-                self._deltas = DeltaExporter(os.path.join(self.run_dir, "deltas"))
-            self._deltas.export(self.b.model, st.step)
-        return path
 
     def finish(self) -> None:
         meta = {**self._vocab(), "step": self.model_step, "source": self.spec.data.source}
