@@ -66,3 +66,38 @@ def test_pretrain_recipe_writes_a_delta_chain_equal_to_its_final_model(tmp_path)
     final = PinFMEncoder.from_pretrained(str(tmp_path / "run" / "encoder")).fm.state_dict()
     for k, v in final.items():
         torch.testing.assert_close(chained[k], v, msg=k, rtol=0, atol=0)
+
+
+def _gather_worker(rank: int, port: int, out: str) -> None:
+    from gloo_world import join_gloo_world
+    import torch.distributed as dist
+    from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, ShardMetadata
+
+    from pinfm_rec.train.delta_export import gather_full
+
+    join_gloo_world(rank, port, 2)
+    try:
+        full = (2**40 + torch.arange(8, dtype=torch.int64) * 7919 + 1).reshape(4, 2)  # ids > 2**40, odd
+        md = [ShardMetadata([2 * r, 0], [2, 2], f"rank:{r}/cpu") for r in range(2)]
+        st = ShardedTensor._init_from_local_shards([Shard(full[2 * rank:2 * rank + 2].clone(), md[rank])], [4, 2])
+        got = gather_full(st, rank, torch.device("cpu"))
+        rounded = torch.empty(4, 2, dtype=torch.int64) if rank == 0 else None
+        st.gather(dst=0, out=rounded)  # torch's default: staged through a float32 buffer
+        if rank == 0:
+            torch.save({"want": full, "got": got, "rounded": rounded}, out)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_int64_ids_gather_exactly(tmp_path):
+    """Raw ids > 2**40 in a ShardedTensor (managed-table slot state under DMP) come back exact from
+    ``gather_full``; torch's ``gather`` without a dtype rounds them (the bug it avoids)."""
+    import torch.multiprocessing as mp
+    from gloo_world import free_port
+
+    out = str(tmp_path / "g.pt")
+    mp.spawn(_gather_worker, args=(free_port(), out), nprocs=2, join=True)
+    r = torch.load(out)
+    assert r["got"].dtype == torch.int64 and torch.equal(r["got"], r["want"])
+    assert not torch.equal(r["rounded"], r["want"])  # the float32 staging buffer loses the low bits

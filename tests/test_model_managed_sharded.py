@@ -61,13 +61,14 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         after = _full_tables(dmp)
         exporter.export(dmp, 2)
         full = plain_state(dmp)
-        chain_ok = None
+        chain_ok, gathered_raw = None, None
         if rank == 0:
+            gathered_raw = torch.cat([v for k, v in full.items() if k.endswith("_mch_sorted_raw_ids")])
             chained = load_chain(os.path.join(out_dir, "export"))
             chain_ok = set(chained) == set(full) and all(torch.equal(chained[k], v) for k, v in full.items())
         raw, slot = slot_ids(dmp)
         kinds = {k: {t: p.sharding_type for t, p in v.items()} for k, v in plan.plan.items()}
-        torch.save({"chain_ok": chain_ok, "loss": out["loss"].detach(), "raw": raw, "slot": slot, "before": before,
+        torch.save({"chain_ok": chain_ok, "gathered_raw": gathered_raw, "loss": out["loss"].detach(), "raw": raw, "slot": slot, "before": before,
                     "after": after, "dense_init": dense_init, "plan": kinds}, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()
     finally:
@@ -110,6 +111,9 @@ def test_managed_sharded_equals_unsharded(tmp_path):
                       for k in ("item_id", "neg_item_id")])
     assert sorted(raw.tolist()) == sorted(set(seen.tolist()))  # every id of both ranks admitted once
     assert slot.unique().numel() == slot.numel()  # zero collisions across ranks
+    # the export's gathered slot state holds the exact raw ids (62-bit; no float32 staging on the way)
+    g = res[0]["gathered_raw"]
+    assert g.dtype == torch.int64 and sorted(g[g != EMPTY_SLOT].tolist()) == sorted(raw.tolist())
     for r, out in enumerate(res):  # rank r holds slots [r*16, (r+1)*16) and the ids of bucket r
         assert bool(((out["slot"] // (ROWS // WORLD)) == r).all())
         assert bool(((out["raw"] // (HASH // WORLD)) == r).all())
