@@ -235,3 +235,26 @@ def test_scorer_and_export_on_cuda_match_cpu(run, tables, tmp_path):
     with torch.no_grad():
         got = ep.module()(*batch_inputs(padded.to(torch.device("cuda"))))[: batch.num_candidates]
     torch.testing.assert_close(got.float().cpu(), want, atol=2e-4, rtol=1e-4)
+
+
+def test_score_refuses_request_ids_the_model_cannot_take(run, tmp_path):
+    """A dense-id run (data.raw_ids=false, id_mode error): an id outside the ranker's tables (e.g. a raw
+    64-bit id) is a DataError naming the file, row, column and id, and `pinfm score` exits 2."""
+    import pyarrow as pa
+
+    from pinfm_rec.cli import main
+
+    loaded = load_finetuned(run["dir"])
+    upper, what = loaded.item_id_rule()
+    assert upper == 300 and "dense" in what
+    t = pq.read_table(run["requests"])
+    hist = t.column("hist_item").to_pylist()
+    hist[2][-1] = 2**40 + 7919
+    bad = str(tmp_path / "raw.parquet")
+    pq.write_table(t.set_column(t.column_names.index("hist_item"), "hist_item", pa.array(hist, pa.list_(pa.int64()))),
+                   bad)
+    with pytest.raises(DataError, match=rf"raw.parquet: row 2 .*hist_item id {2**40 + 7919} .*\[0, 300\)"):
+        RequestFile(bad, loaded.num_dense).check_item_ids(upper, what)
+    assert main(["score", "--run", run["dir"], "--input", bad, "--output", str(tmp_path / "s.parquet"),
+                 "--cpu"]) == 2
+    RequestFile(run["requests"], loaded.num_dense).check_item_ids(upper, what)  # its own ids pass
