@@ -119,16 +119,16 @@ def _check_encoder(spec: Any, fail) -> None:
 
 
 def _id_mode_in_effect(spec: Any) -> tuple:
-    """(embedding id mode, managed input_hash_size, where it comes from) of the model in effect: the
+    """(embedding id mode, managed input_hash_size, where it comes from ("" or " in <checkpoint>")) of the model in effect: the
     encoder checkpoint's ``model`` when fine-tuning from one, else ``model.embedding``."""
     emb = spec.model.embedding
-    mode, hash_size, owner = emb.id_mode, emb.managed.input_hash_size, "model.embedding.id_mode"
+    mode, hash_size, owner = emb.id_mode, emb.managed.input_hash_size, ""
     saved = _pretrained_model(_pretrained_dir(spec))
     if saved is not None:
         e = saved.get("embedding") or {}
         mode = e.get("id_mode", "error")
         hash_size = int((e.get("managed") or {}).get("input_hash_size", hash_size))
-        owner = f"embedding.id_mode of encoder.checkpoint {spec.encoder.checkpoint}"
+        owner = f" in encoder.checkpoint {spec.encoder.checkpoint} (its spec.yaml)"
     return mode, hash_size, owner
 
 
@@ -139,8 +139,9 @@ def _check_raw_ids(spec: Any, fail) -> None:
         return  # no encoder: only the ranker's own tables, which hash raw ids
     mode, hash_size, owner = _id_mode_in_effect(spec)
     if mode not in ("managed", "hash"):
-        fail("data.raw_ids", f"true needs {owner} managed (or hash), not {mode!r}: raw ids are not dense row "
-                             f"numbers (set data.raw_ids=false, or use an encoder with id_mode managed/hash)")
+        fail("data.raw_ids", f"true needs model.embedding.id_mode=managed (or hash){owner}, not {mode!r}: raw ids "
+                             f"are not dense row numbers (set data.raw_ids=false, or use an encoder with id_mode "
+                             f"managed/hash)")
     if _has(spec, "encoder.unseen_items") and spec.encoder.unseen_items == "zero":
         fail("encoder.unseen_items", "zero finds unseen items by dense id; with data.raw_ids=true use keep "
                                      "(a managed table admits new ids itself)")

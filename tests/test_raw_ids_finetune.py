@@ -207,7 +207,7 @@ def _load(tmp, **over):
 
 def test_spec_rejects_raw_ids_with_dense_ids(tmp_path, monkeypatch):
     monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    with pytest.raises(SpecError, match=r"key 'data.raw_ids'.*model.embedding.id_mode managed"):
+    with pytest.raises(SpecError, match=r"key 'data.raw_ids'.*model.embedding.id_mode=managed"):
         _load(tmp_path)  # synthetic-tiny's encoder has id_mode error
     assert _load(tmp_path, **{"model.embedding.id_mode": "managed"}).data.raw_ids
     assert _load(tmp_path, **{"encoder.init": "none"}).data.raw_ids  # the ranker alone hashes
