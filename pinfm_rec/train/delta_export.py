@@ -5,7 +5,8 @@ state: every table and the dense weights and buffers, managed-table slot state i
 ``out_dir/delta-<step>`` afterwards: for each table the rows that differ from the previous export
 (row ids [R] + rows [R, D]; rows a training step touched change, so these are the rows touched since
 the last export, re-initialised rows of evicted managed slots included) and the whole dense rest
-(small next to the tables). ``load_chain(out_dir)`` applies the deltas in step order to the base
+(small next to the tables; a managed table's per-slot state, [slots] int64 buffers that grow with
+the table, is diffed entry by entry like the rows). ``load_chain(out_dir)`` applies the deltas in step order to the base
 and returns the state dict a full export at the last step would hold; ``chain_sizes`` gives the
 bytes of each file, for delta vs full comparisons.
 
@@ -40,6 +41,16 @@ STATE_FILE = "state.pt"
 def _is_table(key: str, value: torch.Tensor) -> bool:
     k = f".{key}"
     return (".embeddings." in k or ".embedding_bags." in k) and key.endswith(".weight") and value.dim() == 2
+
+
+def _is_slot_state(key: str, value: torch.Tensor) -> bool:
+    """A managed table's per-slot buffer (``MCHManagedCollisionModule._mch_*``: sorted raw ids, slot
+    mapping, LRU/LFU metadata; [slots] int64): diffed entry by entry like table rows."""
+    return "._mch_" in key and value.dim() == 1 and not value.dtype.is_floating_point
+
+
+def _diffed(key: str, value: torch.Tensor) -> bool:
+    return _is_table(key, value) or _is_slot_state(key, value)
 
 
 def gather_full(v, rank: int, device: torch.device) -> Optional[torch.Tensor]:
@@ -85,7 +96,7 @@ class DeltaExporter:
         self.prev: Optional[Dict[str, torch.Tensor]] = None  # tables at the last export (rank 0)
         rank = dist.get_rank() if dist.is_initialized() else 0
         if rank == 0 and os.path.isfile(os.path.join(out_dir, BASE, STATE_FILE)):
-            self.prev = {k: v for k, v in load_chain(out_dir).items() if _is_table(k, v)}
+            self.prev = {k: v for k, v in load_chain(out_dir).items() if _diffed(k, v)}
         self.last_step: Optional[int] = None
         self.changed_rows = 0  # rows written by the last delta (all rows for the base)
         self.total_rows = 0
@@ -99,19 +110,26 @@ class DeltaExporter:
         state = plain_state(model)
         if state is None:
             return None
-        tables = {k: v for k, v in state.items() if _is_table(k, v)}
+        tables = {k: v for k, v in state.items() if _diffed(k, v)}
         if self.prev is None:
             path = os.path.join(self.out_dir, BASE)
             payload = {"full": state}
         else:
             path = os.path.join(self.out_dir, f"delta-{step:09d}")
-            rows = {}
+            rows, whole = {}, {}
             for k, w in tables.items():
-                changed = torch.nonzero((w != self.prev[k]).any(dim=1)).flatten()
-                rows[k] = (changed, w[changed].clone())
-            payload = {"rows": rows, "dense": {k: v for k, v in state.items() if k not in tables}}
-        self.total_rows = sum(w.shape[0] for w in tables.values())
-        self.changed_rows = self.total_rows if self.prev is None else sum(int(i.numel()) for i, _ in rows.values())
+                diff = w != self.prev[k]
+                changed = torch.nonzero(diff.any(dim=1) if w.dim() == 2 else diff).flatten()
+                part = w[changed].clone()
+                if w.dim() == 1 and changed.numel() * (changed.element_size() + w.element_size()) \
+                        >= w.numel() * w.element_size():
+                    whole[k] = w  # slot state that moved a lot (a sorted array shifts): cheaper whole
+                else:
+                    rows[k] = (changed, part)
+            payload = {"rows": rows, "dense": {**{k: v for k, v in state.items() if k not in tables}, **whole}}
+        self.total_rows = sum(w.shape[0] for k, w in tables.items() if w.dim() == 2)  # table rows only
+        self.changed_rows = self.total_rows if self.prev is None else \
+            sum(int(i.numel()) for k, (i, _) in rows.items() if tables[k].dim() == 2)
         os.makedirs(path, exist_ok=True)
         torch.save(payload, os.path.join(path, STATE_FILE))
         with open(os.path.join(path, "meta.json"), "w") as f:
