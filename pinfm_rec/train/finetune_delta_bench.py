@@ -55,21 +55,25 @@ def _spec(tmp: str, items: int, mode: str, requests: int, epochs: int) -> dict:
 
 
 def _breakdown(out_dir: str) -> Dict[str, object]:
-    """Rows share per table and dense bytes of the deltas (mean over deltas)."""
+    """Mean over the deltas: share of each table's rows a delta carries, bytes of the row part, of the
+    dense rest (what every delta repeats whole) and of the managed slot state in it."""
     base = torch.load(os.path.join(out_dir, BASE, STATE_FILE), weights_only=False)["full"]
     shares: Dict[str, List[float]] = {}
-    dense_bytes, row_bytes = [], []
+    dense_bytes, row_bytes, slot_bytes = [], [], []
+    nbytes = lambda t: t.numel() * t.element_size()  # noqa: E731
     for d in chain_dirs(out_dir)[1:]:
         delta = torch.load(os.path.join(d, STATE_FILE), weights_only=False)
         for k, (ids, rows) in delta["rows"].items():
-            shares.setdefault(k, []).append(ids.numel() / base[k].shape[0])
-        row_bytes.append(sum(ids.numel() * ids.element_size() + rows.numel() * rows.element_size()
-                             for ids, rows in delta["rows"].values()))
-        dense_bytes.append(sum(v.numel() * v.element_size() for v in delta["dense"].values()))
-    short = {k.split(".")[-2]: float(np.mean(v)) for k, v in shares.items()}
-    table_bytes = sum(v.numel() * v.element_size() for k, v in base.items() if k in shares)
-    return {"rows_share_per_table": short, "delta_row_bytes": float(np.mean(row_bytes)),
-            "delta_dense_bytes": float(np.mean(dense_bytes)), "full_table_bytes": int(table_bytes)}
+            if rows.dim() == 2:
+                shares.setdefault(k.split(".")[-2], []).append(ids.numel() / base[k].shape[0])
+        row_bytes.append(sum(nbytes(i) + nbytes(r) for i, r in delta["rows"].values()))
+        dense_bytes.append(sum(nbytes(v) for v in delta["dense"].values()))
+        slot_bytes.append(sum(nbytes(i) + nbytes(r) for k, (i, r) in delta["rows"].items() if "._mch_" in k)
+                          + sum(nbytes(v) for k, v in delta["dense"].items() if "._mch_" in k))
+    table_bytes = sum(nbytes(v) for v in base.values() if v.dim() == 2 and v.dtype.is_floating_point)
+    return {"rows_share_per_table": {k: float(np.mean(v)) for k, v in shares.items()},
+            "delta_row_bytes": float(np.mean(row_bytes)), "delta_dense_bytes": float(np.mean(dense_bytes)),
+            "delta_slot_state_bytes": float(np.mean(slot_bytes)), "full_table_bytes": int(table_bytes)}
 
 
 def run_one(tmp: str, items: int, mode: str, requests: int, epochs: int) -> Dict[str, object]:
