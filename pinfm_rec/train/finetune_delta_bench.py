@@ -3,7 +3,7 @@ on the synthetic ranking stream at several catalogue sizes, per id mode.
 
 One run per (catalogue size, id mode): the same request stream shape (``--requests`` requests, the
 synthetic generator's timelines), DLRM + a random-init PinFM encoder (d32, 2 layers), fused SGD
-tables, ``checkpoint.every_steps`` = a quarter of an epoch, so each incremental export covers a
+tables, ``checkpoint.every_steps`` = a fifth of an epoch, so each incremental export covers a
 "day" of ~20% of the train requests. Records per run: bytes of the base (a full export) and of each
 delta, their ratio, the share of table rows a delta carries per table, and the bytes of the dense
 rest (trunk, MLPs, managed slot state) every delta repeats.
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from pinfm_rec.spec import from_dict
-from pinfm_rec.train.delta_export import BASE, STATE_FILE, chain_dirs, chain_sizes
+from pinfm_rec.train.delta_export import BASE, STATE_FILE, _is_table, chain_dirs, chain_sizes
 
 MODES = {"dense": {"id_mode": "error"}, "managed": {"id_mode": "managed"}}
 
@@ -50,7 +50,7 @@ def _spec(tmp: str, items: int, mode: str, requests: int, epochs: int) -> dict:
         "parallel": {"embedding_optimizer": "sgd", "embedding_lr": 0.1},
         "train": {"epochs": epochs, "lr": 0.002, "warmup_steps": 10, "log_every": 50, "eval_every_epochs": 0,
                   "eval_max_batches": 2},
-        "checkpoint": {"every_steps": max(1, steps_per_epoch // 4)},
+        "checkpoint": {"every_steps": max(1, steps_per_epoch // 5)},  # 5 equal intervals per epoch
     }
 
 
@@ -70,7 +70,7 @@ def _breakdown(out_dir: str) -> Dict[str, object]:
         dense_bytes.append(sum(nbytes(v) for v in delta["dense"].values()))
         slot_bytes.append(sum(nbytes(i) + nbytes(r) for k, (i, r) in delta["rows"].items() if "._mch_" in k)
                           + sum(nbytes(v) for k, v in delta["dense"].items() if "._mch_" in k))
-    table_bytes = sum(nbytes(v) for v in base.values() if v.dim() == 2 and v.dtype.is_floating_point)
+    table_bytes = sum(nbytes(v) for k, v in base.items() if _is_table(k, v))  # embedding rows of a full export
     return {"rows_share_per_table": {k: float(np.mean(v)) for k, v in shares.items()},
             "delta_row_bytes": float(np.mean(row_bytes)), "delta_dense_bytes": float(np.mean(dense_bytes)),
             "delta_slot_state_bytes": float(np.mean(slot_bytes)), "full_table_bytes": int(table_bytes)}
