@@ -251,3 +251,64 @@ def test_stored_out_of_range_ids_name_file_and_row(tmp_path):
                                   pa.array(hist, pa.list_(pa.int64()))), os.path.join(root, REQUESTS_FILE))
     with pytest.raises(DataError, match=r"requests.parquet: row 4: hist_item -1"):
         load_ranking_store(root)
+
+
+@pytest.mark.slow
+def test_two_rank_managed_raw_id_finetune_exports_and_serves(tmp_path):
+    """2 gloo ranks (torchrun): fine-tune on raw ids with the managed item table sharded row_wise
+    (2 buckets), an incremental export every 5 steps. Its chain (gathered on rank 0) equals the final
+    checkpoint loaded unsharded for serving, where the two ranks' slot states are re-sorted into one:
+    every raw id admitted on either rank keeps its slot; `pinfm score` works on raw-id requests."""
+    import subprocess
+    import sys
+
+    from torchrec.modules.mc_modules import MCHManagedCollisionModule
+    from torchrec.sparse.jagged_tensor import JaggedTensor
+
+    from pinfm_rec.cli import main
+    from pinfm_rec.model.managed import EMPTY_SLOT, slot_ids
+    from pinfm_rec.serve.model_io import load_finetuned
+    from pinfm_rec.train.delta_export import load_chain
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "pinfm_rec.cli", "finetune", "--cpu", "--spec", "specs/finetune/synthetic-tiny.yaml", f"run_dir={run}",
+           f"data.cache_dir={tmp_path / 'cache'}", "data.raw_ids=true", f"data.synthetic.raw_id_offset={OFFSET}",
+           "data.synthetic.num_requests=800", "data.max_len=30", "model.trunk.max_len=30",
+           "model.embedding.id_mode=managed", "model.embedding.item.num_embeddings=512",
+           # ranks own equal ranges of [0, input_hash_size): this one splits the 600 raw ids 300 / 300
+           f"model.embedding.managed.input_hash_size={2 * OFFSET + 600 * 7919}",
+           "parallel.embedding_optimizer=sgd", "parallel.embedding_lr=0.1", "encoder.kernel=pytorch",
+           "train.epochs=2", "checkpoint.every_steps=5", "delta_export=true", "parallel.timeout_s=120",
+           "tensorboard=false"]
+    out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    chained = load_chain(str(run / "deltas"))
+    loaded = load_finetuned(str(run))
+    final = loaded.model.state_dict()
+    mch_keys = [k for k in final if "._mch_" in k]
+    assert mch_keys
+    for k, v in final.items():
+        if k not in mch_keys:
+            torch.testing.assert_close(chained[k], v, msg=k, rtol=0, atol=0)
+    pre = next(k[: -len("_mch_sorted_raw_ids")] for k in mch_keys if k.endswith("_mch_sorted_raw_ids"))
+    raw_c, slot_c = chained[pre + "_mch_sorted_raw_ids"], chained[pre + "_mch_remapped_ids_mapping"]
+    keep = raw_c != EMPTY_SLOT
+    want = dict(zip(raw_c[keep].tolist(), slot_c[keep].tolist()))
+    assert len(want) > 200 and min(want) >= OFFSET
+    assert {s < 256 for s in want.values()} == {True, False}  # both ranks' slots hold raw ids
+    # per rank the raw ids were sorted; concatenated they are not, until served (resort_slots)
+    assert not bool((raw_c[1:] >= raw_c[:-1]).all())
+    raw_l, slot_l = slot_ids(loaded.model)
+    assert dict(zip(raw_l.tolist(), slot_l.tolist())) == want
+    mch = next(m for m in loaded.model.modules() if isinstance(m, MCHManagedCollisionModule))
+    ids = torch.tensor(sorted(want) + [OFFSET + 7919 * 10**6 + 1])  # + a raw id never admitted
+    got = mch.remap({"f": JaggedTensor(values=ids, lengths=torch.tensor([ids.numel()]))})["f"].values()
+    assert got[:-1].tolist() == [want[i] for i in sorted(want)] and int(got[-1]) == 511  # the unknown row
+    res = tmp_path / "scores.parquet"
+    assert main(["score", "--run", str(run), "--make-input", "test", "--input", str(tmp_path / "req.parquet"),
+                 "--output", str(res), "--cpu"]) == 0
+    logits = pq.read_table(res).column("logit").to_numpy()
+    assert logits.size > 100 and np.isfinite(logits).all()

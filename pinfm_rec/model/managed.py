@@ -155,6 +155,8 @@ def resort_slots(model: nn.Module) -> int:
     """Re-sort the slot state of every managed table of an UNSHARDED ``model`` after loading weights a
     sharded run saved: each rank kept its own slice sorted (free slots, raw id int64 max, at its end),
     so the concatenated slices are not one sorted array, which the remap's binary search needs.
+    TorchRec's MCH load_state_dict post-hook (``validate_state``) already re-sorts in the versions
+    tested here; this makes serving independent of that hook (idempotent on sorted state).
     Returns the number of tables re-sorted."""
     mods = _mch_modules(model)
     for m in mods:
