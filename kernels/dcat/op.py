@@ -94,23 +94,25 @@ dcat_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 class _DcatFn(torch.autograd.Function):
     """Eager fast path: same kernels as the custom ops, without the custom-op
-    dispatch overhead (tens of microseconds per call on slow hosts). config: an explicit
-    DcatConfig, or None for ``config.select``'s."""
+    dispatch overhead (tens of microseconds per call on slow hosts). meta: (max_ctx, scale,
+    max_cands, max_ctx_len, config), one argument (Function.apply walks every argument);
+    config: an explicit DcatConfig, or None for ``config.select``'s."""
 
     @staticmethod
-    def forward(ctx, q, k, v, k_ctx, v_ctx, co, xo, max_ctx, scale, max_cands, max_ctx_len,
-                config):
-        o, lse = _fwd_impl()(q, k, v, k_ctx, v_ctx, co, xo, max_ctx, scale, max_cands,
-                             max_ctx_len, None if config is None else config.fwd)
+    def forward(ctx, q, k, v, k_ctx, v_ctx, co, xo, meta):
+        max_ctx, scale, max_cands, max_ctx_len, config = meta
+        o, lse = (_FWD or _fwd_impl())(q, k, v, k_ctx, v_ctx, co, xo, max_ctx, scale,
+                                       max_cands, max_ctx_len,
+                                       None if config is None else config.fwd)
         ctx.save_for_backward(q, k, v, k_ctx, v_ctx, co, xo, o, lse)
-        ctx.args = (max_ctx, scale, max_cands, max_ctx_len, config)
+        ctx.args = meta
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, k_ctx, v_ctx, co, xo, o, lse = ctx.saved_tensors
         grads = _bwd_impl()(do.contiguous(), q, k, v, k_ctx, v_ctx, o, lse, co, xo, *ctx.args)
-        return (*grads, None, None, None, None, None, None, None)
+        return (*grads, None, None, None)
 
 
 _MAX_LENS: dict = {}  # id(offsets) -> (weakref, data_ptr, version, max length)
@@ -201,8 +203,8 @@ def dcat_attention(q: Tensor, k: Tensor, v: Tensor, k_ctx: Tensor, v_ctx: Tensor
         return (_FWD or _fwd_impl())(q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets,
                                      max_ctx, scale, max_cands, max_ctx_len,
                                      None if config is None else config.fwd)[0]
-    return _DcatFn.apply(q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, max_ctx, scale,
-                         max_cands, max_ctx_len, config)
+    return _DcatFn.apply(q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets,
+                         (max_ctx, scale, max_cands, max_ctx_len, config))
 
 
 _is_compiling = torch.compiler.is_compiling
