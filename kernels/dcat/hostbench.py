@@ -41,15 +41,18 @@ H200_SMS = 132
 MODES = ("infer", "fwd", "custom_op")
 
 
+_LAUNCHES = [0]  # kernel launches the stubs took (checked: one per call)
+
+
 class _NoopCompiled:
-    """Stands in for Triton's CompiledKernel: ``compiled[grid](*args)`` does nothing."""
+    """Stands in for Triton's CompiledKernel: ``compiled[grid](*args)`` only counts."""
 
     def __getitem__(self, grid):
         return _noop
 
 
 def _noop(*args, **kwargs):
-    return None
+    _LAUNCHES[0] += 1
 
 
 class _StubJIT:
@@ -61,7 +64,10 @@ class _StubJIT:
         self._compiled = _NoopCompiled()
 
     def __getitem__(self, grid):
-        return lambda *args, **consts: self._compiled
+        def jit(*args, **consts):
+            _LAUNCHES[0] += 1
+            return self._compiled
+        return jit
 
 
 class _Stream:
@@ -152,7 +158,9 @@ def measure(n: int = 2000, repeats: int = 5, shapes=SHAPES, modes=MODES) -> dict
                     assert out is not None
                     if mode == "fwd":
                         assert out.grad_fn is not None  # the autograd node is built
+                    before = _LAUNCHES[0]
                     row[mode] = round(time_call(fn, n, repeats), 2)
+                    assert _LAUNCHES[0] - before == 20 + n * repeats, "one launch per call"
             res[f"{R},{L},{C}"] = row
             print(f"{R},{L},{C}", json.dumps(row), flush=True)
     assert not op._FORCE_CUSTOM_OP

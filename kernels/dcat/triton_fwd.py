@@ -278,10 +278,10 @@ def _tl_descriptors(k_ctx, v_ctx, Lc, H, Dh, bn):
 
 
 def _launch_tl(grid, args, k_ctx, v_ctx, Cn, H, Dh, n_mtiles, max_ctx, split_size, qk_scale,
-               cfg: FwdConfig, split: bool, ieee: bool, elem: int):
+               cfg: FwdConfig, split: bool, ieee: bool, elem: int, tile=None):
     use_tma = cfg.tma and k_ctx.shape[0] > 0
-    # split_size stays a multiple of the (possibly halved) key block
-    bn, stages = fit_smem(cfg.block_n, cfg.block_m, cfg.num_stages, 2, 1, Dh, elem)
+    # split_size stays a multiple of the (possibly halved) key block; tile: the plan's
+    bn, stages = tile or fit_smem(cfg.block_n, cfg.block_m, cfg.num_stages, 2, 1, Dh, elem)
     if use_tma and bn == cfg.block_n:
         kd, vd = _tl_descriptors(k_ctx, v_ctx, k_ctx.shape[0], H, Dh, bn)
     else:
@@ -298,7 +298,7 @@ class _Plan:
     every call with the same (config, device, dtypes, R, H, Dh, max_cands, max_ctx_len,
     max_ctx)."""
     __slots__ = ("cfg", "n_mtiles", "split_size", "n_split", "split", "grid", "gluon",
-                 "combine_grid", "combine_kw", "scale_ok")
+                 "tl_tile", "combine_grid", "combine_kw")
 
 
 _PLANS: dict = {}
@@ -325,6 +325,7 @@ def plan_for(key, q, cfg: FwdConfig | None, R: int, H: int, Dh: int, max_cands: 
     p.n_split = max(1, cdiv(n_eff, p.split_size))
     p.split = p.n_split > 1
     p.grid = (R * p.n_mtiles, H, p.n_split)
+    p.tl_tile = fit_smem(cfg.block_n, cfg.block_m, cfg.num_stages, 2, 1, Dh, q.element_size())
     cm = cdiv(max_cands, 64) if max_cands > 0 else 0
     p.combine_grid = (R * cm, H)
     p.combine_kw = dict(HEAD_DIM=Dh, BLOCK_M=64, **({} if cfg.variant is Variant.INTERPRET
@@ -359,9 +360,9 @@ def dcat_fwd_triton(q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, max_ctx: i
     lse = q.new_empty((Cn, H), dtype=torch.float32)
     if Cn == 0 or R <= 0 or max_cands <= 0:
         return o, lse
-    p = plan_for((id(cfg), q.get_device(), q.dtype, k.dtype, v.dtype, k_ctx.dtype,
-                  v_ctx.dtype, cand_offsets.dtype, ctx_offsets.dtype, R, H, Dh, max_cands,
-                  max_ctx_len, max_ctx), q, cfg, R, H, Dh, max_cands, max_ctx_len, max_ctx)
+    key = (id(cfg), q.get_device(), q.dtype, k.dtype, v.dtype, k_ctx.dtype, v_ctx.dtype,
+           cand_offsets.dtype, ctx_offsets.dtype, R, H, Dh, max_cands, max_ctx_len, max_ctx)
+    p = _PLANS.get(key) or plan_for(key, q, cfg, R, H, Dh, max_cands, max_ctx_len, max_ctx)
     cfg = p.cfg
     split = p.split
     if split:
@@ -374,9 +375,10 @@ def dcat_fwd_triton(q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, max_ctx: i
     combined, ran = False, False
     gp = p.gluon
     if gp is not None and not _GLUON_FAILED and k_ctx.shape[0] > 0:
-        ptr_bits = (q.data_ptr() | k.data_ptr() | v.data_ptr() | k_ctx.data_ptr()
-                    | v_ctx.data_ptr() | cand_offsets.data_ptr() | ctx_offsets.data_ptr())
-        if not (k_ctx.data_ptr() | v_ctx.data_ptr()) & 15:  # TMA: 16-byte aligned history
+        kv_bits = k_ctx.data_ptr() | v_ctx.data_ptr()
+        if not kv_bits & 15:  # TMA: a 16-byte aligned history
+            ptr_bits = (kv_bits | q.data_ptr() | k.data_ptr() | v.data_ptr()
+                        | cand_offsets.data_ptr() | ctx_offsets.data_ptr())
             try:
                 combined = _gluon.launch(grid, q, k, v, k_ctx, v_ctx, cand_offsets,
                                          ctx_offsets, o, lse, po, pl, Cn, H, p.n_mtiles,
@@ -393,7 +395,7 @@ def dcat_fwd_triton(q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, max_ctx: i
     if not ran:
         _launch_tl(grid, (q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, o, lse, po, pl),
                    k_ctx, v_ctx, Cn, H, Dh, p.n_mtiles, max_ctx, p.split_size, qk_scale, cfg,
-                   split, q.dtype == torch.float32, q.element_size())
+                   split, q.dtype == torch.float32, q.element_size(), p.tl_tile)
     if split and not combined:
         _dcat_combine_kernel[p.combine_grid](
             cand_offsets, ctx_offsets, o, lse, po, pl,
