@@ -268,6 +268,7 @@ def _stub_launch_env(monkeypatch, g):
     monkeypatch.setattr(g, "_dcat_fwd_gluon_kernel", Kernel())
     monkeypatch.setattr(g, "_DIRECT_FAILED", [])
     monkeypatch.setattr(g, "_PAIRS", {})
+    monkeypatch.setattr(g, "_KERNELS", {})
     return calls
 
 
@@ -293,7 +294,7 @@ def test_gluon_plan_direct_launch_needs_aligned_pointers_and_int32(monkeypatch):
                         0.18, cfg, False, plan, aligned)
     go(plan)
     go(plan)
-    assert [c[0] for c in calls] == ["jit", "direct"] and plan.compiled is not None
+    assert [c[0] for c in calls] == ["jit", "direct"] and plan.kernel.compiled is not None
     assert calls[1][2][-8:] == plan.const_values and calls[1][2][11] is calls[0][2][11]
     go(plan, aligned=False)
     go(plan, Cn=2 ** 31)
@@ -302,7 +303,16 @@ def test_gluon_plan_direct_launch_needs_aligned_pointers_and_int32(monkeypatch):
     assert not wide.ints_ok
     go(wide)
     go(wide)
-    assert [c[0] for c in calls[4:]] == ["jit", "jit"] and wide.compiled is None
+    assert [c[0] for c in calls[4:]] == ["jit", "jit"]
+    # another plan of the same specialisation (other max lengths) shares the compiled kernel:
+    # its first call is already direct
+    other = g.GluonPlan(cfg, torch.bfloat16, Dh, False, (H, 3, 0, 128))
+    assert other.kernel is plan.kernel and wide.kernel is plan.kernel
+    go(other)
+    assert calls[-1][0] == "direct"
+    assert g.GluonPlan(cfg, torch.bfloat16, Dh, True, (H, 1, 0, 128)).kernel is not plan.kernel
+    assert g.GluonPlan(cfg, torch.bfloat16, Dh, False, (H, 1, 0, 128),
+                       spec=(0, torch.int32)).kernel is not plan.kernel
     # the alignment check of the call itself (aligned=None): a 2-byte offset is caught
     odd = torch.zeros(5 * H * Dh + 1, dtype=torch.bfloat16)[1:].view(5, H, Dh)
     g.launch((1, H, 1), odd, q, q, kc, kc, co, xo, o, lse, o, lse, 5, H, 1, 0, 128, 0.18,
@@ -419,7 +429,7 @@ def test_cached_descriptor_launch_reproduces_triton36_launcher_arguments(monkeyp
 
     monkeypatch.setattr(g, "_dcat_fwd_gluon_kernel", Kernel())
     for name, value in (("_DIRECT_FAILED", []), ("_FAST_FAILED", []), ("_PAIRS", {}),
-                        ("CACHED_LAUNCH", True)):
+                        ("_KERNELS", {}), ("CACHED_LAUNCH", True)):
         monkeypatch.setattr(g, name, value)
     monkeypatch.setattr(g, "_triton_stream_fns", lambda: (lambda: 0, lambda dev: 99))
     monkeypatch.setattr(nvd, "_BASE_ARGS_FORMAT_LEN", 13, raising=False)
@@ -438,13 +448,13 @@ def test_cached_descriptor_launch_reproduces_triton36_launcher_arguments(monkeyp
         g.launch((1, H, 1), q, q, q, kc, kc, co, xo, o, lse, o, lse, 5, H, 1, 0, 128, 0.18,
                  cfg, False, plan, True)
     go(kcs[0])                       # JIT launch (here: the fake's runner), fast launcher made
-    assert plan.fast is not None and not g._FAST_FAILED
+    assert plan.kernel.fast is not None and not g._FAST_FAILED
     go(kcs[0])                       # cached-descriptor launch
     go(kcs[0])
     assert len(raw) == 3 and raw[1] == raw[0] and raw[2] == raw[0]
     assert len(enc) == 2 + 2         # the JIT call encoded both; the fast ones once, cached
     pair = next(iter(g._PAIRS.values()))
-    assert list(pair.encoded) == [plan.fast]
+    assert list(pair.encoded) == [plan.kernel.fast]
     monkeypatch.setattr(g, "CACHED_LAUNCH", False)  # reference: the default direct launch
     go(kcs[1])
     n_enc = len(enc)

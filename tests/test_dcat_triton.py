@@ -200,6 +200,7 @@ def test_cached_descriptor_launch_matches_the_default_launch_bit_for_bit(
     monkeypatch.setattr(g, "_fast_launch", counting)
     monkeypatch.setattr(g, "_FAST_FAILED", [])
     monkeypatch.setattr(fwd, "_PLANS", {})
+    monkeypatch.setattr(g, "_KERNELS", {})
     cases = [([256] * 2, [1024] * 2, 0), ([3, 70], [300, 1200], 0),
              ([1, 70, 130], [13000, 0, 12500], 0), ([1, 70, 130], [13000, 0, 12500], 700)]
     for i, (cl, xl, max_ctx) in enumerate(cases):
@@ -226,4 +227,4 @@ def test_cached_descriptor_launch_matches_the_default_launch_bit_for_bit(
     assert not g._FAST_FAILED, g._FAST_FAILED
     assert fast_calls and all(fast_calls)  # the cached path launched, every time it was asked
     plans = [p.gluon for p in fwd._PLANS.values() if p.gluon is not None]
-    assert plans and all(p.fast is not None for p in plans)
+    assert plans and all(p.kernel.fast is not None for p in plans)

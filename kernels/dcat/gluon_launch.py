@@ -122,14 +122,29 @@ def _run(kernel, grid, args, consts, direct: bool, compiled=None, const_values=N
     return compiled
 
 
+class _Kernel:
+    """The CompiledKernel Triton's JIT returned for one specialisation (device, dtypes,
+    constexprs), shared by every plan with that specialisation (plans differ in max lengths,
+    which Triton does not specialise on), and its cached-descriptor launcher."""
+    __slots__ = ("compiled", "fast")
+
+    def __init__(self):
+        self.compiled = None  # after the first (JIT) launch
+        self.fast = None      # cached-descriptor launcher (PINFM_DCAT_CACHED_LAUNCH=1)
+
+
+_KERNELS: dict = {}  # (device, dtypes, constexprs) -> _Kernel
+
+
 class GluonPlan:
     """Everything about a Gluon launch that depends only on the shape key of
     ``triton_fwd.plan_for`` (decided once per key, not per call): the K/V block, whether the
     split partials are merged in the kernel, the constexprs (also in signature order for the
-    direct launch), and the CompiledKernel after the first launch."""
-    __slots__ = ("bn", "fuse", "consts", "const_values", "ints_ok", "compiled", "fast")
+    direct launch), and the compiled kernel of this specialisation (``kernel``). spec: what
+    else Triton specialises on (device, the dtypes of every tensor argument)."""
+    __slots__ = ("bn", "fuse", "consts", "const_values", "ints_ok", "kernel")
 
-    def __init__(self, cfg: FwdConfig, dtype, Dh: int, split: bool, ints):
+    def __init__(self, cfg: FwdConfig, dtype, Dh: int, split: bool, ints, spec=()):
         # Dh 128 with 128-key blocks would not fit the registers; 64-key blocks still divide
         # every split
         self.bn = cfg.block_n if Dh <= 64 else min(cfg.block_n, 64)
@@ -143,8 +158,10 @@ class GluonPlan:
         names = _dcat_fwd_gluon_kernel.arg_names
         self.const_values = tuple(self.consts[n] for n in names[names.index("HEAD_DIM"):])
         self.ints_ok = all(-_I32 <= i < _I32 for i in ints)
-        self.compiled = None   # the CompiledKernel, after the first (JIT) launch
-        self.fast = None       # cached-descriptor launcher (PINFM_DCAT_CACHED_LAUNCH=1)
+        key = (spec, dtype, self.const_values)
+        self.kernel = _KERNELS.get(key)
+        if self.kernel is None:
+            self.kernel = _KERNELS[key] = _Kernel()
 
 
 def launch(grid, q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, o, lse, po, pl,
@@ -171,15 +188,16 @@ def launch(grid, q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, o, lse, po, p
     args = (q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, o, lse, po, pl, pair.kd, pair.vd,
             cnt, Cn, H, n_mtiles, max_ctx, split_size, qk_scale)
     # CACHED_LAUNCH is read per call: the bench times both settings in one process
-    fast = plan.fast if direct and CACHED_LAUNCH else None
+    kern = plan.kernel
+    fast = kern.fast if direct and CACHED_LAUNCH else None
     if fast is not None and _fast_launch(fast, grid, args, pair):
         return plan.fuse
     compiled = _run(_dcat_fwd_gluon_kernel, grid, args, plan.consts, direct,
-                    plan.compiled if direct else None, plan.const_values)
+                    kern.compiled if direct else None, plan.const_values)
     if direct and compiled is not None:
-        plan.compiled = compiled
-        if CACHED_LAUNCH and plan.fast is None and not _FAST_FAILED:
-            plan.fast = _make_fast(compiled, plan.const_values)
+        kern.compiled = compiled
+        if CACHED_LAUNCH and kern.fast is None and not _FAST_FAILED:
+            kern.fast = _make_fast(compiled, plan.const_values)
     return plan.fuse
 
 

@@ -123,7 +123,9 @@ def _max_len(offsets: Tensor) -> int:
     with the device, so the answer is kept per tensor while that tensor lives unmodified (its
     version counter, bumped by every in-place write, and its data pointer unchanged): a
     serving loop that reuses its offsets pays the sync once. Pass max_cands / max_ctx_len to
-    avoid it altogether."""
+    avoid it altogether. Not cached while torch.compile traces (as before: one sync)."""
+    if _is_compiling():
+        return 0 if offsets.numel() < 2 else int((offsets[1:] - offsets[:-1]).max().item())
     try:
         version = offsets._version
     except RuntimeError:  # an inference-mode tensor tracks no version: not cached

@@ -333,7 +333,7 @@ def plan_for(key, q, cfg: FwdConfig | None, R: int, H: int, Dh: int, max_cands: 
     p.gluon = None
     if cfg.variant.gluon and _gluon_module().usable_for(q.is_cuda, q.dtype, Dh, H, cfg):
         p.gluon = _gluon.GluonPlan(cfg, q.dtype, Dh, p.split,
-                                   (H, p.n_mtiles, max_ctx, p.split_size))
+                                   (H, p.n_mtiles, max_ctx, p.split_size), key[1:9])
     if len(_PLANS) >= _MAX_PLANS:
         _PLANS.clear()
     _PLANS[key] = p
