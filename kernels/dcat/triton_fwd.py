@@ -332,7 +332,8 @@ def plan_for(key, q, cfg: FwdConfig | None, R: int, H: int, Dh: int, max_cands: 
                                                     else dict(num_warps=4)))
     p.gluon = None
     if cfg.variant.gluon and _gluon_module().usable_for(q.is_cuda, q.dtype, Dh, H, cfg):
-        p.gluon = _gluon.GluonPlan(cfg, q.dtype, Dh, p.split,
+        # key[5]: k_ctx's dtype (the descriptors' dtype decides the fixed-max softmax)
+        p.gluon = _gluon.GluonPlan(cfg, key[5], Dh, p.split,
                                    (H, p.n_mtiles, max_ctx, p.split_size), key[1:9])
     if len(_PLANS) >= _MAX_PLANS:
         _PLANS.clear()
