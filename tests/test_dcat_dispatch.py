@@ -486,3 +486,18 @@ def test_cached_descriptor_launch_refuses_other_launcher_layouts(monkeypatch):
         assert g._make_fast(Other(), ()) is None
     assert len(g._FAST_FAILED) == 1
     assert not g.CACHED_LAUNCH or os.environ.get("PINFM_DCAT_CACHED_LAUNCH") == "1"
+
+
+def test_host_proxy_runs_the_gluon_host_path_and_restores_everything():
+    # kernels/dcat/hostbench.py: the GPU host path on CPU tensors (kernel launch stubbed, one
+    # launch per call checked inside), unsplit and split (fused combine: split tickets) shapes
+    pytest.importorskip("triton.experimental.gluon.nvidia.hopper")
+    from pinfm_rec.kernels.dcat import config, gluon_launch, hostbench, triton_fwd
+    kernel, plans = gluon_launch._dcat_fwd_gluon_kernel, triton_fwd._PLANS
+    res = hostbench.measure(n=5, repeats=1, shapes=[(8, 512, 256), (1, 16384, 1024)],
+                            modes=("infer", "fwd"))
+    assert set(res) == {"8,512,256", "1,16384,1024"}
+    assert all(v > 0 for row in res.values() for v in row.values())
+    assert "is_cuda" not in vars(torch.Tensor) and not torch.zeros(1).is_cuda
+    assert gluon_launch._dcat_fwd_gluon_kernel is kernel and triton_fwd._PLANS is plans
+    assert (torch.device("cpu"), torch.bfloat16, 64) not in config._SELECTED

@@ -81,7 +81,8 @@ def proxy():
     saved = []
 
     def patch(obj, name, value):
-        saved.append((obj, name, getattr(obj, name, None), hasattr(obj, name)))
+        own = vars(obj)  # restored exactly: an inherited attribute (is_cuda) is deleted again
+        saved.append((obj, name, own.get(name), name in own))
         setattr(obj, name, value)
 
     cfg = config.default_config(config.Variant.GLUON_FIXED_MAX, tma=True)
@@ -113,7 +114,9 @@ def proxy():
 
 def _inputs(R, L, C, grad):
     g = torch.Generator().manual_seed(0)
-    mk = lambda n: torch.randn(n, H, DH, generator=g).to(torch.bfloat16).requires_grad_(grad)  # noqa: E731
+
+    def mk(n):
+        return torch.randn(n, H, DH, generator=g).to(torch.bfloat16).requires_grad_(grad)
     q, k, v, kc, vc = mk(R * C), mk(R * C), mk(R * C), mk(R * L), mk(R * L)
     co = torch.arange(0, R * C + 1, C, dtype=torch.int64)
     xo = torch.arange(0, R * L + 1, L, dtype=torch.int64)
