@@ -52,18 +52,21 @@ def unpad_jagged(dense: torch.Tensor, flat_idx: torch.Tensor) -> torch.Tensor:
 
 
 def gather_rows(
-    offsets: torch.Tensor, rows: torch.Tensor, keep_last: Optional[int] = None
+    offsets: torch.Tensor, rows: torch.Tensor, keep_last: Optional[int] = None, total: Optional[int] = None
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Rows ``rows [R]`` of a jagged tensor (repeats allowed), each cut to its last ``keep_last``
     elements -> (index [M] into its values, offsets [R+1] of the gathered tensor).
 
-    ``values[index]`` jagged by the returned offsets is the gathered tensor. One host sync (M).
+    ``values[index]`` jagged by the returned offsets is the gathered tensor. total: M when the
+    caller knows it on the host (``HostSizes``); None costs one host sync.
     """
     lengths = (offsets[1:] - offsets[:-1])[rows]  # [R]
     if keep_last is not None:
         lengths = lengths.clamp(max=keep_last)
     new_off = lengths_to_offsets(lengths)  # [R+1]
-    r, pos = jagged_index(new_off, new_off[-1].item())  # [M] (.item(): an unbacked size under torch.export)
+    if total is None:
+        total = new_off[-1].item()  # the host sync (an unbacked size under torch.export)
+    r, pos = jagged_index(new_off, total)  # [M]
     start = offsets[1:][rows] - lengths  # [R] first kept element of each gathered row
     return start[r] + pos, new_off
 
