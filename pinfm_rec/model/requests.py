@@ -49,8 +49,12 @@ class Requests:
         return self.cand_offsets.numel() - 1
 
     def expand_index(self) -> torch.Tensor:
-        """[C]: the request of each candidate (inverse indices)."""
-        return jagged_index(self.cand_offsets, self.cand_item.numel())[0]
+        """[C]: the request of each candidate (inverse indices); built once per Requests (the
+        encoder asks for it several times per forward)."""
+        rows = self.__dict__.get("_expand_index")
+        if rows is None:
+            rows = self.__dict__["_expand_index"] = jagged_index(self.cand_offsets, self.cand_item.numel())[0]
+        return rows
 
 
 def requests_from_batch(batch: RankingBatch) -> Requests:

@@ -29,7 +29,7 @@ from pinfm_rec.data.batch import ITEM_KEY
 from pinfm_rec.data.ranking_batch import RankingBatch
 from pinfm_rec.model.embedding import check_ids
 from pinfm_rec.model.encoder import PinFMEncoder
-from pinfm_rec.model.jagged import gather_rows
+from pinfm_rec.model.jagged import gather_rows, jagged_index, shared_index
 from pinfm_rec.spec import FieldError, bounds
 
 CAND_FEATURE = "r_cand_item"
@@ -99,7 +99,8 @@ def ranker_features(batch: RankingBatch, history_bag_len: int) -> KeyedJaggedTen
         hist = batch.history.features[ITEM_KEY]
         # the last history_bag_len items of each candidate's request, expanded per candidate
         total = batch.host.bag_total(history_bag_len) if batch.host is not None else None
-        index, off = gather_rows(hist.offsets(), batch.expand_index(), keep_last=history_bag_len, total=total)
+        rows = jagged_index(batch.cand_offsets, c)[0]  # = batch.expand_index(), shared with the encoder's
+        index, off = gather_rows(hist.offsets(), rows, keep_last=history_bag_len, total=total)
         keys.append(HIST_FEATURE)
         values.append(hist.values()[index])
         lengths.append(off[1:] - off[:-1])
@@ -134,6 +135,10 @@ class RankerWithEncoder(nn.Module):
 
     def logits(self, batch: RankingBatch) -> torch.Tensor:
         """batch (U requests, C candidates) -> logits [C]."""
+        with shared_index():  # the candidate/token indices are built once per forward
+            return self._logits(batch)
+
+    def _logits(self, batch: RankingBatch) -> torch.Tensor:
         dense = batch.dense.float()
         if self.encoder is not None:
             feats = self.encoder(batch, mode=self.mode, frozen=self.freeze_encoder)
