@@ -200,7 +200,10 @@ class PinFMEncoder(nn.Module):
         cand_kjt = KeyedJaggedTensor(keys=[NEG_ITEM_KEY], values=batch.cand_item.long(), lengths=cand_len,
                                      stride=batch.num_requests, length_per_key=[batch.cand_item.numel()])
         keys = [k for k in hist.keys() if k in TOKEN_KEYS]
-        kjt = KeyedJaggedTensor.concat([hist.permute([hist.keys().index(k) for k in keys]), cand_kjt])
+        order = [hist.keys().index(k) for k in keys]
+        if order != list(range(len(hist.keys()))):  # (a permute copies its order to the device)
+            hist = hist.permute(order)
+        kjt = KeyedJaggedTensor.concat([hist, cand_kjt])
         ts = batch.timestamps
         t = fm.embed_tokens(kjt, ts, batch.request_ts, ids_checked=batch.host is not None and batch.host.ids_checked)
         e_cand = t.emb[NEG_ITEM_KEY].values()  # [C, dim]

@@ -166,7 +166,7 @@ class Scorer:
         if checked:
             self._id_check(batch)
         kjt = batch.history.features
-        kjt.length_per_key(), kjt.offset_per_key()  # cached on the KJT: travel with .to()
+        kjt.length_per_key(), kjt.offset_per_key(), kjt.offsets()  # cached on the KJT: travel with .to()
         batch = dataclasses.replace(batch, host=HostSizes.of(batch, ids_checked=checked))
         h = batch.history
         self.shapes.add((batch.num_requests, h.timestamps.numel(), batch.num_candidates, h.max_len, batch.max_cands))
@@ -200,5 +200,8 @@ class Scorer:
             torch.cuda.synchronize()
         wall = time.perf_counter() - t0
         write_scores(out_path, req, rows_a, logit_a)
-        return {"requests": int(rows_a.size), "candidates": int(logit_a.size), "wall_s": wall,
-                "candidates_per_s": logit_a.size / max(wall, 1e-9), "shapes": len(self.shapes)}
+        out = {"requests": int(rows_a.size), "candidates": int(logit_a.size), "wall_s": wall,
+               "candidates_per_s": logit_a.size / max(wall, 1e-9), "shapes": len(self.shapes)}
+        if self.graphs is not None:
+            out.update(cuda_graphs=len(self.graphs.graphs), cuda_graph_failures=sorted(set(self.graphs.failed.values())))
+        return out
