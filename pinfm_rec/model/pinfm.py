@@ -69,8 +69,24 @@ def to_ec_kjt(kjt: KeyedJaggedTensor, features=EC_FEATURES) -> KeyedJaggedTensor
         keys = keys + missing
     order = [keys.index(f) for f in features]
     if order != list(range(len(keys))):
-        kjt = kjt.permute(order)
+        kjt = kjt.permute(order, _order_tensor(order, kjt.values().device))
     return kjt
+
+
+_ORDER_TENSORS: Dict[Tuple[Tuple[int, ...], torch.device], torch.Tensor] = {}
+
+
+def _order_tensor(order, device: torch.device) -> Optional[torch.Tensor]:
+    """The permute order as a device tensor, made once per (order, device): KJT.permute would copy
+    the Python list to the device on every call (a host->device copy per forward, which a CUDA
+    graph cannot capture). None under torch.compile / export (permute builds it)."""
+    if torch.compiler.is_compiling() or device.type == "meta":
+        return None
+    key = (tuple(order), device)
+    t = _ORDER_TENSORS.get(key)
+    if t is None:
+        t = _ORDER_TENSORS[key] = torch.tensor(order, dtype=torch.int, device=device)
+    return t
 
 
 def with_feature_values(kjt: KeyedJaggedTensor, key: str, values: torch.Tensor) -> KeyedJaggedTensor:

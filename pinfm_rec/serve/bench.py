@@ -180,11 +180,11 @@ def run(cfg: dict, device: torch.device, loads=(0.5, 0.8), methods=METHODS, prec
                     if name == "dup_sdpa" and L * C > MAX_DUP_TOKENS:
                         rows.append({**row, "skipped": f"L*C = {L * C} tokens per layer > {MAX_DUP_TOKENS}"})
                         continue
-                    fn = model.logits
+                    fn, graphed = model.logits, None
                     if cuda_graphs and name == "dcat" and device.type == "cuda":
                         from pinfm_rec.serve.graphs import GraphedLogits
 
-                        fn = GraphedLogits(model, device, amp)
+                        fn = graphed = GraphedLogits(model, device, amp)
                     try:
                         with method(model, name, 1, L, C, device), torch.no_grad(), \
                                 torch.autocast(device.type, dtype=amp, enabled=amp is not None):
@@ -199,8 +199,8 @@ def run(cfg: dict, device: torch.device, loads=(0.5, 0.8), methods=METHODS, prec
                     mean = float(st.mean())
                     if capacity is None:  # ours (the first method) sets the offered loads
                         capacity = 1.0 / mean
-                    if fn is not model.logits:
-                        row["cuda_graph"] = not fn.failed or next(iter(fn.failed.values()))
+                    if graphed is not None:  # True, or why the capture failed (then timed eagerly)
+                        row["cuda_graph"] = not graphed.failed or next(iter(graphed.failed.values()))
                     row.update(requests_per_s=1.0 / mean, cands_per_s=C / mean, mean_ms=mean * 1e3,
                                p50_ms=float(np.percentile(st, 50) * 1e3), p99_ms=float(np.percentile(st, 99) * 1e3),
                                max_abs_diff_vs_dcat=float((out - ref).abs().max()),

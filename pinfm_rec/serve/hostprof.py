@@ -14,6 +14,9 @@ syncs  calls that would block the host on a GPU: on CUDA, what ``torch.cuda.set_
        Python calls ``Tensor.tolist`` / ``Tensor.numpy`` (which reach no op on CPU). Each sync is
        recorded with the first caller frame inside pinfm_rec / torchrec (``sites``).
 ops    aten (and fbgemm) ops dispatched, counted with a ``TorchDispatchMode``.
+h2d    tensors made from Python data inside the forward (``torch.tensor(list)``: ``aten.lift_fresh``):
+       on a GPU a host->device copy from pageable memory per call, which a CUDA graph cannot
+       capture.
 
 ``profile(fn, n)`` runs ``fn`` ``n`` times under both counters; the scorer tests assert 0 syncs
 per request on the CPU proxy (tests/test_serve_host.py).
@@ -67,6 +70,7 @@ class _Counter(TorchDispatchMode):
         super().__init__()
         self.ops: collections.Counter = collections.Counter()
         self.syncs: collections.Counter = collections.Counter()
+        self.h2d: collections.Counter = collections.Counter()
         self.record_sites = record_sites
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -74,6 +78,8 @@ class _Counter(TorchDispatchMode):
         self.ops[str(func)] += 1
         if _is_sync(func, args, kwargs):
             self.syncs[f"{func} @ {_site()}" if self.record_sites else str(func)] += 1
+        elif str(func).startswith("aten.lift_fresh"):
+            self.h2d[f"{func} @ {_site()}" if self.record_sites else str(func)] += 1
         return func(*args, **kwargs)
 
 
@@ -127,6 +133,7 @@ def profile(fn: Callable[[], object], n: int = 1, sites: bool = True, cuda: bool
             fn()
     return {"syncs_per_call": sum(counter.syncs.values()) / n, "ops_per_call": sum(counter.ops.values()) / n,
             "sync_sites": {k: v / n for k, v in counter.syncs.most_common()},
+            "h2d_per_call": sum(counter.h2d.values()) / n, "h2d_sites": {k: v / n for k, v in counter.h2d.most_common()},
             "top_ops": {k: v / n for k, v in counter.ops.most_common(15)}}
 
 
@@ -167,8 +174,9 @@ def main(argv: List[str] | None = None) -> Dict:
     wall = (time.perf_counter() - t0) / a.iters
     out = {"tables": a.tables, "requests": a.requests, "syncs_per_request": res["syncs_per_call"] / a.requests,
            "syncs_per_batch": res["syncs_per_call"], "ops_per_batch": res["ops_per_call"],
+           "h2d_per_batch": res["h2d_per_call"],
            "ms_per_batch": wall * 1e3, "ms_per_request": wall * 1e3 / a.requests, "sync_sites": res["sync_sites"],
-           "top_ops": res["top_ops"]}
+           "h2d_sites": res["h2d_sites"], "top_ops": res["top_ops"]}
     for k, v in out.items():
         if isinstance(v, dict):
             print(f"{k}:")
