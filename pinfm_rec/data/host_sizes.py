@@ -45,21 +45,38 @@ class HostSizes:
 def check_ids_on_host(batch, sizes: Mapping[str, int], ranker_sizes: Mapping[str, int] | None = None) -> None:
     """Range-check (id mode "error") a CPU ``RankingBatch``'s ids before it goes to the device:
     the history features and candidates against the encoder's ``sizes`` ({table: rows}), the
-    candidates and history items against ``ranker_sizes`` ({feature: rows}) when given. Raises
-    ``model.embedding.check_ids``' ValueError naming the feature and id."""
+    candidates and history items against ``ranker_sizes`` ({feature: rows}) when given. One
+    min/max per feature; a bad id raises ``model.embedding.check_ids``' ValueError naming the
+    feature, table and id."""
     from pinfm_rec.data.batch import ITEM_KEY
-    from pinfm_rec.features import NEG_ITEM_KEY
+    from pinfm_rec.features import FEATURE_TABLE, NEG_ITEM_KEY
     from pinfm_rec.model.embedding import check_ids
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-    check_ids(batch.history.features, sizes, "error")
-    cand = KeyedJaggedTensor(keys=[NEG_ITEM_KEY], values=batch.cand_item.long(),
-                             lengths=torch.tensor([batch.num_candidates]), stride=1)
-    check_ids(cand, sizes, "error")
-    if ranker_sizes:
-        from pinfm_rec.rankers.dlrm import CAND_FEATURE, HIST_FEATURE
+    def limit(key: str, table: Mapping[str, int]) -> int:
+        n = table.get(key, table.get(FEATURE_TABLE.get(key, key)))
+        return -1 if n is None else int(n)
 
-        items = batch.history.features[ITEM_KEY].values()
-        kjt = KeyedJaggedTensor(keys=[CAND_FEATURE, HIST_FEATURE], values=torch.cat([batch.cand_item.long(), items]),
-                                lengths=torch.tensor([batch.num_candidates, items.numel()]), stride=1)
-        check_ids(kjt, ranker_sizes, "error")
+    def bad(v: torch.Tensor, lim: int) -> bool:
+        if lim < 0 or v.numel() == 0:
+            return False
+        lo, hi = torch.aminmax(v)
+        return bool(lo < 0) or bool(hi >= lim)
+
+    kjt = batch.history.features
+    values, opk = kjt.values(), kjt.offset_per_key()
+    for i, key in enumerate(kjt.keys()):
+        if bad(values[opk[i]:opk[i + 1]], limit(key, sizes)):
+            check_ids(kjt, sizes, "error")  # raises, naming the feature and id
+    cand = batch.cand_item
+    ranker_sizes = dict(ranker_sizes or {})
+    from pinfm_rec.rankers.dlrm import CAND_FEATURE, HIST_FEATURE
+
+    checks = [(NEG_ITEM_KEY, cand, sizes), (CAND_FEATURE, cand, ranker_sizes)]
+    if ITEM_KEY in kjt.keys():
+        i = kjt.keys().index(ITEM_KEY)
+        checks.append((HIST_FEATURE, values[opk[i]:opk[i + 1]], ranker_sizes))
+    for key, v, table in checks:
+        if bad(v, limit(key, table)):
+            one = KeyedJaggedTensor(keys=[key], values=v.long(), lengths=torch.tensor([v.numel()]), stride=1)
+            check_ids(one, table, "error")
