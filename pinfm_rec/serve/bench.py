@@ -307,7 +307,9 @@ def markdown(res: dict) -> str:
             continue
         p = [(r["loads"].get(k) or {}).get("p99_ms") for k in ("0.5", "0.8")]
         ps = [f"{x:.3f}" if x is not None else "overloaded" for x in p]
-        lines.append(f"| {r['method']} | {r['precision']} | {r['L']} | {r['C']} | {r['cands_per_s']:.0f} | "
+        graph = r.get("cuda_graph")  # True, or why the capture failed (timed eagerly then)
+        name = r["method"] + ("" if graph is None else " +graph" if graph is True else " (graph failed)")
+        lines.append(f"| {name} | {r['precision']} | {r['L']} | {r['C']} | {r['cands_per_s']:.0f} | "
                      f"{r['requests_per_s']:.1f} | {r['mean_ms']:.3f} | {ps[0]} | {ps[1]} |")
     return "\n".join(lines) + "\n"
 
