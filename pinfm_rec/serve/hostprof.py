@@ -138,7 +138,8 @@ def profile(fn: Callable[[], object], n: int = 1, sites: bool = True, cuda: bool
             fn()
     return {"syncs_per_call": sum(counter.syncs.values()) / n, "ops_per_call": sum(counter.ops.values()) / n,
             "sync_sites": {k: v / n for k, v in counter.syncs.most_common()},
-            "h2d_per_call": sum(counter.h2d.values()) / n, "h2d_sites": {k: v / n for k, v in counter.h2d.most_common()},
+            "h2d_per_call": sum(counter.h2d.values()) / n,
+            "h2d_sites": {k: v / n for k, v in counter.h2d.most_common()},
             "top_ops": {k: v / n for k, v in counter.ops.most_common(15)}}
 
 

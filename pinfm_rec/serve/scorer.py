@@ -203,5 +203,6 @@ class Scorer:
         out = {"requests": int(rows_a.size), "candidates": int(logit_a.size), "wall_s": wall,
                "candidates_per_s": logit_a.size / max(wall, 1e-9), "shapes": len(self.shapes)}
         if self.graphs is not None:
-            out.update(cuda_graphs=len(self.graphs.graphs), cuda_graph_failures=sorted(set(self.graphs.failed.values())))
+            out.update(cuda_graphs=len(self.graphs.graphs),
+                       cuda_graph_failures=sorted(set(self.graphs.failed.values())))
         return out
