@@ -175,7 +175,7 @@ def dcat_attention(q: Tensor, k: Tensor, v: Tensor, k_ctx: Tensor, v_ctx: Tensor
         kernel = "triton" if triton_ok and (q.is_cuda or interpreting()) else "pytorch"
     if kernel == "pytorch":
         return dcat_reference(q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets,
-                              max_ctx=max_ctx, scale=scale)
+                              max_ctx=max_ctx, scale=scale, max_cands=max_cands, max_ctx_len=max_ctx_len)
     if kernel == "sdpa":
         return dcat_sdpa(q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, max_ctx=max_ctx,
                          scale=scale, max_cands=max_cands, max_ctx_len=max_ctx_len)
