@@ -75,7 +75,10 @@ def _app(
     args = [command, "--spec", spec] + list(extra) + list(overrides)
     nproc = _nproc(j)
     cpu, memMB = node_resources(gpu, nproc, cpu, memMB)
-    environment = {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(max(1, cpu // max(1, nproc)))}
+    environment = {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(max(1, cpu // max(1, nproc))),
+                   # a fresh rendezvous store per restart attempt, on any number of nodes
+                   # (pinfm_rec/elastic.py: a shared one keeps the failed attempt's addresses)
+                   "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     if gpu == 0 and not h:  # CPU/gloo: hide the host's GPUs from the ranks (a named resource decides itself)
         environment["CUDA_VISIBLE_DEVICES"] = ""
     environment.update(env or {})

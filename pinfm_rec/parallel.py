@@ -41,6 +41,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from pinfm_rec import console
+from pinfm_rec.elastic import attempt_store
 from pinfm_rec.spec import bounds
 
 logger = logging.getLogger(__name__)
@@ -103,7 +104,12 @@ def init_distributed(spec: ParallelSpec, force_cpu: bool = False) -> DistEnv:
     if not dist.is_initialized():
         timeout = datetime.timedelta(seconds=spec.timeout_s)
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-            dist.init_process_group(backend=backend, timeout=timeout)
+            store = attempt_store(timeout)  # torchrun restarts: a key space per attempt (elastic.py)
+            if store is None:
+                dist.init_process_group(backend=backend, timeout=timeout)
+            else:
+                dist.init_process_group(backend=backend, timeout=timeout, store=store,
+                                        rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
         else:
             dist.init_process_group(
                 backend=backend,

@@ -1,5 +1,6 @@
 """The `pinfm` console on real (tiny) runs, as a user sees it in a subprocess: the default output fits
-one screen while the log file holds everything; `pinfm eval` scores both kinds of run (pretraining:
+one screen while the log file holds everything (on the CPU, `--cpu`, also on a GPU host: the
+expected lines name the CPU device and plan); `pinfm eval` scores both kinds of run (pretraining:
 HR/NDCG, fine-tuning: AUC/GAUC) and reproduces the metrics the run itself reported."""
 import json
 import os
@@ -42,7 +43,7 @@ def _same_metrics(evaluated: dict, results: dict, names):
 @pytest.mark.slow
 def test_pretrain_output_fits_one_screen_and_eval_reproduces_it(tmp_path):
     run = tmp_path / "run"
-    out = _pinfm("pretrain", "--spec", PRE, f"run_dir={run}", f"data.cache_dir={tmp_path}/cache", *PRE_SMALL)
+    out = _pinfm("pretrain", "--cpu", "--spec", PRE, f"run_dir={run}", f"data.cache_dir={tmp_path}/cache", *PRE_SMALL)
     stdout = _ok(out)
     lines = stdout.splitlines()
     assert out.stderr.strip() == "", out.stderr[-3000:]
@@ -67,14 +68,14 @@ def test_pretrain_output_fits_one_screen_and_eval_reproduces_it(tmp_path):
     assert (run / "plan.txt").read_text().startswith("sharding plan, world size 1")
 
     # eval from the run dir alone (its spec.yaml): the newest checkpoint is the final model
-    ev = _ok(_pinfm("eval", "--spec", str(run), "--json"))
+    ev = _ok(_pinfm("eval", "--spec", str(run), "--cpu", "--json"))
     assert ev.splitlines()[0].startswith("pinfm eval (pretrain run): spec ")
     got = _json_tail(ev)
     _same_metrics(got, res, ["valid_hr@10", "valid_ndcg@10", "test_hr@10", "test_ndcg@200"])
     assert "valid_auc" not in got
     assert sorted(os.listdir(run / "checkpoints"))[-1] in got["checkpoint"]
 
-    verbose = _ok(_pinfm("eval", "--spec", str(run), "--verbose"))
+    verbose = _ok(_pinfm("eval", "--spec", str(run), "--cpu", "--verbose"))
     assert "torchrec.distributed.planner.stats" in verbose and "resolved spec" in verbose
 
 

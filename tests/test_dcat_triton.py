@@ -177,3 +177,54 @@ def test_repeated_gluon_calls_launch_directly_and_stay_exact(kernel_device):
         _check(kernel_device, [3, 70], [300, 1200], 2, 64, torch.bfloat16, seed=10 + seed)
         _check(kernel_device, [3, 70], [300, 1200], 2, 64, torch.float16, seed=20 + seed)
     assert gluon_launch._COMPILED and not gluon_launch._DIRECT_FAILED
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cached_descriptor_launch_matches_the_default_launch_bit_for_bit(
+        kernel_device, dtype, monkeypatch):
+    """PINFM_DCAT_CACHED_LAUNCH (prepared for issue 15, off by default): the Gluon forward
+    launched through Triton's C launcher with TMA descriptors encoded once per K/V pair must
+    give exactly the default launch's outputs, on unsplit, split (fused combine) and
+    max_ctx-windowed calls, with new K/V tensors between calls (descriptors re-encoded)."""
+    if kernel_device.type != "cuda" or not select(kernel_device, dtype, 64).variant.gluon:
+        pytest.skip("the Gluon forward runs on Hopper GPUs only")
+    fwd, _ = _mods()
+    from pinfm_rec.kernels.dcat import gluon_launch as g
+    fast_calls = []
+    real_fast = g._fast_launch
+
+    def counting(*a):
+        ran = real_fast(*a)
+        fast_calls.append(ran)
+        return ran
+    monkeypatch.setattr(g, "_fast_launch", counting)
+    monkeypatch.setattr(g, "_FAST_FAILED", [])
+    monkeypatch.setattr(fwd, "_PLANS", {})
+    monkeypatch.setattr(g, "_KERNELS", {})
+    cases = [([256] * 2, [1024] * 2, 0), ([3, 70], [300, 1200], 0),
+             ([1, 70, 130], [13000, 0, 12500], 0), ([1, 70, 130], [13000, 0, 12500], 700)]
+    for i, (cl, xl, max_ctx) in enumerate(cases):
+        for seed in range(2):  # new tensors: new descriptors, encoded on first use
+            ins, co, xo = _case(kernel_device, cl, xl, 8, 64, dtype, seed=100 * i + seed)
+            args = (*ins, co, xo, max_ctx, 0.125, max(cl), max(xl))
+            outs = {}
+            for on in (False, False, True, True, False):  # first call of a plan: JIT
+                g.set_cached_launch(on)
+                try:
+                    outs.setdefault(on, []).append(fwd.dcat_fwd_triton(*args))
+                finally:
+                    g.set_cached_launch(False)
+            torch.cuda.synchronize()
+            base_o, base_lse = outs[False][1]
+            deterministic = all(torch.equal(o, base_o) and torch.equal(lse, base_lse)
+                                for o, lse in outs[False])
+            for o, lse in outs[True]:
+                if deterministic:
+                    assert torch.equal(o, base_o) and torch.equal(lse, base_lse), (cl, xl)
+                else:  # the default launch itself is not bitwise repeatable here
+                    torch.testing.assert_close(o, base_o, rtol=0, atol=2e-2)
+                    torch.testing.assert_close(lse, base_lse, rtol=0, atol=1e-3)
+    assert not g._FAST_FAILED, g._FAST_FAILED
+    assert fast_calls and all(fast_calls)  # the cached path launched, every time it was asked
+    plans = [p.gluon for p in fwd._PLANS.values() if p.gluon is not None]
+    assert plans and all(p.kernel.fast is not None for p in plans)

@@ -9,6 +9,7 @@ fake (meta) implementations and autograd, so they work under torch.compile.
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 from torch import Tensor
@@ -18,15 +19,24 @@ from .reference import dcat_reference, dcat_sdpa
 
 __all__ = ["dcat_attention", "dcat_fwd", "dcat_bwd"]
 
+_FWD = None  # triton_fwd.dcat_fwd_triton once imported (lazily: TRITON_INTERPRET may be set late)
+_BWD = None
+
 
 def _fwd_impl():
-    from . import triton_fwd
-    return triton_fwd.dcat_fwd_triton
+    global _FWD
+    if _FWD is None:
+        from . import triton_fwd
+        _FWD = triton_fwd.dcat_fwd_triton
+    return _FWD
 
 
 def _bwd_impl():
-    from . import triton_bwd
-    return triton_bwd.dcat_bwd_triton
+    global _BWD
+    if _BWD is None:
+        from . import triton_bwd
+        _BWD = triton_bwd.dcat_bwd_triton
+    return _BWD
 
 
 @torch.library.custom_op("pinfm::dcat_fwd", mutates_args=())
@@ -84,29 +94,53 @@ dcat_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 class _DcatFn(torch.autograd.Function):
     """Eager fast path: same kernels as the custom ops, without the custom-op
-    dispatch overhead (tens of microseconds per call on slow hosts). config: an explicit
-    DcatConfig, or None for ``config.select``'s."""
+    dispatch overhead (tens of microseconds per call on slow hosts). meta: (max_ctx, scale,
+    max_cands, max_ctx_len, config), one argument (Function.apply walks every argument);
+    config: an explicit DcatConfig, or None for ``config.select``'s."""
 
     @staticmethod
-    def forward(ctx, q, k, v, k_ctx, v_ctx, co, xo, max_ctx, scale, max_cands, max_ctx_len,
-                config):
-        o, lse = _fwd_impl()(q, k, v, k_ctx, v_ctx, co, xo, max_ctx, scale, max_cands,
-                             max_ctx_len, None if config is None else config.fwd)
+    def forward(ctx, q, k, v, k_ctx, v_ctx, co, xo, meta):
+        max_ctx, scale, max_cands, max_ctx_len, config = meta
+        o, lse = (_FWD or _fwd_impl())(q, k, v, k_ctx, v_ctx, co, xo, max_ctx, scale,
+                                       max_cands, max_ctx_len,
+                                       None if config is None else config.fwd)
         ctx.save_for_backward(q, k, v, k_ctx, v_ctx, co, xo, o, lse)
-        ctx.args = (max_ctx, scale, max_cands, max_ctx_len, config)
+        ctx.args = meta
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, k_ctx, v_ctx, co, xo, o, lse = ctx.saved_tensors
         grads = _bwd_impl()(do.contiguous(), q, k, v, k_ctx, v_ctx, o, lse, co, xo, *ctx.args)
-        return (*grads, None, None, None, None, None, None, None)
+        return (*grads, None, None, None)
+
+
+_MAX_LENS: dict = {}  # id(offsets) -> (weakref, data_ptr, version, max length)
 
 
 def _max_len(offsets: Tensor) -> int:
-    if offsets.numel() < 2:
-        return 0
-    return int((offsets[1:] - offsets[:-1]).max().item())
+    """The longest segment of an offsets tensor. Reading it from a GPU tensor syncs the host
+    with the device, so the answer is kept per tensor while that tensor lives unmodified (its
+    version counter, bumped by every in-place write, and its data pointer unchanged): a
+    serving loop that reuses its offsets pays the sync once. Pass max_cands / max_ctx_len to
+    avoid it altogether. Not cached while torch.compile traces (as before: one sync)."""
+    if _is_compiling():
+        return 0 if offsets.numel() < 2 else int((offsets[1:] - offsets[:-1]).max().item())
+    try:
+        version = offsets._version
+    except RuntimeError:  # an inference-mode tensor tracks no version: not cached
+        version = None
+    hit = _MAX_LENS.get(id(offsets))
+    if (hit is not None and version is not None and hit[0]() is offsets
+            and hit[1] == offsets.data_ptr() and hit[2] == version):
+        return hit[3]
+    n = 0 if offsets.numel() < 2 else int((offsets[1:] - offsets[:-1]).max().item())
+    if version is None:
+        return n
+    if len(_MAX_LENS) >= 64:
+        _MAX_LENS.clear()
+    _MAX_LENS[id(offsets)] = (weakref.ref(offsets), offsets.data_ptr(), version, n)
+    return n
 
 
 def dcat_attention(q: Tensor, k: Tensor, v: Tensor, k_ctx: Tensor, v_ctx: Tensor,
@@ -141,7 +175,7 @@ def dcat_attention(q: Tensor, k: Tensor, v: Tensor, k_ctx: Tensor, v_ctx: Tensor
         kernel = "triton" if triton_ok and (q.is_cuda or interpreting()) else "pytorch"
     if kernel == "pytorch":
         return dcat_reference(q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets,
-                              max_ctx=max_ctx, scale=scale)
+                              max_ctx=max_ctx, scale=scale, max_cands=max_cands, max_ctx_len=max_ctx_len)
     if kernel == "sdpa":
         return dcat_sdpa(q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, max_ctx=max_ctx,
                          scale=scale, max_cands=max_cands, max_ctx_len=max_ctx_len)
@@ -158,15 +192,24 @@ def dcat_attention(q: Tensor, k: Tensor, v: Tensor, k_ctx: Tensor, v_ctx: Tensor
         max_cands = _max_len(cand_offsets)
     if max_ctx_len is None:
         max_ctx_len = _max_len(ctx_offsets)
-    args = (q.contiguous(), k.contiguous(), v.contiguous(), k_ctx.contiguous(),
-            v_ctx.contiguous(), cand_offsets, ctx_offsets, int(max_ctx), float(scale),
-            max_cands, max_ctx_len)
-    if torch.compiler.is_compiling() or _FORCE_CUSTOM_OP:
-        return torch.ops.pinfm.dcat_fwd(*args)[0]
-    if not (torch.is_grad_enabled() and any(t.requires_grad for t in args[:5])):
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    k_ctx, v_ctx = k_ctx.contiguous(), v_ctx.contiguous()
+    max_ctx, scale = int(max_ctx), float(scale)
+    if _FORCE_CUSTOM_OP or _is_compiling():
+        return torch.ops.pinfm.dcat_fwd(q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets,
+                                        max_ctx, scale, max_cands, max_ctx_len)[0]
+    if not torch.is_grad_enabled() or not (q.requires_grad or k.requires_grad
+                                           or v.requires_grad or k_ctx.requires_grad
+                                           or v_ctx.requires_grad):
         # inference (serving, eval): no autograd node, straight to the launcher
-        return _fwd_impl()(*args, None if config is None else config.fwd)[0]
-    return _DcatFn.apply(*args, config)
+        return (_FWD or _fwd_impl())(q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets,
+                                     max_ctx, scale, max_cands, max_ctx_len,
+                                     None if config is None else config.fwd)[0]
+    return _DcatFn.apply(q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets,
+                         (max_ctx, scale, max_cands, max_ctx_len, config))
+
+
+_is_compiling = torch.compiler.is_compiling
 
 
 _FORCE_CUSTOM_OP = False  # tests flip this to run the custom op in eager

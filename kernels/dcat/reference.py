@@ -20,14 +20,15 @@ def _lengths(offsets: Tensor) -> Tensor:
     return (offsets[1:] - offsets[:-1]).long()
 
 
-def pad_index(offsets: Tensor, max_len: int | None = None):
+def pad_index(offsets: Tensor, max_len: int | None = None, total: int | None = None):
     """Request id and in-request position of every row of a jagged tensor.
 
-    offsets: [R+1]. Returns (req [N] int64, pos [N] int64, max_len int).
+    offsets: [R+1]; max_len / total (N): host-side sizes when known (else read from the device).
+    Returns (req [N] int64, pos [N] int64, max_len int).
     """
     offsets = offsets.long()
     lens = _lengths(offsets)
-    n = int(offsets[-1].item()) if offsets.numel() > 0 else 0
+    n = total if total is not None else (int(offsets[-1].item()) if offsets.numel() > 0 else 0)
     r = lens.numel()
     req = torch.repeat_interleave(torch.arange(r, device=offsets.device), lens, output_size=n)
     pos = torch.arange(n, device=offsets.device) - offsets[:-1][req]
@@ -48,7 +49,8 @@ def _ctx_valid(ctx_offsets: Tensor, nmax: int, max_ctx: int) -> Tensor:
 
 def dcat_reference(q: Tensor, k: Tensor, v: Tensor, k_ctx: Tensor, v_ctx: Tensor,
                    cand_offsets: Tensor, ctx_offsets: Tensor, *, max_ctx: int = 0,
-                   scale: float | None = None, return_lse: bool = False):
+                   scale: float | None = None, return_lse: bool = False,
+                   max_cands: int | None = None, max_ctx_len: int | None = None):
     """Dense padded reference (fp32 accumulation, fully differentiable).
 
     q, k, v: [Cn, H, Dh]; k_ctx, v_ctx: [Lc, H, Dh]; cand_offsets, ctx_offsets:
@@ -60,8 +62,8 @@ def dcat_reference(q: Tensor, k: Tensor, v: Tensor, k_ctx: Tensor, v_ctx: Tensor
         scale = 1.0 / math.sqrt(Dh)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     R = cand_offsets.numel() - 1
-    creq, cpos, cmax = pad_index(cand_offsets)
-    xreq, xpos, nmax = pad_index(ctx_offsets)
+    creq, cpos, cmax = pad_index(cand_offsets, max_cands, Cn)  # sizes from shapes / the caller: no sync
+    xreq, xpos, nmax = pad_index(ctx_offsets, max_ctx_len, k_ctx.shape[0])
     qf, kf, vf = q.to(acc), k.to(acc), v.to(acc)
     kc = k_ctx.to(acc).new_zeros(R, nmax, H, Dh).index_put((xreq, xpos), k_ctx.to(acc))
     vc = v_ctx.to(acc).new_zeros(R, nmax, H, Dh).index_put((xreq, xpos), v_ctx.to(acc))

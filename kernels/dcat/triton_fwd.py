@@ -239,11 +239,23 @@ def cdiv(a: int, b: int) -> int:
 _GLUON_FAILED: list = []  # the error, once the Gluon kernel failed to build in this process
 
 
+def _gluon_module():
+    """gluon_launch, imported on first use (it needs Triton's Gluon; CPU runs never get here
+    unless a test asks)."""
+    global _gluon
+    if _gluon is None:
+        from . import gluon_launch
+        _gluon = gluon_launch
+    return _gluon
+
+
+_gluon = None
+
+
 def _gluon_usable(q, k_ctx, v_ctx, cfg: FwdConfig) -> bool:
     if not cfg.variant.gluon or _GLUON_FAILED:
         return False
-    from . import gluon_launch
-    return gluon_launch.usable(q, k_ctx, v_ctx, cfg)
+    return _gluon_module().usable(q, k_ctx, v_ctx, cfg)
 
 
 def split_size_for(base: int, n_eff_max: int, block_n: int, waves: float, min_split: int,
@@ -259,16 +271,19 @@ def split_size_for(base: int, n_eff_max: int, block_n: int, waves: float, min_sp
     return cdiv(cdiv(n_eff_max, s), block_n) * block_n
 
 
+def _tl_descriptors(k_ctx, v_ctx, Lc, H, Dh, bn):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    return (TensorDescriptor(k_ctx, [Lc, H * Dh], [H * Dh, 1], [bn, Dh]),
+            TensorDescriptor(v_ctx, [Lc, H * Dh], [H * Dh, 1], [bn, Dh]))
+
+
 def _launch_tl(grid, args, k_ctx, v_ctx, Cn, H, Dh, n_mtiles, max_ctx, split_size, qk_scale,
-               cfg: FwdConfig, split: bool, ieee: bool, elem: int):
+               cfg: FwdConfig, split: bool, ieee: bool, elem: int, tile=None):
     use_tma = cfg.tma and k_ctx.shape[0] > 0
-    # split_size stays a multiple of the (possibly halved) key block
-    bn, stages = fit_smem(cfg.block_n, cfg.block_m, cfg.num_stages, 2, 1, Dh, elem)
+    # split_size stays a multiple of the (possibly halved) key block; tile: the plan's
+    bn, stages = tile or fit_smem(cfg.block_n, cfg.block_m, cfg.num_stages, 2, 1, Dh, elem)
     if use_tma and bn == cfg.block_n:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-        Lc = k_ctx.shape[0]
-        kd, vd = (TensorDescriptor(t, [Lc, H * Dh], [H * Dh, 1], [bn, Dh])
-                  for t in (k_ctx, v_ctx))
+        kd, vd = _tl_descriptors(k_ctx, v_ctx, k_ctx.shape[0], H, Dh, bn)
     else:
         use_tma, kd, vd = False, k_ctx, v_ctx
     interp = cfg.variant is Variant.INTERPRET
@@ -276,6 +291,54 @@ def _launch_tl(grid, args, k_ctx, v_ctx, Cn, H, Dh, n_mtiles, max_ctx, split_siz
         *args, kd, vd, Cn, H, n_mtiles, max_ctx, split_size, qk_scale,
         HEAD_DIM=Dh, BLOCK_M=cfg.block_m, BLOCK_N=bn, SPLIT=split, IEEE=ieee, USE_TMA=use_tma,
         **({} if interp else dict(num_warps=cfg.num_warps, num_stages=stages)))
+
+
+class _Plan:
+    """The per-shape decisions of a forward call (``plan_for``): made once per key, reused by
+    every call with the same (config, device, dtypes, R, H, Dh, max_cands, max_ctx_len,
+    max_ctx)."""
+    __slots__ = ("cfg", "n_mtiles", "split_size", "n_split", "split", "grid", "gluon",
+                 "tl_tile", "combine_grid", "combine_kw")
+
+
+_PLANS: dict = {}
+_MAX_PLANS = 512  # distinct shape keys kept (a ragged serving load has a few per bucket)
+
+
+def plan_for(key, q, cfg: FwdConfig | None, R: int, H: int, Dh: int, max_cands: int,
+             max_ctx_len: int, max_ctx: int) -> _Plan:
+    """The cached plan of ``key`` (see ``dcat_fwd_triton``), made on a miss: the config
+    (``config.select`` when cfg is None), the split size and count, the launch grids, and
+    whether the Gluon kernel can take inputs of this device, dtype, H and Dh (the per-call
+    part, a non-empty and 16-byte aligned history, is checked per call)."""
+    p = _PLANS.get(key)
+    if p is not None:
+        return p
+    if cfg is None:
+        cfg = select(q.device, q.dtype, Dh).fwd
+    p = _Plan()
+    p.cfg = cfg
+    n_eff = min(max_ctx_len, max_ctx) if max_ctx > 0 else max_ctx_len
+    p.n_mtiles = cdiv(max_cands, cfg.block_m) if max_cands > 0 else 0
+    p.split_size = split_size_for(R * p.n_mtiles * H, n_eff, cfg.block_n, cfg.waves,
+                                  cfg.min_split, cfg.split_size, q.device)
+    p.n_split = max(1, cdiv(n_eff, p.split_size))
+    p.split = p.n_split > 1
+    p.grid = (R * p.n_mtiles, H, p.n_split)
+    p.tl_tile = fit_smem(cfg.block_n, cfg.block_m, cfg.num_stages, 2, 1, Dh, q.element_size())
+    cm = cdiv(max_cands, 64) if max_cands > 0 else 0
+    p.combine_grid = (R * cm, H)
+    p.combine_kw = dict(HEAD_DIM=Dh, BLOCK_M=64, **({} if cfg.variant is Variant.INTERPRET
+                                                    else dict(num_warps=4)))
+    p.gluon = None
+    if cfg.variant.gluon and _gluon_module().usable_for(q.is_cuda, q.dtype, Dh, H, cfg):
+        # key[5]: k_ctx's dtype (the descriptors' dtype decides the fixed-max softmax)
+        p.gluon = _gluon.GluonPlan(cfg, key[5], Dh, p.split,
+                                   (H, p.n_mtiles, max_ctx, p.split_size), key[1:9])
+    if len(_PLANS) >= _MAX_PLANS:
+        _PLANS.clear()
+    _PLANS[key] = p
+    return p
 
 
 def dcat_fwd_triton(q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, max_ctx: int,
@@ -287,50 +350,55 @@ def dcat_fwd_triton(q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, max_ctx: i
     max_cands / max_ctx_len: max candidates / history tokens per request. cfg: the launch
     config (default: ``config.select`` for q's device, dtype and Dh).
     Returns (o [Cn, H, Dh] in q's dtype, lse [Cn, H] fp32, natural log).
+    Host side: the per-shape decisions are cached (``plan_for``); a call does one dict lookup,
+    allocates its outputs and launches.
     """
     Cn, H, Dh = q.shape
-    if cfg is None:
-        cfg = select(q.device, q.dtype, Dh).fwd
+    R = cand_offsets.shape[0] - 1
     if scale < 0:  # the kernel takes the row max before scaling: needs scale > 0
         q, scale = -q, -scale
-    R = cand_offsets.numel() - 1
     o = torch.empty_like(q)
-    lse = torch.empty((Cn, H), device=q.device, dtype=torch.float32)
-    if Cn == 0 or R == 0 or max_cands <= 0:
+    lse = q.new_empty((Cn, H), dtype=torch.float32)
+    if Cn == 0 or R <= 0 or max_cands <= 0:
         return o, lse
-    n_eff = min(max_ctx_len, max_ctx) if max_ctx > 0 else max_ctx_len
-    n_mtiles = cdiv(max_cands, cfg.block_m)
-    split_size = split_size_for(R * n_mtiles * H, n_eff, cfg.block_n, cfg.waves, cfg.min_split,
-                                cfg.split_size, q.device)
-    n_split = max(1, cdiv(n_eff, split_size))
-    SPLIT = n_split > 1
-    if SPLIT:
-        po = torch.empty((n_split, Cn, H, Dh), device=q.device, dtype=torch.float32)
-        pl = torch.empty((n_split, Cn, H), device=q.device, dtype=torch.float32)
+    key = (id(cfg), q.get_device(), q.dtype, k.dtype, v.dtype, k_ctx.dtype, v_ctx.dtype,
+           cand_offsets.dtype, ctx_offsets.dtype, R, H, Dh, max_cands, max_ctx_len, max_ctx)
+    p = _PLANS.get(key) or plan_for(key, q, cfg, R, H, Dh, max_cands, max_ctx_len, max_ctx)
+    cfg = p.cfg
+    split = p.split
+    if split:
+        po = q.new_empty((p.n_split, Cn, H, Dh), dtype=torch.float32)
+        pl = q.new_empty((p.n_split, Cn, H), dtype=torch.float32)
     else:
         po, pl = o, lse
-    grid = (R * n_mtiles, H, n_split)
-    args = (q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, o, lse, po, pl)
+    grid = p.grid
+    qk_scale = scale * LOG2E
     combined, ran = False, False
-    if _gluon_usable(q, k_ctx, v_ctx, cfg):
-        from . import gluon_launch
-        try:
-            combined = gluon_launch.launch(grid, *args, Cn, H, n_mtiles, max_ctx, split_size,
-                                           scale * LOG2E, cfg, SPLIT)
-            ran = True
-        except (CompilationError, OutOfResources) as e:
-            # Gluon's API still moves between Triton releases: the tl kernel computes the same
-            _GLUON_FAILED.append(repr(e)[:500])
-            warnings.warn(f"DCAT Gluon forward unavailable ({type(e).__name__}); using the tl "
-                          f"kernel from now on: {str(e)[:300]}", RuntimeWarning, stacklevel=2)
+    gp = p.gluon
+    if gp is not None and not _GLUON_FAILED and k_ctx.shape[0] > 0:
+        kv_bits = k_ctx.data_ptr() | v_ctx.data_ptr()
+        if not kv_bits & 15:  # TMA: a 16-byte aligned history
+            ptr_bits = (kv_bits | q.data_ptr() | k.data_ptr() | v.data_ptr()
+                        | cand_offsets.data_ptr() | ctx_offsets.data_ptr())
+            try:
+                combined = _gluon.launch(grid, q, k, v, k_ctx, v_ctx, cand_offsets,
+                                         ctx_offsets, o, lse, po, pl, Cn, H, p.n_mtiles,
+                                         max_ctx, p.split_size, qk_scale, cfg, split, gp,
+                                         not ptr_bits & 15)
+                ran = True
+            except (CompilationError, OutOfResources) as e:
+                # Gluon's API still moves between Triton releases: the tl kernel computes
+                # the same
+                _GLUON_FAILED.append(repr(e)[:500])
+                warnings.warn(f"DCAT Gluon forward unavailable ({type(e).__name__}); using "
+                              f"the tl kernel from now on: {str(e)[:300]}", RuntimeWarning,
+                              stacklevel=2)
     if not ran:
-        _launch_tl(grid, args, k_ctx, v_ctx, Cn, H, Dh, n_mtiles, max_ctx, split_size,
-                   scale * LOG2E, cfg, SPLIT, q.dtype == torch.float32, q.element_size())
-    if SPLIT and not combined:
-        cbm = 64
-        cm = cdiv(max_cands, cbm)
-        _dcat_combine_kernel[(R * cm, H)](
+        _launch_tl(grid, (q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, o, lse, po, pl),
+                   k_ctx, v_ctx, Cn, H, Dh, p.n_mtiles, max_ctx, p.split_size, qk_scale, cfg,
+                   split, q.dtype == torch.float32, q.element_size(), p.tl_tile)
+    if split and not combined:
+        _dcat_combine_kernel[p.combine_grid](
             cand_offsets, ctx_offsets, o, lse, po, pl,
-            Cn, H, cm, max_ctx, split_size, HEAD_DIM=Dh, BLOCK_M=cbm,
-            **({} if cfg.variant is Variant.INTERPRET else dict(num_warps=4)))
+            Cn, H, p.combine_grid[0] // R, max_ctx, p.split_size, **p.combine_kw)
     return o, lse

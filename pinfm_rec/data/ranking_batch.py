@@ -15,6 +15,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from pinfm_rec.data.batch import SequenceBatch
+from pinfm_rec.data.host_sizes import HostSizes
 
 
 @dataclass
@@ -31,6 +32,7 @@ class RankingBatch:
     weights: [C] float32, 0 for padding rows added to equalise ranks (metrics ignore them).
     max_cands: host int, the most candidates of one request (the loader knows it; it saves the
         DCAT crossing a device sync), or None (computed on demand).
+    host: per-request sizes on the host (``data/host_sizes.py``; the scorer sets it), or None.
     """
 
     history: SequenceBatch
@@ -41,6 +43,7 @@ class RankingBatch:
     cand_new: torch.Tensor
     weights: Optional[torch.Tensor] = None
     max_cands: Optional[int] = None
+    host: Optional[HostSizes] = None
 
     @property
     def num_requests(self) -> int:

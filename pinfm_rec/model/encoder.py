@@ -198,11 +198,14 @@ class PinFMEncoder(nn.Module):
         hist = batch.features
         cand_len = batch.cand_offsets[1:] - batch.cand_offsets[:-1]  # [U]
         cand_kjt = KeyedJaggedTensor(keys=[NEG_ITEM_KEY], values=batch.cand_item.long(), lengths=cand_len,
-                                     stride=batch.num_requests)
+                                     stride=batch.num_requests, length_per_key=[batch.cand_item.numel()])
         keys = [k for k in hist.keys() if k in TOKEN_KEYS]
-        kjt = KeyedJaggedTensor.concat([hist.permute([hist.keys().index(k) for k in keys]), cand_kjt])
+        order = [hist.keys().index(k) for k in keys]
+        if order != list(range(len(hist.keys()))):  # (a permute copies its order to the device)
+            hist = hist.permute(order)
+        kjt = KeyedJaggedTensor.concat([hist, cand_kjt])
         ts = batch.timestamps
-        t = fm.embed_tokens(kjt, ts, batch.request_ts)
+        t = fm.embed_tokens(kjt, ts, batch.request_ts, ids_checked=batch.host is not None and batch.host.ids_checked)
         e_cand = t.emb[NEG_ITEM_KEY].values()  # [C, dim]
         if self.training and self.spec.cand_id_dropout > 0:
             keep = torch.rand(e_cand.shape[0], 1, device=e_cand.device) >= self.spec.cand_id_dropout
@@ -276,7 +279,7 @@ class PinFMEncoder(nn.Module):
             )  # [C, d_model]
         else:
             rows = batch.expand_index()  # [C]
-            rep, rep_off = gather_rows(offsets, rows)
+            rep, rep_off = gather_rows(offsets, rows, total=None if batch.host is None else batch.host.dup_total())
             xr = x[rep]  # [sum_c n_r, d_model]: history repeated per candidate
             xa, off_a = append_tokens(xr, rep_off, cx)
             ha = trunk.forward_appended(xa, off_a, n + 1)  # [sum_c (n_r + 1), d_model]

@@ -5,9 +5,27 @@ A jagged tensor travels as ``(values [L, *S], offsets [B+1])``: row b holds
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import contextlib
+import threading
+from typing import Iterator, Optional, Tuple
 
 import torch
+
+_scope = threading.local()  # .cache: {id(offsets): (offsets, total, rows, pos)} inside shared_index()
+
+
+@contextlib.contextmanager
+def shared_index() -> Iterator[None]:
+    """Inside it, ``jagged_index`` of the same offsets tensor (same object, same total) is built
+    once and shared (a forward asks for the same candidate/token indices several times). The cache
+    lives for the ``with`` block only (so a CUDA graph captured inside records the index ops) and
+    is off under torch.compile / export."""
+    outer = getattr(_scope, "cache", None)
+    _scope.cache = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _scope.cache = outer
 
 
 def lengths_to_offsets(lengths: torch.Tensor) -> torch.Tensor:
@@ -18,7 +36,20 @@ def lengths_to_offsets(lengths: torch.Tensor) -> torch.Tensor:
 
 
 def jagged_index(offsets: torch.Tensor, total: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Row id and position in row of each jagged element: (row [L], pos [L]). No host sync."""
+    """Row id and position in row of each jagged element: (row [L], pos [L]). No host sync.
+    Shared within a ``shared_index()`` block."""
+    cache = getattr(_scope, "cache", None)
+    if cache is not None and not torch.compiler.is_compiling() and isinstance(total, int):
+        hit = cache.get(id(offsets))
+        if hit is not None and hit[0] is offsets and hit[1] == total:
+            return hit[2], hit[3]
+        rows, pos = _jagged_index(offsets, total)
+        cache[id(offsets)] = (offsets, total, rows, pos)  # holds offsets: its id stays unique
+        return rows, pos
+    return _jagged_index(offsets, total)
+
+
+def _jagged_index(offsets: torch.Tensor, total: int) -> Tuple[torch.Tensor, torch.Tensor]:
     lengths = offsets[1:] - offsets[:-1]
     rows = torch.repeat_interleave(
         torch.arange(lengths.numel(), device=offsets.device), lengths, output_size=total
@@ -52,18 +83,21 @@ def unpad_jagged(dense: torch.Tensor, flat_idx: torch.Tensor) -> torch.Tensor:
 
 
 def gather_rows(
-    offsets: torch.Tensor, rows: torch.Tensor, keep_last: Optional[int] = None
+    offsets: torch.Tensor, rows: torch.Tensor, keep_last: Optional[int] = None, total: Optional[int] = None
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Rows ``rows [R]`` of a jagged tensor (repeats allowed), each cut to its last ``keep_last``
     elements -> (index [M] into its values, offsets [R+1] of the gathered tensor).
 
-    ``values[index]`` jagged by the returned offsets is the gathered tensor. One host sync (M).
+    ``values[index]`` jagged by the returned offsets is the gathered tensor. total: M when the
+    caller knows it on the host (``HostSizes``); None costs one host sync.
     """
     lengths = (offsets[1:] - offsets[:-1])[rows]  # [R]
     if keep_last is not None:
         lengths = lengths.clamp(max=keep_last)
     new_off = lengths_to_offsets(lengths)  # [R+1]
-    r, pos = jagged_index(new_off, new_off[-1].item())  # [M] (.item(): an unbacked size under torch.export)
+    if total is None:
+        total = new_off[-1].item()  # the host sync (an unbacked size under torch.export)
+    r, pos = jagged_index(new_off, total)  # [M]
     start = offsets[1:][rows] - lengths  # [R] first kept element of each gathered row
     return start[r] + pos, new_off
 

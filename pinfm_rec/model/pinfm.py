@@ -29,6 +29,7 @@ from pinfm_rec.model.embedding import (
 from pinfm_rec.model.features import TimeFeatures
 from pinfm_rec.model.jagged import last_index
 from pinfm_rec.model.managed import ManagedTables, with_slots
+from pinfm_rec.model.quant_lookup import is_quant_ec, quant_ec_lookup
 from pinfm_rec.model.losses import LossInputs, LossSpec, sequence_losses
 from pinfm_rec.model.trunk import KVCache, Trunk, TrunkSpec
 
@@ -56,18 +57,36 @@ def to_ec_kjt(kjt: KeyedJaggedTensor, features=EC_FEATURES) -> KeyedJaggedTensor
         lengths = torch.cat(
             [kjt.lengths(), kjt.lengths().new_zeros(b * len(missing))]
         )
+        lpk = kjt._length_per_key  # known (host) per-key lengths: keep them, no host sync later
         kjt = KeyedJaggedTensor(
             keys=keys + missing,
             values=kjt.values(),
             weights=kjt.weights_or_none(),
             lengths=lengths,
             stride=b,
+            length_per_key=None if lpk is None else list(lpk) + [0] * len(missing),
         )
         keys = keys + missing
     order = [keys.index(f) for f in features]
     if order != list(range(len(keys))):
-        kjt = kjt.permute(order)
+        kjt = kjt.permute(order, _order_tensor(order, kjt.values().device))
     return kjt
+
+
+_ORDER_TENSORS: Dict[Tuple[Tuple[int, ...], torch.device], torch.Tensor] = {}
+
+
+def _order_tensor(order, device: torch.device) -> Optional[torch.Tensor]:
+    """The permute order as a device tensor, made once per (order, device): KJT.permute would copy
+    the Python list to the device on every call (a host->device copy per forward, which a CUDA
+    graph cannot capture). None under torch.compile / export (permute builds it)."""
+    if torch.compiler.is_compiling() or device.type == "meta":
+        return None
+    key = (tuple(order), device)
+    t = _ORDER_TENSORS.get(key)
+    if t is None:
+        t = _ORDER_TENSORS[key] = torch.tensor(order, dtype=torch.int, device=device)
+    return t
 
 
 def with_feature_values(kjt: KeyedJaggedTensor, key: str, values: torch.Tensor) -> KeyedJaggedTensor:
@@ -163,6 +182,7 @@ class PinFM(nn.Module):
         kjt: KeyedJaggedTensor,
         timestamps: Optional[torch.Tensor] = None,
         request_ts: Optional[torch.Tensor] = None,
+        ids_checked: bool = False,
     ) -> TokenEmbeddings:
         """One EC call for every registry feature of ``kjt`` -> trunk inputs of its history tokens.
 
@@ -170,10 +190,13 @@ class PinFM(nn.Module):
         one leaves its term out of the sum) and lookup features (``neg_item_id``, looked up in the
         same call, read from ``.emb``); other keys are ignored. timestamps [L] (None: no time
         features), request_ts [B] (the time the last token predicts for; None: unknown).
+        ids_checked: the ids were range-checked on the host (``data/host_sizes.check_ids_on_host``;
+        id mode "error"): the device-side check and its host sync are skipped.
         """
         if ITEM_KEY not in kjt.keys():
             raise ValueError(f"history KJT needs the feature {ITEM_KEY!r}, it has {list(kjt.keys())}")
-        kjt = check_ids(kjt, self.sizes, self.spec.embedding.id_mode)
+        if not (ids_checked and self.spec.embedding.id_mode == "error"):
+            kjt = check_ids(kjt, self.sizes, self.spec.embedding.id_mode)
         emb, kjt = self.lookup(kjt)  # the one EC call
         offsets = emb[ITEM_KEY].offsets()  # [B+1]
         x = emb[ITEM_KEY].values()  # [L, dim]
@@ -190,7 +213,12 @@ class PinFM(nn.Module):
         if isinstance(self.ec, ManagedTables):
             emb, slots = self.ec(to_ec_kjt(kjt))
             return emb, with_slots(kjt, slots)
-        return self.ec(to_ec_kjt(kjt)), kjt
+        ec_kjt = to_ec_kjt(kjt)
+        if is_quant_ec(self.ec):  # serving tables (int8/int4): the TBE without torchrec's host sync
+            emb = quant_ec_lookup(self.ec, ec_kjt)
+            if emb is not None:
+                return emb, kjt
+        return self.ec(ec_kjt), kjt
 
     def project_inputs(self, x: torch.Tensor) -> torch.Tensor:
         """Summed table rows [N, dim] -> trunk inputs [N, d_model] (input scale + projection)."""

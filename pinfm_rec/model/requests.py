@@ -20,6 +20,7 @@ from typing import Mapping, Optional
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from pinfm_rec.data.host_sizes import HostSizes
 from pinfm_rec.data.ranking_batch import RankingBatch
 from pinfm_rec.errors import EncoderError
 from pinfm_rec.features import ITEM_KEY, TOKEN_KEYS
@@ -41,20 +42,25 @@ class Requests:
     cand_offsets: torch.Tensor
     max_len: int
     max_cands: Optional[int] = None
+    host: Optional[HostSizes] = None  # host-side sizes (data/host_sizes.py), None from KJTs
 
     @property
     def num_requests(self) -> int:
         return self.cand_offsets.numel() - 1
 
     def expand_index(self) -> torch.Tensor:
-        """[C]: the request of each candidate (inverse indices)."""
-        return jagged_index(self.cand_offsets, self.cand_item.numel())[0]
+        """[C]: the request of each candidate (inverse indices); built once per Requests (the
+        encoder asks for it several times per forward)."""
+        rows = self.__dict__.get("_expand_index")
+        if rows is None:
+            rows = self.__dict__["_expand_index"] = jagged_index(self.cand_offsets, self.cand_item.numel())[0]
+        return rows
 
 
 def requests_from_batch(batch: RankingBatch) -> Requests:
     h = batch.history
     return Requests(h.features, h.timestamps, h.target_timestamp, batch.cand_item, batch.cand_offsets,
-                    h.max_len, batch.max_cands)
+                    h.max_len, batch.max_cands, batch.host)
 
 
 def requests_from_kjt(

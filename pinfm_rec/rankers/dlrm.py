@@ -29,7 +29,7 @@ from pinfm_rec.data.batch import ITEM_KEY
 from pinfm_rec.data.ranking_batch import RankingBatch
 from pinfm_rec.model.embedding import check_ids
 from pinfm_rec.model.encoder import PinFMEncoder
-from pinfm_rec.model.jagged import gather_rows
+from pinfm_rec.model.jagged import gather_rows, jagged_index, shared_index
 from pinfm_rec.spec import FieldError, bounds
 
 CAND_FEATURE = "r_cand_item"
@@ -94,14 +94,19 @@ def ranker_features(batch: RankingBatch, history_bag_len: int) -> KeyedJaggedTen
     keys = [CAND_FEATURE]
     values = [batch.cand_item.long()]
     lengths = [torch.ones(c, dtype=torch.long, device=dev)]
+    lpk = [c]  # per-key lengths on the host when batch.host has them (no sync in the EBC)
     if history_bag_len > 0:
         hist = batch.history.features[ITEM_KEY]
         # the last history_bag_len items of each candidate's request, expanded per candidate
-        index, off = gather_rows(hist.offsets(), batch.expand_index(), keep_last=history_bag_len)
+        total = batch.host.bag_total(history_bag_len) if batch.host is not None else None
+        rows = jagged_index(batch.cand_offsets, c)[0]  # = batch.expand_index(), shared with the encoder's
+        index, off = gather_rows(hist.offsets(), rows, keep_last=history_bag_len, total=total)
         keys.append(HIST_FEATURE)
         values.append(hist.values()[index])
         lengths.append(off[1:] - off[:-1])
-    return KeyedJaggedTensor(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths), stride=c)
+        lpk = None if total is None else lpk + [total]
+    return KeyedJaggedTensor(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths), stride=c,
+                             length_per_key=lpk)
 
 
 class RankerWithEncoder(nn.Module):
@@ -130,12 +135,17 @@ class RankerWithEncoder(nn.Module):
 
     def logits(self, batch: RankingBatch) -> torch.Tensor:
         """batch (U requests, C candidates) -> logits [C]."""
+        with shared_index():  # the candidate/token indices are built once per forward
+            return self._logits(batch)
+
+    def _logits(self, batch: RankingBatch) -> torch.Tensor:
         dense = batch.dense.float()
         if self.encoder is not None:
             feats = self.encoder(batch, mode=self.mode, frozen=self.freeze_encoder)
             dense = torch.cat([dense, feats.to(dense.dtype)], -1)  # [C, F + out_dim]
         sparse = ranker_features(batch, self.history_bag_len)
-        if self.ranker_sizes is not None:
+        checked = batch.host is not None and batch.host.ids_checked and self.id_mode == "error"
+        if self.ranker_sizes is not None and not checked:  # checked on the host: no device check (a sync)
             sparse = check_ids(sparse, self.ranker_sizes, self.id_mode)
         return self.ranker(dense, sparse).squeeze(-1).float()
 

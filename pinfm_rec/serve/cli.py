@@ -25,6 +25,8 @@ def add_options(sp: argparse.ArgumentParser) -> None:
                     help="embedding table storage (torchrec.quant / FBGEMM TBE below fp32); default %(default)s")
     sp.add_argument("--batch-requests", type=int, default=256, help="requests per batch (default %(default)s)")
     sp.add_argument("--compile", action="store_true", help="torch.compile the hot path (static bucketed shapes)")
+    sp.add_argument("--cuda-graphs", action="store_true",
+                    help="replay a CUDA graph of the scoring forward per bucketed shape (CUDA only; off by default)")
     sp.add_argument("--no-buckets", dest="buckets", action="store_false",
                     help="do not pad batches to power-of-two shapes")
     sp.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
@@ -74,7 +76,7 @@ def run(args) -> dict:
     req = RequestFile(args.input, loaded.num_dense)
     req.check_item_ids(*loaded.item_id_rule())
     scorer = Scorer(loaded.model, loaded.max_len, device, buckets=args.buckets, compile=args.compile,
-                    autocast=torch.bfloat16 if args.bf16 else None)
+                    autocast=torch.bfloat16 if args.bf16 else None, cuda_graphs=args.cuda_graphs)
     out = {"checkpoint": loaded.checkpoint, "device": str(device), "tables": args.tables,
            "table_bytes": table_bytes(loaded.model), "table_bytes_fp32": fp32_bytes}
     if args.output:

@@ -15,6 +15,7 @@ per candidate, the ranker per candidate), so padding leaves real scores unchange
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from typing import Dict, Optional, Tuple
@@ -24,6 +25,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from pinfm_rec.data.batch import SequenceBatch
+from pinfm_rec.data.host_sizes import HostSizes
 from pinfm_rec.data.ranking_batch import RankingBatch
 from pinfm_rec.model.jagged import lengths_to_offsets
 from pinfm_rec.model.trunk import TrunkLayer
@@ -37,12 +39,12 @@ def pow2(n: int, minimum: int = 1) -> int:
 
 def _split_even(total: int, parts: int, cap: int) -> torch.Tensor:
     """[parts] counts summing to ``total``, each <= cap (total <= parts * cap), filled front first."""
-    out = torch.zeros(parts, dtype=torch.long)
+    out = []
     left = total
-    for i in range(parts):
-        out[i] = min(cap, left)
-        left -= int(out[i])
-    return out
+    for _ in range(parts):
+        out.append(min(cap, left))
+        left -= out[-1]
+    return torch.tensor(out, dtype=torch.long)
 
 
 def bucket_sizes(batch: RankingBatch, n_cap: int) -> Tuple[int, int, int, int, int]:
@@ -112,11 +114,32 @@ def compile_hot_path(model) -> None:
             setattr(model.ranker, name, torch.compile(arch, dynamic=False))
 
 
+def host_id_check(model):
+    """``batch -> None`` range-checking a CPU batch's ids on the host for ``model`` (encoder and
+    ranker tables), or None when an id mode other than "error" (hash, managed) leaves the
+    mapping to the forward."""
+    from pinfm_rec.data.host_sizes import check_ids_on_host
+
+    enc = model.encoder
+    if enc is not None and enc.fm.spec.embedding.id_mode != "error":
+        return None
+    ranker_sizes = getattr(model, "ranker_sizes", None)
+    if ranker_sizes is not None and getattr(model, "id_mode", "error") != "error":
+        return None
+    sizes = enc.fm.sizes if enc is not None else {}
+    return lambda batch: check_ids_on_host(batch, sizes, ranker_sizes)
+
+
 class Scorer:
-    """Batched scoring of a loaded fine-tuned model (``model_io.load_finetuned``)."""
+    """Batched scoring of a loaded fine-tuned model (``model_io.load_finetuned``).
+
+    ``logits(batch)`` = ``forward(prepare(batch))`` read back: ``prepare`` does the host work
+    (padding, id checks, host sizes, transfer), ``forward`` the device work without host syncs;
+    cuda_graphs: replay a CUDA graph of ``forward`` per bucketed shape (``serve/graphs.py``).
+    """
 
     def __init__(self, model, max_len: int, device: str | torch.device = "cpu", *, buckets: bool = True,
-                 compile: bool = False, autocast: Optional[torch.dtype] = None) -> None:
+                 compile: bool = False, autocast: Optional[torch.dtype] = None, cuda_graphs: bool = False) -> None:
         self.model = model.eval()
         self.device = torch.device(device)
         self.max_len = max_len  # history cut (the run's data.max_len)
@@ -124,21 +147,44 @@ class Scorer:
         self.buckets = buckets
         self.autocast = autocast
         self.shapes: set = set()  # distinct (U, L, C, N, max_cands) seen: what a compiled path compiles for
+        self._id_check = host_id_check(self.model)
         if compile:
             compile_hot_path(self.model)
+        self.graphs = None
+        if cuda_graphs:
+            from pinfm_rec.serve.graphs import GraphedLogits
+
+            self.graphs = GraphedLogits.create(self.model, self.device, self.autocast)
+
+    def prepare(self, batch: RankingBatch) -> RankingBatch:
+        """Host side of a CPU batch: bucket padding, ids range-checked on the host (id mode
+        "error"), host sizes (``RankingBatch.host``) and the KJT's per-key lengths/offsets
+        computed here, then the transfer. The device batch it returns needs no host sync."""
+        if self.buckets:
+            batch = pad_batch(batch, self.n_cap)
+        checked = self._id_check is not None
+        if checked:
+            self._id_check(batch)
+        kjt = batch.history.features
+        kjt.length_per_key(), kjt.offset_per_key(), kjt.offsets()  # cached on the KJT: travel with .to()
+        batch = dataclasses.replace(batch, host=HostSizes.of(batch, ids_checked=checked))
+        h = batch.history
+        self.shapes.add((batch.num_requests, h.timestamps.numel(), batch.num_candidates, h.max_len, batch.max_cands))
+        return batch.to(self.device, non_blocking=True)
 
     @torch.no_grad()
+    def forward(self, batch: RankingBatch) -> torch.Tensor:
+        """A prepared (device) batch -> logits [C'] on the device (C' with padding candidates):
+        no host sync on the way (tests/test_serve_host.py)."""
+        if self.graphs is not None:
+            return self.graphs(batch)
+        with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            return self.model.logits(batch)
+
     def logits(self, batch: RankingBatch) -> torch.Tensor:
         """A CPU batch of U requests -> logits [C] (CPU float32), in the batch's candidate order."""
         c = batch.num_candidates
-        if self.buckets:
-            batch = pad_batch(batch, self.n_cap)
-        h = batch.history
-        self.shapes.add((batch.num_requests, h.timestamps.numel(), batch.num_candidates, h.max_len, batch.max_cands))
-        batch = batch.to(self.device, non_blocking=True)
-        with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-            out = self.model.logits(batch)
-        return out[:c].float().cpu()
+        return self.forward(self.prepare(batch))[:c].float().cpu()  # the one sync: the scores
 
     def score_file(self, req: RequestFile, out_path: str, requests_per_batch: int = 256) -> Dict[str, float]:
         """Score every request of ``req`` and write ``out_path`` (``requests_io.write_scores``).
@@ -154,5 +200,9 @@ class Scorer:
             torch.cuda.synchronize()
         wall = time.perf_counter() - t0
         write_scores(out_path, req, rows_a, logit_a)
-        return {"requests": int(rows_a.size), "candidates": int(logit_a.size), "wall_s": wall,
-                "candidates_per_s": logit_a.size / max(wall, 1e-9), "shapes": len(self.shapes)}
+        out = {"requests": int(rows_a.size), "candidates": int(logit_a.size), "wall_s": wall,
+               "candidates_per_s": logit_a.size / max(wall, 1e-9), "shapes": len(self.shapes)}
+        if self.graphs is not None:
+            out.update(cuda_graphs=len(self.graphs.graphs),
+                       cuda_graph_failures=sorted(set(self.graphs.failed.values())))
+        return out
