@@ -165,6 +165,9 @@ def cmd_prepare_ranking(args) -> int:
     spec, _ = _load(args, "finetune")
     info = prepare_ranking(spec.data)
     out = asdict(info)
+    raw = out.pop("item_raw_ids", None)  # data.raw_ids: a range, not num_items ids
+    if raw is not None:
+        out["item_raw_ids"] = {"count": int(raw.size), "min": int(raw.min()), "max": int(raw.max())} if raw.size else {}
     out["storage"] = storage_report(info.root)
     print(json.dumps(out, indent=1, default=str))
     return 0
