@@ -176,6 +176,8 @@ def test_split_ticket_buffers_graph_captures_never_share_with_eager(monkeypatch)
     capturing[0] = True
     graph = g._counters(dev, 10)
     assert graph is not eager and g._GRAPH_COUNTERS == [graph]
+    graph[3] = 5  # a capture whose recorded zeros never ran (it failed): the next one zeroes again
+    assert g._counters(dev, 10) is graph and int(graph.abs().sum()) == 0
     bigger = g._counters(dev, 5000)
     assert bigger.numel() >= 5000 and g._GRAPH_COUNTERS == [graph, bigger]
     capturing[0] = False
@@ -340,8 +342,18 @@ def test_forward_plan_is_cached_per_shape_key(monkeypatch):
     assert len(tf._PLANS) == 2
 
 
-def test_max_len_cached_per_offsets_tensor_until_modified():
+def test_max_len_of_cpu_offsets_is_never_cached():
+    # nothing to save on the CPU, and a write through .numpy() bumps no version counter
     from pinfm_rec.kernels.dcat import op
+    co = torch.tensor([0, 3, 3, 8])
+    assert op._max_len(co) == 5 and id(co) not in op._MAX_LENS
+    co.numpy()[2] = 1
+    assert op._max_len(co) == 7
+
+
+def test_max_len_cached_per_offsets_tensor_until_modified(monkeypatch):
+    from pinfm_rec.kernels.dcat import op
+    monkeypatch.setattr(op, "_cached_device", lambda t: True)  # as for CUDA tensors
     co = torch.tensor([0, 3, 3, 8])
     assert op._max_len(co) == 5
     assert op._max_len(co) == 5 and id(co) in op._MAX_LENS

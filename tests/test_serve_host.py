@@ -139,6 +139,18 @@ def test_host_id_check_names_the_feature_before_the_transfer(scorers):
         scorers["fp32"].prepare(b)
 
 
+def test_host_id_check_refuses_even_if_check_ids_lets_the_batch_pass(monkeypatch):
+    # the host check skips the device check: it must never return on ids it found out of range
+    from pinfm_rec.data import host_sizes
+    from pinfm_rec.model import embedding
+
+    b = _batch(4)
+    b.cand_item[1] = -3
+    monkeypatch.setattr(embedding, "check_ids", lambda kjt, sizes, mode="error": kjt)
+    with pytest.raises(ValueError, match=r"'neg_item_id': ids must lie in \[0, 2000\), got min -3"):
+        host_sizes.check_ids_on_host(b, {"t_item": TINY["num_items"]})
+
+
 def test_cuda_graphs_on_cpu_are_a_no_op_with_a_message():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

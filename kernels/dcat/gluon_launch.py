@@ -48,6 +48,11 @@ def _counters(device_index: int, n: int):
         _COUNTERS[key] = buf
         if capturing:
             _GRAPH_COUNTERS.append(buf)
+    elif capturing:
+        # a memset recorded into THIS graph (~1 us per replay): the buffer is shared by every
+        # capture on this stream, and a capture that failed after recording its own zeros left
+        # them never run eagerly; without it, later graphs read stale tickets and skip the combine
+        buf.zero_()
     return buf
 
 

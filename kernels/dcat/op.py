@@ -118,13 +118,20 @@ class _DcatFn(torch.autograd.Function):
 _MAX_LENS: dict = {}  # id(offsets) -> (weakref, data_ptr, version, max length)
 
 
+def _cached_device(t: Tensor) -> bool:
+    """Whether _max_len keeps answers for tensors of t's device (CUDA: reading one syncs)."""
+    return t.is_cuda
+
+
 def _max_len(offsets: Tensor) -> int:
     """The longest segment of an offsets tensor. Reading it from a GPU tensor syncs the host
     with the device, so the answer is kept per tensor while that tensor lives unmodified (its
     version counter, bumped by every in-place write, and its data pointer unchanged): a
     serving loop that reuses its offsets pays the sync once. Pass max_cands / max_ctx_len to
-    avoid it altogether. Not cached while torch.compile traces (as before: one sync)."""
-    if _is_compiling():
+    avoid it altogether. Not cached while torch.compile traces (as before: one sync), nor for CPU
+    tensors (no sync to save). Writes that bypass the version counter (``.numpy()``, ``.data``,
+    a Triton kernel) are not seen: pass the max lengths for buffers written that way."""
+    if _is_compiling() or not _cached_device(offsets):
         return 0 if offsets.numel() < 2 else int((offsets[1:] - offsets[:-1]).max().item())
     try:
         version = offsets._version

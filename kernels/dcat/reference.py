@@ -62,7 +62,9 @@ def dcat_reference(q: Tensor, k: Tensor, v: Tensor, k_ctx: Tensor, v_ctx: Tensor
         scale = 1.0 / math.sqrt(Dh)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     R = cand_offsets.numel() - 1
-    creq, cpos, cmax = pad_index(cand_offsets, max_cands, Cn)  # sizes from shapes / the caller: no sync
+    # sizes from shapes / the caller (no sync): max_cands / max_ctx_len must be upper bounds of
+    # the true maxima (an under-estimate indexes out of range: a device-side assert on CUDA)
+    creq, cpos, cmax = pad_index(cand_offsets, max_cands, Cn)
     xreq, xpos, nmax = pad_index(ctx_offsets, max_ctx_len, k_ctx.shape[0])
     qf, kf, vf = q.to(acc), k.to(acc), v.to(acc)
     kc = k_ctx.to(acc).new_zeros(R, nmax, H, Dh).index_put((xreq, xpos), k_ctx.to(acc))

@@ -26,10 +26,12 @@ class HostSizes:
 
     @classmethod
     def of(cls, batch, ids_checked: bool = False) -> "HostSizes":
-        """From a CPU ``RankingBatch`` (its history KJT's first key gives the lengths)."""
+        """From a CPU ``RankingBatch`` (its history item feature gives the lengths)."""
+        from pinfm_rec.data.batch import ITEM_KEY
+
         kjt = batch.history.features
-        u = batch.num_requests
-        lengths = kjt.lengths()[:u].tolist()
+        key = ITEM_KEY if ITEM_KEY in kjt.keys() else kjt.keys()[0]
+        lengths = kjt[key].lengths().tolist()
         counts = (batch.cand_offsets[1:] - batch.cand_offsets[:-1]).tolist()
         return cls(tuple(lengths), tuple(counts), ids_checked)
 
@@ -57,8 +59,12 @@ def check_ids_on_host(batch, sizes: Mapping[str, int], ranker_sizes: Mapping[str
         n = table.get(key, table.get(FEATURE_TABLE.get(key, key)))
         return -1 if n is None else int(n)
 
+    def refuse(key: str, v: torch.Tensor, lim: int) -> None:  # check_ids did not raise: still refuse
+        lo, hi = torch.aminmax(v)
+        raise ValueError(f"feature {key!r}: ids must lie in [0, {lim}), got min {int(lo)} max {int(hi)}")
+
     def bad(v: torch.Tensor, lim: int) -> bool:
-        if lim < 0 or v.numel() == 0:
+        if lim <= 0 or v.numel() == 0:  # as check_ids: no size (or 0) means unchecked
             return False
         lo, hi = torch.aminmax(v)
         return bool(lo < 0) or bool(hi >= lim)
@@ -68,6 +74,7 @@ def check_ids_on_host(batch, sizes: Mapping[str, int], ranker_sizes: Mapping[str
     for i, key in enumerate(kjt.keys()):
         if bad(values[opk[i]:opk[i + 1]], limit(key, sizes)):
             check_ids(kjt, sizes, "error")  # raises, naming the feature and id
+            refuse(key, values[opk[i]:opk[i + 1]], limit(key, sizes))
     cand = batch.cand_item
     ranker_sizes = dict(ranker_sizes or {})
     from pinfm_rec.rankers.dlrm import CAND_FEATURE, HIST_FEATURE
@@ -80,3 +87,4 @@ def check_ids_on_host(batch, sizes: Mapping[str, int], ranker_sizes: Mapping[str
         if bad(v, limit(key, table)):
             one = KeyedJaggedTensor(keys=[key], values=v.long(), lengths=torch.tensor([v.numel()]), stride=1)
             check_ids(one, table, "error")
+            refuse(key, v, limit(key, table))

@@ -85,7 +85,10 @@ def _order_tensor(order, device: torch.device) -> Optional[torch.Tensor]:
     key = (tuple(order), device)
     t = _ORDER_TENSORS.get(key)
     if t is None:
-        t = _ORDER_TENSORS[key] = torch.tensor(order, dtype=torch.int, device=device)
+        t = torch.tensor(order, dtype=torch.int, device=device)
+        if device.type == "cuda" and not torch.cuda.is_current_stream_capturing():  # once per (order, device): visible to every stream afterwards
+            torch.cuda.current_stream(device).synchronize()
+        _ORDER_TENSORS[key] = t
     return t
 
 

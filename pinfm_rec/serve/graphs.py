@@ -10,6 +10,12 @@ size). ``GraphedLogits`` captures that sequence once per signature into a ``torc
 copies each new batch into the captured input buffers and replays: one launch instead of
 hundreds of kernel launches and their Python/dispatch cost.
 
+Known limit (not measured on a GPU yet): with the ranker's history bag
+(``finetune.history_bag_len`` > 0) the bag's size, sum over requests of min(n_r, K) * c_r, is part of
+the signature, and ``pad_batch`` does not fix it, so ragged traffic captures a graph per distinct bag
+size (at most ``MAX_GRAPHS`` kept, least recently used dropped). Buckets of fixed bag size are the
+next step.
+
 A signature whose capture fails (an op that cannot be captured: an H2D copy of a Python list, a
 sync) is scored eagerly from then on; ``failed`` keeps the reason and a warning names it once. On a
 CPU device there is nothing to capture: ``create`` warns once and returns None (eager scoring).
@@ -23,7 +29,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 CPU_MESSAGE = "--cuda-graphs needs a CUDA device: scoring on {device} eagerly (no graphs)"
-MAX_GRAPHS = 64  # signatures kept; past it new signatures run eagerly
+MAX_GRAPHS = 64  # graphs kept; past it the least recently used one is dropped
 
 
 def batch_tensors(batch) -> List[torch.Tensor]:
@@ -90,6 +96,7 @@ class GraphedLogits:
 
     def _capture(self, batch) -> Tuple[torch.cuda.CUDAGraph, List[torch.Tensor], torch.Tensor]:
         static = batch  # its tensors become the graph's input buffers (kept alive by the entry)
+        inputs = batch_tensors(static)  # listed before the warm-up, which may fill KJT caches
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
@@ -99,7 +106,10 @@ class GraphedLogits:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             out = self._eager(static)
-        return graph, batch_tensors(static), out
+        if len(batch_tensors(static)) != len(inputs):
+            raise RuntimeError("the warm-up changed the batch's tensors (a KJT without offsets/lengths: "
+                               "prepare batches with Scorer.prepare)")
+        return graph, inputs, out
 
     @torch.no_grad()
     def __call__(self, batch) -> torch.Tensor:
@@ -107,8 +117,10 @@ class GraphedLogits:
         key = signature(batch, self.model)
         entry = self.graphs.get(key)
         if entry is None:
-            if key in self.failed or len(self.graphs) >= MAX_GRAPHS:
+            if key in self.failed:
                 return self._eager(batch)
+            if len(self.graphs) >= MAX_GRAPHS:  # drop the least recently used graph (and its inputs)
+                self.graphs.pop(next(iter(self.graphs)))
             try:
                 entry = self.graphs[key] = self._capture(batch)
             except Exception as e:  # noqa: BLE001 - an uncapturable forward: eager from now on
@@ -120,7 +132,8 @@ class GraphedLogits:
             self.replays += 1
             return entry[2].clone()
         graph, inputs, out = entry
-        for dst, src in zip(inputs, batch_tensors(batch)):
+        self.graphs[key] = self.graphs.pop(key)  # most recently used last (LRU order)
+        for dst, src in zip(inputs, batch_tensors(batch), strict=True):
             dst.copy_(src, non_blocking=True)
         graph.replay()
         self.replays += 1
