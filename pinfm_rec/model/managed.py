@@ -23,7 +23,8 @@ over as they are (for ids already uniform over the range, and the rule for specs
 option existed: ``legacy_spec_defaults``). The slot state (``_mch_*`` buffers: checkpoints, delta
 exports) holds the mixed ids; everything that reads raw ids out of it goes through ``slot_ids``,
 which returns the ORIGINAL raw ids (``unmix``). An id outside ``[0, input_hash_size)`` is a
-ValueError naming it (with ``mix``; masking would otherwise alias it to another id).
+ValueError naming it (either mode: mixed, masking would alias it to another id; unmixed, it would be
+routed to no rank's range).
 
 Sharding: TorchRec shards managed-collision tables ``row_wise`` only, so ``buckets`` must be a
 multiple of the world size (0: the world size of the process group when the model is built) and
@@ -163,6 +164,7 @@ class ManagedTables(nn.Module):
 
     def forward(self, kjt: KeyedJaggedTensor) -> Tuple[Dict[str, JaggedTensor], KeyedJaggedTensor]:
         item_kjt, rest_kjt = kjt.split([self.n_item_features, len(kjt.keys()) - self.n_item_features])
+        check_range(item_kjt.values(), self.spec.input_hash_size, what=f"raw item id (features {item_kjt.keys()})")
         if self.bits:
             item_kjt = self._mixed(item_kjt)
         emb, slots = self.items(item_kjt)
@@ -171,9 +173,7 @@ class ManagedTables(nn.Module):
         return out, slots
 
     def _mixed(self, kjt: KeyedJaggedTensor) -> KeyedJaggedTensor:
-        """``kjt`` with its values [L_item] mixed (``id_mix.mix``); ValueError for an id outside
-        ``[0, input_hash_size)`` (one host sync)."""
-        check_range(kjt.values(), self.spec.input_hash_size, what=f"raw item id (features {kjt.keys()})")
+        """``kjt`` (ids checked in ``[0, input_hash_size)``) with its values [L_item] mixed (``id_mix.mix``)."""
         return KeyedJaggedTensor(
             keys=kjt.keys(), values=mix(kjt.values(), self.bits), weights=kjt.weights_or_none(),
             lengths=kjt.lengths(), offsets=kjt.offsets(), stride=kjt.stride(),
