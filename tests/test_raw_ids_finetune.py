@@ -300,7 +300,7 @@ def test_two_rank_managed_raw_id_finetune_exports_and_serves(tmp_path):
     want = dict(zip(unmix(raw_c[keep], 62).tolist(), slot_c[keep].tolist()))  # the slot state holds mixed ids
     assert len(want) > 200 and min(want) >= OFFSET and max(want) < OFFSET + 600 * 7919
     # both ranks' slots hold raw ids, about equally: ~300 +- 12 (binomial, 600 ids) of the ids route to
-    # each rank, more than its 255 slots, so both fill up; unmixed, rank 1 would hold none
+    # each rank, more than its 255 slots, so both fill up; unmixed, all would route to rank 0
     on_rank0 = sum(s < 256 for s in want.values())
     assert 0.4 * len(want) <= on_rank0 <= 0.6 * len(want), (on_rank0, len(want))
     # per rank the raw ids were sorted; concatenated they are not, until served (resort_slots)
