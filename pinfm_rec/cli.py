@@ -82,7 +82,14 @@ def _load(args, kind: Optional[str] = None):
         from pinfm_rec.data.scaling import auto_overrides
 
         overrides = auto_overrides(path, overrides)
-    return load_spec(_spec_class(kind), path, overrides), kind
+    return load_spec(_spec_class(kind), path, overrides, saved=is_saved_spec(path)), kind
+
+
+def is_saved_spec(path: str) -> bool:
+    """``path`` is the resolved spec.yaml a run saved (beside its checkpoints / in a checkpoint)."""
+    d = os.path.dirname(os.path.abspath(path))
+    return os.path.basename(path) == "spec.yaml" and (
+        os.path.isdir(os.path.join(d, "checkpoints")) or os.path.isfile(os.path.join(d, "COMPLETE")))
 
 
 def run_dir_of(spec) -> str:

@@ -209,9 +209,12 @@ def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
     return data
 
 
-def load_spec(cls: Type[T], path: str | Path | None = None, overrides: Iterable[str] = ()) -> T:
+def load_spec(cls: Type[T], path: str | Path | None = None, overrides: Iterable[str] = (),
+              saved: bool = False) -> T:
     """Read YAML at ``path`` (or start from defaults), apply dotted overrides, validate into ``cls``
-    and check the sections against each other (``spec_checks.cross_check``).
+    and check the sections against each other (``spec_checks.cross_check``). ``saved``: ``path`` is
+    a run's resolved spec.yaml, read with the defaults of the code that wrote it for keys added
+    since (``model.managed.legacy_spec_defaults``).
 
     Raises SpecError naming the file and the dotted key on any unknown/mistyped/out-of-range key.
     """
@@ -227,6 +230,10 @@ def load_spec(cls: Type[T], path: str | Path | None = None, overrides: Iterable[
             raise SpecError(f"{p}: invalid YAML: {e}") from e
         if not isinstance(data, dict):
             raise SpecError(f"{p}: top level must be a mapping, got {type(data).__name__}")
+        if saved and isinstance(data.get("model"), dict):
+            from pinfm_rec.model.managed import legacy_spec_defaults
+
+            data["model"] = legacy_spec_defaults(data["model"])
     overrides = list(overrides)
     if overrides:
         data = apply_overrides(data, overrides)

@@ -16,6 +16,8 @@ Rules:
   the encoder checkpoint's model when fine-tuning from one; no rule without an encoder: the ranker's
   own tables hash), no ``encoder.unseen_items=zero`` (dense-id rule), and synthetic raw ids below a
   managed table's ``input_hash_size``;
+* ``model.embedding.managed.id_hash=mix`` (the default) needs ``input_hash_size`` a power of two
+  (the mix is a bijection on ``[0, 2**k)``) when the spec's own model has ``id_mode=managed``;
 * the encoder checkpoint's item vocabulary matches synthetic ranking data (other sources are
   checked once prepared, in the recipe). An empty ``encoder.checkpoint`` with init=pretrained is
   refused by the recipe, not here: ``pinfm prepare-ranking`` loads such specs without one.
@@ -155,7 +157,20 @@ def _check_raw_ids(spec: Any, fail) -> None:
                                                  f">= the managed table's input_hash_size {hash_size}")
 
 
-RULES = (_check_max_len, _check_output_head, _check_negatives, _check_encoder, _check_raw_ids)
+def _check_id_hash(spec: Any, fail) -> None:
+    keys = ("model.embedding.id_mode", "model.embedding.managed.id_hash", "model.embedding.managed.input_hash_size")
+    if not _has(spec, *keys) or spec.model.embedding.id_mode != "managed" or _pretrained_model(_pretrained_dir(spec)) is not None:
+        return
+    m = spec.model.embedding.managed
+    n = int(m.input_hash_size)
+    if m.id_hash == "mix" and (n & (n - 1) or n > 2**63):
+        fail("model.embedding.managed.input_hash_size",
+             f"{n} is not a power of two: model.embedding.managed.id_hash=mix maps raw ids through a bijection "
+             f"on [0, 2**k) (use e.g. 2**{max(1, n.bit_length() - 1)} or {2 ** n.bit_length()}, or set "
+             f"id_hash=none for ids already spread evenly over [0, input_hash_size))")
+
+
+RULES = (_check_max_len, _check_output_head, _check_negatives, _check_encoder, _check_raw_ids, _check_id_hash)
 
 
 def cross_check(spec: Any, where: str) -> None:

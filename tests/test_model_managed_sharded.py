@@ -3,8 +3,9 @@ model computes for the same raw-id -> slot assignment.
 
 Two processes shard a small managed PinFM with ``pinfm_rec.parallel.shard_model`` (TorchRec's
 ManagedCollisionEmbeddingCollection sharder, 2 buckets, fused SGD) and run one training step each on
-their own batch of raw 62-bit ids: the first step admits every id (routed to the rank owning its
-half of [0, input_hash_size)); the second step is compared. The test process builds the unsharded
+their own batch of raw 62-bit ids: the first step admits every id (routed, once mixed by
+``id_hash=mix``, the default, to the rank owning its half of [0, input_hash_size)); the second step
+is compared. The test process builds the unsharded
 managed model with rank 0's weights before step 2 and the slots the sharded run gave each raw id,
 and checks per rank: loss == unsharded loss on that rank's batch; table update == -lr * mean over ranks of the
 unsharded table gradients (TorchRec's gradient division, as in test_sharded_equivalence.py); every
@@ -20,6 +21,7 @@ from test_model_managed import managed_model, raw_batch
 from gloo_world import free_port, join_gloo_world
 
 from pinfm_rec.model import table_shardings
+from pinfm_rec.model.id_mix import mix, unmix
 from pinfm_rec.model.managed import EMPTY_SLOT, slot_ids
 from pinfm_rec.train.delta_export import DeltaExporter, load_chain, plain_state
 
@@ -85,7 +87,7 @@ def _reference(r0: dict, raw: torch.Tensor, slot: torch.Tensor):
     ref.load_state_dict(state, strict=False)
     mch = next(m for m in ref.modules() if isinstance(m, MCHManagedCollisionModule))
     by_slot = torch.full((ROWS,), EMPTY_SLOT, dtype=torch.long)
-    by_slot[slot] = raw
+    by_slot[slot] = mix(raw, 62)  # the slot state holds the mixed ids (id_hash=mix)
     order = torch.argsort(by_slot, stable=True)
     mch._mch_sorted_raw_ids.copy_(by_slot[order])
     mch._mch_remapped_ids_mapping.copy_(torch.arange(ROWS)[order])
@@ -111,12 +113,12 @@ def test_managed_sharded_equals_unsharded(tmp_path):
                       for k in ("item_id", "neg_item_id")])
     assert sorted(raw.tolist()) == sorted(set(seen.tolist()))  # every id of both ranks admitted once
     assert slot.unique().numel() == slot.numel()  # zero collisions across ranks
-    # the export's gathered slot state holds the exact raw ids (62-bit; no float32 staging on the way)
+    # the export's gathered slot state holds the exact (mixed) ids (62-bit; no float32 staging on the way)
     g = res[0]["gathered_raw"]
-    assert g.dtype == torch.int64 and sorted(g[g != EMPTY_SLOT].tolist()) == sorted(raw.tolist())
-    for r, out in enumerate(res):  # rank r holds slots [r*16, (r+1)*16) and the ids of bucket r
+    assert g.dtype == torch.int64 and sorted(unmix(g[g != EMPTY_SLOT], 62).tolist()) == sorted(raw.tolist())
+    for r, out in enumerate(res):  # rank r holds slots [r*16, (r+1)*16) and the ids whose MIXED id is in bucket r
         assert bool(((out["slot"] // (ROWS // WORLD)) == r).all())
-        assert bool(((out["raw"] // (HASH // WORLD)) == r).all())
+        assert bool(((mix(out["raw"], 62) // (HASH // WORLD)) == r).all()) and out["raw"].numel() > 0
     ref = _reference(res[0], raw, slot)
     for r in range(WORLD):
         torch.testing.assert_close(res[r]["loss"], ref[r]["loss"], atol=1e-5, rtol=1e-5)

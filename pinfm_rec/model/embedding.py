@@ -190,6 +190,8 @@ def check_ids(
             offset_per_key=kjt.offset_per_key(),
         )
     bad = (values < 0) | (values >= lim_v)
+    if any(lim < 0 for lim in limits):  # unchecked features (managed raw item ids: ManagedTables checks them)
+        bad &= lim_v != big
     if bool(bad.any()):  # the one host sync
         pos = int(torch.nonzero(bad)[0, 0])
         opk = kjt.offset_per_key()

@@ -23,6 +23,7 @@ import yaml
 
 from pinfm_rec.errors import EncoderError
 from pinfm_rec.features import VOCAB_KEYS, vocab_sizes
+from pinfm_rec.model.managed import legacy_spec_defaults
 from pinfm_rec.model.pinfm import ModelSpec, PinFM
 from pinfm_rec.spec import from_dict
 
@@ -44,7 +45,8 @@ def read_pretrained(path: str) -> Tuple[ModelSpec, Dict[str, int]]:
         raise EncoderError(f"{spec_p}: missing; the path must be a pretraining checkpoint or encoder export")
     with open(spec_p) as f:
         raw = yaml.safe_load(f) or {}
-    model_spec = from_dict(ModelSpec, raw.get("model") or {}, where=f"{spec_p}: model")
+    # a spec saved before embedding.managed.id_hash existed ran unmixed (model/managed.py)
+    model_spec = from_dict(ModelSpec, legacy_spec_defaults(raw.get("model")) or {}, where=f"{spec_p}: model")
     for name in META_FILES:
         p = os.path.join(path, name)
         if os.path.isfile(p):

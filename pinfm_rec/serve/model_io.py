@@ -106,6 +106,10 @@ def _read_spec(spec_path: str):
     if not {"encoder", "ranker"} & set(raw):
         raise CheckpointError(f"{spec_path}: not a fine-tuning run (no encoder/ranker section); pinfm score "
                               f"needs a run of `pinfm finetune`")
+    from pinfm_rec.model.managed import legacy_spec_defaults
+
+    if "model" in raw:  # saved before embedding.managed.id_hash existed: unmixed ids
+        raw = {**raw, "model": legacy_spec_defaults(raw["model"])}
     return from_dict(FinetuneSpec, raw, where=spec_path)
 
 

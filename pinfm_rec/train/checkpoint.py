@@ -317,6 +317,10 @@ def check_resume_compatible(path: str, spec_yaml: str, sections: tuple = ("model
         return
     with open(saved_p) as f:
         saved = yaml.safe_load(f) or {}
+    if isinstance(saved.get("model"), dict):  # saved before embedding.managed.id_hash existed: unmixed ids
+        from pinfm_rec.model.managed import legacy_spec_defaults
+
+        saved["model"] = legacy_spec_defaults(saved["model"])
     if spec_cls is not None:
         try:
             saved = to_dict(from_dict(spec_cls, saved))

@@ -20,11 +20,15 @@ from pinfm_rec.model.pretrained import load_pretrained, read_pretrained
 
 
 def _arch(spec: ModelSpec) -> dict:
-    """What must match to load the weights: trunk, embedding dim, id mode, table sizes set in the spec."""
+    """What must match to load the weights: trunk, embedding dim, id mode, table sizes set in the spec, and
+    a managed table's id mapping (id_hash, input_hash_size: the slot state holds ids mapped by them)."""
     emb = asdict(spec.embedding)
     return {"trunk": asdict(spec.trunk), "dim": emb["dim"], "id_mode": emb["id_mode"],
             "item_rows": emb["item"]["num_embeddings"], "output_head": spec.output_head,
-            "time_features": spec.time_features}
+            "time_features": spec.time_features,
+            # managed: the slot state holds ids mixed (or not) by the checkpoint's rule
+            "managed.id_hash": emb["managed"]["id_hash"] if emb["id_mode"] == "managed" else None,
+            "managed.input_hash_size": emb["managed"]["input_hash_size"] if emb["id_mode"] == "managed" else None}
 
 
 def init_from(model: nn.Module, path: str, spec: ModelSpec) -> int:
