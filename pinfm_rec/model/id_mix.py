@@ -29,11 +29,12 @@ _C1, _C2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 
 
 def hash_bits(input_hash_size: int) -> int:
-    """``k`` with ``input_hash_size == 2**k`` (1 <= k <= 63); ValueError otherwise."""
+    """``k`` with ``input_hash_size == 2**k`` (1 <= k <= 62); ValueError otherwise. Not 2**63: a
+    mixed id could then be int64 max, TorchRec's marker of a free slot."""
     n = int(input_hash_size)
-    if n < 2 or n & (n - 1) or n > 2**63:
+    if n < 2 or n & (n - 1) or n > 2**62:
         raise ValueError(f"embedding.managed.input_hash_size={n}: id_hash=mix needs a power of two "
-                         f"between 2 and 2**63 (e.g. 2**62, the default), or set id_hash=none")
+                         f"between 2 and 2**62 (the default), or set id_hash=none")
     return n.bit_length() - 1
 
 

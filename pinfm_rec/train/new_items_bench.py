@@ -67,6 +67,7 @@ class BenchConfig:
     # fused SGD: FBGEMM has no CPU kernel to reset the Adagrad state of a re-used managed slot
     table_lr: float = 0.2
     seed: int = 0
+    id_hash: str = "mix"  # managed mode: embedding.managed.id_hash (mix | none)
 
 
 class IdMap:
@@ -125,7 +126,7 @@ def make_batch(s: ChurnStream, ids: IdMap, wins: List[np.ndarray], neg_pool: np.
 def build_model(mode: str, rows: int, c: BenchConfig, env):
     emb = EmbeddingSpec(dim=c.dim, item=TableSpec(num_embeddings=rows),
                         id_mode={"dense": "error", "hash": "hash", "managed": "managed"}[mode],
-                        managed=ManagedSpec(eviction="lru"))
+                        managed=ManagedSpec(eviction="lru", id_hash=c.id_hash))
     spec = ModelSpec(embedding=emb, trunk=TrunkSpec(d_model=c.dim, n_layers=c.layers, n_heads=2,
                                                     max_len=c.max_len, dropout=0.0))
     torch.manual_seed(c.seed)
