@@ -36,4 +36,6 @@ def test_recorded_benchmark_has_the_issue_keys():
     for m in MODES:
         for k in ("new_item_auc", "old_item_auc", "collision_rate", "delta_bytes_over_full"):
             assert k in rec["modes"][m], (m, k)
+    for k in ("new_item_auc", "old_item_auc", "delta_bytes_over_full"):  # headline keys, {mode: value}
+        assert rec[k] == {m: rec["modes"][m][k] for m in MODES}, k
     assert "evictions" in rec["modes"]["managed"] and rec["command"].startswith("python -m pinfm_rec.train")

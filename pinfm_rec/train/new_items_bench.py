@@ -272,6 +272,9 @@ def main(argv=None) -> Dict:
                ["python -m pinfm_rec.train.new_items_bench"] + (["--quick"] if args.quick else [])
                + ([f"--seeds {args.seeds}"] if args.seeds > 1 else []) + list(args.overrides)),
            "device": "cpu (1 process, gloo)", "date": time.strftime("%Y-%m-%d")}
+    # the headline keys, also at the top level: {mode: value}
+    for k in ("new_item_auc", "old_item_auc", "delta_bytes_over_full"):
+        out[k] = {m: res[m][k] for m in MODES}
     if args.out:
         with open(args.out, "w") as f:
             json.dump(out, f, indent=1)
