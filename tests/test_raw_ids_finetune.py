@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from finetune_logits import training_logits
 
 from pinfm_rec.errors import DataError, SpecError
 
@@ -117,30 +118,6 @@ def test_delta_chain_equals_final_checkpoint(runs, mode):
     assert any("embedding_bags.t_r_cand" in k for k in delta["rows"])
 
 
-def _training_logits(spec, checkpoint):
-    """{(request id, candidate position): logit} of the recipe's (DMP) model on the test split."""
-    from pinfm_rec.data.ranking import build_ranking_loader
-    from pinfm_rec.parallel import init_distributed, shutdown_distributed
-    from pinfm_rec.train.checkpoint import load_model_state
-    from pinfm_rec.train.finetune import FinetuneRecipe
-
-    recipe = FinetuneRecipe(spec, force_cpu=True)
-    recipe.env = init_distributed(spec.parallel, force_cpu=True)
-    try:
-        b = recipe.build()
-        load_model_state(checkpoint, b.model)
-        model = b.model.module.eval()
-        out = {}
-        with torch.no_grad():
-            for batch in build_ranking_loader(spec.data, b.info, "test"):
-                logits = model.logits(batch).numpy()
-                off = batch.cand_offsets.numpy()
-                for i, r in enumerate(batch.request_ids.numpy()):
-                    for j in range(off[i + 1] - off[i]):
-                        out[(int(r), j)] = float(logits[off[i] + j])
-        return out
-    finally:
-        shutdown_distributed()
 
 
 @pytest.mark.parametrize("mode", ["managed", "hash"])
@@ -156,7 +133,7 @@ def test_score_raw_id_requests_equals_training_forward(runs, mode, tmp_path):
     assert min(items) >= OFFSET  # the request file carries raw ids
     got = pq.read_table(out).to_pydict()
     assert got["item_id"] == items
-    ref = _training_logits(run["spec"], load_finetuned(run["dir"]).checkpoint)
+    ref = training_logits(run["spec"], load_finetuned(run["dir"]).checkpoint)
     theirs = np.array([ref[(r, j)] for r, j in zip(got["request_id"], got["cand_index"])])
     np.testing.assert_allclose(np.array(got["logit"]), theirs, atol=1e-5, rtol=1e-5)
 

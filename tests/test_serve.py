@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from finetune_logits import training_logits
 
 from pinfm_rec.errors import DataError
 from pinfm_rec.serve.model_io import load_finetuned
@@ -51,30 +52,6 @@ def run(tmp_path_factory):
     return {"dir": str(tmp / "ft"), "spec": spec, "root": root, "requests": req, "tmp": tmp}
 
 
-def _training_logits(spec, checkpoint):
-    """{(request id, candidate position): logit} of the recipe's own (DMP) model on the test split."""
-    from pinfm_rec.data.ranking import build_ranking_loader
-    from pinfm_rec.parallel import init_distributed, shutdown_distributed
-    from pinfm_rec.train.checkpoint import load_model_state
-    from pinfm_rec.train.finetune import FinetuneRecipe
-
-    recipe = FinetuneRecipe(spec, force_cpu=True)
-    recipe.env = init_distributed(spec.parallel, force_cpu=True)
-    try:
-        b = recipe.build()
-        load_model_state(checkpoint, b.model)
-        model = b.model.module.eval()
-        out = {}
-        with torch.no_grad():
-            for batch in build_ranking_loader(spec.data, b.info, "test"):
-                logits = model.logits(batch).numpy()
-                off = batch.cand_offsets.numpy()
-                for i, r in enumerate(batch.request_ids.numpy()):
-                    for j in range(off[i + 1] - off[i]):
-                        out[(int(r), j)] = float(logits[off[i] + j])
-        return out
-    finally:
-        shutdown_distributed()
 
 
 def test_score_cli_equals_training_forward_and_is_deterministic(run):
@@ -91,7 +68,7 @@ def test_score_cli_equals_training_forward_and_is_deterministic(run):
     assert got == outs[1]  # deterministic, bit for bit
     np.testing.assert_allclose(outs[2]["logit"], got["logit"], atol=1e-5)  # buckets/batching do not matter
     loaded = load_finetuned(run["dir"])
-    ref = _training_logits(run["spec"], loaded.checkpoint)
+    ref = training_logits(run["spec"], loaded.checkpoint)
     assert len(ref) == len(got["logit"]) > 100
     mine = np.array(got["logit"])
     theirs = np.array([ref[(r, j)] for r, j in zip(got["request_id"], got["cand_index"])])

@@ -141,9 +141,8 @@ def profile_host(dev, config=None, n=300, top=25):
     """Where the eager op's host time goes: cProfile over n no-grad forward calls at the
     smallest shape (GPU time there is ~10 us, so the host is the bound). Returns the top
     entries by own time, as text lines."""
-    import cProfile
-    import io
-    import pstats
+    from pinfm_rec.kernels.dcat.hostgpu import profile_calls
+
     R, L, C = SHAPES[0]
     q, k, v, qc, kc, vc, co, xo = make(R, L, C, torch.bfloat16, dev)
 
@@ -154,15 +153,7 @@ def profile_host(dev, config=None, n=300, top=25):
         for _ in range(10):
             call()
         torch.cuda.synchronize()
-        prof = cProfile.Profile()
-        prof.enable()
-        for _ in range(n):
-            call()
-        prof.disable()
-        torch.cuda.synchronize()
-    buf = io.StringIO()
-    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
-    return [line for line in buf.getvalue().splitlines() if line.strip()]
+        return profile_calls(call, n, top)
 
 
 def bench_shape(R, L, C, dev, dup_bwd=True, config=None):

@@ -41,7 +41,8 @@ def _call(ins, C, L):
     return dcat_attention(q, k, v, kc, vc, co, xo, max_cands=C, max_ctx_len=L, kernel="triton")
 
 
-def _profile(fn, n=300, top=20):
+def profile_calls(fn, n=300, top=20):
+    """cProfile of n calls of fn (then a CUDA sync): the top entries by own time, as text lines."""
     import cProfile
     import io
     import pstats
@@ -90,7 +91,7 @@ def measure(dev, n=200, repeats=5) -> dict:
                 for _ in range(10):
                     _call(ins, C, L)
                 torch.cuda.synchronize()
-                res[f"host_profile_{'on' if on else 'off'}"] = _profile(lambda: _call(ins, C, L))
+                res[f"host_profile_{'on' if on else 'off'}"] = profile_calls(lambda: _call(ins, C, L))
     finally:
         gluon_launch.set_cached_launch(prev)
     res["cached_launch_failed"] = list(gluon_launch._FAST_FAILED)

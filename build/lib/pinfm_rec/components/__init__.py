@@ -1,1 +1,0 @@
-"""TorchX components of pinfm_rec (``torchx run components/pinfm.py:pretrain ...``)."""

@@ -1,1 +1,0 @@
-"""pinfm_rec.kernels: custom GPU kernels (Triton) with PyTorch fallbacks."""
