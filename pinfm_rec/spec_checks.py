@@ -163,10 +163,10 @@ def _check_id_hash(spec: Any, fail) -> None:
         return
     m = spec.model.embedding.managed
     n = int(m.input_hash_size)
-    if m.id_hash == "mix" and (n & (n - 1) or n > 2**63):
+    if m.id_hash == "mix" and (n & (n - 1) or n > 2**62):
         fail("model.embedding.managed.input_hash_size",
-             f"{n} is not a power of two: model.embedding.managed.id_hash=mix maps raw ids through a bijection "
-             f"on [0, 2**k) (use e.g. 2**{max(1, n.bit_length() - 1)} or {2 ** n.bit_length()}, or set "
+             f"{n} is not a power of two up to 2**62: model.embedding.managed.id_hash=mix maps raw ids through a "
+             f"bijection on [0, 2**k) (use e.g. 2**{min(62, max(1, n.bit_length() - 1))}, or set "
              f"id_hash=none for ids already spread evenly over [0, input_hash_size))")
 
 

@@ -113,6 +113,8 @@ def test_spec_check_names_the_key():
     base = ["model.embedding.id_mode=managed"]
     with pytest.raises(SpecError, match=r"key 'model.embedding.managed.input_hash_size': 1000000 is not a power of two"):
         load_spec(PretrainSpec, None, base + ["model.embedding.managed.input_hash_size=1000000"])
+    with pytest.raises(SpecError, match=r"input_hash_size': 9223372036854775808 is not a power of two up to 2\*\*62"):
+        load_spec(PretrainSpec, None, base + [f"model.embedding.managed.input_hash_size={2**63}"])
     assert load_spec(PretrainSpec, None, base + ["model.embedding.managed.input_hash_size=1000000",
                                                  "model.embedding.managed.id_hash=none"]).model.embedding.managed.id_hash == "none"
     assert load_spec(PretrainSpec, None, base).model.embedding.managed.id_hash == "mix"  # default
