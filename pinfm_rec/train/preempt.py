@@ -11,6 +11,7 @@ restart) resumes from that checkpoint. A second signal stops at once, without a 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 
@@ -27,6 +28,7 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 class PreemptionGuard:
     def __init__(self) -> None:
         self.signum = 0
+        self._pending_log = ""
         self._previous: dict = {}
 
     def __enter__(self) -> "PreemptionGuard":
@@ -45,11 +47,19 @@ class PreemptionGuard:
         if self.signum:
             raise Preempted(f"{name} received again: stopped at once, without a checkpoint", signum)
         self.signum = signum
-        logger.warning("%s received: finishing the current step, then writing a checkpoint "
-                       "(send it again to stop at once)", name)
+        # Not ``logging`` here: the signal can land while the main thread is inside a logging call,
+        # and a handler's write to the same buffered stream fails as a re-entrant call ("--- Logging
+        # error ---" plus a traceback). os.write on the fd is unbuffered; the log file gets the
+        # message at the next step boundary (``agreed``).
+        os.write(2, f"pinfm: {name} received: finishing the current step, then writing a checkpoint "
+                    f"(send it again to stop at once)\n".encode())
+        self._pending_log = name
 
     def agreed(self, device: torch.device) -> int:
         """Collective at a step boundary: the signal any rank received (SIGTERM first), else 0."""
+        if self._pending_log:
+            logger.info("%s received: finishing the current step, then writing a checkpoint", self._pending_log)
+            self._pending_log = ""
         if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
             return self.signum
         flags = torch.tensor([self.signum == signal.SIGINT, self.signum == signal.SIGTERM],
