@@ -3,8 +3,8 @@
 # 10-minute limit and follow each other within its 30 s idle release:
 #   bash scripts/gpu/round.sh suite    # ML-1M 3-seed runs start in the background (GPU-bound), then the
 #                                      # whole test suite with pytest-xdist (staged beside the wheels)
-#   bash scripts/gpu/round.sh ml1m     # waits for the ML-1M runs, GR-protocol evals; DCAT host timing
-#   bash scripts/gpu/round.sh dcat     # the DCAT bench alone (GPU time, eager, flex peer columns)
+#   bash scripts/gpu/round.sh ml1m     # waits for the ML-1M runs, GR-protocol evals
+#   bash scripts/gpu/round.sh dcat     # DCAT host us/call (cached launch off/on), then the DCAT bench alone
 #   bash scripts/gpu/round.sh serve    # the serving load benchmark alone (CUDA graphs)
 # The ML-1M file must be at $PINFM_DATA_DIR/ml-1m/sasrec/ml-1m.txt (default /root/data; a carried
 # .gpudata/ folder is copied there). Results under $OUT.
@@ -16,6 +16,21 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 SW=/root/sweep; mkdir -p $SW
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
+gr_evals() {  # GR's eval (history items removed) on every finished run's best-valid checkpoint
+  for d in runs/ml1m-*; do
+    n=$(basename $d); j=$SW/ml1m_exclhist_${n//-/_}.json
+    [ -f $d/results.json ] && [ ! -f $j ] || continue
+    (timeout 150 python3 -m pinfm_rec.cli eval --spec $d --json train.eval_exclude_history=true \
+       > $SW/eval_$n.log 2>&1; python3 - $SW/eval_$n.log $j <<'PY'
+import json, sys
+t = open(sys.argv[1]).read(); i = t.rfind("\n{")
+if i >= 0:
+    json.dump(json.loads(t[i + 1:]), open(sys.argv[2], "w"), indent=1)
+PY
+    ) &
+  done
+  wait; cp $SW/ml1m_* $OUT/ 2>/dev/null
+}
 case "${1:-}" in
 suite)
   [ -d .gpudata ] && mkdir -p "$PINFM_DATA_DIR" && cp -r .gpudata/* "$PINFM_DATA_DIR/"
@@ -26,37 +41,25 @@ suite)
      "rule|--spec specs/pretrain/sasrec.yaml train.epochs=120" \
      > $SW/sweep.out 2>&1 < /dev/null &)
   sleep 5
-  OUT=$OUT/suite SKIP_INSTALL=1 timeout ${SUITE_TIMEOUT:-500} bash scripts/gpu/test_suite.sh \
+  OUT=$OUT/suite SKIP_INSTALL=1 timeout ${SUITE_TIMEOUT:-420} bash scripts/gpu/test_suite.sh \
     -n ${XDIST:-8} tests | tail -40
   # failures under xdist again, one process: tells a parallel-run artefact from a real failure
   ids=$(grep -E '^(FAILED|ERROR) ' $OUT/suite/gpu_suite.log | awk '{print $2}' | sort -u)
   if [ -n "$ids" ]; then
     echo "== rerun serially: $ids"
-    timeout ${RERUN_TIMEOUT:-200} python3 -m pytest -q -ra -p no:cacheprovider $ids > $OUT/suite/rerun.log 2>&1
+    timeout ${RERUN_TIMEOUT:-120} python3 -m pytest -q -ra -p no:cacheprovider $ids > $OUT/suite/rerun.log 2>&1
     tail -15 $OUT/suite/rerun.log
   fi
   nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv; ls runs/
   ;;
 ml1m)
-  for i in $(seq 1 ${WAIT_S:-360}); do pgrep -f ml1m_sweep.sh >/dev/null || break; sleep 1; done
+  for i in $(seq 1 ${WAIT_S:-420}); do pgrep -f ml1m_sweep.sh >/dev/null || break; sleep 1; done
   pgrep -fa "pinfm_rec.cli pretrain" | cut -c1-160
-  cat $SW/sweep.out | tail -12
-  cp $SW/ml1m_* $OUT/ 2>/dev/null
-  for d in runs/ml1m-*; do
-    n=$(basename $d)
-    (timeout 120 python3 -m pinfm_rec.cli eval --spec $d --json train.eval_exclude_history=true \
-       > $SW/eval_$n.log 2>&1; python3 - $SW/eval_$n.log $OUT/ml1m_exclhist_${n//-/_}.json <<'PY'
-import json, sys
-t = open(sys.argv[1]).read(); i = t.rfind("\n{")
-if i >= 0:
-    json.dump(json.loads(t[i + 1:]), open(sys.argv[2], "w"), indent=1)
-PY
-    ) &
-  done
-  wait; ls $OUT
-  OUT=$OUT bash scripts/gpu/dcat_host.sh; cp $OUT/dcat_host.json $SW/ 2>/dev/null
+  tail -12 $SW/sweep.out; cp $SW/ml1m_* $OUT/ 2>/dev/null
+  gr_evals; ls $OUT
   ;;
 dcat)
+  OUT=$OUT timeout 220 bash scripts/gpu/dcat_host.sh; cp $OUT/dcat_host.json $SW/ 2>/dev/null
   # the cached-descriptor launch for the bench when the host measurement found it bit-exact and faster
   on=$(python3 - $SW/dcat_host.json <<'PY'
 import json, sys
@@ -70,11 +73,12 @@ print(1 if ok else 0)
 PY
 )
   export PINFM_DCAT_CACHED_LAUNCH=${CACHED:-$on}; echo "PINFM_DCAT_CACHED_LAUNCH=$PINFM_DCAT_CACHED_LAUNCH"
-  timeout ${BENCH_TIMEOUT:-540} python3 -m pinfm_rec.kernels.dcat.bench --correctness quick --profile-host \
+  timeout ${BENCH_TIMEOUT:-330} python3 -m pinfm_rec.kernels.dcat.bench --correctness quick --profile-host \
     --no-model --out "$OUT/dcat.json" 2>&1 | grep -v "Warning\|warn(" | tee "$OUT/dcat_bench.log" | tail -30
   ;;
 serve)
-  BENCH_TIMEOUT=${BENCH_TIMEOUT:-540} OUT=$OUT bash scripts/gpu/serving_bench.sh --cuda-graphs
+  BENCH_TIMEOUT=${BENCH_TIMEOUT:-480} OUT=$OUT bash scripts/gpu/serving_bench.sh --cuda-graphs
+  gr_evals
   ;;
 *) echo "usage: $0 suite|ml1m|dcat|serve" >&2; exit 2;;
 esac
