@@ -39,7 +39,11 @@ suite)
    SEEDS="42 7 1" setsid nohup bash scripts/gpu/ml1m_sweep.sh \
      "t256|train.epochs=120 train.eval_every_epochs=5 train.patience=4" \
      "rule|--spec specs/pretrain/sasrec.yaml train.epochs=120" \
-     > $SW/sweep.out 2>&1 < /dev/null &)
+     > $SW/sweep.out 2>&1 < /dev/null &
+   C="train.epochs=120 train.eval_every_epochs=5 train.patience=4"
+   SEEDS=42 setsid nohup bash scripts/gpu/ml1m_sweep.sh "drop5|model.trunk.dropout=0.5 $C" \
+     "d128drop5|model.trunk.d_model=128 model.embedding.dim=128 model.trunk.n_layers=2 model.trunk.dropout=0.5 $C" \
+     "L4drop4|model.trunk.n_layers=4 model.trunk.dropout=0.4 $C" > $SW/sweep_x.out 2>&1 < /dev/null &)
   sleep 5
   OUT=$OUT/suite SKIP_INSTALL=1 timeout ${SUITE_TIMEOUT:-420} bash scripts/gpu/test_suite.sh \
     -n ${XDIST:-8} tests | tail -40
@@ -55,7 +59,7 @@ suite)
 ml1m)
   for i in $(seq 1 ${WAIT_S:-420}); do pgrep -f ml1m_sweep.sh >/dev/null || break; sleep 1; done
   pgrep -fa "pinfm_rec.cli pretrain" | cut -c1-160
-  tail -12 $SW/sweep.out; cp $SW/ml1m_* $OUT/ 2>/dev/null
+  tail -12 $SW/sweep.out $SW/sweep_x.out; cp $SW/ml1m_* $OUT/ 2>/dev/null
   gr_evals; ls $OUT
   ;;
 dcat)
