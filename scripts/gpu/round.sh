@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session's work after the wheels (README "GPU install"), in calls that each fit the device's
 # 10-minute limit and follow each other within its 30 s idle release:
-#   bash scripts/gpu/round.sh suite    # ML-1M 3-seed runs start in the background (GPU-bound), then the
+#   bash scripts/gpu/round.sh suite    # (ML1M=1: ML-1M 3-seed runs start in the background), then the
 #                                      # whole test suite with pytest-xdist (staged beside the wheels)
 #   bash scripts/gpu/round.sh dcat     # waits for the ML-1M runs, GR-protocol evals; DCAT host us/call
 #                                      # (cached launch off/on), then the DCAT bench alone
@@ -36,7 +36,7 @@ case "${1:-}" in
 suite)
   [ -d .gpudata ] && mkdir -p "$PINFM_DATA_DIR" && cp -r .gpudata/* "$PINFM_DATA_DIR/"
   python3 -c "import pinfm_rec.kernels, torchrec, torchmetrics, xdist; print('imports ok', torchmetrics.__version__)"
-  (export OUT=$SW OMP_NUM_THREADS=2
+  [ "${ML1M:-0}" = 1 ] && (export OUT=$SW OMP_NUM_THREADS=2
    SEEDS="42 7 1" setsid nohup bash scripts/gpu/ml1m_sweep.sh \
      "t256|train.epochs=120 train.eval_every_epochs=5 train.patience=4" \
      "rule|--spec specs/pretrain/sasrec.yaml train.epochs=120" \
@@ -44,7 +44,7 @@ suite)
 
   sleep 5
   OUT=$OUT/suite SKIP_INSTALL=1 timeout ${SUITE_TIMEOUT:-420} bash scripts/gpu/test_suite.sh \
-    -n ${XDIST:-8} tests | tail -40
+    -n ${XDIST:-12} tests | tail -40
   # failures under xdist again, one process: tells a parallel-run artefact from a real failure
   ids=$(grep -E '^(FAILED|ERROR) ' $OUT/suite/gpu_suite.log | awk '{print $2}' | sort -u)
   if [ -n "$ids" ]; then
@@ -62,7 +62,7 @@ ml1m)
   ;;
 dcat)
   for i in $(seq 1 ${WAIT_S:-150}); do pgrep -f ml1m_sweep.sh >/dev/null || break; sleep 1; done
-  tail -12 $SW/sweep.out; gr_evals  # ML-1M runs done before the timings (they share the GPU)
+  [ -f $SW/sweep.out ] && { tail -12 $SW/sweep.out; gr_evals; }  # ML-1M runs done before the timings
   pgrep -fa "pinfm_rec.cli" | cut -c1-160
   timeout 150 python3 -m pinfm_rec.kernels.dcat.hostgpu --out "$OUT/dcat_host.json" 2>&1 | grep -v "Warning\|warn(" | tail -12
   cp $OUT/dcat_host.json $SW/ 2>/dev/null
