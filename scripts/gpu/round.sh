@@ -35,7 +35,8 @@ PY
 case "${1:-}" in
 suite)
   [ -d .gpudata ] && mkdir -p "$PINFM_DATA_DIR" && cp -r .gpudata/* "$PINFM_DATA_DIR/"
-  python3 -c "import pinfm_rec.kernels, torchrec, torchmetrics, xdist; print('imports ok', torchmetrics.__version__)"
+  python3 -c "import pinfm_rec.kernels, torchrec, torchmetrics; print('imports ok', torchmetrics.__version__)"
+  XD="-n ${XDIST:-12}"; python3 -c "import xdist" 2>/dev/null || { XD=""; echo "no pytest-xdist: one process"; }
   [ "${ML1M:-0}" = 1 ] && (export OUT=$SW OMP_NUM_THREADS=2
    SEEDS="42 7 1" setsid nohup bash scripts/gpu/ml1m_sweep.sh \
      "t256|train.epochs=120 train.eval_every_epochs=5 train.patience=4" \
@@ -44,7 +45,7 @@ suite)
 
   sleep 5
   OUT=$OUT/suite SKIP_INSTALL=1 timeout ${SUITE_TIMEOUT:-420} bash scripts/gpu/test_suite.sh \
-    -n ${XDIST:-12} tests | tail -40
+    $XD tests | tail -40
   # failures under xdist again, one process: tells a parallel-run artefact from a real failure
   ids=$(grep -E '^(FAILED|ERROR) ' $OUT/suite/gpu_suite.log | awk '{print $2}' | sort -u)
   if [ -n "$ids" ]; then
