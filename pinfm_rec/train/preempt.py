@@ -51,8 +51,11 @@ class PreemptionGuard:
         # and a handler's write to the same buffered stream fails as a re-entrant call ("--- Logging
         # error ---" plus a traceback). os.write on the fd is unbuffered; the log file gets the
         # message at the next step boundary (``agreed``).
-        os.write(2, f"pinfm: {name} received: finishing the current step, then writing a checkpoint "
-                    f"(send it again to stop at once)\n".encode())
+        try:
+            os.write(2, f"pinfm: {name} received: finishing the current step, then writing a checkpoint "
+                        f"(send it again to stop at once)\n".encode())
+        except OSError:  # stderr closed: the flag is what matters
+            pass
         self._pending_log = name
 
     def agreed(self, device: torch.device) -> int:
