@@ -5,7 +5,7 @@
 #                                      # whole test suite with pytest-xdist (staged beside the wheels)
 #   bash scripts/gpu/round.sh dcat     # waits for the ML-1M runs, GR-protocol evals; DCAT host us/call
 #                                      # (cached launch off/on), then the DCAT bench alone
-#   bash scripts/gpu/round.sh ml1m     # (spare) waits for the ML-1M runs, GR-protocol evals
+#   bash scripts/gpu/round.sh ml1m     # (spare) waits for the ML-1M runs, GR-protocol evals (replaces session.sh)
 #   bash scripts/gpu/round.sh serve    # the serving load benchmark alone (CUDA graphs)
 # The ML-1M file must be at $PINFM_DATA_DIR/ml-1m/sasrec/ml-1m.txt (default /root/data; a carried
 # .gpudata/ folder is copied there). Results under $OUT.
