@@ -155,3 +155,13 @@ class RankerWithEncoder(nn.Module):
         bce = F.binary_cross_entropy_with_logits(logits, batch.labels.float(), reduction="none")
         loss = (bce * w).sum() / w.sum().clamp_min(1.0)
         return {"loss": loss, "bce": loss.detach(), "num_targets": w.sum().detach()}
+
+
+def place_interaction_indices(model: nn.Module, device: torch.device) -> None:
+    """Moves DLRM ``InteractionArch.triu_indices`` to ``device`` where it is a plain attribute
+    (torchrec 1.6; a buffer in 1.8, which ``.to()`` already moves): left on the CPU, every forward
+    on a GPU indexes with a host tensor, an H2D copy per call that a CUDA graph cannot capture."""
+    for m in model.modules():
+        t = m.__dict__.get("triu_indices")
+        if isinstance(t, torch.Tensor) and t.device != torch.device(device):
+            m.triu_indices = t.to(device)

@@ -22,6 +22,7 @@ CPU device there is nothing to capture: ``create`` warns once and returns None (
 """
 from __future__ import annotations
 
+import traceback
 import warnings
 from typing import Dict, List, Optional, Tuple
 
@@ -65,6 +66,16 @@ def signature(batch, model=None) -> Tuple:
               host.dup_total() if getattr(model, "mode", "dcat") == "flat" else 0)
     tensors = tuple((tuple(t.shape), t.dtype) for t in batch_tensors(batch))
     return (tensors, tuple(kjt.keys()), tuple(kjt._length_per_key or ()), batch.history.max_len, batch.max_cands, hs)
+
+
+def _where(e: BaseException) -> str:
+    """The innermost frame of ``e``'s traceback in pinfm_rec, kernels, torchrec or fbgemm_gpu: the op
+    that could not be captured (else the innermost frame)."""
+    frames = traceback.extract_tb(e.__traceback__)
+    for f in reversed(frames):
+        if any(k in f.filename for k in ("pinfm_rec", "kernels/", "torchrec", "fbgemm_gpu")) and "graphs.py" not in f.filename:
+            return f"{f.filename.split('site-packages/')[-1]}:{f.lineno} {f.name}"
+    return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
 
 
 class GraphedLogits:
@@ -125,7 +136,7 @@ class GraphedLogits:
                 entry = self.graphs[key] = self._capture(batch)
             except Exception as e:  # noqa: BLE001 - an uncapturable forward: eager from now on
                 torch.cuda.synchronize(self.device)
-                self.failed[key] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+                self.failed[key] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]} (at {_where(e)})"
                 warnings.warn(f"CUDA graph capture failed, scoring this shape eagerly: {self.failed[key]}")
                 return self._eager(batch)
             entry[0].replay()  # the captured run only recorded: compute this batch's logits

@@ -29,6 +29,7 @@ from pinfm_rec.data.host_sizes import HostSizes
 from pinfm_rec.data.ranking_batch import RankingBatch
 from pinfm_rec.model.jagged import lengths_to_offsets
 from pinfm_rec.model.trunk import TrunkLayer
+from pinfm_rec.rankers.dlrm import place_interaction_indices
 from pinfm_rec.serve.requests_io import RequestFile, write_scores
 
 
@@ -148,6 +149,7 @@ class Scorer:
         self.autocast = autocast
         self.shapes: set = set()  # distinct (U, L, C, N, max_cands) seen: what a compiled path compiles for
         self._id_check = host_id_check(self.model)
+        place_interaction_indices(self.model, self.device)
         if compile:
             compile_hot_path(self.model)
         self.graphs = None
