@@ -165,6 +165,23 @@ def test_cuda_graphs_on_cpu_are_a_no_op_with_a_message():
     torch.testing.assert_close(got, Scorer(scorer.model, 32).logits(b), atol=0, rtol=0)
 
 
+def test_dlrm_interaction_indices_follow_the_scoring_device():
+    # DLRM builds InteractionArch.triu_indices (a non-persistent buffer) on the CPU whatever its
+    # dense_device: on a GPU every forward copied it to the device, which broke CUDA-graph capture
+    from pinfm_rec.rankers.dlrm import place_interaction_indices
+
+    scorer = hostprof.tiny_scorer("fp32", max_len=32)
+    archs = [m for m in scorer.model.modules() if "triu_indices" in getattr(m, "_buffers", {})]
+    assert archs, "the tiny ranker has no DLRM InteractionArch"
+    before = [m.triu_indices.clone() for m in archs]
+    place_interaction_indices(scorer.model, torch.device("cpu"))  # already there: the same tensors
+    assert all(torch.equal(m.triu_indices, b) for m, b in zip(archs, before))
+    place_interaction_indices(scorer.model, torch.device("meta"))
+    for m, b in zip(archs, before):
+        assert m.triu_indices.device.type == "meta" and m.triu_indices.shape == b.shape
+        assert "triu_indices" in m._buffers  # still a buffer: .to()/state_dict handling unchanged
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (CUDA graphs, sync debug mode)")
 @pytest.mark.parametrize("tables", ["fp32", "int8"])
 def test_cuda_graphs_replay_equals_eager_and_the_forward_does_not_sync(tables):

@@ -158,10 +158,16 @@ class RankerWithEncoder(nn.Module):
 
 
 def place_interaction_indices(model: nn.Module, device: torch.device) -> None:
-    """Moves DLRM ``InteractionArch.triu_indices`` to ``device`` where it is a plain attribute
-    (torchrec 1.6; a buffer in 1.8, which ``.to()`` already moves): left on the CPU, every forward
-    on a GPU indexes with a host tensor, an H2D copy per call that a CUDA graph cannot capture."""
+    """Moves every DLRM ``InteractionArch.triu_indices`` to ``device``. It is a non-persistent
+    buffer created on the CPU by ``DLRM.__init__`` (no device argument), and a ranker built with
+    ``dense_device=cuda`` is never ``.to()``-moved as a whole, so it stays there: every forward on a
+    GPU then indexes with a host tensor, an H2D copy per call that a CUDA graph cannot capture
+    (measured on an H100: capture failed at torchrec/models/dlrm.py:220)."""
+    device = torch.device(device)
     for m in model.modules():
-        t = m.__dict__.get("triu_indices")
-        if isinstance(t, torch.Tensor) and t.device != torch.device(device):
-            m.triu_indices = t.to(device)
+        t = getattr(m, "triu_indices", None)
+        if isinstance(t, torch.Tensor) and t.device != device:
+            if "triu_indices" in m._buffers:
+                m._buffers["triu_indices"] = t.to(device)
+            else:
+                m.triu_indices = t.to(device)
