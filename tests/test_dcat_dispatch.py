@@ -500,11 +500,19 @@ def test_cached_descriptor_launch_refuses_other_launcher_layouts(monkeypatch):
     assert not g.CACHED_LAUNCH or os.environ.get("PINFM_DCAT_CACHED_LAUNCH") == "1"
 
 
-def test_host_proxy_runs_the_gluon_host_path_and_restores_everything():
+def test_host_proxy_runs_the_gluon_host_path_and_restores_everything(monkeypatch):
     # kernels/dcat/hostbench.py: the GPU host path on CPU tensors (kernel launch stubbed, one
-    # launch per call checked inside), unsplit and split (fused combine: split tickets) shapes
+    # launch per call checked inside), unsplit and split (fused combine: split tickets) shapes.
+    # It must not touch TRITON_INTERPRET: set once in a GPU process, every kernel imported
+    # later runs interpreted and every config chosen later is INTERPRET (gpu-suite run 5)
     pytest.importorskip("triton.experimental.gluon.nvidia.hopper")
-    from pinfm_rec.kernels.dcat import config, gluon_launch, hostbench, triton_fwd
+    import importlib
+
+    # every kernel module imported first, as the session set it up (unset below, a kernel
+    # module imported for the first time would be a compiled one in a CPU session)
+    from pinfm_rec.kernels.dcat import config, gluon_launch, hostbench, triton_bwd, triton_fwd  # noqa: F401
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    hostbench = importlib.reload(hostbench)  # its import runs with the variable unset
     kernel, plans = gluon_launch._dcat_fwd_gluon_kernel, triton_fwd._PLANS
     res = hostbench.measure(n=5, repeats=1, shapes=[(8, 512, 256), (1, 16384, 1024)],
                             modes=("infer", "fwd"))
@@ -513,3 +521,4 @@ def test_host_proxy_runs_the_gluon_host_path_and_restores_everything():
     assert "is_cuda" not in vars(torch.Tensor) and not torch.zeros(1).is_cuda
     assert gluon_launch._dcat_fwd_gluon_kernel is kernel and triton_fwd._PLANS is plans
     assert (torch.device("cpu"), torch.bfloat16, 64) not in config._SELECTED
+    assert "TRITON_INTERPRET" not in os.environ

@@ -46,6 +46,27 @@ def test_scorer_forward_has_no_host_sync_on_the_cpu_proxy(scorers, tables):
 
 
 @pytest.mark.parametrize("tables", ["fp32", "int8"])
+def test_scorer_forward_on_meta_copies_no_host_tensor(tables):
+    # the device forward on meta (it is sync-free, so it runs there without data): every tensor
+    # it touches must be on the scoring device. A host tensor beside device ones is an H2D copy
+    # per call that a CUDA graph cannot capture (the first GPU capture failed on DLRM's CPU
+    # triu_indices); here it is found without a GPU, with its site
+    torch.manual_seed(0)
+    scorer = hostprof.tiny_scorer(tables, max_len=32, device="meta")
+    dev = scorer.prepare(_batch())
+    assert dev.cand_item.device.type == "meta"
+    out = scorer.forward(dev)
+    assert out.device.type == "meta" and out.shape == (dev.num_candidates,)
+    res = hostprof.profile(lambda: scorer.forward(dev), n=1)
+    assert res["syncs_per_call"] == 0 and res["h2d_per_call"] == 0, (res["sync_sites"], res["h2d_sites"])
+    # the check can fail: one DLRM buffer back on the host
+    arch = next(m for m in scorer.model.modules() if "triu_indices" in getattr(m, "_buffers", {}))
+    arch._buffers["triu_indices"] = torch.zeros(arch.triu_indices.shape, dtype=torch.long)
+    res = hostprof.profile(lambda: scorer.forward(dev), n=1)
+    assert res["h2d_per_call"] == 1 and "dlrm.py" in next(iter(res["h2d_sites"])), res["h2d_sites"]
+
+
+@pytest.mark.parametrize("tables", ["fp32", "int8"])
 @pytest.mark.parametrize("amp", [None, torch.bfloat16])
 def test_scorer_equals_the_training_time_forward(scorers, tables, amp):
     """Scorer.logits (padded to a bucket, host sizes, host id checks, quant lookup) = the model's
@@ -180,6 +201,14 @@ def test_dlrm_interaction_indices_follow_the_scoring_device():
     for m, b in zip(archs, before):
         assert m.triu_indices.device.type == "meta" and m.triu_indices.shape == b.shape
         assert "triu_indices" in m._buffers  # still a buffer: .to()/state_dict handling unchanged
+    # build_ranker places them on its dense_device (the training path on a GPU, too)
+    from pinfm_rec.rankers.dlrm import RankerSpec, build_ranker
+
+    for arch in ("dlrm", "dlrm_dcn"):
+        spec = RankerSpec(arch=arch, embedding_dim=8, dense_arch=[16, 8], over_arch=[8, 1])
+        r = build_ranker(spec, 50, 5, device="meta", dense_device="meta")
+        idx = [m.triu_indices for m in r.modules() if "triu_indices" in getattr(m, "_buffers", {})]
+        assert all(t.device.type == "meta" for t in idx) and (idx or arch == "dlrm_dcn")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (CUDA graphs, sync debug mode)")

@@ -10,7 +10,11 @@ split tickets and the launch-argument preparation, on CPU tensors. Only what nee
 stubbed: the final kernel launch (a no-op in place of the compiled Gluon kernel, so Triton's
 own launcher, ~1/4 of the GPU host time in run 13, is NOT counted here), the current stream /
 capture queries, and ``Tensor.is_cuda`` (reported True, so the CUDA branches run). The SM
-count is the H200's (132), so split decisions match the GPU's.
+count is the H200's (132), so split decisions match the GPU's. No Triton kernel runs, so the
+proxy needs no interpreter and leaves TRITON_INTERPRET alone: setting it (as this module once
+did at import) made every Triton kernel imported later in the process an interpreted one, and
+every DCAT config chosen later an INTERPRET one, on a GPU host too (gpu-suite run 5: the xdist
+worker that ran the proxy test failed test_dcat_triton and test_serve afterwards).
 
 Modes per anchor shape (R, L, C), H=8, Dh=64, bf16:
   infer:     no_grad forward (serving / eval)
@@ -27,13 +31,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import sys
 import time
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported: CPU tensors allowed
-
-import torch  # noqa: E402
+import torch
 
 SHAPES = [(8, 512, 256), (4, 2048, 256), (2, 2048, 1024), (1, 8192, 512), (1, 16384, 1024)]
 H, DH = 8, 64

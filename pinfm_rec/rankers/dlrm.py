@@ -81,8 +81,11 @@ def build_ranker(
               dense_arch_layer_sizes=list(spec.dense_arch), over_arch_layer_sizes=list(spec.over_arch),
               dense_device=torch.device(dense_device))
     if spec.arch == "dlrm_dcn":
-        return DLRM_DCN(dcn_num_layers=spec.dcn_num_layers, dcn_low_rank_dim=spec.dcn_low_rank_dim, **kw)
-    return DLRM(**kw)
+        model = DLRM_DCN(dcn_num_layers=spec.dcn_num_layers, dcn_low_rank_dim=spec.dcn_low_rank_dim, **kw)
+    else:
+        model = DLRM(**kw)
+    place_interaction_indices(model, dense_device)  # training and serving: no H2D copy per forward
+    return model
 
 
 def ranker_features(batch: RankingBatch, history_bag_len: int) -> KeyedJaggedTensor:

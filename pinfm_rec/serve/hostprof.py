@@ -19,9 +19,14 @@ syncs  calls that would block the host on a GPU: on CUDA, what ``torch.cuda.set_
        Python calls ``Tensor.tolist`` / ``Tensor.numpy`` (which reach no op on CPU). Each sync is
        recorded with the first caller frame inside pinfm_rec / torchrec (``sites``).
 ops    aten (and fbgemm) ops dispatched, counted with a ``TorchDispatchMode``.
-h2d    tensors made from Python data inside the forward (``torch.tensor(list)``: ``aten.lift_fresh``):
-       on a GPU a host->device copy from pageable memory per call, which a CUDA graph cannot
-       capture.
+h2d    host->device copies inside the forward, which a CUDA graph cannot capture: tensors made
+       from Python data (``torch.tensor(list)``: ``aten.lift_fresh``), copies of a host tensor to
+       another device (``_to_copy`` / ``copy_``), and ops that take a host tensor (not a 0-dim
+       scalar) beside device tensors (indexing a device tensor with a CPU index tensor copies it
+       on every call). The last two only show when the model runs on another device than its
+       host inputs: run the scorer on ``meta`` (``tiny_scorer(device="meta")``; the forward is
+       sync-free, so it runs there) and a CPU buffer left in the model shows here, on a machine
+       without a GPU (DLRM's ``triu_indices`` broke the first GPU capture that way).
 
 ``profile(fn, n)`` runs ``fn`` ``n`` times under both counters; the scorer tests assert 0 syncs
 per request on the CPU proxy (tests/test_serve_host.py).
@@ -38,6 +43,7 @@ import warnings
 from typing import Callable, Dict, Iterator, List
 
 import torch
+import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 SYNC_OPS = {
@@ -83,9 +89,28 @@ class _Counter(TorchDispatchMode):
         self.ops[str(func)] += 1
         if _is_sync(func, args, kwargs):
             self.syncs[f"{func} @ {_site()}" if self.record_sites else str(func)] += 1
-        elif str(func).startswith("aten.lift_fresh"):
+        elif str(func).startswith("aten.lift_fresh") or _host_to_device(func, args, kwargs):
             self.h2d[f"{func} @ {_site()}" if self.record_sites else str(func)] += 1
         return func(*args, **kwargs)
+
+
+def _host_to_device(func, args, kwargs) -> bool:
+    """Whether an op copies host data to another device: ``_to_copy``/``copy_`` from a CPU
+    tensor to a non-CPU one, or any op taking a non-empty CPU tensor of rank >= 1 beside non-CPU
+    tensors."""
+    tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+    if not tensors:
+        return False
+    name = str(func)
+    if name.startswith("aten._to_copy"):
+        dev = kwargs.get("device")
+        return tensors[0].device.type == "cpu" and dev is not None and torch.device(dev).type != "cpu"
+    host = [t for t in tensors if t.device.type == "cpu"]
+    if not host or len(host) == len(tensors):
+        return False
+    if name.startswith("aten.copy_"):  # dst.copy_(src): src on the host, dst elsewhere
+        return len(tensors) > 1 and tensors[1].device.type == "cpu" and tensors[0].device.type != "cpu"
+    return any(t.dim() > 0 and t.numel() > 0 for t in host)  # (an empty one copies nothing)
 
 
 @contextlib.contextmanager

@@ -180,7 +180,9 @@ class Scorer:
         no host sync on the way (tests/test_serve_host.py)."""
         if self.graphs is not None:
             return self.graphs(batch)
-        with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+        if self.autocast is None:  # no autocast context per call (nor one for devices it lacks: meta)
+            return self.model.logits(batch)
+        with torch.autocast(self.device.type, dtype=self.autocast):
             return self.model.logits(batch)
 
     def logits(self, batch: RankingBatch) -> torch.Tensor:
