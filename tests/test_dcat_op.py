@@ -128,6 +128,22 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
         dcat_attention(*ins, co, xo, kernel="triton")
 
 
+def test_traced_on_cpu_without_interpreter_emits_the_custom_op(monkeypatch):
+    # torch.export of a CPU scorer (serve/export.py) needs the op in the graph, not a kernel run,
+    # and must not switch TRITON_INTERPRET on for it (a process-wide setting)
+    ins, co, xo = _case(torch.device("cpu"), [2, 3], [3, 4])
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+    class M(torch.nn.Module):
+        def forward(self, q, k, v, kc, vc, co, xo):
+            return dcat_attention(q, k, v, kc, vc, co, xo, kernel="triton", max_cands=3, max_ctx_len=4)
+
+    ep = torch.export.export(M(), (*ins, co, xo), strict=False)
+    targets = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
+    assert "pinfm.dcat_fwd.default" in targets, targets
+    assert os.environ["TRITON_INTERPRET"] == "0"
+
+
 def test_inference_call_skips_autograd(kernel_device):
     # under no_grad (serving, eval) the op goes straight to the launcher: same output, no
     # autograd node; with grad it records one

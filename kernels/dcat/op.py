@@ -190,7 +190,7 @@ def dcat_attention(q: Tensor, k: Tensor, v: Tensor, k_ctx: Tensor, v_ctx: Tensor
         raise ValueError(f"unknown kernel {kernel!r}")
     if Dh < 16 or Dh & (Dh - 1):
         raise ValueError(f"triton kernel needs a power-of-two head dim >= 16, got {Dh}")
-    if not q.is_cuda and not interpreting():
+    if not q.is_cuda and not interpreting() and not _is_compiling():  # (traced: the custom op, below)
         raise ValueError(
             f"kernel='triton' needs CUDA tensors (got {q.device}; on CPU only under TRITON_INTERPRET=1, "
             "for tests): use kernel='auto' (triton on CUDA, pytorch elsewhere) or 'pytorch'"

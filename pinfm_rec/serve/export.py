@@ -81,25 +81,16 @@ def batch_inputs(batch: RankingBatch) -> Tuple[torch.Tensor, ...]:
 @contextlib.contextmanager
 def _custom_op_crossing(model: nn.Module):
     """Route the encoder's crossing through the registered custom op while tracing: kernel
-    'triton' (the dispatcher emits ``torch.ops.pinfm.dcat_fwd`` under export); on CPU the
-    dispatcher's CUDA check is passed by TRITON_INTERPRET=1 for the duration (nothing runs:
-    export traces with fake tensors)."""
+    'triton' (the dispatcher emits ``torch.ops.pinfm.dcat_fwd`` when traced, on any device:
+    nothing runs, export traces with fake tensors). No process-wide switch is touched (setting
+    TRITON_INTERPRET here once would have made any Triton kernel first imported meanwhile an
+    interpreted one for the rest of the process)."""
     enc = model.encoder
-    old_env = os.environ.get("TRITON_INTERPRET")
-    on_cpu = next(model.parameters()).device.type == "cpu"
     if enc is not None:
         enc.spec.kernel = "triton"
         enc.fm.spec.embedding.id_mode = "hash"  # no data-dependent raise in the graph
     model.id_mode = "hash"
-    if on_cpu:
-        os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        yield
-    finally:
-        if on_cpu and old_env is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        elif on_cpu:
-            os.environ["TRITON_INTERPRET"] = old_env
+    yield
 
 
 def export_scorer(model: nn.Module, batch: RankingBatch, path: str) -> torch.export.ExportedProgram:
