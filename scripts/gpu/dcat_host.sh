@@ -19,7 +19,7 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-}
 {
   nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
   echo "== GPU tests (launch paths)"
-  timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_dcat_dispatch.py \
+  timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_dcat_dispatch.py tests/test_dcat_launch.py \
     tests/test_dcat_triton.py -k "cached or direct or gluon or plan" 2>&1 | tail -5
   echo "== host us/call, cached-descriptor launch off / on"
   timeout 300 python3 -m pinfm_rec.kernels.dcat.hostgpu --out "$OUT/dcat_host.json" 2>&1 \

@@ -45,7 +45,7 @@ suite)
 
   sleep 5
   # SUITE_MARK="not slow", then SUITE_MARK=slow, in two calls (run 5: the whole suite
-  # does not fit one call). test_dcat_dispatch.py runs with the rest again: run 5's failures on
+  # does not fit one call). The DCAT dispatch/launch tests run with the rest again: run 5's failures on
   # the worker after its host-proxy test were hostbench.py setting TRITON_INTERPRET=1 at import
   # (fixed: kernels imported later in that process ran interpreted), gpu-suite.md
   OUT=$OUT/suite SKIP_INSTALL=1 timeout ${SUITE_TIMEOUT:-420} bash scripts/gpu/test_suite.sh \
