@@ -18,7 +18,9 @@ before timing):
                  (``pinfm_rec.kernels.dcat.peers.flex_dcat``)
 
 Each (method, L, C, precision) is timed per request (service time, CUDA-synchronised, after
-warm-up); throughput = 1 / mean service time (requests/s) and C / mean (candidates/s). Latency at
+warm-up), eagerly or, with ``--cuda-graphs``, every method alike through one CUDA graph per shape
+(``serve/graphs.py``; a failed capture is timed eagerly and named in its row); throughput = 1 / mean
+service time (requests/s) and C / mean (candidates/s). Latency at
 fixed offered loads: Poisson arrivals at ``--loads`` x ours' capacity (the same absolute rate for
 every method) through a single-server FIFO queue fed with the measured service times (Lindley
 recursion); p50 / p99 of wait + service, or "overloaded" when the load exceeds the method's
@@ -144,7 +146,9 @@ def run(cfg: dict, device: torch.device, loads=(0.5, 0.8), methods=METHODS, prec
         log=print, on_shape=None, cuda_graphs: bool = False) -> List[dict]:
     """Rows of every (L, C, precision, method); ``on_shape(rows)`` after each (L, C) (partial saves).
     Batches are prepared as the scorer does (``Scorer.prepare``: host sizes, ids checked on the
-    host) once, outside the timing. cuda_graphs: ours (dcat) through ``serve/graphs.py``."""
+    host) once, outside the timing. cuda_graphs: every method through ``serve/graphs.py`` (ours
+    and the peers alike: a comparison of graphed ours with eager peers would measure the graphs,
+    not the methods); a method whose capture fails is timed eagerly and its row says why."""
     from pinfm_rec.data.ranking_batch import random_ranking_batch
     from pinfm_rec.serve.quantize import quantize_tables
     from pinfm_rec.serve.scorer import Scorer
@@ -181,7 +185,7 @@ def run(cfg: dict, device: torch.device, loads=(0.5, 0.8), methods=METHODS, prec
                         rows.append({**row, "skipped": f"L*C = {L * C} tokens per layer > {MAX_DUP_TOKENS}"})
                         continue
                     fn, graphed = model.logits, None
-                    if cuda_graphs and name == "dcat" and device.type == "cuda":
+                    if cuda_graphs and device.type == "cuda":
                         from pinfm_rec.serve.graphs import GraphedLogits
 
                         fn = graphed = GraphedLogits(model, device, amp)
@@ -207,7 +211,11 @@ def run(cfg: dict, device: torch.device, loads=(0.5, 0.8), methods=METHODS, prec
                                loads={f"{f:g}": queue_latency(st, f * capacity) for f in loads})
                     rows.append(row)
                     log(f"{name:12s} {label:5s} L={L:6d} C={C:5d} {row['cands_per_s']:12.0f} cands/s "
-                        f"mean {row['mean_ms']:.3f} ms  diff {row['max_abs_diff_vs_dcat']:.2e}")
+                        f"mean {row['mean_ms']:.3f} ms  diff {row['max_abs_diff_vs_dcat']:.2e}"
+                        + ("" if graphed is None else f"  graph {row['cuda_graph']}"))
+                    if graphed is not None:  # this method's graphs and their memory pool go now
+                        del fn, graphed
+                        torch.cuda.empty_cache()
             if on_shape is not None:
                 on_shape(rows)
     return rows
@@ -320,7 +328,7 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default="docs/benchmarks/serving.json")
     p.add_argument("--md", default=None, help="also write the tables into this markdown file (between "
                                                "<!-- bench:begin/end -->; the rest of the file is kept)")
-    p.add_argument("--cuda-graphs", action="store_true", help="ours (dcat) through serve/graphs.py (CUDA)")
+    p.add_argument("--cuda-graphs", action="store_true", help="every method through serve/graphs.py (CUDA)")
     p.add_argument("--quality-run", default=None, help="a fine-tuned run dir: measure int8/int4 AUC/GAUC delta")
     p.add_argument("--quality-json", default=None, help="or take that measurement from this JSON (quality_of's output)")
     p.add_argument("--loads", default="0.5,0.8", help="offered loads as fractions of ours' capacity")

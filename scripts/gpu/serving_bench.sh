@@ -2,7 +2,7 @@
 # Serving load benchmark (issue 15) on one GPU, about 5 minutes, after the wheels are installed
 # (README "GPU install"):
 #   OUT=$OUT bash scripts/gpu/serving_bench.sh        # TESTS=1: also the serving tests on this host
-#   OUT=$OUT bash scripts/gpu/serving_bench.sh --cuda-graphs   # ours through serve/graphs.py
+#   OUT=$OUT bash scripts/gpu/serving_bench.sh --cuda-graphs   # every method through serve/graphs.py
 # Writes $OUT/serving.json, $OUT/serving.md (copy both to docs/benchmarks/) and $OUT/serving_bench.log.
 # The int8 GAUC delta is the CPU measurement on the synthetic fine-tuning data
 # (docs/benchmarks/serving_quality.json, pinfm_rec.serve.bench.quality_of); the JSON is rewritten
