@@ -249,6 +249,9 @@ def summary(rows: List[dict], cfg: dict, device: torch.device, quality: Optional
         "cands_per_s_speedup_vs_dup_L2048_C256": speedup(dup),
         "cands_per_s_speedup_vs_flex_L2048_C256": speedup(flex),
         "p99_ms_L2048_C256": at.get("p99_ms"),
+        # per method at the anchor: True (graphed), why its capture failed (timed eagerly), None (eager run)
+        "cuda_graph_at_anchor": {f"{r['method']}/{r['precision']}": r.get("cuda_graph") for r in rows
+                                 if (r["L"], r["C"]) == (L, C) and "skipped" not in r},
         "int8_table_memory_ratio": ratio,  # all tables (encoder D=128 + the DLRM's D=16)
         "int8_table_memory_ratio_encoder": ratio_enc,  # the encoder's D=128 tables alone
         "int8_gauc_delta": (quality or {}).get("int8", {}).get("gauc_delta"),
