@@ -114,10 +114,19 @@ def _show_results(res: dict) -> None:
                  f"(world size {res.get('world_size', 1)})")
 
 
+def _check_device(spec, args) -> None:
+    """What this host's device cannot run (adam tables, nccl without CUDA): one line, exit 2, before
+    the run dir exists."""
+    from pinfm_rec.parallel import check_device
+
+    check_device(spec.parallel, force_cpu=args.cpu)
+
+
 def cmd_pretrain(args) -> int:
     from pinfm_rec.train.pretrain import pretrain
 
     spec, _ = _load(args, "pretrain")
+    _check_device(spec, args)
     run_dir = _begin("pretrain", args, spec)
     _show_results(pretrain(spec, force_cpu=args.cpu))
     console.echo(f"encoder export: {run_dir}/encoder")
@@ -128,6 +137,7 @@ def cmd_finetune(args) -> int:
     from pinfm_rec.train.finetune import finetune
 
     spec, _ = _load(args, "finetune")
+    _check_device(spec, args)
     _begin("finetune", args, spec)
     _show_results(finetune(spec, force_cpu=args.cpu))
     return 0
@@ -150,6 +160,7 @@ def cmd_smoke(args) -> int:
     from pinfm_rec.train.smoke import smoke, smoke_spec
 
     spec = smoke_spec(resolve_spec_path(args.spec), args.overrides, steps=args.steps)
+    _check_device(spec, args)
     _begin("smoke", args, spec)
     smoke(spec, force_cpu=args.cpu)
     return 0

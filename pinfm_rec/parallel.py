@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 import os
@@ -42,6 +43,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from pinfm_rec import console
 from pinfm_rec.elastic import attempt_store
+from pinfm_rec.errors import DeviceError
 from pinfm_rec.spec import bounds
 
 logger = logging.getLogger(__name__)
@@ -130,13 +132,39 @@ def shutdown_distributed() -> None:
             dist.destroy_process_group()
 
 
+_ADAM_ON_CPU = ("key 'parallel.embedding_optimizer': adam needs CUDA ({why}; FBGEMM's CPU fused kernels "
+                "support sgd, adagrad, rowwise_adagrad): for a CPU run add "
+                "parallel.embedding_optimizer=rowwise_adagrad parallel.embedding_lr=0.05")
+
+
+def check_device(spec: ParallelSpec, force_cpu: bool = False) -> None:
+    """Refuse, before any work (the CLI calls it before the run dir exists), what this process's
+    device cannot run: ``adam`` for the tables or the ``nccl`` backend without CUDA. Raises
+    DeviceError naming the key and what to set instead; the device is the one
+    ``init_distributed`` will pick (CUDA when present and not ``force_cpu``)."""
+    if torch.cuda.is_available() and not force_cpu:
+        return
+    why = "--cpu given" if force_cpu else "no CUDA device here"
+    if spec.embedding_optimizer == "adam":
+        raise DeviceError(_ADAM_ON_CPU.format(why=why))
+    if spec.backend == "nccl":
+        raise DeviceError(f"key 'parallel.backend': nccl needs CUDA ({why}): use parallel.backend=auto "
+                          f"(nccl on CUDA, gloo elsewhere) or gloo")
+
+
+def for_evaluation(spec: ParallelSpec, device: torch.device) -> ParallelSpec:
+    """``spec`` for a model built only to be evaluated on ``device``: the tables' fused optimizer is
+    never stepped, so one the device lacks (adam off CUDA) is replaced by sgd. A run trained on a GPU
+    is then evaluated on a CPU host as it is."""
+    if spec.embedding_optimizer == "adam" and device.type != "cuda":
+        return dataclasses.replace(spec, embedding_optimizer="sgd")
+    return spec
+
+
 def _embedding_optimizer(spec: ParallelSpec, device: torch.device):
     name = spec.embedding_optimizer
     if name == "adam" and device.type != "cuda":
-        raise ValueError(
-            "parallel.embedding_optimizer=adam needs CUDA (FBGEMM's CPU fused kernels support "
-            "sgd, adagrad, rowwise_adagrad); pick one of those for CPU runs"
-        )
+        raise DeviceError(_ADAM_ON_CPU.format(why=f"device {device}"))
     from torchrec.optim import rowwise_adagrad
 
     if name == "sgd":
@@ -312,7 +340,7 @@ def shard_model(
     opt_cls, opt_kwargs = _embedding_optimizer(spec, env.device)
     managed = any(isinstance(m, ManagedCollisionEmbeddingCollection) for m in model.modules())
     if managed and env.device.type != "cuda" and spec.embedding_optimizer != "sgd":
-        raise ValueError(
+        raise DeviceError(
             f"parallel.embedding_optimizer={spec.embedding_optimizer} with managed-collision tables "
             f"(embedding.id_mode=managed) needs CUDA: FBGEMM has no CPU kernel to reset the optimizer "
             f"state of a re-used slot (reset_weight_momentum); use parallel.embedding_optimizer=sgd on CPU"

@@ -149,6 +149,19 @@ def test_real_spec_error_from_an_override(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("pinfm: spec error: ") and "data.batch_size" in err[0]
 
 
+@pytest.mark.parametrize("override, key", [("parallel.embedding_optimizer=adam", "parallel.embedding_optimizer"),
+                                           ("parallel.backend=nccl", "parallel.backend")])
+@pytest.mark.parametrize("command", ["pretrain", "smoke"])
+def test_what_the_device_cannot_run_is_one_line_before_the_run_dir(command, override, key, tmp_path, capsys):
+    # e.g. the GPU recipes' adam tables on a CPU host: refused before any work, with the fix named
+    args = [command, "--cpu", "--spec", TINY, override, f"run_dir={tmp_path}/run"]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"pinfm: device error: key '{key}': "), err
+    assert ("parallel.embedding_optimizer=rowwise_adagrad" if "adam" in override else "backend=auto") in err[0]
+    assert not (tmp_path / "run").exists()
+
+
 def test_missing_spec_file(capsys):
     assert cli.main(["pretrain", "--spec", "no/such/spec.yaml"]) == 2
     assert capsys.readouterr().err.strip().startswith("pinfm: file not found: no/such/spec.yaml")

@@ -75,6 +75,11 @@ def test_pretrain_output_fits_one_screen_and_eval_reproduces_it(tmp_path):
     assert "valid_auc" not in got
     assert sorted(os.listdir(run / "checkpoints"))[-1] in got["checkpoint"]
 
+    # a run whose tables trained with adam (GPU only) is evaluated on a CPU host as it is: the
+    # evaluation-only build takes sgd for the never-stepped table optimizer
+    adam = _json_tail(_ok(_pinfm("eval", "--spec", str(run), "--cpu", "--json", "parallel.embedding_optimizer=adam")))
+    _same_metrics(adam, got, ["valid_hr@10", "test_hr@10", "test_ndcg@200"])
+
     verbose = _ok(_pinfm("eval", "--spec", str(run), "--cpu", "--verbose"))
     assert "torchrec.distributed.planner.stats" in verbose and "resolved spec" in verbose
 

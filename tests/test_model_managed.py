@@ -103,7 +103,9 @@ def test_managed_tables_on_cpu_need_the_sgd_table_optimizer():
     env = init_distributed(ParallelSpec(), force_cpu=True)
     try:
         m = managed_model(device="meta")
-        with pytest.raises(ValueError, match="embedding_optimizer=rowwise_adagrad with managed-collision.*sgd on CPU"):
+        from pinfm_rec.errors import DeviceError
+
+        with pytest.raises(DeviceError, match="embedding_optimizer=rowwise_adagrad with managed-collision.*sgd on CPU"):
             shard_model(m, ParallelSpec(embedding_optimizer="rowwise_adagrad"), env, table_shardings(m.spec.embedding))
     finally:
         shutdown_distributed()

@@ -13,7 +13,7 @@ import os
 from typing import Dict, Optional
 
 from pinfm_rec.errors import CheckpointError
-from pinfm_rec.parallel import init_distributed, shutdown_distributed
+from pinfm_rec.parallel import for_evaluation, init_distributed, shutdown_distributed
 from pinfm_rec.spec import dump_spec
 from pinfm_rec.train.checkpoint import check_resume_compatible, load_model_state, model_checkpoint
 
@@ -53,6 +53,8 @@ def evaluate_run(spec, kind: str, checkpoint: Optional[str] = None, force_cpu: b
     # silently dropped or left at their init): a clear error naming the differing keys
     check_resume_compatible(path, spec_yaml, recipe.compat_sections, recipe.spec_cls)
     recipe.env = init_distributed(spec.parallel, force_cpu=force_cpu)
+    # evaluated only: a table optimizer this device lacks (a GPU run's adam on a CPU host) is not needed
+    recipe.spec = dataclasses.replace(spec, parallel=for_evaluation(spec.parallel, recipe.env.device))
     logger.info("resolved spec:\n%s", spec_yaml)
     recipe.b = recipe.build()
     load_model_state(path, recipe.b.model)
