@@ -128,7 +128,7 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
         dcat_attention(*ins, co, xo, kernel="triton")
 
 
-def test_traced_on_cpu_without_interpreter_emits_the_custom_op(monkeypatch):
+def test_exported_on_cpu_without_interpreter_emits_the_custom_op(monkeypatch):
     # torch.export of a CPU scorer (serve/export.py) needs the op in the graph, not a kernel run,
     # and must not switch TRITON_INTERPRET on for it (a process-wide setting)
     ins, co, xo = _case(torch.device("cpu"), [2, 3], [3, 4])

@@ -190,7 +190,7 @@ def dcat_attention(q: Tensor, k: Tensor, v: Tensor, k_ctx: Tensor, v_ctx: Tensor
         raise ValueError(f"unknown kernel {kernel!r}")
     if Dh < 16 or Dh & (Dh - 1):
         raise ValueError(f"triton kernel needs a power-of-two head dim >= 16, got {Dh}")
-    if not q.is_cuda and not interpreting() and not _is_compiling():  # (traced: the custom op, below)
+    if not q.is_cuda and not interpreting() and not _is_exporting():  # (export: the custom op, below)
         raise ValueError(
             f"kernel='triton' needs CUDA tensors (got {q.device}; on CPU only under TRITON_INTERPRET=1, "
             "for tests): use kernel='auto' (triton on CUDA, pytorch elsewhere) or 'pytorch'"
@@ -217,6 +217,10 @@ def dcat_attention(q: Tensor, k: Tensor, v: Tensor, k_ctx: Tensor, v_ctx: Tensor
 
 
 _is_compiling = torch.compiler.is_compiling
+# torch.export traces the op into the program on any device (nothing runs; on CPU the program's
+# op comes from pinfm_rec.serve.ops), while torch.compile on CPU without the interpreter keeps
+# the clear error above
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
 
 
 _FORCE_CUSTOM_OP = False  # tests flip this to run the custom op in eager
