@@ -45,11 +45,11 @@ suite)
 
   sleep 5
   # SUITE_MARK="not slow", then SUITE_MARK=slow, in two calls (run 5: the whole suite
-  # does not fit one call). The DCAT dispatch/launch tests run with the rest again: run 5's failures on
+  # does not fit one call); SUITE_ARGS (default: tests) splits a half further by files. The DCAT dispatch/launch tests run with the rest again: run 5's failures on
   # the worker after its host-proxy test were hostbench.py setting TRITON_INTERPRET=1 at import
   # (fixed: kernels imported later in that process ran interpreted), gpu-suite.md
   OUT=$OUT/suite SKIP_INSTALL=1 timeout ${SUITE_TIMEOUT:-420} bash scripts/gpu/test_suite.sh \
-    $XD ${SUITE_MARK:+-m "$SUITE_MARK"} tests | tail -40
+    $XD ${SUITE_MARK:+-m "$SUITE_MARK"} ${SUITE_ARGS:-tests} | tail -40
   # failures under xdist again, one process: tells a parallel-run artefact from a real failure
   ids=$(grep -oE '(FAILED|ERROR) tests/[^ ]+' $OUT/suite/gpu_suite.log | awk '{print $2}' | sort -u)  # a cut run's -v lines too
   if [ -n "$ids" ]; then
