@@ -168,9 +168,6 @@ def place_interaction_indices(model: nn.Module, device: torch.device) -> None:
     (measured on an H100: capture failed at torchrec/models/dlrm.py:220)."""
     device = torch.device(device)
     for m in model.modules():
-        t = getattr(m, "triu_indices", None)
-        if isinstance(t, torch.Tensor) and t.device != device:
-            if "triu_indices" in m._buffers:
-                m._buffers["triu_indices"] = t.to(device)
-            else:
-                m.triu_indices = t.to(device)
+        t = m._buffers.get("triu_indices")  # a registered buffer in torchrec 1.6.1 and 1.8
+        if t is not None and t.device != device:
+            m._buffers["triu_indices"] = t.to(device)

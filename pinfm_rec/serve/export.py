@@ -26,7 +26,6 @@ through its proxy executor from a Python process, so the package still needs ``p
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
 from typing import Optional, Tuple
@@ -78,9 +77,8 @@ def batch_inputs(batch: RankingBatch) -> Tuple[torch.Tensor, ...]:
             batch.dense.float())
 
 
-@contextlib.contextmanager
-def _custom_op_crossing(model: nn.Module):
-    """Route the encoder's crossing through the registered custom op while tracing: kernel
+def _custom_op_crossing(model: nn.Module) -> None:
+    """Route ``model``'s (a copy made for export) crossing through the registered custom op: kernel
     'triton' (the dispatcher emits ``torch.ops.pinfm.dcat_fwd`` when traced, on any device:
     nothing runs, export traces with fake tensors). No process-wide switch is touched (setting
     TRITON_INTERPRET here once would have made any Triton kernel first imported meanwhile an
@@ -90,7 +88,6 @@ def _custom_op_crossing(model: nn.Module):
         enc.spec.kernel = "triton"
         enc.fm.spec.embedding.id_mode = "hash"  # no data-dependent raise in the graph
     model.id_mode = "hash"
-    yield
 
 
 def export_scorer(model: nn.Module, batch: RankingBatch, path: str) -> torch.export.ExportedProgram:
@@ -100,7 +97,8 @@ def export_scorer(model: nn.Module, batch: RankingBatch, path: str) -> torch.exp
 
     m = copy.deepcopy(model).eval()
     mod = ScoringModule(m, batch.history.max_len, int(batch.max_cands or 0))
-    with torch.no_grad(), _custom_op_crossing(m):
+    _custom_op_crossing(m)
+    with torch.no_grad():
         ep = torch.export.export(mod, batch_inputs(batch), strict=False)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     torch.export.save(ep, path)
