@@ -6,7 +6,8 @@
 #   bash scripts/gpu/round.sh dcat     # waits for the ML-1M runs, GR-protocol evals; DCAT host us/call
 #                                      # (cached launch off/on), then the DCAT bench alone
 #   bash scripts/gpu/round.sh ml1m     # (spare) waits for the ML-1M runs, GR-protocol evals (replaces session.sh)
-#   bash scripts/gpu/round.sh serve    # the serving load benchmark alone (CUDA graphs)
+#   bash scripts/gpu/round.sh serve    # waits for the ML-1M runs; the serving load benchmark alone
+#                                      # (CUDA graphs), then GR-protocol evals of finished ML-1M runs
 # The ML-1M file must be at $PINFM_DATA_DIR/ml-1m/sasrec/ml-1m.txt (default /root/data; a carried
 # .gpudata/ folder is copied there). Results under $OUT.
 set -uo pipefail
@@ -37,10 +38,11 @@ suite)
   [ -d .gpudata ] && mkdir -p "$PINFM_DATA_DIR" && cp -r .gpudata/* "$PINFM_DATA_DIR/"
   python3 -c "import pinfm_rec.kernels, torchrec, torchmetrics; print('imports ok', torchmetrics.__version__)"
   XD="-n ${XDIST:-12}"; python3 -c "import xdist" 2>/dev/null || { XD=""; echo "no pytest-xdist: one process"; }
+  # ML1M=1: the ml1m-gpu.yaml recipe once per seed (ML1M_SEEDS; ML1M_RULE=1 adds the sasrec.yaml rule)
   [ "${ML1M:-0}" = 1 ] && (export OUT=$SW OMP_NUM_THREADS=2
-   SEEDS="42 7 1" setsid nohup bash scripts/gpu/ml1m_sweep.sh \
-     "t256|train.epochs=120 train.eval_every_epochs=5 train.patience=4" \
-     "rule|--spec specs/pretrain/sasrec.yaml train.epochs=120" \
+   cfgs=("t256|train.epochs=120 train.eval_every_epochs=5 train.patience=4")
+   [ "${ML1M_RULE:-0}" = 1 ] && cfgs+=("rule|--spec specs/pretrain/sasrec.yaml train.epochs=120")
+   SEEDS="${ML1M_SEEDS:-42 7 1}" setsid nohup bash scripts/gpu/ml1m_sweep.sh "${cfgs[@]}" \
      > $SW/sweep.out 2>&1 < /dev/null &)
 
   sleep 5
@@ -88,6 +90,9 @@ PY
     --no-model --out "$OUT/dcat.json" 2>&1 | grep -v "Warning\|warn(" | tee "$OUT/dcat_bench.log" | tail -30
   ;;
 serve)
+  # a bench shares the machine with nothing: ML-1M runs of an earlier call finish first
+  for i in $(seq 1 ${WAIT_S:-300}); do pgrep -f ml1m_sweep.sh >/dev/null || break; sleep 1; done
+  [ -f $SW/sweep.out ] && tail -8 $SW/sweep.out
   BENCH_TIMEOUT=${BENCH_TIMEOUT:-480} OUT=$OUT bash scripts/gpu/serving_bench.sh --cuda-graphs
   gr_evals
   ;;
