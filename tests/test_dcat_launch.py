@@ -125,6 +125,10 @@ def _stub_launch_env(monkeypatch, g):
     monkeypatch.setattr(g, "_DIRECT_FAILED", [])
     monkeypatch.setattr(g, "_PAIRS", {})
     monkeypatch.setattr(g, "_KERNELS", {})
+    # Triton's own launch path (the cached-descriptor launch, on by default, needs a real
+    # CompiledKernel: the tests of that path switch it on themselves)
+    monkeypatch.setattr(g, "CACHED_LAUNCH", False)
+    monkeypatch.setattr(g, "_FAST_FAILED", [])
     return calls
 
 
@@ -226,7 +230,7 @@ def _triton36_fakes(raw_calls, encode_calls):
 
 
 def test_cached_descriptor_launch_reproduces_triton36_launcher_arguments(monkeypatch):
-    # PINFM_DCAT_CACHED_LAUNCH=1 (prepared, off by default): the C launcher must get exactly
+    # the cached-descriptor launch (on unless PINFM_DCAT_CACHED_LAUNCH=0): the C launcher must get exactly
     # the arguments Triton 3.6's wrapper builds, with each descriptor encoded once per pair
     # instead of per call; a launch hook (profiler) or another Triton layout keeps Triton's path
     pytest.importorskip("triton.experimental.gluon.nvidia.hopper")
@@ -306,7 +310,7 @@ def test_cached_descriptor_launch_refuses_other_launcher_layouts(monkeypatch):
     with pytest.warns(RuntimeWarning, match="cached-descriptor launch unavailable"):
         assert g._make_fast(Other(), ()) is None
     assert len(g._FAST_FAILED) == 1
-    assert not g.CACHED_LAUNCH or os.environ.get("PINFM_DCAT_CACHED_LAUNCH") == "1"
+    assert g.CACHED_LAUNCH == (os.environ.get("PINFM_DCAT_CACHED_LAUNCH", "1") != "0")  # the default
 
 
 def test_host_proxy_runs_the_gluon_host_path_and_restores_everything(monkeypatch):

@@ -182,7 +182,7 @@ def test_repeated_gluon_calls_launch_directly_and_stay_exact(kernel_device):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cached_descriptor_launch_matches_the_default_launch_bit_for_bit(
         kernel_device, dtype, monkeypatch):
-    """PINFM_DCAT_CACHED_LAUNCH (prepared for issue 15, off by default): the Gluon forward
+    """The cached-descriptor launch (issue 15; on unless PINFM_DCAT_CACHED_LAUNCH=0): the Gluon forward
     launched through Triton's C launcher with TMA descriptors encoded once per K/V pair must
     give exactly the default launch's outputs, on unsplit, split (fused combine) and
     max_ctx-windowed calls, with new K/V tensors between calls (descriptors re-encoded)."""
@@ -199,6 +199,7 @@ def test_cached_descriptor_launch_matches_the_default_launch_bit_for_bit(
         return ran
     monkeypatch.setattr(g, "_fast_launch", counting)
     monkeypatch.setattr(g, "_FAST_FAILED", [])
+    monkeypatch.setattr(g, "CACHED_LAUNCH", g.CACHED_LAUNCH)  # the process's setting comes back
     monkeypatch.setattr(fwd, "_PLANS", {})
     monkeypatch.setattr(g, "_KERNELS", {})
     cases = [([256] * 2, [1024] * 2, 0), ([3, 70], [300, 1200], 0),

@@ -135,7 +135,7 @@ class _Kernel:
 
     def __init__(self):
         self.compiled = None  # after the first (JIT) launch
-        self.fast = None      # cached-descriptor launcher (PINFM_DCAT_CACHED_LAUNCH=1)
+        self.fast = None      # cached-descriptor launcher (on unless PINFM_DCAT_CACHED_LAUNCH=0)
 
 
 _KERNELS: dict = {}  # (device, dtypes, constexprs) -> _Kernel
@@ -207,8 +207,9 @@ def launch(grid, q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, o, lse, po, p
 
 
 # ------------------------------------------------------------------ cached-descriptor launch
-# Prepared, not measured on a GPU yet (docs/benchmarks/dcat.md): off unless
-# PINFM_DCAT_CACHED_LAUNCH=1. Triton 3.6's launcher (backends/nvidia/driver.py,
+# On by default since dcat run 14 (H200: bit-exact with Triton's launcher at every anchor shape,
+# 7-13 us less host time per call, docs/benchmarks/dcat.md); PINFM_DCAT_CACHED_LAUNCH=0 turns
+# it off. Triton 3.6's launcher (backends/nvidia/driver.py,
 # ``wrap_handle_tensordesc``) re-encodes every TMA descriptor argument on every call
 # (``make_tensordesc_arg`` -> ``fill_tma_descriptor``, i.e. cuTensorMapEncodeTiled), although
 # our descriptors are cached. This path encodes each cached descriptor once per compiled kernel
@@ -216,7 +217,7 @@ def launch(grid, q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, o, lse, po, p
 # argument list the wrapper would have built. It is used only where that list is known to be
 # the same: Triton's 3.6 launcher layout (checked when the first direct launch happens), no
 # global / profile scratch, no launch hooks installed; anything else keeps the default path.
-CACHED_LAUNCH = os.environ.get("PINFM_DCAT_CACHED_LAUNCH", "0") == "1"
+CACHED_LAUNCH = os.environ.get("PINFM_DCAT_CACHED_LAUNCH", "1") != "0"
 _FAST_FAILED: list = []  # why the cached-descriptor launch is off in this process
 
 

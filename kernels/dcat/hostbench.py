@@ -8,7 +8,8 @@ or the no-grad fast path, or the ``pinfm::dcat_fwd`` custom op), the per-shape d
 (split size, Gluon usability), output / split-partial allocation, TMA descriptors (cached),
 split tickets and the launch-argument preparation, on CPU tensors. Only what needs CUDA is
 stubbed: the final kernel launch (a no-op in place of the compiled Gluon kernel, so Triton's
-own launcher, ~1/4 of the GPU host time in run 13, is NOT counted here), the current stream /
+own launcher, ~1/4 of the GPU host time in run 13, is NOT counted here) with the cached-descriptor
+launch off (it needs Triton's C launcher; its saving is hostgpu.py's measurement), the current stream /
 capture queries, and ``Tensor.is_cuda`` (reported True, so the CUDA branches run). The SM
 count is the H200's (132), so split decisions match the GPU's. No Triton kernel runs, so the
 proxy needs no interpreter and leaves TRITON_INTERPRET alone: setting it (as this module once
@@ -101,6 +102,10 @@ def proxy():
     for name in ("_COMPILED", "_DESCRIPTORS", "_COUNTERS", "_PAIRS", "_KERNELS"):  # (+ old names)
         if hasattr(gluon_launch, name):
             patch(gluon_launch, name, {})
+    # Triton's launch path: the cached-descriptor launch (on by default on a GPU) calls Triton's
+    # C launcher, which has no CPU stand-in; its saving is measured on the GPU (hostgpu.py)
+    if hasattr(gluon_launch, "CACHED_LAUNCH"):
+        patch(gluon_launch, "CACHED_LAUNCH", False)
     if hasattr(triton_fwd, "_PLANS"):
         patch(triton_fwd, "_PLANS", {})
     try:

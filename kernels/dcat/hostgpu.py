@@ -6,7 +6,7 @@ Per anchor shape (R, L, C), H=8, Dh=64, bf16: host µs per eager call (``peers.h
 GPU queue not waited for, median of ``--repeats`` runs of ``--n`` calls) of the no-grad forward
 (serving) and of the forward with inputs that require grad (training; the autograd node, no
 backward), each with ``gluon_launch.CACHED_LAUNCH`` off (Triton's launcher re-encodes both TMA
-descriptors per call, the default) and on (``PINFM_DCAT_CACHED_LAUNCH=1``: encoded once per
+descriptors per call; ``PINFM_DCAT_CACHED_LAUNCH=0``) and on (the default: encoded once per
 K/V pair); whether both settings give bit-identical outputs; and a cProfile of each setting at
 the smallest shape. The CPU proxy of the same host path is ``hostbench.py`` (no GPU).
 """

@@ -12,7 +12,7 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 [ -d /root/site ] && export PYTHONPATH=/root/site:${PYTHONPATH:-}
 export PYTHONUNBUFFERED=1
-unset TRITON_INTERPRET PINFM_DCAT_CACHED_LAUNCH  # compiled kernels; the switch starts off
+unset TRITON_INTERPRET PINFM_DCAT_CACHED_LAUNCH  # compiled kernels; the switch at its default (on)
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
