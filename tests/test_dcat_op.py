@@ -154,3 +154,22 @@ def test_inference_call_skips_autograd(kernel_device):
     slow = dcat_attention(*xs, co, xo, kernel="triton")
     assert fast.grad_fn is None and slow.grad_fn is not None
     torch.testing.assert_close(fast, slow.detach(), rtol=0, atol=0)
+
+
+def test_training_call_records_the_dcat_node_through_the_c_apply(kernel_device, monkeypatch):
+    # a training-mode call builds _DcatFn's node through the C apply (no Python Function.apply
+    # wrapper); under functorch transforms it goes through Function.apply, which rejects a
+    # Function without setup_context with torch's own message
+    ins, co, xo = _case(kernel_device, [3, 0, 6], [5, 8, 20])
+    xs = [t.clone().requires_grad_() for t in ins]
+    out = dcat_attention(*xs, co, xo, kernel="triton")
+    assert type(out.grad_fn).__name__ == "_DcatFnBackward"
+    wrapped = []
+    real = op._DcatFn.apply
+    monkeypatch.setattr(op._DcatFn, "apply", lambda *a: wrapped.append(1) or real(*a))
+    out.sum().backward()
+    assert not wrapped and all(x.grad is not None and x.grad.abs().sum() > 0 for x in xs)
+    with pytest.raises(RuntimeError, match="setup_context"):
+        torch.func.grad(lambda q: dcat_attention(q, *xs[1:], co, xo, kernel="triton").sum())(
+            ins[0].clone())
+    assert wrapped
