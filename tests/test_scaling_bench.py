@@ -51,10 +51,13 @@ def test_tiny_run_through_torchx_on_1_and_2_gloo_ranks(tmp_path):
     assert rc == 0
     s = json.load(open(out))
     assert s["max_gpus_measured"] == 2 and s["device"].startswith("cpu") and not s["failed"]
+    rows = {(r["config"], r["gpus"]): r for r in s["rows"]}
     for kind, cfg in (("pretraining", "pretrain-tiny"), ("finetuning", "finetune-tiny")):
         eff = s["weak_scaling_efficiency"][kind]
-        assert eff["config"] == cfg and eff["1"] == 1.0 and 0 < eff["2"] < 2.5
-    rows = {(r["config"], r["gpus"]): r for r in s["rows"]}
+        # the efficiency is the rows' throughput ratio (a timing: its size is never asserted; a
+        # loaded GPU host measured 2.53 for the tiny fine-tune)
+        ratio = rows[(cfg, 2)]["examples_per_s"] / (2 * rows[(cfg, 1)]["examples_per_s"])
+        assert eff["config"] == cfg and eff["1"] == 1.0 and eff["2"] == round(ratio, 4) > 0
     assert len(rows) == 4
     for (cfg, n), r in rows.items():
         assert r["world_size"] == n and r["steps"] == 4 and r["examples_per_s"] > 0 and r["tokens_per_s"] > 0
@@ -66,3 +69,13 @@ def test_tiny_run_through_torchx_on_1_and_2_gloo_ranks(tmp_path):
     assert "trunk_fwd" in rows[("pretrain-tiny", 1)]["phase_ms"]
     # checkpoints and exports are deleted after reading (the 50M runs would leave ~100 GB)
     assert not os.path.exists(tmp_path / "runs" / "pretrain-tiny-1gpu" / "checkpoints")
+
+
+def test_a_tiny_run_is_labelled_cpu_on_a_gpu_host(monkeypatch):
+    # --tiny hides CUDA from its runs (CPU / gloo): scaling.json names the CPU, not the host's
+    # GPU (gpu-suite run 7 on an H100 caught the GPU's name on a CPU measurement)
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "NVIDIA H100 80GB HBM3")
+    assert bench.device_name(tiny=True).startswith("cpu (")
+    assert bench.device_name() == "NVIDIA H100 80GB HBM3"

@@ -5,6 +5,7 @@
 #                                      # whole test suite with pytest-xdist (staged beside the wheels)
 #   bash scripts/gpu/round.sh dcat     # waits for the ML-1M runs, GR-protocol evals; DCAT host us/call
 #                                      # (cached launch off/on), then the DCAT bench alone
+#   bash scripts/gpu/round.sh rest     # the tests a cut suite call did not reach (scripts/gpu/suite_rest.py)
 #   bash scripts/gpu/round.sh ml1m     # (spare) waits for the ML-1M runs, GR-protocol evals (replaces session.sh)
 #   bash scripts/gpu/round.sh serve    # waits for the ML-1M runs; the serving load benchmark alone
 #                                      # (CUDA graphs), then GR-protocol evals of finished ML-1M runs
@@ -52,6 +53,7 @@ suite)
   # (fixed: kernels imported later in that process ran interpreted), gpu-suite.md
   OUT=$OUT/suite SKIP_INSTALL=1 timeout ${SUITE_TIMEOUT:-420} bash scripts/gpu/test_suite.sh \
     $XD ${SUITE_MARK:+-m "$SUITE_MARK"} ${SUITE_ARGS:-tests} | tail -40
+  cp $OUT/suite/gpu_suite.log $SW/last_suite.log 2>/dev/null  # for `round.sh rest`
   # failures under xdist again, one process: tells a parallel-run artefact from a real failure
   ids=$(grep -oE '(FAILED|ERROR) tests/[^ ]+' $OUT/suite/gpu_suite.log | awk '{print $2}' | sort -u)  # a cut run's -v lines too
   if [ -n "$ids" ]; then
@@ -60,6 +62,11 @@ suite)
     tail -15 $OUT/suite/rerun.log
   fi
   nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv; ls runs/
+  ;;
+rest)  # the tests the last (cut) suite call did not reach, at XDIST workers (gpu-suite.md run 7)
+  timeout ${SUITE_TIMEOUT:-540} python3 scripts/gpu/suite_rest.py $SW/last_suite.log -n ${XDIST:-16} \
+    --dist worksteal > $OUT/suite_rest.log 2>&1; echo "rc=$?"
+  grep -E "^suite_rest:|^(FAILED|ERROR) |[0-9]+ (passed|failed)" $OUT/suite_rest.log | tail -15
   ;;
 ml1m)
   for i in $(seq 1 ${WAIT_S:-420}); do pgrep -f ml1m_sweep.sh >/dev/null || break; sleep 1; done
@@ -96,5 +103,5 @@ serve)
   BENCH_TIMEOUT=${BENCH_TIMEOUT:-480} OUT=$OUT bash scripts/gpu/serving_bench.sh --cuda-graphs
   gr_evals
   ;;
-*) echo "usage: $0 suite|ml1m|dcat|serve" >&2; exit 2;;
+*) echo "usage: $0 suite|rest|ml1m|dcat|serve" >&2; exit 2;;
 esac

@@ -164,7 +164,10 @@ def row_of(run_dir: str) -> Optional[dict]:
     }
 
 
-def device_name() -> str:
+def device_name(tiny: bool = False) -> str:
+    """The device the runs used: a --tiny run is CPU / gloo (CUDA hidden) even on a GPU host."""
+    if tiny:
+        return f"cpu ({os.cpu_count()} cores)"
     try:
         import torch
 
@@ -232,7 +235,7 @@ def run(args) -> int:
             if not args.keep:  # the 50M runs leave ~100 GB of checkpoint + encoder export
                 for sub in ("checkpoints", "encoder", "encoder.tmp"):
                     shutil.rmtree(os.path.join(run_dir, sub), ignore_errors=True)
-    summary = summarise(rows, device_name())
+    summary = summarise(rows, device_name(args.tiny))
     summary["failed"] = failed
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -272,7 +275,7 @@ def main(argv=None) -> int:
     if a.cmd == "run":
         return run(a)
     rows = [r for d in sorted(os.listdir(a.runs)) if (r := row_of(os.path.join(a.runs, d))) and "config" in r]
-    summary = summarise(rows, device_name())
+    summary = summarise(rows, device_name(a.tiny))
     if a.quality and os.path.isfile(a.quality):
         with open(a.quality) as f:
             summary["ml1m_quality"] = json.load(f)

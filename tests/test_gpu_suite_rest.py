@@ -1,0 +1,44 @@
+"""scripts/gpu/suite_rest.py: which tests a cut `pytest -v` run (xdist or not) did not reach."""
+
+import importlib.util
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_spec = importlib.util.spec_from_file_location("suite_rest", os.path.join(ROOT, "scripts/gpu/suite_rest.py"))
+suite_rest = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(suite_rest)
+
+LOG = """\
+tests/test_spec.py::test_checked[train.lr=0-train.lr-> 0] 
+[gw3] [ 41%] PASSED tests/test_spec.py::test_checked[train.lr=0-train.lr-> 0] 
+[gw1] [ 42%] SKIPPED tests/test_data.py::test_real_ml1m 
+[gw2] [ 43%] FAILED tests/test_a.py::test_b[x\\\\ny-3-expected 3 fields] 
+tests/test_c.py::test_started_never_finished 
+tests/test_d.py::test_serial[a b] PASSED                                   [ 50%]
+tests/test_e.py::test_one ERROR
+tests/test_f.py::test_g 
+"""
+
+
+def test_done_ids_are_whole_node_ids_with_an_outcome():
+    done = suite_rest.done_ids(LOG)
+    assert done == {"tests/test_spec.py::test_checked[train.lr=0-train.lr-> 0]",
+                    "tests/test_data.py::test_real_ml1m",
+                    "tests/test_a.py::test_b[x\\\\ny-3-expected 3 fields]",
+                    "tests/test_d.py::test_serial[a b]", "tests/test_e.py::test_one"}
+
+
+def test_rest_runs_only_what_the_log_did_not_name(monkeypatch, tmp_path):
+    log = tmp_path / "suite.log"
+    log.write_text(LOG)
+    ran = []
+    monkeypatch.setattr(suite_rest, "collected", lambda args=("tests",): [
+        "tests/test_spec.py::test_checked[train.lr=0-train.lr-> 0]", "tests/test_c.py::test_started_never_finished",
+        "tests/test_d.py::test_serial[a b]"])
+    import pytest
+    monkeypatch.setattr(pytest, "main", lambda args: ran.append(args) or 0)
+    assert suite_rest.main([str(log), "-n", "4"]) == 0
+    assert ran[0][-3:] == ["-n", "4", "tests/test_c.py::test_started_never_finished"]
+    ran.clear()
+    log.write_text(LOG + "[gw0] [ 99%] PASSED tests/test_c.py::test_started_never_finished \n")
+    assert suite_rest.main([str(log)]) == 0 and not ran
