@@ -249,3 +249,27 @@ def test_bench_markdown_keeps_the_hand_written_text(tmp_path):
     plain.write_text("# Notes\nno markers\n")
     write_markdown(str(plain), res)
     assert plain.read_text().startswith("# Notes\nno markers\n\n" + BEGIN)
+
+
+def test_innermost_site_names_the_innermost_frame_of_the_packages():
+    # one helper for hostprof's op sites and graphs.py's capture-failure sites
+    import traceback
+
+    from pinfm_rec.serve import graphs
+    from pinfm_rec.serve.hostprof import innermost_site
+    fs = traceback.StackSummary.from_list([
+        ("/x/site-packages/torchrec/models/dlrm.py", 220, "forward", None),
+        ("/w/wt-3/pinfm_rec/serve/hostprof.py", 90, "__torch_dispatch__", None),
+        ("/usr/lib/python3.12/functools.py", 10, "wrapper", None)])
+    assert innermost_site(fs) == "torchrec/models/dlrm.py:220 forward"
+    assert innermost_site(fs, ("nothing",)) == "/usr/lib/python3.12/functools.py:10 wrapper"
+    assert innermost_site(traceback.StackSummary.from_list([])) == "?"
+
+    def capture():
+        raise RuntimeError("operation not permitted when stream is capturing")
+    try:
+        capture()
+    except RuntimeError as e:
+        where = graphs._where(e)
+    # this test file is not in the packages: the innermost frame (capture) is named
+    assert where.endswith("test_serve_host.py:" + str(capture.__code__.co_firstlineno + 1) + " capture")

@@ -29,6 +29,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from .hostprof import innermost_site
+
 CPU_MESSAGE = "--cuda-graphs needs a CUDA device: scoring on {device} eagerly (no graphs)"
 MAX_GRAPHS = 64  # graphs kept; past it the least recently used one is dropped
 
@@ -71,11 +73,8 @@ def signature(batch, model=None) -> Tuple:
 def _where(e: BaseException) -> str:
     """The innermost frame of ``e``'s traceback in pinfm_rec, kernels, torchrec or fbgemm_gpu: the op
     that could not be captured (else the innermost frame)."""
-    frames = traceback.extract_tb(e.__traceback__)
-    for f in reversed(frames):
-        if any(k in f.filename for k in ("pinfm_rec", "kernels/", "torchrec", "fbgemm_gpu")) and "graphs.py" not in f.filename:
-            return f"{f.filename.split('site-packages/')[-1]}:{f.lineno} {f.name}"
-    return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
+    return innermost_site(traceback.extract_tb(e.__traceback__),
+                          ("pinfm_rec", "kernels/", "torchrec", "fbgemm_gpu"), skip="graphs.py")
 
 
 class GraphedLogits:

@@ -54,14 +54,19 @@ SYNC_OPS = {
 _PY_SYNCS = ("tolist", "numpy")
 
 
+def innermost_site(frames, packages=("pinfm_rec", "torchrec"), skip: str = "hostprof") -> str:
+    """``file:line function`` of the innermost of ``frames`` (a ``traceback.StackSummary``,
+    outermost first) whose file path holds one of ``packages`` and not ``skip``; else of the
+    innermost frame ("?" without frames). Paths are shown from the package down."""
+    for f in reversed(frames):
+        if any(k in f.filename for k in packages) and skip not in f.filename:
+            return f"{f.filename.split('site-packages/')[-1].split('/wt-')[-1]}:{f.lineno} {f.name}"
+    return f"{frames[-1].filename}:{frames[-1].lineno} {frames[-1].name}" if frames else "?"
+
+
 def _site() -> str:
     """The innermost caller frame in pinfm_rec or torchrec (else the innermost frame)."""
-    frames = traceback.extract_stack()[:-2]
-    for f in reversed(frames):
-        if ("pinfm_rec" in f.filename or "torchrec" in f.filename) and "hostprof" not in f.filename:
-            return f"{f.filename.split('site-packages/')[-1].split('/wt-')[-1]}:{f.lineno} {f.name}"
-    f = frames[-1]
-    return f"{f.filename}:{f.lineno} {f.name}"
+    return innermost_site(traceback.extract_stack()[:-2])
 
 
 def _is_sync(func, args, kwargs) -> bool:
