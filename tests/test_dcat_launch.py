@@ -5,6 +5,7 @@ path (kernels/dcat/hostbench.py). Triton's kernel and launcher are replaced by r
 launches run in the GPU tests (tests/test_dcat_triton.py)."""
 
 import os
+import warnings
 
 import pytest
 import torch
@@ -307,9 +308,17 @@ def test_cached_descriptor_launch_refuses_other_launcher_layouts(monkeypatch):
             @staticmethod
             def launch(*args):
                 return args
-    with pytest.warns(RuntimeWarning, match="cached-descriptor launch unavailable"):
+    # on by default: the fallback is quiet, its reason kept (hostgpu.py reports it)
+    monkeypatch.setattr(g, "_REQUESTED", False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         assert g._make_fast(Other(), ()) is None
     assert len(g._FAST_FAILED) == 1
+    # asked for (PINFM_DCAT_CACHED_LAUNCH=1): the fallback warns
+    monkeypatch.setattr(g, "_REQUESTED", True)
+    with pytest.warns(RuntimeWarning, match="cached-descriptor launch unavailable"):
+        assert g._make_fast(Other(), ()) is None
+    assert len(g._FAST_FAILED) == 2
     assert g.CACHED_LAUNCH == (os.environ.get("PINFM_DCAT_CACHED_LAUNCH", "1") != "0")  # the default
 
 

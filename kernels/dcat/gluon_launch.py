@@ -218,6 +218,9 @@ def launch(grid, q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, o, lse, po, p
 # the same: Triton's 3.6 launcher layout (checked when the first direct launch happens), no
 # global / profile scratch, no launch hooks installed; anything else keeps the default path.
 CACHED_LAUNCH = os.environ.get("PINFM_DCAT_CACHED_LAUNCH", "1") != "0"
+# asked for explicitly (=1): a Triton whose launcher this path cannot reproduce warns; by default
+# it falls back quietly (the reason stays in _FAST_FAILED, which hostgpu.py reports)
+_REQUESTED = os.environ.get("PINFM_DCAT_CACHED_LAUNCH") == "1"
 _FAST_FAILED: list = []  # why the cached-descriptor launch is off in this process
 
 
@@ -277,8 +280,9 @@ def _make_fast(compiled, const_values):
         return f
     except Exception as e:  # noqa: BLE001  (any other Triton: the default launch stays)
         _FAST_FAILED.append(f"{type(e).__name__}: {str(e)[:300]}")
-        warnings.warn(f"DCAT cached-descriptor launch unavailable ({_FAST_FAILED[-1]}); "
-                      "using Triton's launcher", RuntimeWarning, stacklevel=3)
+        if _REQUESTED:
+            warnings.warn(f"DCAT cached-descriptor launch unavailable ({_FAST_FAILED[-1]}); "
+                          "using Triton's launcher", RuntimeWarning, stacklevel=3)
         return None
 
 
