@@ -51,6 +51,11 @@ def test_tiny_run_through_torchx_on_1_and_2_gloo_ranks(tmp_path):
     assert rc == 0
     s = json.load(open(out))
     assert s["max_gpus_measured"] == 2 and s["device"].startswith("cpu") and not s["failed"]
+    # summarise (no --tiny flag) over the same runs: the same rows, the CPU named too
+    again = tmp_path / "again.json"
+    assert bench.main(["summarise", "--runs", str(tmp_path / "runs"), "--out", str(again)]) == 0
+    s2 = json.load(open(again))
+    assert s2["device"] == s["device"] and len(s2["rows"]) == len(s["rows"]) == 4
     rows = {(r["config"], r["gpus"]): r for r in s["rows"]}
     for kind, cfg in (("pretraining", "pretrain-tiny"), ("finetuning", "finetune-tiny")):
         eff = s["weak_scaling_efficiency"][kind]

@@ -275,7 +275,8 @@ def main(argv=None) -> int:
     if a.cmd == "run":
         return run(a)
     rows = [r for d in sorted(os.listdir(a.runs)) if (r := row_of(os.path.join(a.runs, d))) and "config" in r]
-    summary = summarise(rows, device_name(a.tiny))
+    # (summarise has no --tiny: runs of the tiny configs alone were CPU / gloo runs)
+    summary = summarise(rows, device_name(bool(rows) and all(r["config"] in TINY_CONFIGS for r in rows)))
     if a.quality and os.path.isfile(a.quality):
         with open(a.quality) as f:
             summary["ml1m_quality"] = json.load(f)
