@@ -45,6 +45,24 @@ def _patch_interpreter_index():
 _patch_interpreter_index()
 
 
+def xdist_cpu_share(env=os.environ, cpus=None):
+    """CPUs per pytest-xdist worker (None outside xdist): the host's CPUs split evenly between
+    the workers. By default every worker's torch used every CPU: on a 16-core GPU host with 16
+    workers, 256 intra-op threads made the CPU-bound tests thrash (gpu-suite.md run 7: an
+    in-process fine-tune fixture took 362 s there)."""
+    if not env.get("PYTEST_XDIST_WORKER") or not env.get("PYTEST_XDIST_WORKER_COUNT"):
+        return None
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cpus or 1) // max(1, int(env["PYTEST_XDIST_WORKER_COUNT"])))
+
+
+_SHARE = xdist_cpu_share()
+if _SHARE is not None:
+    os.environ.setdefault("OMP_NUM_THREADS", str(_SHARE))  # for the processes tests start
+    torch.set_num_threads(min(torch.get_num_threads(), _SHARE))
+
+
 @pytest.fixture
 def kernel_device() -> torch.device:
     """Where a kernel test runs: CUDA when present (compiled kernels), else the CPU (the
