@@ -42,3 +42,12 @@ def test_rest_runs_only_what_the_log_did_not_name(monkeypatch, tmp_path):
     ran.clear()
     log.write_text(LOG + "[gw0] [ 99%] PASSED tests/test_c.py::test_started_never_finished \n")
     assert suite_rest.main([str(log)]) == 0 and not ran
+
+
+def test_failed_ids_are_whole_ids_and_skip_the_summary_lines():
+    # the rerun of failures (round.sh suite): whole ids; "-ra" summary lines ("FAILED id - msg")
+    # are not read, or the message would become part of an id
+    log = LOG + "FAILED tests/test_a.py::test_b[x\\\\ny-3-expected 3 fields] - AssertionError: no\n"
+    assert suite_rest.failed_ids(log) == ["tests/test_a.py::test_b[x\\\\ny-3-expected 3 fields]",
+                                          "tests/test_e.py::test_one"]
+    assert len(suite_rest.done_ids(log)) == 5

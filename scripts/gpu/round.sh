@@ -55,12 +55,10 @@ suite)
     $XD ${SUITE_MARK:+-m "$SUITE_MARK"} ${SUITE_ARGS:-tests} | tail -40
   cp $OUT/suite/gpu_suite.log $SW/last_suite.log 2>/dev/null  # for `round.sh rest`
   # failures under xdist again, one process: tells a parallel-run artefact from a real failure
-  ids=$(grep -oE '(FAILED|ERROR) tests/[^ ]+' $OUT/suite/gpu_suite.log | awk '{print $2}' | sort -u)  # a cut run's -v lines too
-  if [ -n "$ids" ]; then
-    echo "== rerun serially: $ids"
-    timeout ${RERUN_TIMEOUT:-120} python3 -m pytest -q -ra -p no:cacheprovider $ids > $OUT/suite/rerun.log 2>&1
-    tail -15 $OUT/suite/rerun.log
-  fi
+  # (whole node ids, a cut run's -v lines too: scripts/gpu/suite_rest.py --failed)
+  timeout ${RERUN_TIMEOUT:-120} python3 scripts/gpu/suite_rest.py --failed $OUT/suite/gpu_suite.log \
+    > $OUT/suite/rerun.log 2>&1
+  grep -E "^suite_rest:|^(FAILED|ERROR) |[0-9]+ (passed|failed)" $OUT/suite/rerun.log | tail -15
   nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv; ls runs/
   ;;
 rest)  # the tests the last (cut) suite call did not reach, at XDIST workers (gpu-suite.md run 7)
