@@ -212,12 +212,18 @@ def test_dlrm_interaction_indices_follow_the_scoring_device():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (CUDA graphs, sync debug mode)")
-@pytest.mark.parametrize("tables", ["fp32", "int8"])
-def test_cuda_graphs_replay_equals_eager_and_the_forward_does_not_sync(tables):
+@pytest.mark.parametrize("tables,amp", [("fp32", None), ("int8", None), ("fp32", torch.bfloat16)])
+def test_cuda_graphs_replay_equals_eager_and_the_forward_does_not_sync(tables, amp):
+    """amp: bf16 autocast, where the Scorer casts the Linear weights once (serve/precision.py)."""
     torch.manual_seed(0)
     eager = hostprof.tiny_scorer(tables, max_len=32, device="cuda")
-    graphed = hostprof.tiny_scorer(tables, max_len=32, device="cuda", cuda_graphs=True)
-    graphed.model.load_state_dict(eager.model.state_dict())
+    graphed = hostprof.tiny_scorer(tables, max_len=32, device="cuda", cuda_graphs=True, autocast=amp)
+    if amp is None:
+        graphed.model.load_state_dict(eager.model.state_dict())
+    else:  # the graphed model's Linears are bf16 now: the eager one gets the same weights, cast alike
+        eager.model.load_state_dict(graphed.model.state_dict())
+        eager = type(eager)(eager.model, 32, "cuda", autocast=amp)
+        assert eager.model.encoder.fm.trunk.layers[0].qkv.weight.dtype == amp
     assert graphed.graphs is not None
     full = [32] * 4
     for seed in range(3):  # one bucket, different contents: capture once, then replays of new inputs

@@ -158,6 +158,10 @@ def run(cfg: dict, device: torch.device, loads=(0.5, 0.8), methods=METHODS, prec
     base = build(cfg, max_len, device)
     quant = None
     amp = torch.bfloat16 if device.type == "cuda" else None
+    if amp is not None:  # as the Scorer does under autocast: Linear weights cast once (serve/precision.py)
+        from pinfm_rec.serve.precision import precast_linears
+
+        precast_linears(base, amp)
     for L in cfg["Ls"]:
         for C in cfg["Cs"]:
             gen = torch.Generator().manual_seed(L * 7919 + C)

@@ -30,6 +30,7 @@ from pinfm_rec.data.ranking_batch import RankingBatch
 from pinfm_rec.model.jagged import lengths_to_offsets
 from pinfm_rec.model.trunk import TrunkLayer
 from pinfm_rec.rankers.dlrm import place_interaction_indices
+from pinfm_rec.serve.precision import precast_linears
 from pinfm_rec.serve.requests_io import RequestFile, write_scores
 
 
@@ -147,6 +148,8 @@ class Scorer:
         self.n_cap = model.encoder.fm.trunk.spec.max_len if model.encoder is not None else max_len
         self.buckets = buckets
         self.autocast = autocast
+        if autocast is not None:  # Linear weights in the autocast dtype once, not cast per call
+            precast_linears(self.model, autocast)
         self.shapes: set = set()  # distinct (U, L, C, N, max_cands) seen: what a compiled path compiles for
         self._id_check = host_id_check(self.model)
         place_interaction_indices(self.model, self.device)
