@@ -64,7 +64,11 @@ def last_index(offsets: torch.Tensor) -> torch.Tensor:
 
 
 def pad_jagged(values: torch.Tensor, flat_idx: torch.Tensor, b: int, n: int) -> torch.Tensor:
-    """[L, *S] jagged -> [B, N, *S] right-padded with zeros (flat_idx = row * N + pos)."""
+    """[L, *S] jagged -> [B, N, *S] right-padded with zeros (flat_idx = row * N + pos).
+    When L == B * N every row is full (rows hold at most N): a reshape, no copy (one request
+    per call in serving, full training windows)."""
+    if values.shape[0] == b * n:  # a shape check: no sync
+        return values.reshape((b, n) + tuple(values.shape[1:]))
     out = values.new_zeros((b * n,) + tuple(values.shape[1:]))
     out = out.index_copy(0, flat_idx, values)  # [B*N, *S]
     return out.view((b, n) + tuple(values.shape[1:]))  # [B, N, *S]
@@ -78,7 +82,9 @@ def pad_heads(
 
 
 def unpad_jagged(dense: torch.Tensor, flat_idx: torch.Tensor) -> torch.Tensor:
-    """[B, N, *S] -> [L, *S] (inverse of pad_jagged)."""
+    """[B, N, *S] -> [L, *S] (inverse of pad_jagged; L == B * N: every row full, a reshape)."""
+    if flat_idx.shape[0] == dense.shape[0] * dense.shape[1]:
+        return dense.reshape((-1,) + tuple(dense.shape[2:]))
     return dense.reshape((-1,) + tuple(dense.shape[2:]))[flat_idx]  # [L, *S]
 
 
