@@ -79,3 +79,21 @@ def test_flex_peer_raises_dynamo_recompile_limit():
         assert getattr(cfg, name) == 500  # never lowered
     finally:
         setattr(cfg, name, old)
+
+
+def test_bench_service_times_take_iters_and_at_least_min_s():
+    import time
+
+    calls = []
+
+    def fn():
+        calls.append(1)
+        time.sleep(0.002)
+
+    st = bench.service_times(fn, iters=3, warmup=1, device=torch.device("cpu"), min_s=0.05)
+    assert len(calls) == len(st) + 1 and len(st) >= 3 and st.sum() >= 0.05 and len(st) < 60
+    calls.clear()
+    st = bench.service_times(fn, iters=3, warmup=0, device=torch.device("cpu"), min_s=10.0, max_iters=5)
+    assert len(st) == 5  # capped
+    st = bench.service_times(fn, iters=4, warmup=0, device=torch.device("cpu"))
+    assert len(st) == 4

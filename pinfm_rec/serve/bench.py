@@ -18,10 +18,10 @@ before timing):
                  (``pinfm_rec.kernels.dcat.peers.flex_dcat``)
 
 Each (method, L, C, precision) is timed per request (service time, CUDA-synchronised, after
-warm-up), eagerly or, with ``--cuda-graphs``, every method alike through one CUDA graph per shape
-(``serve/graphs.py``; a failed capture is timed eagerly and named in its row); throughput = 1 / mean
-service time (requests/s) and C / mean (candidates/s). Latency at
-fixed offered loads: Poisson arrivals at ``--loads`` x ours' capacity (the same absolute rate for
+warm-up; at least ``iters`` calls and ``min_s`` seconds), eagerly or, with ``--cuda-graphs``, every
+method alike through one CUDA graph per shape (``serve/graphs.py``; a failed capture is timed
+eagerly and named in its row); throughput = 1 / mean service time (requests/s) and C / mean
+(candidates/s). Latency at fixed offered loads: Poisson arrivals at ``--loads`` x ours' capacity (the same absolute rate for
 every method) through a single-server FIFO queue fed with the measured service times (Lindley
 recursion); p50 / p99 of wait + service, or "overloaded" when the load exceeds the method's
 capacity. Precisions: bf16 (autocast, fp32 tables) and int8 (bf16 + int8 tables, torchrec.quant).
@@ -41,8 +41,9 @@ import torch
 import torch.nn.functional as F
 
 GPU = dict(d_model=512, n_heads=8, n_layers=2, dim=128, num_items=100_000, Ls=(512, 2048, 16384),
-           Cs=(64, 256, 1024), iters=20, warmup=3)
-TINY = dict(d_model=32, n_heads=2, n_layers=2, dim=128, num_items=2000, Ls=(32,), Cs=(8,), iters=4, warmup=1)
+           Cs=(64, 256, 1024), iters=20, warmup=3, min_s=0.5)
+TINY = dict(d_model=32, n_heads=2, n_layers=2, dim=128, num_items=2000, Ls=(32,), Cs=(8,), iters=4, warmup=1,
+            min_s=0.0)
 MAX_DUP_TOKENS = 1 << 22  # dup_sdpa materialises L*C tokens per layer: skipped past this
 METHODS = ("dcat", "dup_sdpa", "masked_sdpa", "flex")
 
@@ -110,14 +111,18 @@ def method(model, name: str, R: int, L: int, C: int, device: torch.device):
         trunk.__dict__.pop("score_candidates", None)
 
 
-def service_times(fn, iters: int, warmup: int, device: torch.device) -> np.ndarray:
-    """Seconds per call of fn (synchronised), after ``warmup`` calls."""
+def service_times(fn, iters: int, warmup: int, device: torch.device, min_s: float = 0.0,
+                  max_iters: int = 2000) -> np.ndarray:
+    """Seconds per call of fn (synchronised), after ``warmup`` calls: ``iters`` calls, more until
+    ``min_s`` seconds are timed (at most ``max_iters``): a sub-millisecond method gets hundreds of
+    samples (run-to-run noise of a 20-call mean was ~70 us at 1 ms, level with the differences
+    between methods), a 0.5 s one its ``iters``."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
         fn()
     sync()
-    out = []
-    for _ in range(iters):
+    out: List[float] = []
+    while len(out) < iters or (sum(out) < min_s and len(out) < max_iters):
         t0 = time.perf_counter()
         fn()
         sync()
@@ -198,7 +203,8 @@ def run(cfg: dict, device: torch.device, loads=(0.5, 0.8), methods=METHODS, prec
                                 torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                             out = fn(batch).float()
                             ref = out if ref is None else ref
-                            st = service_times(lambda: fn(batch), cfg["iters"], cfg["warmup"], device)
+                            st = service_times(lambda: fn(batch), cfg["iters"], cfg["warmup"], device,
+                                               min_s=cfg.get("min_s", 0.0))
                     except (RuntimeError, torch.OutOfMemoryError) as e:  # report, keep going
                         if device.type == "cuda":
                             torch.cuda.empty_cache()
