@@ -48,3 +48,17 @@ def test_pad_of_a_strided_slice_full_rows():
     flat_idx = torch.arange(8)
     p = pad_jagged(q, flat_idx, 2, 4)
     assert torch.equal(p, q.contiguous().view(2, 4, 2, 4))
+
+
+def test_jagged_index_matches_a_row_loop_with_empty_rows():
+    from pinfm_rec.model.jagged import _jagged_index
+
+    for lengths in ([0, 3, 0, 0, 2, 1, 0], [5], [0], [], [1, 1, 1]):
+        offsets = lengths_to_offsets(torch.tensor(lengths, dtype=torch.long))
+        rows, pos = _jagged_index(offsets, sum(lengths))
+        want_r = [r for r, m in enumerate(lengths) for _ in range(m)]
+        want_p = [p for m in lengths for p in range(m)]
+        assert rows.tolist() == want_r and pos.tolist() == want_p and rows.dtype == torch.long
+    for dtype in (torch.int32, torch.int64):  # offsets of either index dtype
+        rows, pos = _jagged_index(torch.tensor([0, 2, 2, 5], dtype=dtype), 5)
+        assert rows.tolist() == [0, 0, 2, 2, 2] and pos.tolist() == [0, 1, 0, 1, 2]

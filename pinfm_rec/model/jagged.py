@@ -50,11 +50,11 @@ def jagged_index(offsets: torch.Tensor, total: int) -> Tuple[torch.Tensor, torch
 
 
 def _jagged_index(offsets: torch.Tensor, total: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    lengths = offsets[1:] - offsets[:-1]
-    rows = torch.repeat_interleave(
-        torch.arange(lengths.numel(), device=offsets.device), lengths, output_size=total
-    )  # [L]
-    pos = torch.arange(total, device=offsets.device) - offsets[:-1][rows]  # [L]
+    # element i is in row r when offsets[r] <= i < offsets[r+1]: r = #{row ends <= i} (empty rows
+    # have end == start and are skipped); 4 kernels (repeat_interleave of lengths took 7)
+    i = torch.arange(total, device=offsets.device)  # [L]
+    rows = torch.searchsorted(offsets[1:].contiguous(), i, right=True)  # [L]
+    pos = i - offsets[rows]  # [L]
     return rows, pos
 
 
