@@ -51,3 +51,49 @@ def test_failed_ids_are_whole_ids_and_skip_the_summary_lines():
     assert suite_rest.failed_ids(log) == ["tests/test_a.py::test_b[x\\\\ny-3-expected 3 fields]",
                                           "tests/test_e.py::test_one"]
     assert len(suite_rest.done_ids(log)) == 5
+
+
+def _sweep_wait(tmp_path, seconds, pid=None):
+    """Runs round.sh's sweep_wait in a shell whose own command line names ml1m_sweep.sh (as the
+    device call that started the sweep did): (exit code, seconds waited)."""
+    import subprocess
+    import time
+
+    if pid is not None:
+        (tmp_path / "sweep.pid").write_text(f"{pid}\n")
+    cmd = f". scripts/gpu/sweep_wait.sh; sweep_wait {tmp_path} {seconds} # ml1m_sweep.sh in this command line"
+    t0 = time.monotonic()
+    rc = subprocess.run(["bash", "-c", cmd], cwd=ROOT).returncode
+    return rc, time.monotonic() - t0
+
+
+def test_sweep_wait_follows_the_sweeps_pid_file_not_command_lines(tmp_path):
+    import subprocess
+
+    assert _sweep_wait(tmp_path, 30)[1] < 5  # no sweep: no wait (pgrep -f waited out all 30 s here)
+    import threading
+
+    short = subprocess.Popen(["sleep", "2"])
+    reaper = threading.Thread(target=short.wait)  # reaped when it ends (a zombie still answers kill -0)
+    reaper.start()
+    rc, waited = _sweep_wait(tmp_path, 30, short.pid)
+    reaper.join()
+    assert rc == 0 and 1 <= waited < 10
+    assert _sweep_wait(tmp_path, 30)[1] < 5  # a stale pid file (the process is gone): no wait
+    long = subprocess.Popen(["sleep", "60"])
+    try:
+        rc, waited = _sweep_wait(tmp_path, 2, long.pid)
+        assert rc == 1 and waited < 10  # still running after the limit
+    finally:
+        long.kill()
+
+
+def test_ml1m_sweep_removes_its_pid_file(tmp_path):
+    import subprocess
+
+    env = dict(os.environ, OUT=str(tmp_path), SEEDS="42")
+    r = subprocess.run(["bash", "scripts/gpu/ml1m_sweep.sh"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "run | valid hr@10" in r.stdout and not (tmp_path / "sweep.pid").exists()
+    src = open(os.path.join(ROOT, "scripts/gpu/ml1m_sweep.sh")).read()
+    assert 'echo $$ > "$OUT/sweep.pid"' in src

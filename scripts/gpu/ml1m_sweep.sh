@@ -10,6 +10,11 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 SPEC=${SPEC:-specs/pretrain/ml1m-gpu.yaml}
 SEEDS=${SEEDS:-42}
+# $OUT/sweep.pid while this sweep runs: what `round.sh` waits on (scripts/gpu/sweep_wait.sh). A
+# `pgrep -f ml1m_sweep.sh` wait also matched the shell of any command that named this script
+# (2026-12-06: a call that started the sweep itself waited out its whole 525 s, 200 s after the runs ended)
+echo $$ > "$OUT/sweep.pid"
+trap 'rm -f "$OUT/sweep.pid"' EXIT
 names=()
 for cfg in "$@"; do
   label=${cfg%%|*}; ov=${cfg#*|}

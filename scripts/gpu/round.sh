@@ -6,7 +6,8 @@
 #   bash scripts/gpu/round.sh dcat     # waits for the ML-1M runs, GR-protocol evals; DCAT host us/call
 #                                      # (cached launch off/on), then the DCAT bench alone
 #   bash scripts/gpu/round.sh rest     # the tests a cut suite call did not reach (scripts/gpu/suite_rest.py)
-#   bash scripts/gpu/round.sh ml1m     # (spare) waits for the ML-1M runs, GR-protocol evals (replaces session.sh)
+#   bash scripts/gpu/round.sh ml1m     # waits for the ML-1M runs (ML1M=1: starts them first; 3 seeds
+#                                      # ~6 min on an H200 alone), GR-protocol evals
 #   bash scripts/gpu/round.sh serve    # waits for the ML-1M runs; the serving load benchmark alone
 #                                      # (CUDA graphs), then GR-protocol evals of finished ML-1M runs
 # The ML-1M file must be at $PINFM_DATA_DIR/ml-1m/sasrec/ml-1m.txt (default /root/data; a carried
@@ -17,6 +18,7 @@ cd "$(dirname "$0")/../.."
 export PINFM_DATA_DIR=${PINFM_DATA_DIR:-/root/data} PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 SW=/root/sweep; mkdir -p $SW
+. scripts/gpu/sweep_wait.sh  # sweep_wait DIR SECONDS: while the ML-1M sweep (its pid file) runs
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 gr_evals() {  # GR's eval (history items removed) on every finished run's best-valid checkpoint
@@ -34,17 +36,21 @@ PY
   done
   wait; cp $SW/ml1m_* $OUT/ 2>/dev/null
 }
+start_sweep() {  # the ml1m-gpu.yaml recipe once per seed (ML1M_SEEDS; ML1M_RULE=1 adds the sasrec.yaml rule)
+  [ -d .gpudata ] && mkdir -p "$PINFM_DATA_DIR" && cp -r .gpudata/* "$PINFM_DATA_DIR/"
+  (export OUT=$SW OMP_NUM_THREADS=${ML1M_THREADS:-2}
+   cfgs=("t256|train.epochs=120 train.eval_every_epochs=5 train.patience=4")
+   [ "${ML1M_RULE:-0}" = 1 ] && cfgs+=("rule|--spec specs/pretrain/sasrec.yaml train.epochs=120")
+   SEEDS="${ML1M_SEEDS:-42 7 1}" setsid nohup bash scripts/gpu/ml1m_sweep.sh "${cfgs[@]}" \
+     > $SW/sweep.out 2>&1 < /dev/null &)
+  sleep 2
+}
 case "${1:-}" in
 suite)
   [ -d .gpudata ] && mkdir -p "$PINFM_DATA_DIR" && cp -r .gpudata/* "$PINFM_DATA_DIR/"
   python3 -c "import pinfm_rec.kernels, torchrec, torchmetrics; print('imports ok', torchmetrics.__version__)"
   XD="-n ${XDIST:-12}"; python3 -c "import xdist" 2>/dev/null || { XD=""; echo "no pytest-xdist: one process"; }
-  # ML1M=1: the ml1m-gpu.yaml recipe once per seed (ML1M_SEEDS; ML1M_RULE=1 adds the sasrec.yaml rule)
-  [ "${ML1M:-0}" = 1 ] && (export OUT=$SW OMP_NUM_THREADS=2
-   cfgs=("t256|train.epochs=120 train.eval_every_epochs=5 train.patience=4")
-   [ "${ML1M_RULE:-0}" = 1 ] && cfgs+=("rule|--spec specs/pretrain/sasrec.yaml train.epochs=120")
-   SEEDS="${ML1M_SEEDS:-42 7 1}" setsid nohup bash scripts/gpu/ml1m_sweep.sh "${cfgs[@]}" \
-     > $SW/sweep.out 2>&1 < /dev/null &)
+  [ "${ML1M:-0}" = 1 ] && start_sweep
 
   sleep 5
   # SUITE_MARK="not slow", then SUITE_MARK=slow, in two calls (run 5: the whole suite
@@ -66,14 +72,15 @@ rest)  # the tests the last (cut) suite call did not reach, at XDIST workers (gp
     --dist worksteal > $OUT/suite_rest.log 2>&1; echo "rc=$?"
   grep -E "^suite_rest:|^(FAILED|ERROR) |[0-9]+ (passed|failed)" $OUT/suite_rest.log | tail -15
   ;;
-ml1m)
-  for i in $(seq 1 ${WAIT_S:-420}); do pgrep -f ml1m_sweep.sh >/dev/null || break; sleep 1; done
+ml1m)  # ML1M=1: start the sweep here (no suite call before), then wait for it
+  [ "${ML1M:-0}" = 1 ] && start_sweep
+  sweep_wait $SW ${WAIT_S:-420}
   pgrep -fa "pinfm_rec.cli pretrain" | cut -c1-160
   tail -12 $SW/sweep.out; cp $SW/ml1m_* $OUT/ 2>/dev/null
   gr_evals; ls $OUT
   ;;
 dcat)
-  for i in $(seq 1 ${WAIT_S:-150}); do pgrep -f ml1m_sweep.sh >/dev/null || break; sleep 1; done
+  sweep_wait $SW ${WAIT_S:-150}
   [ -f $SW/sweep.out ] && { tail -12 $SW/sweep.out; gr_evals; }  # ML-1M runs done before the timings
   pgrep -fa "pinfm_rec.cli" | cut -c1-160
   timeout 150 python3 -m pinfm_rec.kernels.dcat.hostgpu --out "$OUT/dcat_host.json" 2>&1 | grep -v "Warning\|warn(" | tail -12
@@ -96,7 +103,7 @@ PY
   ;;
 serve)
   # a bench shares the machine with nothing: ML-1M runs of an earlier call finish first
-  for i in $(seq 1 ${WAIT_S:-300}); do pgrep -f ml1m_sweep.sh >/dev/null || break; sleep 1; done
+  sweep_wait $SW ${WAIT_S:-300}
   [ -f $SW/sweep.out ] && tail -8 $SW/sweep.out
   BENCH_TIMEOUT=${BENCH_TIMEOUT:-480} OUT=$OUT bash scripts/gpu/serving_bench.sh --cuda-graphs
   gr_evals
