@@ -121,7 +121,7 @@ def _pretrain_events(tables: RankingTables, t_valid: int) -> Dict[str, np.ndarra
 
 
 def convert_mind(path: str, out_dir: str, *, valid_frac: float = 0.1, test_frac: float = 0.1,
-                 progress: bool = True) -> RankingMeta:
+                 progress: bool = True, engagement: bool = False) -> RankingMeta:
     """MIND ``behaviors.tsv`` (or a dir holding it) -> prepared ranking dir (see module doc)."""
     src = locate_input(path, MIND_INPUTS)
     data, name = read_input_bytes(src, progress=progress)
@@ -144,6 +144,6 @@ def convert_mind(path: str, out_dir: str, *, valid_frac: float = 0.1, test_frac:
     pretrain = _pretrain_events(tables, t_valid)
     st = os.stat(src)
     return write_ranking(out_dir, tables, pretrain=pretrain, num_items=int(news.size), item_original=news,
-                         t_valid=t_valid, t_test=t_test, source="mind",
+                         t_valid=t_valid, t_test=t_test, source="mind", engagement=engagement,
                          provenance={"input": src, "input_bytes": int(st.st_size), "time_zone": "UTC (assumed)",
                                      "history_timestamps": "synthetic: t_impression - (n - i) seconds"})

@@ -106,6 +106,9 @@ class RankingDataSpec:
     # original_id) in histories and candidates instead of the dense remap; needs an encoder with
     # model.embedding.id_mode managed or hash; the ranker's own item tables hash them
     raw_ids: bool = False
+    # three more dense features per candidate: impressions, clicks and smoothed CTR of its item in
+    # strictly earlier requests (real-time counters; ranking_store.engagement_counters)
+    engagement_counters: bool = False
     movielens: MovieLensRankingSpec = field(default_factory=MovieLensRankingSpec)
     synthetic: SyntheticRankingSpec = field(default_factory=SyntheticRankingSpec)
 
@@ -137,6 +140,8 @@ class RankingInfo:
 def _cache_key(spec: RankingDataSpec) -> dict:
     key: dict = {"converter_version": RANKING_CONVERTER_VERSION, "source": spec.source,
                  "valid_frac": spec.valid_frac, "test_frac": spec.test_frac}
+    if spec.engagement_counters:  # caches prepared before the option keep their key
+        key["engagement_counters"] = True
     if spec.source == "synthetic":
         key["synthetic"] = asdict(spec.synthetic)
         if not spec.synthetic.raw_id_offset:  # caches prepared before the option keep their key
@@ -161,7 +166,8 @@ def ranking_dir(spec: RankingDataSpec) -> str:
 
 
 def _convert(spec: RankingDataSpec, out_dir: str, progress: bool) -> None:
-    kw = {"valid_frac": spec.valid_frac, "test_frac": spec.test_frac, "progress": progress}
+    kw = {"valid_frac": spec.valid_frac, "test_frac": spec.test_frac, "progress": progress,
+          "engagement": spec.engagement_counters}
     if spec.source == "synthetic":
         write_synthetic_ranking(out_dir, **asdict(spec.synthetic), **kw)
     elif spec.source == "mind":

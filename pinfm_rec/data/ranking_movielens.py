@@ -62,6 +62,7 @@ def build_timeline_ranking(
     max_requests: Optional[int] = None,
     progress: bool = True,
     provenance: Optional[dict] = None,
+    engagement: bool = False,
 ) -> RankingMeta:
     """Cut requests from timelines (module doc) and write the ranking dir. ``ev``: columns user_id, item_id
     (dense < num_items), action, surface, timestamp, each [E], grouped by user and chronological inside a
@@ -126,12 +127,13 @@ def build_timeline_ranking(
             "requests_per_user": requests_per_user, "min_history": min_history, "seed": seed,
             "label_rule": "next events before the next split's cutoff; sampled unrated items are 0"}
     return write_ranking(out_dir, tables, pretrain=pretrain, num_items=num_items, item_original=item_original,
-                         t_valid=t_valid, t_test=t_test, source=source, provenance=prov)
+                         t_valid=t_valid, t_test=t_test, source=source, provenance=prov, engagement=engagement)
 
 
 def convert_movielens_ranking(path: str, out_dir: str, *, valid_frac: float = 0.1, test_frac: float = 0.1,
                               candidates_next: int = 5, negatives_per_request: int = 20, requests_per_user: int = 4,
-                              min_history: int = 1, seed: int = 0, progress: bool = True) -> RankingMeta:
+                              min_history: int = 1, seed: int = 0, progress: bool = True,
+                              engagement: bool = False) -> RankingMeta:
     """MovieLens ratings -> prepared ranking dir (module doc). ``path``: ``u.data`` (tab-separated), a
     ``ratings*.dat`` file (``::``-separated), a dir holding either, or the GroupLens zip."""
     src = locate_input(path, MOVIELENS_INPUTS)
@@ -153,5 +155,5 @@ def convert_movielens_ranking(path: str, out_dir: str, *, valid_frac: float = 0.
         out_dir, ev, rating >= ENGAGE_MIN_RATING, num_items=int(item_original.size), item_original=item_original,
         source="movielens", valid_frac=valid_frac, test_frac=test_frac, candidates_next=candidates_next,
         negatives_per_request=negatives_per_request, requests_per_user=requests_per_user, min_history=min_history,
-        seed=seed, progress=progress,
+        seed=seed, progress=progress, engagement=engagement,
         provenance={"input": src, "input_bytes": int(st.st_size), "engage_rule": f"rating >= {ENGAGE_MIN_RATING}"})

@@ -21,6 +21,14 @@ the request's own and later events, so a train label never feeds its own feature
 length), log1p(#candidates of the request). ``is_new``: the item never occurs in the pretraining corpus
 (the item's embedding row is untrained), whatever the request time.
 
+Engagement counters (``engagement_counters=True``, F = 6, spec key ``data.engagement_counters``): per
+candidate, the impressions and clicks of its item in every request strictly earlier than its own (all
+splits: what a serving system's real-time counters hold when the request arrives; labels of the request
+itself and of later ones never count), as log1p(impressions), log1p(clicks) and the CTR smoothed towards
+the train split's click rate with ``CTR_PRIOR_WEIGHT`` impressions: fresh items (news) get a signal
+that item ids cannot give them. Clicks are counted at their impression's time (a click logged after the
+next request's arrival would leak a little in production; the sources here carry no click times).
+
 Shapes: R requests, H history events over all requests (jagged by ``hist_offsets [R+1]``), C
 candidates (jagged by ``cand_offsets [R+1]``).
 """
@@ -51,6 +59,10 @@ RANKING_META_FILE = "ranking_meta.json"
 PRETRAIN_DIR = "pretrain"
 SPLIT_IDS = {"train": 0, "valid": 1, "test": 2}
 DENSE_FEATURES = ("log1p_item_count_before_request", "log1p_history_len", "log1p_num_candidates")
+# data.engagement_counters: real-time counters of the candidate's item over earlier requests
+ENGAGEMENT_FEATURES = ("log1p_item_impressions_before_request", "log1p_item_clicks_before_request",
+                       "item_ctr_before_request")
+CTR_PRIOR_WEIGHT = 10.0  # impressions' worth of the train-split click rate in the smoothed CTR
 HISTORY_COLUMNS = ("hist_item", "hist_action", "hist_surface", "hist_ts")
 USER_COLUMNS = ("user_id", "time", "split") + HISTORY_COLUMNS  # request-level ("user-heavy") columns
 PARQUET_OPTIONS = {"compression": "zstd", "row_group_size": 1 << 16}  # same for dedup and flat files
@@ -118,6 +130,21 @@ def counts_before(item: np.ndarray, ts: np.ndarray, query_item: np.ndarray, quer
     return np.searchsorted(keys, q + np.clip(query_time, 0, span - 1)) - np.searchsorted(keys, q)
 
 
+def engagement_counters(cand_item: np.ndarray, cand_time: np.ndarray, label: np.ndarray, split: np.ndarray,
+                        num_items: int) -> np.ndarray:
+    """[C, 3] float32 ``ENGAGEMENT_FEATURES`` of each candidate row (cand_item, cand_time = its request's
+    time, label, split of its request; each [C]): impressions and clicks of the same item in candidate rows
+    of strictly earlier requests, and the smoothed CTR (module doc)."""
+    ts = np.maximum(cand_time.astype(np.int64), 0)
+    imps = counts_before(cand_item, ts, cand_item, ts, num_items)
+    clicked = label > 0
+    clicks = counts_before(cand_item[clicked], ts[clicked], cand_item, ts, num_items)
+    train = split == 0
+    p0 = float(clicked[train].mean()) if train.any() else 0.0
+    ctr = (clicks + CTR_PRIOR_WEIGHT * p0) / (imps + CTR_PRIOR_WEIGHT)
+    return np.stack([np.log1p(imps), np.log1p(clicks), ctr], axis=1).astype(np.float32)
+
+
 def split_of(time: np.ndarray, t_valid: int, t_test: int) -> np.ndarray:
     """[R] int8 split id of each request time (see ``time_cutoffs``)."""
     return ((time >= t_valid).astype(np.int8) + (time >= t_test).astype(np.int8)).astype(np.int8)
@@ -164,10 +191,11 @@ def _list_array(offsets: np.ndarray, values: np.ndarray) -> pa.Array:
 
 def write_ranking(out_dir: str, tables: RankingTables, *, pretrain: Dict[str, np.ndarray], num_items: int,
                   item_original: np.ndarray, t_valid: int, t_test: int, source: str,
-                  provenance: Optional[dict] = None) -> RankingMeta:
+                  provenance: Optional[dict] = None, engagement: bool = False) -> RankingMeta:
     """Write a prepared ranking dir (see module doc) from request-sorted ``tables`` (``split`` set) and the
     pretraining events ``pretrain`` (columns user_id, item_id, action, surface, timestamp, each [E], item ids
-    already dense in [0, num_items)). ``item_original`` [num_items] = source id of each dense item id."""
+    already dense in [0, num_items)). ``item_original`` [num_items] = source id of each dense item id.
+    engagement: add the ``ENGAGEMENT_FEATURES`` (module doc)."""
     t = tables
     if t.split is None or np.any(np.diff(t.time) < 0):
         raise ValueError("tables must be sorted by time and have split set")
@@ -192,6 +220,9 @@ def write_ranking(out_dir: str, tables: RankingTables, *, pretrain: Dict[str, np
     seen = counts_before(pretrain["item_id"], pretrain["timestamp"], t.cand_item, t.time[cand_req], num_items)
     dense = np.stack([np.log1p(seen), np.log1p(hist_len[cand_req]), np.log1p(ncand[cand_req])],
                      axis=1).astype(np.float32)  # [C, F]
+    if engagement:
+        dense = np.concatenate([dense, engagement_counters(t.cand_item, t.time[cand_req], t.label, t.split[cand_req],
+                                                           num_items)], axis=1)
     is_new = counts[t.cand_item] == 0
     req = pa.table({"request_id": np.arange(r, dtype=np.int64), "user_id": t.user_id.astype(np.int64),
                     "time": t.time.astype(np.int64), "split": pa.array(t.split, pa.int8()),
@@ -208,7 +239,8 @@ def write_ranking(out_dir: str, tables: RankingTables, *, pretrain: Dict[str, np
         num_candidates={s: int((cand_split == i).sum()) for s, i in SPLIT_IDS.items()},
         new_item_fraction={s: float(is_new[cand_split == i].mean()) if (cand_split == i).any() else 0.0
                            for s, i in SPLIT_IDS.items()},
-        t_valid=int(t_valid), t_test=int(t_test), pretrain_events=pmeta.num_events, provenance=provenance or {})
+        t_valid=int(t_valid), t_test=int(t_test), pretrain_events=pmeta.num_events, provenance=provenance or {},
+        dense_features=DENSE_FEATURES + (ENGAGEMENT_FEATURES if engagement else ()))
     with open(os.path.join(out_dir, RANKING_META_FILE), "w") as f:
         json.dump(asdict(meta), f, indent=2, sort_keys=True)
         f.write("\n")

@@ -41,7 +41,7 @@ def write_synthetic_ranking(out_dir: str, *, num_requests: int = 2000, num_items
                             requests_per_user: int = 4, candidates_next: int = 5, negatives_per_request: int = 15,
                             num_surfaces: int = 4, seed: int = 0, raw_id_offset: int = 0,
                             valid_frac: float = 0.1, test_frac: float = 0.1,
-                            progress: bool = True) -> RankingMeta:
+                            progress: bool = True, engagement: bool = False) -> RankingMeta:
     """Generate timelines and write a prepared ranking dir with exactly ``num_requests`` requests."""
     if num_requests < 1:
         raise ValueError(f"num_requests must be >= 1, got {num_requests}")
@@ -54,5 +54,5 @@ def write_synthetic_ranking(out_dir: str, *, num_requests: int = 2000, num_items
         out_dir, cols, positive, num_items=num_items, item_original=raw_item_ids(num_items, raw_id_offset),
         source="synthetic", valid_frac=valid_frac, test_frac=test_frac, candidates_next=candidates_next,
         negatives_per_request=negatives_per_request, requests_per_user=requests_per_user, seed=seed,
-        max_requests=num_requests, progress=progress,
+        max_requests=num_requests, progress=progress, engagement=engagement,
         provenance={"generator": "pinfm_rec.data.synthetic", "num_users": num_users, "mean_len": mean_len})
