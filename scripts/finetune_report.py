@@ -4,7 +4,8 @@
 reads runs/ft-{mind,movielens}-{none,random,pretrained}-s{seed}/results.json (written by
 scripts/finetune_benchmark.sh), docs/benchmarks/raw/finetune_throughput_*.json and the storage
 reports. ``<ds>.gauc_<model>`` is the mean test GAUC over the seeds; per-seed values under
-``<ds>.<init>.seeds``.
+``<ds>.<init>.seeds``. A dataset with none of its runs in this checkout keeps the values (and note)
+of the existing report (listed under ``kept_from_earlier_report``).
 """
 import datetime
 import json
@@ -49,9 +50,24 @@ def storage(ds: str) -> dict:
     return json.loads(out.stdout)["storage"]
 
 
+def previous(path: str, ds: str) -> dict:
+    """The keys of dataset ``ds`` in the existing report (kept when this checkout has none of its runs)."""
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        old = json.load(f)
+    return {k: v for k, v in old.items() if k.startswith(f"{ds}.") or k.startswith(f"new_items.{ds}.")}
+
+
 def main() -> None:
     out: dict = {}
+    path = os.path.join(ROOT, "docs", "benchmarks", "finetune.json")
+    kept = []
     for ds in ("mind", "movielens"):
+        if not any(seed_rows(ds, init) for init, _ in KEYS):  # no run of ds here: its recorded values stay
+            out.update(previous(path, ds))
+            kept.append(ds)
+            continue
         for init, key in KEYS:
             rows = seed_rows(ds, init)
             if not rows:
@@ -91,15 +107,22 @@ def main() -> None:
     out["protocol"] = ("same DLRM, seeds and protocol per arm: up to train.epochs, valid GAUC each epoch, early "
                        "stopping (train.patience), the best-valid model tested once; means over the seeds listed "
                        "under <ds>.<init>.seeds")
-    out["mind.note"] = ("encoder pretrained on the histories-only corpus (scripts/history_corpus.py; the default "
-                        "corpus holds the train clicks) with encoder.unseen_items=zero; both arms are at chance "
-                        "on MIND test (77% of test candidates never appear in the train split): the MIND "
-                        "difference is within seed noise, see docs/benchmarks/finetune.md")
+    if "mind" not in kept:
+        out["mind.note"] = ("encoder pretrained on the histories-only corpus (scripts/history_corpus.py; the default "
+                            "corpus holds the train clicks) with encoder.unseen_items=zero; data.engagement_counters="
+                            "true (impressions / clicks / smoothed CTR of the candidate's item in earlier requests: "
+                            "77% of test candidates never appear in the train split); see docs/benchmarks/finetune.md")
+    if kept:  # datasets whose runs were not in this checkout, and the date of the report they come from
+        with open(path) as f:
+            old = json.load(f)
+        out["kept_from_earlier_report"] = {ds: old.get("kept_from_earlier_report", {}).get(ds, old.get("date"))
+                                           if isinstance(old.get("kept_from_earlier_report"), dict) else old.get("date")
+                                           for ds in kept}
     out["command"] = ("metrics: PINFM_DATA_DIR=../shared/data SEEDS='0 1 2' bash scripts/finetune_benchmark.sh "
                       "mind|movielens (CPU; MIND pretrained on the histories-only corpus of scripts/history_corpus.py, "
                       "see docs/benchmarks/finetune.md); report: .venv/bin/python scripts/finetune_report.py; "
                       "throughput: python3 -m pinfm_rec.train.finetune_bench --cands-per-step 4096 (GPU)")
-    with open(os.path.join(ROOT, "docs", "benchmarks", "finetune.json"), "w") as f:
+    with open(path, "w") as f:
         json.dump(out, f, indent=1)
     print(json.dumps({k: v for k, v in out.items() if k.count(".") == 1 and not isinstance(v, dict)}, indent=1))
 
