@@ -138,6 +138,9 @@ class Scorer:
     ``logits(batch)`` = ``forward(prepare(batch))`` read back: ``prepare`` does the host work
     (padding, id checks, host sizes, transfer), ``forward`` the device work without host syncs;
     cuda_graphs: replay a CUDA graph of ``forward`` per bucketed shape (``serve/graphs.py``).
+    autocast: the dtype ``forward`` runs under; the model's ``nn.Linear`` weights are then cast to it
+    in place, once (``serve/precision.py``: the casts autocast would repeat on every call, same
+    scores): use the model through this Scorer, or under the same autocast, afterwards.
     """
 
     def __init__(self, model, max_len: int, device: str | torch.device = "cpu", *, buckets: bool = True,
