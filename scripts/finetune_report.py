@@ -113,8 +113,10 @@ def main() -> None:
                             "true (impressions / clicks / smoothed CTR of the candidate's item in earlier requests: "
                             "77% of test candidates never appear in the train split); see docs/benchmarks/finetune.md")
     if kept:  # datasets whose runs were not in this checkout, and the date of the report they come from
-        with open(path) as f:
-            old = json.load(f)
+        old = {}
+        if os.path.isfile(path):
+            with open(path) as f:
+                old = json.load(f)
         out["kept_from_earlier_report"] = {ds: old.get("kept_from_earlier_report", {}).get(ds, old.get("date"))
                                            if isinstance(old.get("kept_from_earlier_report"), dict) else old.get("date")
                                            for ds in kept}

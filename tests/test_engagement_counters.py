@@ -40,24 +40,55 @@ def test_counters_match_a_loop_and_never_see_their_own_or_later_labels():
     np.testing.assert_allclose(got[first, 2], label[split == 0].mean(), rtol=1e-6)
 
 
+def _mind_file(path, n=60, seed=0):
+    """A small MIND-format behaviors.tsv: n impressions over two days, 8 news ids, random clicks."""
+    rng = np.random.default_rng(seed)
+    lines = []
+    for i in range(n):
+        h, m = divmod(i * 47, 60)
+        day = 9 + h // 24
+        hist = " ".join(f"N{x}" for x in rng.integers(0, 8, rng.integers(0, 4)))
+        imps = " ".join(f"N{x}-{int(rng.random() < 0.3)}" for x in rng.choice(8, 4, replace=False))
+        lines.append(f"{i + 1}\tU{i % 9}\t11/{day}/2019 {h % 12 + 1}:{m:02d}:00 {'AM' if h % 24 < 12 else 'PM'}"
+                     f"\t{hist}\t{imps}")
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
 @pytest.mark.parametrize("on", [False, True])
 def test_spec_flag_adds_three_dense_features_under_its_own_cache_key(tmp_path, on):
-    spec = RankingDataSpec(cache_dir=str(tmp_path), max_len=16, batch_size=16, eval_batch_size=16,
-                           synthetic=SyntheticRankingSpec(num_requests=120, num_items=80), engagement_counters=on)
-    info = prepare_ranking(spec)
+    path = _mind_file(tmp_path / "behaviors.tsv")
+
+    def spec(flag):
+        return RankingDataSpec(source="mind", path=path, cache_dir=str(tmp_path / "cache"), max_len=16,
+                               batch_size=16, eval_batch_size=16, engagement_counters=flag)
+    info = prepare_ranking(spec(on))
     want = DENSE_FEATURES + (ENGAGEMENT_FEATURES if on else ())
     assert info.dense_features == want and info.num_dense == len(want)
     st = load_ranking_store(info.root)
     assert st.dense.shape[1] == len(want)
-    other = prepare_ranking(RankingDataSpec(cache_dir=str(tmp_path), max_len=16,
-                                            synthetic=SyntheticRankingSpec(num_requests=120, num_items=80),
-                                            engagement_counters=not on))
+    other = prepare_ranking(spec(not on))
     assert other.root != info.root  # never one cache for both
     if on:
         t = st.tables
         req = np.repeat(np.arange(t.num_requests), np.diff(t.cand_offsets))
         np.testing.assert_allclose(st.dense[:, 3:], _loop(t.cand_item, t.time[req], t.label, t.split[req]), rtol=1e-5)
+        assert st.dense[:, 4].max() > 0  # some earlier clicks were counted
         # the base features are the same as without the flag
         np.testing.assert_array_equal(st.dense[:, :3], load_ranking_store(other.root).dense)
-    batch = next(iter(build_ranking_loader(spec, info, "train")))
+    batch = next(iter(build_ranking_loader(spec(on), info, "train")))
     assert batch.dense.shape[1] == len(want)
+
+
+def test_timeline_sources_refuse_the_counters(tmp_path):
+    """A timeline source's labels are the user's next events: counted at the request time they would reach
+    the same user's later requests before they happen. The spec and the writer refuse the flag."""
+    from pinfm_rec.spec import FieldError
+
+    for source in ("synthetic", "movielens"):
+        with pytest.raises(FieldError, match="engagement_counters"):
+            RankingDataSpec(source=source, path="x", engagement_counters=True)
+    from pinfm_rec.data.ranking_synthetic import write_synthetic_ranking
+
+    with pytest.raises(ValueError, match="impression log"):
+        write_synthetic_ranking(str(tmp_path / "r"), num_requests=50, num_items=40, engagement=True, progress=False)

@@ -235,3 +235,33 @@ def test_score_refuses_request_ids_the_model_cannot_take(run, tmp_path):
     assert main(["score", "--run", run["dir"], "--input", bad, "--output", str(tmp_path / "s.parquet"),
                  "--cpu"]) == 2
     RequestFile(run["requests"], loaded.num_dense).check_item_ids(upper, what)  # its own ids pass
+
+
+def test_bf16_score_and_export_cli_writes_a_runnable_fp32_program(run, tmp_path):
+    """`pinfm score --bf16 --export`: the Scorer's bf16 autocast casts the model's Linear weights in
+    place (serve/precision.py); the export is taken before (and export_scorer casts any pre-cast
+    Linear back), so the program runs without autocast and gives the fp32 scores."""
+    from pinfm_rec.cli import main
+    from pinfm_rec.serve.export import batch_inputs, export_scorer
+    from pinfm_rec.serve.precision import precast_linears
+
+    pt2 = str(tmp_path / "scorer.pt2")
+    assert main(["score", "--run", run["dir"], "--input", run["requests"], "--output", str(tmp_path / "s.parquet"),
+                 "--cpu", "--bf16", "--export", pt2, "--batch-requests", "16"]) == 0
+    loaded = load_finetuned(run["dir"])
+    req = RequestFile(run["requests"], loaded.num_dense)
+    batch, _ = next(req.batches(16, loaded.max_len))
+    scorer = Scorer(loaded.model, loaded.max_len)  # fp32
+    want = scorer.logits(batch)
+    padded = pad_batch(batch, scorer.n_cap)
+    with torch.no_grad():
+        got = torch.export.load(pt2).module()(*batch_inputs(padded))[: batch.num_candidates]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # a model already cast for bf16 scoring still exports to a program that runs without autocast
+    precast_linears(loaded.model, torch.bfloat16)
+    ep = export_scorer(loaded.model, padded, str(tmp_path / "cast.pt2"))
+    with torch.no_grad():
+        out = ep.module()(*batch_inputs(padded))[: batch.num_candidates]
+    torch.testing.assert_close(out, want, atol=0.05, rtol=0.05)  # bf16-rounded weights, fp32 compute
+    with pytest.raises(ValueError, match="round twice"):
+        precast_linears(loaded.model, torch.float16)

@@ -107,12 +107,18 @@ class RankingDataSpec:
     # model.embedding.id_mode managed or hash; the ranker's own item tables hash them
     raw_ids: bool = False
     # three more dense features per candidate: impressions, clicks and smoothed CTR of its item in
-    # strictly earlier requests (real-time counters; ranking_store.engagement_counters)
+    # strictly earlier requests (real-time counters; ranking_store.engagement_counters); impression
+    # logs only (mind): a label must be observed at its request's time
     engagement_counters: bool = False
     movielens: MovieLensRankingSpec = field(default_factory=MovieLensRankingSpec)
     synthetic: SyntheticRankingSpec = field(default_factory=SyntheticRankingSpec)
 
     def __post_init__(self) -> None:
+        if self.engagement_counters and self.source != "mind":
+            raise FieldError("engagement_counters", f"needs an impression log (data.source=mind), not "
+                                                    f"{self.source!r}: a timeline source's labels are the user's "
+                                                    f"next events, and counted at the request time they would "
+                                                    f"reach the user's later requests before they happen")
         if self.valid_frac + self.test_frac >= 1:
             raise FieldError("test_frac", f"{self.test_frac} + valid_frac {self.valid_frac} must be < 1 "
                                           f"(the rest is the train split)")

@@ -64,12 +64,17 @@ def build_timeline_ranking(
     provenance: Optional[dict] = None,
     engagement: bool = False,
 ) -> RankingMeta:
-    """Cut requests from timelines (module doc) and write the ranking dir. ``ev``: columns user_id, item_id
+    """Cut requests from timelines (module doc) and write the ranking dir. ``engagement`` counters are
+    refused: a label here is a later event of the user, which counters keyed on the request time would
+    hand to the user's next requests before it happens. ``ev``: columns user_id, item_id
     (dense < num_items), action, surface, timestamp, each [E], grouped by user and chronological inside a
     user; ``positive`` [E] bool labels. ``max_requests`` keeps the first requests in (user, cut) order."""
     if candidates_next < 1 or negatives_per_request < 0 or requests_per_user < 1 or min_history < 0:
         raise ValueError("need candidates_next >= 1, negatives_per_request >= 0, requests_per_user >= 1, "
                          "min_history >= 0")
+    if engagement:
+        raise ValueError(f"{source}: engagement counters need an impression log (labels observed at the "
+                         f"request time); this source's labels are the user's next events")
     user, item, ts = ev["user_id"], ev["item_id"], ev["timestamp"]
     starts = np.flatnonzero(np.r_[True, user[1:] != user[:-1]])
     ends = np.r_[starts[1:], user.size]

@@ -66,7 +66,8 @@ def last_index(offsets: torch.Tensor) -> torch.Tensor:
 def pad_jagged(values: torch.Tensor, flat_idx: torch.Tensor, b: int, n: int) -> torch.Tensor:
     """[L, *S] jagged -> [B, N, *S] right-padded with zeros (flat_idx = row * N + pos).
     When L == B * N every row is full (rows hold at most N): a reshape, no copy (one request
-    per call in serving, full training windows)."""
+    per call in serving, full training windows); the result may then alias ``values`` (callers
+    only read it)."""
     if values.shape[0] == b * n:  # a shape check: no sync
         return values.reshape((b, n) + tuple(values.shape[1:]))
     out = values.new_zeros((b * n,) + tuple(values.shape[1:]))

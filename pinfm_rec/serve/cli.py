@@ -52,7 +52,7 @@ def run(args) -> dict:
     from pinfm_rec.serve.model_io import load_finetuned
     from pinfm_rec.serve.quantize import quantize_tables, table_bytes
     from pinfm_rec.serve.requests_io import RequestFile, write_request_file
-    from pinfm_rec.serve.scorer import Scorer, pad_batch
+    from pinfm_rec.serve.scorer import Scorer, history_cap, pad_batch
 
     if args.overrides:
         raise SpecError(f"pinfm score takes no key=value overrides (got {args.overrides}); it serves the run "
@@ -75,21 +75,15 @@ def run(args) -> dict:
     quantize_tables(loaded.model, args.tables)
     req = RequestFile(args.input, loaded.num_dense)
     req.check_item_ids(*loaded.item_id_rule())
-    scorer = Scorer(loaded.model, loaded.max_len, device, buckets=args.buckets, compile=args.compile,
-                    autocast=torch.bfloat16 if args.bf16 else None, cuda_graphs=args.cuda_graphs)
     out = {"checkpoint": loaded.checkpoint, "device": str(device), "tables": args.tables,
            "table_bytes": table_bytes(loaded.model), "table_bytes_fp32": fp32_bytes}
-    if args.output:
-        out.update(scorer.score_file(req, args.output, args.batch_requests))
-        console.echo(f"scored {out['requests']} requests, {out['candidates']} candidates in {out['wall_s']:.2f}s "
-                     f"({out['candidates_per_s']:.0f} candidates/s) -> {args.output}")
-    if args.export:
+    if args.export:  # first: the Scorer's --bf16 casts the model's Linear weights (serve/precision.py)
         from pinfm_rec.serve.export import export_scorer
 
         first = next(req.batches(args.batch_requests, loaded.max_len), None)
         if first is None:
             raise SpecError(f"--export: {args.input} has no request to take the shape from")
-        ep = export_scorer(loaded.model, pad_batch(first[0], scorer.n_cap), args.export)
+        ep = export_scorer(loaded.model, pad_batch(first[0], history_cap(loaded.model, loaded.max_len)), args.export)
         console.echo(f"exported the scorer to {args.export} (load: import torch, pinfm_rec.serve.ops; "
                      f"torch.export.load(path).module())")
         if args.aoti:
@@ -99,5 +93,11 @@ def run(args) -> dict:
             out["aoti"] = why
             console.echo(f"AOTInductor package: {path} (load: torch._inductor.aoti_load_package)" if path
                          else f"AOTInductor packaging failed: {why}; the torch.export program stands")
+    if args.output:
+        scorer = Scorer(loaded.model, loaded.max_len, device, buckets=args.buckets, compile=args.compile,
+                        autocast=torch.bfloat16 if args.bf16 else None, cuda_graphs=args.cuda_graphs)
+        out.update(scorer.score_file(req, args.output, args.batch_requests))
+        console.echo(f"scored {out['requests']} requests, {out['candidates']} candidates in {out['wall_s']:.2f}s "
+                     f"({out['candidates_per_s']:.0f} candidates/s) -> {args.output}")
     console.echo(json.dumps(out))
     return out

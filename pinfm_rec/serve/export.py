@@ -38,6 +38,7 @@ from pinfm_rec.data.batch import SequenceBatch
 from pinfm_rec.data.ranking_batch import RankingBatch
 from pinfm_rec.features import ACTION_KEY, ITEM_KEY, SURFACE_KEY
 from pinfm_rec.model.jagged import lengths_to_offsets
+from pinfm_rec.serve.precision import has_precast_linears, precast_linears
 
 INPUTS = ("hist_item", "hist_action", "hist_surface", "hist_ts", "hist_lengths", "request_ts", "cand_item",
           "cand_lengths", "dense")
@@ -96,6 +97,8 @@ def export_scorer(model: nn.Module, batch: RankingBatch, path: str) -> torch.exp
     import pinfm_rec.serve.ops  # noqa: F401  (the op's CPU kernel, for running the result here)
 
     m = copy.deepcopy(model).eval()
+    if has_precast_linears(m):  # a model scored by Scorer(autocast=...): the program runs without autocast
+        precast_linears(m, torch.float32)
     mod = ScoringModule(m, batch.history.max_len, int(batch.max_cands or 0))
     _custom_op_crossing(m)
     with torch.no_grad():

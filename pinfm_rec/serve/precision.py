@@ -20,16 +20,31 @@ import torch
 from torch import nn
 
 
+_FULL = (torch.float32, torch.float64)
+
+
 def precast_linears(model: nn.Module, dtype: torch.dtype) -> int:
     """Cast every ``nn.Linear``'s weight and bias in ``model`` to ``dtype`` (in place, no grad).
-    Returns the number of Linear modules cast. Idempotent."""
-    n = 0
-    for m in model.modules():
-        if isinstance(m, nn.Linear):
-            with torch.no_grad():
-                for name in ("weight", "bias"):
-                    p = getattr(m, name)
-                    if p is not None and p.is_floating_point() and p.dtype != dtype:
-                        p.data = p.data.to(dtype)
-            n += 1
-    return n
+    Returns the number of Linear modules cast. Idempotent. ``dtype=torch.float32`` undoes a cast
+    (exactly: every bf16/fp16 value is an fp32 value; the precision the cast dropped stays lost).
+    Raises when a Linear already holds another low precision (fp16 weights cast to bf16 would be
+    rounded twice)."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    for m in linears:
+        for p in (m.weight, m.bias):
+            if p is not None and p.is_floating_point() and dtype not in _FULL and p.dtype not in _FULL + (dtype,):
+                raise ValueError(f"a Linear of the model already holds {p.dtype} weights: casting them to {dtype} "
+                                 f"would round twice (reload the model)")
+    with torch.no_grad():
+        for m in linears:
+            for name in ("weight", "bias"):
+                p = getattr(m, name)
+                if p is not None and p.is_floating_point() and p.dtype != dtype:
+                    p.data = p.data.to(dtype)
+    return len(linears)
+
+
+def has_precast_linears(model: nn.Module) -> bool:
+    """Whether some ``nn.Linear`` of ``model`` holds low-precision weights (``precast_linears``)."""
+    return any(isinstance(m, nn.Linear) and m.weight.is_floating_point() and m.weight.dtype not in _FULL
+               for m in model.modules())

@@ -132,6 +132,11 @@ def host_id_check(model):
     return lambda batch: check_ids_on_host(batch, sizes, ranker_sizes)
 
 
+def history_cap(model, max_len: int) -> int:
+    """The longest history a bucket may pad to: the encoder's trunk.max_len (else ``max_len``)."""
+    return model.encoder.fm.trunk.spec.max_len if model.encoder is not None else max_len
+
+
 class Scorer:
     """Batched scoring of a loaded fine-tuned model (``model_io.load_finetuned``).
 
@@ -148,7 +153,7 @@ class Scorer:
         self.model = model.eval()
         self.device = torch.device(device)
         self.max_len = max_len  # history cut (the run's data.max_len)
-        self.n_cap = model.encoder.fm.trunk.spec.max_len if model.encoder is not None else max_len
+        self.n_cap = history_cap(model, max_len)
         self.buckets = buckets
         self.autocast = autocast
         if autocast is not None:  # Linear weights in the autocast dtype once, not cast per call

@@ -37,13 +37,16 @@ PY
   wait; cp $SW/ml1m_* $OUT/ 2>/dev/null
 }
 start_sweep() {  # the ml1m-gpu.yaml recipe once per seed (ML1M_SEEDS; ML1M_RULE=1 adds the sasrec.yaml rule)
+  if [ -f $SW/sweep.pid ] && kill -0 "$(cat $SW/sweep.pid)" 2>/dev/null; then
+    echo "an ML-1M sweep runs already (pid $(cat $SW/sweep.pid)): not starting another"; return 0
+  fi
   [ -d .gpudata ] && mkdir -p "$PINFM_DATA_DIR" && cp -r .gpudata/* "$PINFM_DATA_DIR/"
   (export OUT=$SW OMP_NUM_THREADS=${ML1M_THREADS:-2}
    cfgs=("t256|train.epochs=120 train.eval_every_epochs=5 train.patience=4")
    [ "${ML1M_RULE:-0}" = 1 ] && cfgs+=("rule|--spec specs/pretrain/sasrec.yaml train.epochs=120")
    SEEDS="${ML1M_SEEDS:-42 7 1}" setsid nohup bash scripts/gpu/ml1m_sweep.sh "${cfgs[@]}" \
      > $SW/sweep.out 2>&1 < /dev/null &)
-  sleep 2
+  for i in $(seq 1 30); do [ -f $SW/sweep.pid ] && break; sleep 1; done  # its pid file: what sweep_wait follows
 }
 case "${1:-}" in
 suite)
