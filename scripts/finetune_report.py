@@ -50,26 +50,27 @@ def storage(ds: str) -> dict:
     return json.loads(out.stdout)["storage"]
 
 
-def previous(path: str, ds: str) -> dict:
-    """The keys of dataset ``ds`` in the existing report (kept when this checkout has none of its runs)."""
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as f:
-        old = json.load(f)
+def previous(old: dict, ds: str) -> dict:
+    """The keys of dataset ``ds`` in the existing report ``old`` (kept when this checkout has none of its runs)."""
     return {k: v for k, v in old.items() if k.startswith(f"{ds}.") or k.startswith(f"new_items.{ds}.")}
 
 
 def main() -> None:
     out: dict = {}
     path = os.path.join(ROOT, "docs", "benchmarks", "finetune.json")
+    old: dict = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            old = json.load(f)
     kept = []
     for ds in ("mind", "movielens"):
-        if not any(seed_rows(ds, init) for init, _ in KEYS):  # no run of ds here: its recorded values stay
-            out.update(previous(path, ds))
+        runs = {init: seed_rows(ds, init) for init, _ in KEYS}
+        if not any(runs.values()):  # no run of ds here: its recorded values stay
+            out.update(previous(old, ds))
             kept.append(ds)
             continue
         for init, key in KEYS:
-            rows = seed_rows(ds, init)
+            rows = runs[init]
             if not rows:
                 continue
             out[f"{ds}.{key}"] = mean(rows, "test_gauc")
@@ -113,13 +114,9 @@ def main() -> None:
                             "true (impressions / clicks / smoothed CTR of the candidate's item in earlier requests: "
                             "77% of test candidates never appear in the train split); see docs/benchmarks/finetune.md")
     if kept:  # datasets whose runs were not in this checkout, and the date of the report they come from
-        old = {}
-        if os.path.isfile(path):
-            with open(path) as f:
-                old = json.load(f)
-        out["kept_from_earlier_report"] = {ds: old.get("kept_from_earlier_report", {}).get(ds, old.get("date"))
-                                           if isinstance(old.get("kept_from_earlier_report"), dict) else old.get("date")
-                                           for ds in kept}
+        dates = old.get("kept_from_earlier_report")
+        dates = dates if isinstance(dates, dict) else {}
+        out["kept_from_earlier_report"] = {ds: dates.get(ds, old.get("date")) for ds in kept}
     out["command"] = ("metrics: PINFM_DATA_DIR=../shared/data SEEDS='0 1 2' bash scripts/finetune_benchmark.sh "
                       "mind|movielens (CPU; MIND pretrained on the histories-only corpus of scripts/history_corpus.py, "
                       "see docs/benchmarks/finetune.md); report: .venv/bin/python scripts/finetune_report.py; "

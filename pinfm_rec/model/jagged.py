@@ -84,9 +84,8 @@ def pad_heads(
 
 def unpad_jagged(dense: torch.Tensor, flat_idx: torch.Tensor) -> torch.Tensor:
     """[B, N, *S] -> [L, *S] (inverse of pad_jagged; L == B * N: every row full, a reshape)."""
-    if flat_idx.shape[0] == dense.shape[0] * dense.shape[1]:
-        return dense.reshape((-1,) + tuple(dense.shape[2:]))
-    return dense.reshape((-1,) + tuple(dense.shape[2:]))[flat_idx]  # [L, *S]
+    flat = dense.reshape((-1,) + tuple(dense.shape[2:]))  # [B*N, *S]
+    return flat if flat_idx.shape[0] == flat.shape[0] else flat[flat_idx]  # [L, *S]
 
 
 def gather_rows(

@@ -122,11 +122,13 @@ def service_times(fn, iters: int, warmup: int, device: torch.device, min_s: floa
         fn()
     sync()
     out: List[float] = []
-    while len(out) < iters or (sum(out) < min_s and len(out) < max_iters):
+    total = 0.0
+    while len(out) < iters or (total < min_s and len(out) < max_iters):
         t0 = time.perf_counter()
         fn()
         sync()
         out.append(time.perf_counter() - t0)
+        total += out[-1]
     return np.array(out)
 
 

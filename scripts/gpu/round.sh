@@ -36,11 +36,14 @@ PY
   done
   wait; cp $SW/ml1m_* $OUT/ 2>/dev/null
 }
+stage_data() {  # a carried .gpudata/ (copy of ../shared/data) into $PINFM_DATA_DIR
+  [ -d .gpudata ] && mkdir -p "$PINFM_DATA_DIR" && cp -r .gpudata/* "$PINFM_DATA_DIR/"
+}
 start_sweep() {  # the ml1m-gpu.yaml recipe once per seed (ML1M_SEEDS; ML1M_RULE=1 adds the sasrec.yaml rule)
   if [ -f $SW/sweep.pid ] && kill -0 "$(cat $SW/sweep.pid)" 2>/dev/null; then
     echo "an ML-1M sweep runs already (pid $(cat $SW/sweep.pid)): not starting another"; return 0
   fi
-  [ -d .gpudata ] && mkdir -p "$PINFM_DATA_DIR" && cp -r .gpudata/* "$PINFM_DATA_DIR/"
+  stage_data
   (export OUT=$SW OMP_NUM_THREADS=${ML1M_THREADS:-2}
    cfgs=("t256|train.epochs=120 train.eval_every_epochs=5 train.patience=4")
    [ "${ML1M_RULE:-0}" = 1 ] && cfgs+=("rule|--spec specs/pretrain/sasrec.yaml train.epochs=120")
@@ -50,7 +53,7 @@ start_sweep() {  # the ml1m-gpu.yaml recipe once per seed (ML1M_SEEDS; ML1M_RULE
 }
 case "${1:-}" in
 suite)
-  [ -d .gpudata ] && mkdir -p "$PINFM_DATA_DIR" && cp -r .gpudata/* "$PINFM_DATA_DIR/"
+  stage_data
   python3 -c "import pinfm_rec.kernels, torchrec, torchmetrics; print('imports ok', torchmetrics.__version__)"
   XD="-n ${XDIST:-12}"; python3 -c "import xdist" 2>/dev/null || { XD=""; echo "no pytest-xdist: one process"; }
   [ "${ML1M:-0}" = 1 ] && start_sweep
