@@ -152,6 +152,26 @@ def test_exclude_history_masks_history_items_but_not_the_target():
     assert masked[1, 3] == 4.0 and torch.isinf(masked[0, :2]).all() and masked[0, 3] == 2.0
 
 
+def test_history_bias_is_added_once_per_distinct_history_item():
+    """model.loss.history_bias at eval: the learned w is added to each history item's score once
+    (a repeated history item too), never to other items."""
+    import types
+
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    from pinfm_rec.train.evaluate import add_history_bias
+
+    scores = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0, 5.0]])
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=["item_id"], values=torch.tensor([0, 1, 0, 4]), lengths=torch.tensor([3, 1]))
+    got = add_history_bias(scores, types.SimpleNamespace(features=kjt), torch.tensor([-2.5]))
+    want = scores.clone()
+    want[0, 0] -= 2.5
+    want[0, 1] -= 2.5
+    want[1, 4] -= 2.5
+    torch.testing.assert_close(got, want)
+
+
 def test_a_torchmetrics_that_rejects_torchrecs_reports_is_one_clear_error(monkeypatch):
     # torchmetrics 1.9 (the GPU image's) breaks every torchrec.metrics compute() with lightning_utilities'
     # "A frozen dataclass was passed to `apply_to_collection`": the user must read what to install

@@ -9,9 +9,9 @@ from pinfm_rec.model.losses import LossInputs, LossSpec, sequence_losses
 I, D = 12, 8
 
 
-def _losses(spec, h, offsets, items, actions, ts, item_emb, neg_ids, neg_emb, num_items, **kw):
+def _losses(spec, h, offsets, items, actions, ts, item_emb, neg_ids, neg_emb, num_items, bias=None, **kw):
     inputs = LossInputs(h=h, offsets=offsets, item_ids=items, actions=actions, item_emb=item_emb,
-                        timestamps=ts, neg_ids=neg_ids, neg_emb=neg_emb)
+                        timestamps=ts, neg_ids=neg_ids, neg_emb=neg_emb, history_bias=bias)
     return sequence_losses(spec, inputs, num_items=num_items, **kw)
 
 
@@ -30,19 +30,21 @@ def _case(seed=0):
     return lengths, offsets, items, actions, ts, h, table, neg
 
 
-def _run(spec, case, item_counts=None):
+def _run(spec, case, item_counts=None, bias=None):
     lengths, offsets, items, actions, ts, h, table, neg = case
     return _losses(spec, h, offsets, items, actions, ts, table[items], neg, table[neg], I,
-                           item_counts=item_counts)
+                           item_counts=item_counts, bias=bias)
 
 
-def ref_losses(spec, case, item_counts=None):
-    """Plain-Python loops over rows/tokens (independent of the vectorised code)."""
+def ref_losses(spec, case, item_counts=None, bias=0.0):
+    """Plain-Python loops over rows/tokens (independent of the vectorised code). bias: the history
+    bias w (added as w / temperature to every item in the token's row at or before it)."""
     lengths, offsets, items, actions, ts, h, table, neg = case
     it, ac, tl = items.tolist(), actions.tolist(), ts.tolist()
     norm = (lambda x: F.normalize(x, dim=-1)) if spec.l2_norm else (lambda x: x)
     hn, en = norm(h), norm(table)
-    sim = lambda t, i: float(hn[t] @ en[i]) / spec.temperature
+    starts = [int(offsets[r]) for r in range(len(lengths)) for _ in range(lengths[r])]
+    sim = lambda t, i: (float(hn[t] @ en[i]) + (bias if i in it[starts[t]:t + 1] else 0.0)) / spec.temperature
     ok = lambda j: (ac[j] in spec.engaged_actions) or not spec.positives_only_engaged
     rows = [(int(offsets[r]), int(offsets[r + 1])) for r in range(len(lengths))]
     targets = [(t, t + 1) for a, b in rows for t in range(a, b - 1) if ok(t + 1)]
@@ -242,3 +244,53 @@ def test_loss_specs_that_would_train_nothing_are_errors():
     with pytest.raises(ValueError, match="no negatives"):
         _losses(LossSpec(in_batch_negatives=0), h, offsets, items, actions, ts, table[items],
                         None, None, I)
+
+
+@pytest.mark.parametrize("kw", [
+    {"user_masking": False},
+    {"user_masking": False, "logq_correction": False, "in_batch_negatives": 0},
+    {"user_masking": False, "l2_norm": False, "temperature": 1.0},
+    {"user_masking": False, "multi_token_k": 3, "multi_token_weight": 0.5, "positives_only_engaged": False},
+])
+@pytest.mark.parametrize("w", [-0.7, 0.4])
+def test_history_bias_matches_reference(kw, w):
+    spec = LossSpec(history_bias=True, **kw)
+    for seed in range(3):
+        case = _case(seed)
+        got = _run(spec, case, bias=torch.tensor([w]))
+        _close(got, ref_losses(spec, case, bias=w))
+        # the bias moves the loss (the cases have history items among the negatives / positives)
+        assert abs(float(got["loss"]) - float(_run(spec, case, bias=torch.zeros(1))["loss"])) > 1e-4
+
+
+def test_history_bias_full_catalogue_and_gradient():
+    lengths, offsets, items, actions, ts, h, table, _ = _case(2)
+    spec = LossSpec(full_catalogue=True, user_masking=False, history_bias=True, temperature=0.2,
+                    positives_only_engaged=False)
+    w = torch.tensor([-0.3], requires_grad=True)
+    got = _losses(spec, h, offsets, items, actions, ts, table[items], torch.arange(I), table, I, bias=w)
+    hn, en = F.normalize(h, dim=-1), F.normalize(table, dim=-1)
+    logits, tgt = [], []
+    for r in range(len(lengths)):
+        a, b = int(offsets[r]), int(offsets[r + 1])
+        for t in range(a, b - 1):
+            seen = torch.zeros(I)
+            seen[items[a:t + 1]] = 1.0
+            logits.append((hn[t] @ en.t() + w * seen) / 0.2)
+            tgt.append(int(items[t + 1]))
+    want = F.cross_entropy(torch.stack(logits), torch.tensor(tgt))
+    torch.testing.assert_close(got["next_token"], want)
+    (g_got,) = torch.autograd.grad(got["loss"], w)
+    (g_want,) = torch.autograd.grad(want, w)
+    torch.testing.assert_close(g_got, g_want)
+    # a row whose next items never repeat its history: the gradient pushes the bias down
+    rows = torch.tensor([0, 1, 2, 3, 4, 5])
+    out = _losses(spec, torch.randn(6, D), torch.tensor([0, 6]), rows, torch.ones(6, dtype=torch.long), None,
+                  table[rows], torch.arange(I), table, I, bias=w)
+    (g,) = torch.autograd.grad(out["loss"], w)
+    assert g.item() > 0  # descent lowers w
+
+
+def test_history_bias_needs_user_masking_off():
+    with pytest.raises(ValueError, match="history_bias"):
+        LossSpec(history_bias=True)

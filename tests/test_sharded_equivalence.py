@@ -33,7 +33,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from gloo_world import join_gloo_world
 
 from pinfm_rec.data.batch import SequenceBatch
-from pinfm_rec.model import EmbeddingSpec, ModelSpec, PinFM, TableSpec, TrunkSpec, table_shardings
+from pinfm_rec.model import EmbeddingSpec, LossSpec, ModelSpec, PinFM, TableSpec, TrunkSpec, table_shardings
 
 WORLD = 2
 SHARDINGS = ("row_wise", "table_wise", "column_wise")
@@ -48,10 +48,13 @@ LOSS_TOL = dict(atol=1e-5, rtol=1e-5)
 GRAD_TOL = dict(atol=1e-6, rtol=1e-4)
 
 
-def _spec(sharding: str) -> ModelSpec:
+def _spec(sharding: str, dense: str = "ddp") -> ModelSpec:
+    """The FSDP2 case also carries the learned history bias (a parameter module of its own that
+    FSDP2 must place; user masking off, which it needs)."""
     tables = {k: TableSpec(sharding=sharding) for k in ("item", "action", "surface")}
     return ModelSpec(
         embedding=EmbeddingSpec(dim=DIM, **tables),
+        loss=LossSpec(user_masking=False, history_bias=True) if dense == "fsdp2" else LossSpec(),
         # dropout 0; user masking and logQ as by default; in_batch_negatives (1024) > targets,
         # so no randperm subsampling of the in-batch negatives: the loss is deterministic
         trunk=TrunkSpec(d_model=32, n_layers=2, n_heads=2, max_len=10, dropout=0.0),
@@ -105,7 +108,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     try:
         for sharding, dense in CASES:
             pspec.dense = dense
-            spec = _spec(sharding)
+            spec = _spec(sharding, dense)
             torch.manual_seed(0)
             model = PinFM(spec, dict(num_items=I, num_actions=A, num_surfaces=S), item_counts=_item_counts(), device="meta")
             dmp, plan = shard_model(model, pspec, env, table_shardings(spec.embedding), batch_size=4)
@@ -145,9 +148,9 @@ def sharded_results(tmp_path_factory):
             for s, d in CASES}
 
 
-def _reference(sharding: str, r0: dict):
+def _reference(sharding: str, r0: dict, dense: str = "ddp"):
     """Unsharded PinFM from rank 0's initial weights; per batch r: loss, dense grads, table grads."""
-    spec = _spec(sharding)
+    spec = _spec(sharding, dense)
     ref = PinFM(spec, dict(num_items=I, num_actions=A, num_surfaces=S), item_counts=_item_counts(), device="cpu")
     state = dict(r0["dense_init"])
     state.update({f"ec.embeddings.{t}.weight": w for t, w in r0["before"].items()})
@@ -179,7 +182,10 @@ def test_sharded_forward_and_gradients_equal_unsharded(sharded_results, sharding
         line = next(l for l in r0["plan"].splitlines() if "ec.t_item:" in l)
         assert "rank0:" in line and "rank1:" in line, r0["plan"]
 
-    ref = _reference(sharding, r0)
+    ref = _reference(sharding, r0, dense)
+    if dense == "fsdp2":  # the history bias is placed and trained like any dense parameter
+        assert "history_bias.weight" in ref[0]["dense_grads"]
+        assert ref[0]["dense_grads"]["history_bias.weight"].abs().max() > 1e-4
 
     # ---- forward: each rank's loss is the unsharded loss of its batch ----
     for r in range(WORLD):

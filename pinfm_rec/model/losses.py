@@ -21,6 +21,14 @@ and the next-token loss is the exact softmax cross-entropy over the catalogue
     ce(t, pos) = -logit(t, pos) + logsumexp_i logit(t, i)
 (with ``user_masking`` the other items of the row are removed from the sum, the positive kept).
 
+History bias (``history_bias``): one learned scalar w (similarity units; the model's
+``history_bias`` parameter, passed as ``LossInputs.history_bias``) is added, as w / temperature, to
+logit(t, i) of every item i that occurs in t's row at or before t (positive or negative). The data
+decides its sign: where users do not repeat items (ML-1M ratings) it learns a large negative value
+and the softmax stops spending mass on the history; where they do (re-purchases, re-plays) it learns a
+positive one. Evaluation adds the same w to the history items' scores (``train/evaluate.py``). It
+needs ``user_masking=false`` (masking removes the history negatives the bias is learned from).
+
 Masking: with ``user_masking`` a negative whose id occurs anywhere in the token's row gets -inf
 (computed per row [B, M], then gathered to tokens); this includes every positive of the row. Without
 it, only negatives equal to the next-token positive are masked (accidental hits), and only for the
@@ -63,8 +71,15 @@ class LossSpec:
     # O(tokens * I) fp32 logits (+ their softmax for backward): 25.6k tokens x 3.4k items (ML-1M)
     # = 0.35 GB; for catalogues beyond a few 10^4 items use the sampled negatives instead.
     full_catalogue: bool = False
+    # a learned scalar added to the logit of every item already in the token's prefix (module doc)
+    history_bias: bool = False
 
     def __post_init__(self) -> None:
+        if self.history_bias and self.user_masking:
+            raise FieldError(
+                "history_bias", "true with user_masking=true: masking removes the row's items from the "
+                "negatives, so the bias would only ever raise positives; set user_masking=false"
+            )
         if not self.full_catalogue and self.in_batch_negatives <= 0 and not self.use_sampled_negatives:
             raise FieldError(
                 "in_batch_negatives", "0 with use_sampled_negatives=false leaves no negatives: set "
@@ -124,7 +139,8 @@ class LossInputs:
     h [L, D] trunk outputs in the item-embedding space, jagged by offsets [B+1]; item_ids,
     actions [L] and timestamps [L] (optional: only the future-window objective needs them);
     item_emb [L, D] embeddings of item_ids (positives and in-batch negatives come from it);
-    neg_ids [K_u], neg_emb [K_u, D] the sampled negatives (None: none in this batch).
+    neg_ids [K_u], neg_emb [K_u, D] the sampled negatives (None: none in this batch);
+    history_bias [1] the learned history bias w in similarity units (None: off; module doc).
     """
 
     h: torch.Tensor
@@ -135,18 +151,55 @@ class LossInputs:
     timestamps: Optional[torch.Tensor] = None
     neg_ids: Optional[torch.Tensor] = None
     neg_emb: Optional[torch.Tensor] = None
+    history_bias: Optional[torch.Tensor] = None
 
 
 @dataclass
 class _Targets:
     """Positives of each objective. rows [L] row of each token; nt_tok/nt_pos [T] next-token
     query token and its positive; groups {objective: (idx [L, K], valid [L, K])} of the
-    multi-positive objectives."""
+    multi-positive objectives; prefix: the first occurrences of the row's ids (history bias only)."""
 
     rows: torch.Tensor
     nt_tok: torch.Tensor
     nt_pos: torch.Tensor
     groups: Dict[str, Tuple[torch.Tensor, torch.Tensor]]
+    prefix: Optional["_Prefix"] = None
+
+
+class _Prefix:
+    """Where each id first occurs in each row: answers "is id i in row b at or before position p"
+    for the history bias. rows [L], ids [L] jagged by offsets [B+1]; id_space bounds the ids."""
+
+    def __init__(self, rows: torch.Tensor, ids: torch.Tensor, offsets: torch.Tensor, id_space: int) -> None:
+        self.id_space, self.num_rows = id_space, offsets.numel() - 1
+        self.pos = torch.arange(ids.numel(), device=ids.device) - offsets[rows]  # [L] position in its row
+        keys, order = torch.sort(rows * id_space + ids, stable=True)  # equal keys keep position order
+        self.keys, self.first = keys, self.pos[order]  # [L]: the first of a run of equal keys is the first occurrence
+
+    def first_pos(self, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """First position of ids in rows (broadcast shapes) -> int64, a huge value where absent."""
+        q = rows * self.id_space + ids
+        if self.keys.numel() == 0:
+            return torch.full_like(q, torch.iinfo(torch.int64).max)
+        at = torch.searchsorted(self.keys, q).clamp(max=self.keys.numel() - 1)
+        return torch.where(self.keys[at] == q, self.first[at], torch.iinfo(torch.int64).max)
+
+    def seen(self, tok: torch.Tensor, rows: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """[N, K] bool: ids [N, K] occur in the row of token tok [N] (rows [L]) at or before it."""
+        return self.first_pos(rows[tok][:, None], ids) <= self.pos[tok][:, None]
+
+    def seen_rows(self, tok: torch.Tensor, rows: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+        """[N, M] bool: the shared candidates cand [M] seen at or before each token tok [N]; the
+        first positions are computed per row ([B, M]) and gathered to the tokens."""
+        b = torch.arange(self.num_rows, device=cand.device)[:, None]
+        first = self.first_pos(b, cand[None, :]).clamp(max=torch.iinfo(torch.int32).max).int()  # [B, M]
+        return first[rows[tok]] <= self.pos[tok][:, None].int()
+
+
+def _with_bias(logits: torch.Tensor, seen: torch.Tensor, bias: torch.Tensor, tau: float) -> torch.Tensor:
+    """logits + bias / tau where seen (same shape)."""
+    return logits + seen.to(logits.dtype) * (bias.float() / tau)
 
 
 @dataclass
@@ -180,6 +233,8 @@ def sequence_losses(
     with torch.autocast(device_type=inputs.h.device.type, enabled=False):
         hn, en = _normalize(spec, inputs.h), _normalize(spec, inputs.item_emb)
         tg = _targets(spec, inputs)
+        if inputs.history_bias is not None:
+            tg.prefix = _Prefix(tg.rows, inputs.item_ids, inputs.offsets, max(num_items, id_space or 0))
         negs = _negatives(spec, inputs, tg, en, num_items, generator)
         logq = _logq(spec, inputs, tg, negs, num_items, item_counts)
         q_of_tok, lse, neg_logits = _negative_logsumexp(
@@ -291,6 +346,9 @@ def _negative_logsumexp(
     neg_logits = hn[q_tok] @ negs.emb.t() / spec.temperature  # [Q, M]
     if logq is not None:
         neg_logits = neg_logits - logq
+    if tg.prefix is not None:
+        seen = tg.prefix.seen_rows(q_tok, tg.rows, negs.ids)  # [Q, M]
+        neg_logits = _with_bias(neg_logits, seen, inputs.history_bias, spec.temperature)
     if spec.user_masking:
         b = inputs.offsets.numel() - 1
         row_mask = _row_membership(tg.rows, inputs.item_ids, b, negs.ids, id_space)  # [B, M]
@@ -306,6 +364,9 @@ def _reduce(
     tau, n_t = spec.temperature, tg.nt_tok.numel()
     out: Dict[str, torch.Tensor] = {}
     s_pos = (hn[tg.nt_tok] * en[tg.nt_pos]).sum(-1) / tau  # [T]
+    if tg.prefix is not None:
+        seen = tg.prefix.seen(tg.nt_tok, tg.rows, inputs.item_ids[tg.nt_pos][:, None])[:, 0]  # [T]
+        s_pos = _with_bias(s_pos, seen, inputs.history_bias, tau)
     qi = q_of_tok[tg.nt_tok]
     pos_in_lse = spec.full_catalogue and not spec.user_masking  # lse already sums the positive's column
     if pos_in_lse:
@@ -324,6 +385,8 @@ def _reduce(
         tok = torch.nonzero(valid.any(1)).squeeze(1)  # [T']
         idx, valid = idx[tok], valid[tok]  # [T', K]
         s = torch.einsum("td,tkd->tk", hn[tok], en[idx]) / tau  # [T', K]
+        if tg.prefix is not None:
+            s = _with_bias(s, tg.prefix.seen(tok, tg.rows, inputs.item_ids[idx]), inputs.history_bias, tau)
         lse_k = lse[q_of_tok[tok]][:, None]
         ce_k = (lse_k if pos_in_lse else torch.logaddexp(s, lse_k)) - s  # [T', K]
         ce_k = torch.where(valid, ce_k, torch.zeros_like(ce_k))

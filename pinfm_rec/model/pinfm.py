@@ -119,6 +119,19 @@ class TokenEmbeddings:
     emb: Dict[str, JaggedTensor]
 
 
+class HistoryBias(nn.Module):
+    """The learned history bias w [1] (similarity units) of ``model.loss.history_bias``: added to the
+    logit of every item already in the token's history (``losses.py`` module doc). A module of its own
+    so FSDP2 can place it (no parameter sits next to the tables); call it to read w."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1))
+
+    def forward(self) -> torch.Tensor:
+        return self.weight * 1.0  # a fresh tensor: FSDP2 frees the unsharded parameter after forward
+
+
 class PinFM(nn.Module):
     """PinFM foundation model (pretraining objective + user/item encoders for eval).
 
@@ -178,6 +191,8 @@ class PinFM(nn.Module):
                     f"{self.sizes[ITEM_TABLE]}"
                 )
         self.register_buffer("item_counts", item_counts, persistent=False)
+        # learned bias of the items already in the history (similarity units; losses.py module doc)
+        self.history_bias = HistoryBias().to(dd) if spec.loss.history_bias else None
 
     # ---- shared pieces (also the encoder's) ----
     def embed_tokens(
@@ -263,6 +278,7 @@ class PinFM(nn.Module):
             timestamps=batch.timestamps,
             neg_ids=t.kjt[NEG_ITEM_KEY].values() if NEG_ITEM_KEY in t.kjt.keys() else None,
             neg_emb=t.emb[NEG_ITEM_KEY].values(),
+            history_bias=None if self.history_bias is None else self.history_bias(),
         )
         return sequence_losses(
             self.spec.loss, inputs, num_items=self.num_items, item_counts=self.item_counts,

@@ -5,7 +5,9 @@ EmbeddingCollection, the slices are all-gathered into the full item matrix [I, D
 its own users against all items, and the weighted metric sums are all-reduced. No history item is
 filtered from the ranking (SASRec's protocol) unless ``exclude_history``: then the items of the
 row's history score -inf (except the target), as generative-recommenders' eval does
-(``filter_invalid_ids``) for its published SASRec/HSTU figures.
+(``filter_invalid_ids``) for its published SASRec/HSTU figures. A model trained with
+``model.loss.history_bias`` adds its learned bias to the scores of the row's history items (the
+model's own scoring, as in training; not a filter).
 """
 from __future__ import annotations
 
@@ -73,6 +75,8 @@ def evaluate_retrieval(
     model.eval()
     items = all_item_embeddings(model, num_items, device, catalogue=catalogue)  # [I, D]
     to_index = _catalogue_index(catalogue, device) if catalogue is not None else None
+    bias_module = getattr(model, "history_bias", None)
+    bias = None if bias_module is None else bias_module().detach().float()  # [1]
     sums: Dict[str, torch.Tensor] = {}
     for i, batch in enumerate(batches):
         if max_batches and i >= max_batches:
@@ -85,6 +89,8 @@ def evaluate_retrieval(
             hist = batch.features[ITEM_KEY]
             batch = SimpleNamespace(target_item=to_index(batch.target_item), weights=batch.weights, features={
                 ITEM_KEY: JaggedTensor(values=to_index(hist.values()), lengths=hist.lengths())})
+        if bias is not None:
+            scores = add_history_bias(scores, batch, bias)
         if exclude_history:
             scores = mask_history(scores, batch)
         ranks = target_ranks(scores, batch.target_item)
@@ -100,6 +106,8 @@ def evaluate_retrieval(
     count = tot.pop("count")
     out = {k: v / max(count, 1.0) for k, v in tot.items()}
     out["count"] = count
+    if bias is not None:
+        out["history_bias"] = float(bias)  # the learned w, logged beside the metrics
     return out
 
 
@@ -112,6 +120,14 @@ def _catalogue_index(catalogue: torch.Tensor, device: torch.device):
         return torch.where(sorted_raw[pos] == raw, order[pos], torch.zeros_like(pos))
 
     return to_index
+
+
+def add_history_bias(scores: torch.Tensor, batch, bias: torch.Tensor) -> torch.Tensor:
+    """scores [B, I] -> the same with ``bias`` [1] added once to each distinct history item of row b."""
+    hist = batch.features[ITEM_KEY]
+    rows = torch.repeat_interleave(torch.arange(scores.shape[0], device=scores.device), hist.lengths())  # [L]
+    seen = torch.zeros_like(scores, dtype=torch.bool).index_put((rows, hist.values()), torch.tensor(True, device=scores.device))
+    return scores + seen.to(scores.dtype) * bias.float()
 
 
 def mask_history(scores: torch.Tensor, batch) -> torch.Tensor:

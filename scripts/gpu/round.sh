@@ -39,14 +39,15 @@ PY
 stage_data() {  # a carried .gpudata/ (copy of ../shared/data) into $PINFM_DATA_DIR
   [ -d .gpudata ] && mkdir -p "$PINFM_DATA_DIR" && cp -r .gpudata/* "$PINFM_DATA_DIR/"
 }
-start_sweep() {  # the ml1m-gpu.yaml recipe once per seed (ML1M_SEEDS; ML1M_RULE=1 adds the sasrec.yaml rule)
+start_sweep() {  # the ml1m-gpu.yaml recipe (or ML1M_CFG="label|overrides") once per seed (ML1M_SEEDS);
+  # ML1M_RULE=1 adds the sasrec.yaml rule (+ ML1M_RULE_OV overrides) at the same seeds
   if [ -f $SW/sweep.pid ] && kill -0 "$(cat $SW/sweep.pid)" 2>/dev/null; then
     echo "an ML-1M sweep runs already (pid $(cat $SW/sweep.pid)): not starting another"; return 0
   fi
   stage_data
   (export OUT=$SW OMP_NUM_THREADS=${ML1M_THREADS:-2}
-   cfgs=("t256|train.epochs=120 train.eval_every_epochs=5 train.patience=4")
-   [ "${ML1M_RULE:-0}" = 1 ] && cfgs+=("rule|--spec specs/pretrain/sasrec.yaml train.epochs=120")
+   cfgs=("${ML1M_CFG:-t256|train.epochs=120 train.eval_every_epochs=5 train.patience=4}")
+   [ "${ML1M_RULE:-0}" = 1 ] && cfgs+=("rule|--spec specs/pretrain/sasrec.yaml train.epochs=120 ${ML1M_RULE_OV:-}")
    SEEDS="${ML1M_SEEDS:-42 7 1}" setsid nohup bash scripts/gpu/ml1m_sweep.sh "${cfgs[@]}" \
      > $SW/sweep.out 2>&1 < /dev/null &)
   for i in $(seq 1 30); do [ -f $SW/sweep.pid ] && break; sleep 1; done  # its pid file: what sweep_wait follows
