@@ -289,6 +289,12 @@ def test_history_bias_full_catalogue_and_gradient():
                   table[rows], torch.arange(I), table, I, bias=w)
     (g,) = torch.autograd.grad(out["loss"], w)
     assert g.item() > 0  # descent lowers w
+    # a row whose next items repeat its history (re-consumption): the gradient pushes the bias up
+    rep = torch.tensor([0, 1, 0, 1, 0, 1])
+    out = _losses(spec, torch.randn(6, D), torch.tensor([0, 6]), rep, torch.ones(6, dtype=torch.long), None,
+                  table[rep], torch.arange(I), table, I, bias=w)
+    (g,) = torch.autograd.grad(out["loss"], w)
+    assert g.item() < 0  # descent raises w
 
 
 def test_history_bias_needs_user_masking_off():
