@@ -150,12 +150,16 @@ def queue_latency(service: np.ndarray, rate: float, n: int = 2000, seed: int = 0
 
 
 def run(cfg: dict, device: torch.device, loads=(0.5, 0.8), methods=METHODS, precisions=("bf16", "int8"),
-        log=print, on_shape=None, cuda_graphs: bool = False) -> List[dict]:
+        log=print, on_shape=None, cuda_graphs: bool = False, compile: bool = False) -> List[dict]:
     """Rows of every (L, C, precision, method); ``on_shape(rows)`` after each (L, C) (partial saves).
     Batches are prepared as the scorer does (``Scorer.prepare``: host sizes, ids checked on the
     host) once, outside the timing. cuda_graphs: every method through ``serve/graphs.py`` (ours
     and the peers alike: a comparison of graphed ours with eager peers would measure the graphs,
-    not the methods); a method whose capture fails is timed eagerly and its row says why."""
+    not the methods); a method whose capture fails is timed eagerly and its row says why.
+    compile: ``scorer.compile_hot_path`` on the model first (the blocks' LayerNorm + projections +
+    FFN and the ranker's MLPs, torch.compile with static shapes): every method runs through the
+    same compiled pieces, only the attention differs; int8 is then not timed (a compiled model is
+    not deep-copied for the quantized tables)."""
     from pinfm_rec.data.ranking_batch import random_ranking_batch
     from pinfm_rec.serve.quantize import quantize_tables
     from pinfm_rec.serve.scorer import Scorer
@@ -169,6 +173,13 @@ def run(cfg: dict, device: torch.device, loads=(0.5, 0.8), methods=METHODS, prec
         from pinfm_rec.serve.precision import precast_linears
 
         precast_linears(base, amp)
+    if compile:
+        from pinfm_rec.kernels.dcat.peers import _allow_recompiles
+        from pinfm_rec.serve.scorer import compile_hot_path
+
+        _allow_recompiles(256)  # one static-shape compile per (layer piece, L or C): past 8, eager
+        compile_hot_path(base)
+        precisions = tuple(p for p in precisions if p != "int8")
     for L in cfg["Ls"]:
         for C in cfg["Cs"]:
             gen = torch.Generator().manual_seed(L * 7919 + C)
@@ -191,7 +202,7 @@ def run(cfg: dict, device: torch.device, loads=(0.5, 0.8), methods=METHODS, prec
                     if prec == "int8" and name != "dcat":
                         continue  # tables are the same for every method: int8 is timed for ours
                     label = prec if prec == "int8" or amp else "fp32"  # no autocast on CPU
-                    row = {"method": name, "precision": label, "L": L, "C": C}
+                    row = {"method": name, "precision": label, "L": L, "C": C, **({"compiled": True} if compile else {})}
                     if name == "dup_sdpa" and L * C > MAX_DUP_TOKENS:
                         rows.append({**row, "skipped": f"L*C = {L * C} tokens per layer > {MAX_DUP_TOKENS}"})
                         continue
@@ -268,7 +279,7 @@ def summary(rows: List[dict], cfg: dict, device: torch.device, quality: Optional
         "int8_table_memory_ratio_encoder": ratio_enc,  # the encoder's D=128 tables alone
         "int8_gauc_delta": (quality or {}).get("int8", {}).get("gauc_delta"),
         "quality": quality, "config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
-        "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "torch": torch.__version__, "hot_path_compiled": any(r.get("compiled") for r in rows), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "rows": rows,
     }
 
@@ -344,6 +355,8 @@ def main(argv=None) -> dict:
     p.add_argument("--md", default=None, help="also write the tables into this markdown file (between "
                                                "<!-- bench:begin/end -->; the rest of the file is kept)")
     p.add_argument("--cuda-graphs", action="store_true", help="every method through serve/graphs.py (CUDA)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the hot path (scorer.compile_hot_path) "
+                                                         "for every method; int8 not timed")
     p.add_argument("--quality-run", default=None, help="a fine-tuned run dir: measure int8/int4 AUC/GAUC delta")
     p.add_argument("--quality-json", default=None, help="or take that measurement from this JSON (quality_of's output)")
     p.add_argument("--loads", default="0.5,0.8", help="offered loads as fractions of ours' capacity")
@@ -375,7 +388,7 @@ def main(argv=None) -> dict:
         return res
 
     rows = run(cfg, device, loads=tuple(float(x) for x in a.loads.split(",")), on_shape=save,
-               cuda_graphs=a.cuda_graphs)
+               cuda_graphs=a.cuda_graphs, compile=a.compile)
     return save(rows)
 
 
