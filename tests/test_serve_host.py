@@ -122,15 +122,20 @@ def test_log_bucket_by_bucketize_is_the_float_formula():
     assert log_bucket(torch.tensor([0, 1, 3, 1000, -5, 10 ** 12]), 32, bucket_bounds()).tolist() == [0, 1, 2, 9, 0, 31]
 
 
+@pytest.mark.parametrize("one_row", [None, True])
 @pytest.mark.parametrize("dtype", ["int8", "int4"])
-def test_quant_ec_lookup_equals_torchrec_quant_module(dtype):
+def test_quant_ec_lookup_equals_torchrec_quant_module(dtype, one_row, monkeypatch):
+    """Also with every index its own TBE bag (what CUDA runs: FBGEMM's n-bit kernel walks a bag on
+    one warp): the same rows in the same order, equal and unequal per-feature counts."""
     from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
     from pinfm_rec.model.embedding import EmbeddingSpec, build_embedding_collection
     from pinfm_rec.model.pinfm import to_ec_kjt
+    from pinfm_rec.model import quant_lookup
     from pinfm_rec.model.quant_lookup import is_quant_ec, quant_ec_lookup
     from pinfm_rec.serve.quantize import quantize_tables
 
+    monkeypatch.setattr(quant_lookup, "ONE_ROW_BAGS", one_row)
     torch.manual_seed(0)
     holder = torch.nn.Module()
     holder.ec = build_embedding_collection(EmbeddingSpec(dim=32), dict(num_items=300, num_actions=4, num_surfaces=3),
