@@ -34,6 +34,7 @@ def seed_rows(ds: str, init: str) -> dict:
         except FileNotFoundError:
             continue
         rows[str(s)] = {"valid_gauc": round(r["valid_gauc"], 4), "best_epoch": r.get("best_epoch"),
+                        "best_step": r.get("best_step"),
                         "wall_s": round(r["wall_s"], 1),
                         **{k: round(v, 4) for k, v in r.items() if k.startswith("test_") and isinstance(v, float)}}
     return rows
@@ -105,9 +106,10 @@ def main() -> None:
                      f"torchrec {torchrec.__version__}")
     out["date"] = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     out["seeds"] = list(SEEDS)
-    out["protocol"] = ("same DLRM, seeds and protocol per arm: up to train.epochs, valid GAUC each epoch, early "
-                       "stopping (train.patience), the best-valid model tested once; means over the seeds listed "
-                       "under <ds>.<init>.seeds")
+    out["protocol"] = ("same DLRM, seeds and protocol per arm: up to train.epochs, valid GAUC each epoch and every "
+                       "train.eval_every_steps steps where the spec sets it (MIND: 20), early stopping "
+                       "(train.patience evaluations), the best-valid model tested once; means over the seeds "
+                       "listed under <ds>.<init>.seeds")
     if "mind" not in kept:
         out["mind.note"] = ("encoder pretrained on the histories-only corpus (scripts/history_corpus.py; the default "
                             "corpus holds the train clicks) with encoder.unseen_items=zero; data.engagement_counters="

@@ -245,3 +245,57 @@ def test_forward_takes_keyed_jagged_tensors_with_own_key_names():
         enc.encode(hist)
     with pytest.raises(EncoderError, match="request_ts has 2 entries for 3 requests"):
         enc.encode(hist, cand, torch.zeros(2, dtype=torch.long))
+
+
+def test_affinity_is_the_pretraining_logit_of_each_candidate():
+    """affinity [C] = cos(user vector of the request's history, candidate item embedding) / tau,
+    brute force through PinFM's own retrieval path (encode_users / item_embeddings); the same value
+    is the retrieval-score input of the encoder's features; a zeroed item row scores 0."""
+    from pinfm_rec.model.requests import requests_from_batch
+    from pinfm_rec.train.unseen_items import zero_unseen_items
+
+    m = make_encoder(3)
+    b = random_ranking_batch(torch.Generator().manual_seed(5), [4, 0, 9, 12], [3, 2, 0, 5])
+    with torch.no_grad():
+        got = m.affinity(b)
+        user = m.fm.encode_users(b.history)  # [U, dim], the pretraining eval's user vectors
+        items = m.fm.item_embeddings(b.cand_item)  # [C, dim]
+        rows = b.expand_index().tolist()
+        want = torch.stack([user[r] @ items[c] for c, r in enumerate(rows)]) / m.temperature
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        assert got.shape == (b.num_candidates,) and bool((got[torch.tensor(rows) == 1] == 0).all())  # empty history
+        assert bool((got[torch.tensor(rows) != 1] != 0).all())
+        _, sim, _ = m._encode(requests_from_batch(b), "dcat")
+        torch.testing.assert_close(got, sim[:, 0], atol=1e-5, rtol=1e-5)
+        zero_unseen_items(m, [int(b.cand_item[0])])
+        again = m.affinity(b)
+        cold = b.cand_item == b.cand_item[0]
+        assert bool((again[cold] == 0).all()) and int(cold.sum()) >= 1
+
+
+def test_zero_proj_init_starts_the_ranker_as_if_alone():
+    """encoder.proj_init=zero: the features are exactly 0 at init, so the ranker's logits do not
+    depend on the encoder (its trunk can be anything); the projection still gets a gradient."""
+    from pinfm_rec.errors import SpecError
+    from pinfm_rec.rankers.dlrm import RankerSpec, RankerWithEncoder, build_ranker
+    from pinfm_rec.spec import load_spec
+    from pinfm_rec.train.finetune import FinetuneSpec
+
+    b = random_ranking_batch(torch.Generator().manual_seed(2), [5, 3, 11], [4, 2, 6])
+    enc = make_encoder(1, proj_init="zero")
+    assert not bool(enc.proj.weight.any()) and not bool(enc.proj.bias.any())
+    assert not bool(enc(b).any()) and enc(b).shape == (b.num_candidates, enc.out_dim)
+    rs = RankerSpec(embedding_dim=8, dense_arch=[16, 8], over_arch=[16, 1], history_bag_len=5)
+    torch.manual_seed(0)
+    model = RankerWithEncoder(build_ranker(rs, NUM_ITEMS, 2 + enc.out_dim, device="cpu"), enc, 5).eval()
+    before = model.logits(b).detach()
+    with torch.no_grad():
+        for p in enc.fm.trunk.parameters():
+            p.add_(torch.randn_like(p))
+    torch.testing.assert_close(model.logits(b).detach(), before, atol=0, rtol=0)
+    model.train()
+    model(b)["loss"].backward()
+    assert enc.proj.weight.grad is not None and float(enc.proj.weight.grad.abs().sum()) > 0
+    assert make_encoder(1).proj.weight.abs().sum() > 0  # the default keeps nn.Linear's init
+    with pytest.raises(SpecError, match=r"encoder\.proj_init' must be one of \['default', 'zero'\]"):
+        load_spec(FinetuneSpec, None, ["encoder.proj_init=small"])

@@ -39,7 +39,7 @@ from pinfm_rec.features import NEG_ITEM_KEY, TOKEN_KEYS
 from pinfm_rec.model.pinfm import ModelSpec, PinFM
 from pinfm_rec.model.jagged import append_tokens, gather_rows, jagged_index, last_index
 from pinfm_rec.model.requests import Requests, requests_from_batch, requests_from_kjt
-from pinfm_rec.spec import bounds
+from pinfm_rec.spec import FieldError, bounds
 
 MODES = ("dcat", "flat")
 
@@ -62,6 +62,21 @@ class EncoderSpec:
     # fine-tuning recipe, init=pretrained: "zero" the item rows pretraining never trained (items
     # absent from its corpus keep random init: noise features; train/unseen_items.py)
     unseen_items: Literal["keep", "zero"] = "keep"
+    # init of the projection to out_dim: "zero" starts the features at exactly 0, so a ranker fed
+    # them starts as the ranker alone and the encoder's contribution grows only as far as training
+    # pulls it (zero-init adapter); "default": nn.Linear's init
+    proj_init: Literal["default", "zero"] = "default"
+    # fine-tuning recipe: "zero" starts the ranker's first dense layer with zero weights on the
+    # encoder's out_dim inputs and its own F dense inputs at the ranker alone's init scale (fan-in F,
+    # not F + out_dim): the ranker + encoder starts as a draw of the ranker alone, and the encoder's
+    # weights grow by gradient (rankers/dlrm.init_encoder_inputs)
+    fusion_init: Literal["default", "zero"] = "default"
+
+    def __post_init__(self) -> None:
+        if self.fusion_init == "zero" and self.proj_init == "zero":
+            raise FieldError("fusion_init", "zero with proj_init=zero: both factors of the encoder's path into "
+                                            "the ranker would start at 0 and neither would get a gradient; "
+                                            "zero one of them")
 
 
 @torch.fx.wrap
@@ -105,6 +120,9 @@ class PinFMEncoder(nn.Module):
         dim, d_model = model_spec.embedding.dim, model_spec.trunk.d_model
         self.cand_type = AddVector(dim, device=dense_device)
         self.proj = nn.Linear(d_model + 1, spec.out_dim).to(dense_device)
+        if spec.proj_init == "zero":
+            nn.init.zeros_(self.proj.weight)
+            nn.init.zeros_(self.proj.bias)
         self.temperature = model_spec.loss.temperature
 
     @property
@@ -245,17 +263,31 @@ class PinFMEncoder(nn.Module):
         """``forward``'s arguments -> (features [C, out_dim], user vectors [U, dim])."""
         return self._run(batch, candidates, request_ts, **options)
 
-    def _run(
-        self, batch, candidates, request_ts, mode: str = "dcat", frozen: Optional[bool] = None
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    def affinity(self, batch, candidates=None, request_ts=None) -> torch.Tensor:
+        """Zero-shot score of each candidate [C]: the pretraining objective's logit of the candidate
+        as the request's next item, cos(u_r, e_c) / tau (user vector of the history's last token,
+        item embedding normalised like the loss). 0 where the candidate's item row is 0 (e.g. zeroed
+        by ``encoder.unseen_items=zero``) or the history is empty. ``forward``'s arguments; context
+        pass only (no crossing). In training mode ``cand_id_dropout`` applies (use eval mode)."""
+        req = self._requests(batch, candidates, request_ts)
+        x, offsets, _, e_cand = self._inputs(req)
+        h, _ = self.fm.trunk.encode_context(x, offsets, req.max_len)
+        user = self.fm.user_vectors(h, offsets)  # [U, dim]
+        return (user[req.expand_index()] * self.fm.normalize(e_cand)).sum(-1) / self.temperature
+
+    def _requests(self, batch, candidates, request_ts) -> Requests:
         if isinstance(batch, RankingBatch):
             if candidates is not None or request_ts is not None:
                 raise EncoderError("candidates/request_ts: give them with a history KJT, not with a RankingBatch")
-            req = requests_from_batch(batch)
-        elif candidates is None:
+            return requests_from_batch(batch)
+        if candidates is None:
             raise EncoderError("candidates: a KJT of the candidate item ids per request is needed with a history KJT")
-        else:
-            req = requests_from_kjt(batch, candidates, request_ts, self.feature_names)
+        return requests_from_kjt(batch, candidates, request_ts, self.feature_names)
+
+    def _run(
+        self, batch, candidates, request_ts, mode: str = "dcat", frozen: Optional[bool] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        req = self._requests(batch, candidates, request_ts)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if frozen is None:

@@ -88,6 +88,26 @@ def build_ranker(
     return model
 
 
+def init_encoder_inputs(ranker: nn.Module, num_dense: int, out_dim: int) -> None:
+    """``encoder.fusion_init=zero``: the first Linear of ``ranker.dense_arch`` (inputs = the F=num_dense
+    dense features, then the encoder's out_dim features) gets zero weights on the encoder's columns,
+    and its F columns and bias are rescaled by sqrt((F + out_dim) / F), from nn.Linear's
+    U(+-1/sqrt(F + out_dim)) to the ranker alone's U(+-1/sqrt(F)). At init the ranker's output
+    then does not depend on the encoder and is distributed as the ranker alone's; the encoder's
+    columns get gradients (its features are not 0) and grow only as far as training pulls them."""
+    lin = next((m for m in ranker.dense_arch.modules() if isinstance(m, nn.Linear)), None)
+    if lin is None or lin.in_features != num_dense + out_dim:
+        raise ValueError(f"init_encoder_inputs: the ranker's first dense Linear takes "
+                         f"{None if lin is None else lin.in_features} inputs, expected {num_dense} + {out_dim}")
+    with torch.no_grad():
+        if num_dense > 0:
+            scale = ((num_dense + out_dim) / num_dense) ** 0.5
+            lin.weight[:, :num_dense] *= scale
+            if lin.bias is not None:
+                lin.bias *= scale
+        lin.weight[:, num_dense:] = 0
+
+
 def ranker_features(batch: RankingBatch, history_bag_len: int) -> KeyedJaggedTensor:
     """KJT with C rows (one per candidate), expanded on the device from the deduplicated batch:
     ``r_cand_item`` (1 id per row) and ``r_hist_items`` (the last ``history_bag_len`` history

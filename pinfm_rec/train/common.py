@@ -212,7 +212,8 @@ class Recipe:
 
         def on_step(st: LoopState) -> None:
             self.bar.update()
-            if spec.checkpoint.every_steps and st.step % spec.checkpoint.every_steps == 0:
+            if spec.checkpoint.every_steps and st.step % spec.checkpoint.every_steps == 0 \
+                    and self.last_ckpt[0] != st.step:  # (a new best of this step is saved already)
                 self.checkpoint(st)
             signum = self.guard.agreed(self.env.device)  # collective: every rank stops after this step
             if signum:
@@ -222,8 +223,15 @@ class Recipe:
         def eval_valid() -> Dict[str, float]:
             m = self.evaluate("valid")
             self.tb.scalars(_scalars("valid", m), state.step)
-            console.echo(f"epoch {state.epoch + 1}/{spec.train.epochs} valid: {console.metrics_line(m)}")
+            at = f" step {state.step}" if spec.train.eval_every_steps else ""
+            console.echo(f"epoch {state.epoch + 1}/{spec.train.epochs}{at} valid: {console.metrics_line(m)}")
             return m
+
+        def on_step_eval(st: LoopState) -> None:
+            # train.eval_every_steps with early stopping: a new best model is checkpointed now (the
+            # checkpoint of the best step is never pruned; cleanup tests it)
+            if spec.train.patience and st.best_step == st.step:
+                self.checkpoint(st)
 
         def on_epoch_end(finished: bool) -> None:
             # the end of a run always leaves a checkpoint (a partial epoch cut by max_steps too)
@@ -235,7 +243,8 @@ class Recipe:
         self.bar = console.Progress(self.total, "train", initial=state.step)
         try:
             run_epochs(trainer, self.loader, state, self.total, on_step=on_step, eval_valid=eval_valid,
-                       on_epoch_end=on_epoch_end, loader_state=self.loader_state, rng_state=self.rng_state)
+                       on_epoch_end=on_epoch_end, loader_state=self.loader_state, rng_state=self.rng_state,
+                       on_step_eval=on_step_eval)
         finally:
             self.bar.close()
 
@@ -249,8 +258,8 @@ class Recipe:
             path = os.path.join(self.ckpt_dir, f"step_{state.best_step:08d}")
             load_model_state(path, self.b.model)
             self.model_step = state.best_step
-            console.echo(f"best valid {self.spec.train.early_stop_metric} at epoch {state.best_epoch}: "
-                         f"testing and exporting {path}")
+            console.echo(f"best valid {self.spec.train.early_stop_metric} at epoch {state.best_epoch} "
+                         f"(step {state.best_step}): testing and exporting {path}")
         entry = next(h for h in reversed(state.history) if h["step"] == state.best_step)
         return {k[len("valid_"):]: v for k, v in entry.items() if k.startswith("valid_")}
 

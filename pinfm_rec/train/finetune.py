@@ -25,7 +25,7 @@ from pinfm_rec.model.encoder import EncoderSpec, PinFMEncoder
 from pinfm_rec.model.pinfm import ModelSpec
 from pinfm_rec.model.pretrained import check_vocab, encoder_parameter_names, load_pretrained, read_pretrained
 from pinfm_rec.parallel import DistEnv, ParallelSpec, shard_model
-from pinfm_rec.rankers.dlrm import RankerSpec, RankerWithEncoder, build_ranker
+from pinfm_rec.rankers.dlrm import RankerSpec, RankerWithEncoder, build_ranker, init_encoder_inputs
 from pinfm_rec.spec import bounds
 from pinfm_rec.train.checkpoint import CheckpointSpec
 from pinfm_rec.train.common import Built, Recipe, prepare_on_rank0, seed_everything
@@ -117,6 +117,8 @@ def build_finetune(spec: FinetuneSpec, env: DistEnv) -> Built:
             encoder.freeze()
     dense_in = info.num_dense + (enc_spec.out_dim if encoder is not None else 0)
     ranker = build_ranker(spec.ranker, info.num_items, dense_in, device="meta", dense_device=env.device)
+    if encoder is not None and enc_spec.fusion_init == "zero":
+        init_encoder_inputs(ranker, info.num_dense, enc_spec.out_dim)
     model = RankerWithEncoder(ranker, encoder, spec.ranker.history_bag_len, freeze_encoder=enc_spec.freeze,
                               num_items=info.num_items,
                               id_mode=ranker_id_mode(spec.data.raw_ids, model_spec.embedding.id_mode))

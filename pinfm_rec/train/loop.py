@@ -38,6 +38,10 @@ class TrainSpec:
     grad_clip: float = field(default=1.0, metadata=bounds(ge=0))  # 0 = off
     log_every: int = field(default=20, metadata=bounds(ge=1))
     eval_every_epochs: int = field(default=1, metadata=bounds(ge=0))  # 0 = only at the end
+    # also evaluate valid every this many steps (0 = off), inside epochs: finer early stopping and
+    # best-valid selection (patience counts these evaluations too; a step evaluated once is never
+    # evaluated again at its epoch's end). With patience every new best is checkpointed.
+    eval_every_steps: int = field(default=0, metadata=bounds(ge=0))
     eval_ks: List[int] = field(default_factory=lambda: [10, 50, 200], metadata=bounds(ge=1))
     eval_max_batches: int = field(default=0, metadata=bounds(ge=0))  # 0 = the whole split
     # retrieval eval: rank the target among all items except the user's history items
@@ -50,9 +54,9 @@ class TrainSpec:
     early_stop_metric: str = "ndcg@10"  # a valid metric's name (ranking: gauc, auc, ne, logloss, ...)
 
     def __post_init__(self) -> None:
-        if self.patience > 0 and self.eval_every_epochs == 0:
-            raise FieldError("patience", f"{self.patience} needs train.eval_every_epochs >= 1 (early stopping "
-                                         "counts valid evaluations)")
+        if self.patience > 0 and self.eval_every_epochs == 0 and self.eval_every_steps == 0:
+            raise FieldError("patience", f"{self.patience} needs train.eval_every_epochs >= 1 or "
+                                         "train.eval_every_steps >= 1 (early stopping counts valid evaluations)")
 
 
 LOWER_IS_BETTER = ("logloss", "ne", "loss")
@@ -103,7 +107,7 @@ class LoopState:
 
 
 def update_early_stop(state: LoopState, metrics: Dict[str, float], spec: TrainSpec) -> bool:
-    """After a valid evaluation at the end of epoch ``state.epoch``: track the best
+    """After a valid evaluation at step ``state.step`` (in or at the end of epoch ``state.epoch``): track the best
     ``spec.early_stop_metric``; True when ``spec.patience`` evaluations in a row did not improve it."""
     name = spec.early_stop_metric
     if name not in metrics:
@@ -117,8 +121,9 @@ def update_early_stop(state: LoopState, metrics: Dict[str, float], spec: TrainSp
     state.bad_evals += 1
     if state.bad_evals >= spec.patience:
         state.stopped = True
-        logger.info("early stop after epoch %d: valid %s did not improve for %d evaluations (best %.4f at epoch %d)",
-                    state.epoch + 1, name, state.bad_evals, state.best_value, state.best_epoch)
+        logger.info("early stop at step %d (epoch %d): valid %s did not improve for %d evaluations "
+                    "(best %.4f at step %d, epoch %d)", state.step, state.epoch + 1, name, state.bad_evals,
+                    state.best_value, state.best_step, state.best_epoch)
     return state.stopped
 
 
@@ -196,7 +201,8 @@ class Trainer:
         rng_state: Optional[dict] = None,
         rng_before_iter: bool = False,
     ) -> bool:
-        """One pass over ``batches``. Returns False when max_steps stopped it early.
+        """One pass over ``batches``. Returns False when max_steps or an early stop inside the epoch
+        (``state.stopped``, set by an ``eval_every_steps`` evaluation in ``on_step``) cut it short.
 
         rng_state: a checkpoint's RNG state, restored where it was captured relative to the creation
         of the loader iterator (which draws from the global RNG): after it for a mid-epoch checkpoint,
@@ -214,6 +220,8 @@ class Trainer:
             set_rng_state(rng_state)
         for batch in it:
             if self.spec.max_steps and state.step >= self.spec.max_steps:
+                return False
+            if state.stopped:  # early-stopped by an evaluation inside the epoch (eval_every_steps)
                 return False
             batch = batch.to(self.device, non_blocking=True)
             out = self.train_step(batch, state, total_steps)
@@ -265,6 +273,7 @@ def run_epochs(
     on_epoch_end: Callable[[bool], None],
     loader_state: Optional[dict] = None,
     rng_state: Optional[dict] = None,
+    on_step_eval: Optional[Callable[[LoopState], None]] = None,
 ) -> None:
     """The epoch loop shared by the recipes, from ``state.epoch`` to ``trainer.spec.epochs``.
 
@@ -274,11 +283,37 @@ def run_epochs(
     ``on_epoch_end(finished)`` applies the recipe's checkpoint policy; an epoch cut short by
     ``max_steps`` (finished False) ends the loop. With ``patience`` the last epoch is evaluated too
     and ``update_early_stop`` may end the loop early (``state.stopped``).
+
+    ``eval_every_steps`` > 0: valid is also evaluated after every that many steps (before
+    ``on_step``), then ``on_step_eval(state)`` runs (the recipe checkpoints a new best there); an
+    early stop there ends the epoch after that step. A step is evaluated once: an epoch whose last
+    step was just evaluated is not evaluated again.
     """
     spec = trainer.spec
     early = spec.patience > 0
     if state.stopped:
         return
+
+    def validate() -> None:
+        m = eval_valid()
+        state.history.append({"epoch": state.epoch + 1, "step": state.step, **{f"valid_{k}": v for k, v in m.items()}})
+        logger.info("epoch %d step %d valid %s", state.epoch + 1, state.step,
+                    json.dumps({k: round(v, 4) for k, v in m.items()}))
+        if early:
+            update_early_stop(state, m, spec)
+
+    def evaluated_now() -> bool:
+        return bool(state.history) and state.history[-1].get("step") == state.step
+
+    step_hook = on_step
+    if spec.eval_every_steps:
+        def step_hook(st: LoopState) -> None:
+            if st.step % spec.eval_every_steps == 0 and not evaluated_now():
+                validate()
+                if on_step_eval is not None:
+                    on_step_eval(st)
+            if on_step is not None:
+                on_step(st)
     between_epochs = loader_state is None  # a checkpoint written at an epoch's end has no position
     for epoch in range(state.epoch, spec.epochs):
         state.epoch = epoch
@@ -287,18 +322,15 @@ def run_epochs(
             loader_state = None
         else:
             set_loader_epoch(loader, epoch)
-        finished = trainer.run_epoch(loader, state, total_steps, on_step, rng_state=rng_state,
+        finished = trainer.run_epoch(loader, state, total_steps, step_hook, rng_state=rng_state,
                                      rng_before_iter=between_epochs)
         rng_state = None
         ev = spec.eval_every_epochs
         last = epoch + 1 == spec.epochs
-        due = bool(ev) and ((epoch + 1) % ev == 0 or (early and last))
-        if finished and due and (early or not last):  # without early stopping the end evaluates the last
-            m = eval_valid()
-            state.history.append({"epoch": epoch + 1, "step": state.step, **{f"valid_{k}": v for k, v in m.items()}})
-            logger.info("epoch %d valid %s", epoch + 1, json.dumps({k: round(v, 4) for k, v in m.items()}))
-            if early:
-                update_early_stop(state, m, spec)
+        due = (bool(ev) and (epoch + 1) % ev == 0) or (early and last)
+        # without early stopping the end evaluates the last model
+        if finished and due and (early or not last) and not state.stopped and not evaluated_now():
+            validate()
         on_epoch_end(finished)
         if not finished or state.stopped:
             break
