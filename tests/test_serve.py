@@ -126,10 +126,14 @@ def test_quantized_tables_memory_and_quality(run):
     valid = str(run["tmp"] / "valid.parquet")
     write_request_file(run["root"], "valid", valid)
     batches = [b for b, _ in RequestFile(valid, loaded.num_dense).batches(64, loaded.max_len)]
-    res = quality_delta(loaded.model, batches, ("fp16", "int8", "int4"))
+    res = quality_delta(loaded.model, batches, ("fp16", "int8", "int4", "mixed"))
     assert abs(res["int8"]["gauc_delta"]) <= 0.001 and abs(res["int8"]["auc_delta"]) <= 0.001
     assert res["fp16"]["memory_ratio"] == pytest.approx(2.0)
     assert 2.0 < res["int8"]["memory_ratio"] < 2.67 < res["int4"]["memory_ratio"]
+    # mixed: the D=16 ranker tables int4 (4x), the D=32 encoder tables int8 (2.67x): in between
+    assert res["int8"]["memory_ratio"] < res["mixed"]["memory_ratio"] < res["int4"]["memory_ratio"]
+    # (int4 rows move the score of a few of this tiny split's requests: GAUC moves in steps of ~1e-3)
+    assert abs(res["mixed"]["gauc_delta"]) <= 0.005 and abs(res["mixed"]["auc_delta"]) <= 0.002
     assert res["fp32"]["table_bytes"] == table_bytes(loaded.model) > 0
     with pytest.raises(ValueError, match="bf16"):
         quantize_tables(loaded.model, "bf16")
@@ -186,6 +190,7 @@ def test_load_bench_cpu_tiny_mode(tmp_path):
     # the methods compute the same scores (checked by the bench itself before timing)
     assert all(r["max_abs_diff_vs_dcat"] < 1e-4 for r in rows if r["precision"] == "fp32")
     assert saved["int8_table_memory_ratio_encoder"] > 3.5 > saved["int8_table_memory_ratio"] > 3.0  # D=128 / +D=16
+    assert saved["mixed_table_memory_ratio"] > 3.6  # the D=16 tables int4
     assert os.path.isfile(str(tmp_path / "serving.md"))
 
 

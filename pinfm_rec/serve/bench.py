@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import functools
 import json
 import os
@@ -188,8 +189,6 @@ def run(cfg: dict, device: torch.device, loads=(0.5, 0.8), methods=METHODS, prec
             ref, capacity = None, None
             for prec in precisions:
                 if prec == "int8" and quant is None:
-                    import copy
-
                     try:
                         quant = quantize_tables(copy.deepcopy(base), "int8")  # FBGEMM TBE on the device
                     except Exception as e:  # noqa: BLE001 - reported in the rows
@@ -259,6 +258,7 @@ def summary(rows: List[dict], cfg: dict, device: torch.device, quality: Optional
     dup, flex = _find(rows, method="dup_sdpa", L=L, C=C), _find(rows, method="flex", L=L, C=C)
     model = build({**cfg, "d_model": 32, "n_heads": 2}, 8, torch.device("cpu"))  # tables only matter here
     fp32, fp32_enc = table_bytes(model), table_bytes(model.encoder)
+    mixed = quantize_tables(copy.deepcopy(model), "mixed")
     quantize_tables(model, "int8")
     ratio, ratio_enc = fp32 / table_bytes(model), fp32_enc / table_bytes(model.encoder)
 
@@ -278,6 +278,9 @@ def summary(rows: List[dict], cfg: dict, device: torch.device, quality: Optional
         "int8_table_memory_ratio": ratio,  # all tables (encoder D=128 + the DLRM's D=16)
         "int8_table_memory_ratio_encoder": ratio_enc,  # the encoder's D=128 tables alone
         "int8_gauc_delta": (quality or {}).get("int8", {}).get("gauc_delta"),
+        # int8, with tables under 32 dims in int4 (serve/quantize.py "mixed"): the DLRM's D=16 tables
+        "mixed_table_memory_ratio": fp32 / table_bytes(mixed),
+        "mixed_gauc_delta": (quality or {}).get("mixed", {}).get("gauc_delta"),
         "quality": quality, "config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
         "torch": torch.__version__, "hot_path_compiled": any(r.get("compiled") for r in rows), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "rows": rows,
@@ -285,7 +288,7 @@ def summary(rows: List[dict], cfg: dict, device: torch.device, quality: Optional
 
 
 def quality_of(run_dir: str, split: str = "valid") -> dict:
-    """int8/int4 vs fp32 AUC/GAUC and table memory of a fine-tuned run (CPU)."""
+    """int8/int4/mixed vs fp32 AUC/GAUC and table memory of a fine-tuned run (CPU)."""
     from pinfm_rec.data.ranking import prepare_ranking
     from pinfm_rec.serve.model_io import load_finetuned
     from pinfm_rec.serve.quantize import quality_delta
@@ -297,7 +300,7 @@ def quality_of(run_dir: str, split: str = "valid") -> dict:
         path = os.path.join(tmp, "requests.parquet")
         write_request_file(prepare_ranking(loaded.spec.data).root, split, path)
         batches = [b for b, _ in RequestFile(path, loaded.num_dense).batches(256, loaded.max_len)]
-    return quality_delta(loaded.model, batches, ("int8", "int4"))
+    return quality_delta(loaded.model, batches, ("int8", "int4", "mixed"))
 
 
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
@@ -330,8 +333,8 @@ def markdown(res: dict) -> str:
              f"around it is not).", "",
              "| key | value |", "|---|---|"]
     for k in ("cands_per_s_speedup_vs_dup_L2048_C256", "cands_per_s_speedup_vs_flex_L2048_C256", "p99_ms_L2048_C256",
-              "int8_table_memory_ratio", "int8_gauc_delta"):
-        v = res[k]
+              "int8_table_memory_ratio", "int8_gauc_delta", "mixed_table_memory_ratio", "mixed_gauc_delta"):
+        v = res.get(k)
         lines.append(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |")
     lines += ["", "| method | prec | L | C | cands/s | req/s | mean ms | p99 ms @0.5 | p99 ms @0.8 |",
               "|---|---|---|---|---|---|---|---|---|"]

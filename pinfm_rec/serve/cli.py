@@ -21,8 +21,9 @@ def add_options(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--input", help="request-grouped Parquet to score")
     sp.add_argument("--output", help="Parquet of scores to write (one row per candidate)")
     sp.add_argument("--checkpoint", default=None, help="checkpoint dir (default: the run's best-valid / newest)")
-    sp.add_argument("--tables", default="fp32", choices=("fp32", "fp16", "int8", "int4"),
-                    help="embedding table storage (torchrec.quant / FBGEMM TBE below fp32); default %(default)s")
+    sp.add_argument("--tables", default="fp32", choices=("fp32", "fp16", "int8", "int4", "mixed"),
+                    help=("embedding table storage (torchrec.quant / FBGEMM TBE below fp32; mixed: int8, tables "
+                          "under 32 dims int4); default %(default)s"))
     sp.add_argument("--batch-requests", type=int, default=256, help="requests per batch (default %(default)s)")
     sp.add_argument("--compile", action="store_true", help="torch.compile the hot path (static bucketed shapes)")
     sp.add_argument("--cuda-graphs", action="store_true",
