@@ -44,8 +44,8 @@ from .convert_mind import MIND_INPUTS, convert_mind
 from .loader import EpochBatchSampler, SequenceDataLoader, _identity
 from .ranking_batch import RankingBatch, flatten_batch  # flatten_batch re-exported: flat layout of a batch
 from .ranking_movielens import MOVIELENS_INPUTS, convert_movielens_ranking
-from .ranking_store import (PRETRAIN_DIR, RANKING_META_FILE, SPLIT_IDS, RankingStore, load_ranking_store,
-                            storage_report, write_flat_layout)
+from .ranking_store import (PRETRAIN_DIR, RANKING_META_FILE, SPLIT_IDS, RankingStore, cold_candidates,
+                            load_ranking_store, storage_report, write_flat_layout)
 from .ranking_synthetic import write_synthetic_ranking
 from .schema import DataFormatError, DatasetMeta
 from .splits import gather_index
@@ -110,6 +110,11 @@ class RankingDataSpec:
     # strictly earlier requests (real-time counters; ranking_store.engagement_counters); impression
     # logs only (mind): a label must be observed at its request's time
     engagement_counters: bool = False
+    # k > 0: a candidate whose item had fewer than k impressions in strictly earlier train-split requests
+    # (valid/test: in the whole train split, what the model trained on) is "cold": the loader marks it
+    # (RankingBatch.cand_cold) and the ranker's candidate-id bag is empty, the encoder's candidate item
+    # embedding zero (ranking_store.train_impressions_before; computed at load, no re-prepare). 0 = off
+    cold_item_min_count: int = field(default=0, metadata=bounds(ge=0))
     movielens: MovieLensRankingSpec = field(default_factory=MovieLensRankingSpec)
     synthetic: SyntheticRankingSpec = field(default_factory=SyntheticRankingSpec)
 
@@ -245,9 +250,11 @@ class RankingBatchDataset(Dataset):
     """Map-style dataset whose item ``(epoch, step)`` is this rank's ``RankingBatch`` number ``step``."""
 
     def __init__(self, store: RankingStore, split: str, *, batch_size: int, max_len: int, rank: int,
-                 world_size: int, seed: int, item_ids: Optional[np.ndarray] = None) -> None:
+                 world_size: int, seed: int, item_ids: Optional[np.ndarray] = None,
+                 cold_item_min_count: int = 0) -> None:
         """item_ids: [num_items] the id each stored (dense) item id is emitted as (raw ids, data.raw_ids);
-        None emits the stored ids."""
+        None emits the stored ids. cold_item_min_count: k > 0 sets ``RankingBatch.cand_cold``
+        (``ranking_store.cold_candidates``); 0 leaves it None."""
         if split not in SPLIT_IDS:
             raise ValueError(f"split must be one of {tuple(SPLIT_IDS)}, got {split!r}")
         if not 0 <= rank < world_size:
@@ -259,6 +266,7 @@ class RankingBatchDataset(Dataset):
         self.batch_size, self.max_len = batch_size, max_len
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.item_ids = item_ids
+        self.cold = cold_candidates(store, cold_item_min_count) if cold_item_min_count > 0 else None  # [C_all]
         r = self.requests.size
         self.per_rank = r // world_size if self.train else math.ceil(r / world_size)
         if self.per_rank == 0:
@@ -314,7 +322,8 @@ class RankingBatchDataset(Dataset):
             labels=torch.from_numpy(t.label[cidx].astype(np.float32)),
             dense=torch.from_numpy(np.ascontiguousarray(self.store.dense[cidx])),
             cand_new=torch.from_numpy(self.store.is_new[cidx]), weights=torch.from_numpy(np.repeat(weight, ncand)),
-            max_cands=int(ncand.max(initial=0)))
+            max_cands=int(ncand.max(initial=0)),
+            cand_cold=None if self.cold is None else torch.from_numpy(self.cold[cidx]))
 
 
 def build_ranking_loader(spec: RankingDataSpec, info: RankingInfo, split: str, *, rank: int = 0, world_size: int = 1,
@@ -323,11 +332,11 @@ def build_ranking_loader(spec: RankingDataSpec, info: RankingInfo, split: str, *
 
     Yields on CPU: history SequenceBatch [U rows] (KJT item_id/action/surface, timestamps [L], request_ids
     [U], target_timestamp [U] = request time, weights [U]); cand_item [C], cand_offsets [U+1], labels [C],
-    dense [C, F], cand_new [C], weights [C]. Same resumable ``SequenceDataLoader`` as ``build_loader``.
+    dense [C, F], cand_new [C], weights [C], cand_cold [C] bool (data.cold_item_min_count > 0, else None). Same resumable ``SequenceDataLoader`` as ``build_loader``.
     """
     dataset = RankingBatchDataset(
         load_ranking_store(info.root), split, batch_size=spec.batch_size if split == "train" else spec.eval_batch_size,
         max_len=spec.max_len, rank=rank, world_size=world_size, seed=seed,
-        item_ids=info.item_raw_ids if spec.raw_ids else None)
+        item_ids=info.item_raw_ids if spec.raw_ids else None, cold_item_min_count=spec.cold_item_min_count)
     return SequenceDataLoader(dataset, batch_size=None, sampler=EpochBatchSampler(len(dataset)), collate_fn=_identity,
                               num_workers=spec.num_workers, persistent_workers=spec.num_workers > 0)

@@ -33,6 +33,9 @@ class RankingBatch:
     max_cands: host int, the most candidates of one request (the loader knows it; it saves the
         DCAT crossing a device sync), or None (computed on demand).
     host: per-request sizes on the host (``data/host_sizes.py``; the scorer sets it), or None.
+    cand_cold: [C] bool, True where the candidate's item is cold (``data.cold_item_min_count``): the
+        models withhold its id signal (the ranker's candidate-id bag is empty, the encoder's candidate
+        item embedding zero); None = every candidate's id is used.
     """
 
     history: SequenceBatch
@@ -44,6 +47,7 @@ class RankingBatch:
     weights: Optional[torch.Tensor] = None
     max_cands: Optional[int] = None
     host: Optional[HostSizes] = None
+    cand_cold: Optional[torch.Tensor] = None
 
     @property
     def num_requests(self) -> int:
@@ -114,7 +118,7 @@ def flatten_batch(batch: RankingBatch) -> RankingBatch:
     co = torch.arange(c + 1, dtype=batch.cand_offsets.dtype, device=batch.cand_offsets.device)
     return RankingBatch(history=new_hist, cand_item=batch.cand_item, cand_offsets=co, labels=batch.labels,
                         dense=batch.dense, cand_new=batch.cand_new, weights=batch.weights,
-                        max_cands=1 if c else 0)
+                        max_cands=1 if c else 0, cand_cold=batch.cand_cold)
 
 
 def random_ranking_batch(

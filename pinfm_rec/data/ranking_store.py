@@ -29,6 +29,15 @@ the train split's click rate with ``CTR_PRIOR_WEIGHT`` impressions: fresh items 
 that item ids cannot give them. Clicks are counted at their impression's time (a click logged after the
 next request's arrival would leak a little in production; the sources here carry no click times).
 
+Cold items (spec key ``data.cold_item_min_count`` = k > 0, computed at load time by
+``train_impressions_before``, nothing stored): a candidate's item is "cold" at its request when it was
+impressed fewer than k times in the candidate rows of strictly earlier TRAIN-split requests, the data the
+model's id rows are trained on. For a train request that excludes its own and later impressions (no
+look-ahead); for a valid/test request it is the whole train split (what a model trained on the train
+split holds at serving time; valid/test impressions never train an id row, so they never make an item
+warm). The loader marks cold candidates (``RankingBatch.cand_cold``) and the models withhold their id
+signal (ranker: empty candidate-id bag; encoder: zeroed candidate item embedding).
+
 Shapes: R requests, H history events over all requests (jagged by ``hist_offsets [R+1]``), C
 candidates (jagged by ``cand_offsets [R+1]``).
 """
@@ -145,6 +154,31 @@ def engagement_counters(cand_item: np.ndarray, cand_time: np.ndarray, label: np.
     return np.stack([np.log1p(imps), np.log1p(clicks), ctr], axis=1).astype(np.float32)
 
 
+def train_impressions_before(cand_item: np.ndarray, cand_time: np.ndarray, split: np.ndarray,
+                             num_items: int) -> np.ndarray:
+    """[C] int64: impressions of each candidate row's item (cand_item, cand_time = its request's time,
+    split of its request; each [C]) in candidate rows of strictly earlier train-split requests (module
+    doc, "Cold items"). Every train time < every valid/test time, so a valid/test row counts the whole
+    train split."""
+    ts = np.maximum(cand_time.astype(np.int64), 0)
+    train = split == 0
+    return counts_before(cand_item[train], ts[train], cand_item, ts, num_items).astype(np.int64)
+
+
+def cold_candidates(store: "RankingStore", min_count: int) -> np.ndarray:
+    """[C] bool: candidate rows of ``store`` whose item had fewer than ``min_count`` earlier train-split
+    impressions (``train_impressions_before``); all False when min_count == 0."""
+    t = store.tables
+    if min_count <= 0:
+        return np.zeros(t.cand_item.size, dtype=bool)
+    cached = store.cold_cache.get(min_count)
+    if cached is None:
+        req = np.repeat(np.arange(t.num_requests, dtype=np.int64), np.diff(t.cand_offsets))
+        cached = store.cold_cache[min_count] = (
+            train_impressions_before(t.cand_item, t.time[req], t.split[req], store.meta.num_items) < min_count)
+    return cached
+
+
 def split_of(time: np.ndarray, t_valid: int, t_test: int) -> np.ndarray:
     """[R] int8 split id of each request time (see ``time_cutoffs``)."""
     return ((time >= t_valid).astype(np.int8) + (time >= t_test).astype(np.int8)).astype(np.int8)
@@ -256,6 +290,8 @@ class RankingStore:
     tables: RankingTables  # split set, request_id = position
     dense: np.ndarray  # [C, F] float32
     is_new: np.ndarray  # [C] bool
+    # data.cold_item_min_count k -> [C] bool cold mask (``cold_candidates``), computed once per process
+    cold_cache: Dict[int, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
 
 
 def _jagged(col: pa.ChunkedArray) -> Tuple[np.ndarray, np.ndarray]:

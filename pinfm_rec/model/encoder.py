@@ -53,7 +53,8 @@ class EncoderSpec:
     freeze: bool = False  # no gradient into tables or trunk (the projection still trains)
     # encoder lr = lr_mult * lr (dense) and * embedding_lr (tables)
     lr_mult: float = field(default=1.0, metadata=bounds(ge=0))
-    # train-time prob. of zeroing a candidate's item embedding
+    # train-time prob. of zeroing a candidate's item embedding (cold candidates, data.cold_item_min_count,
+    # are zeroed in training and evaluation alike)
     cand_id_dropout: float = field(default=0.0, metadata=bounds(ge=0, lt=1))
     out_dim: int = field(default=32, metadata=bounds(ge=1))  # D_out, features per candidate
     kernel: Literal["auto", "triton", "pytorch", "sdpa"] = "auto"  # the DCAT kernel
@@ -228,6 +229,8 @@ class PinFMEncoder(nn.Module):
         if self.training and self.spec.cand_id_dropout > 0:
             keep = torch.rand(e_cand.shape[0], 1, device=e_cand.device) >= self.spec.cand_id_dropout
             e_cand = e_cand * keep
+        if batch.cand_cold is not None:  # data.cold_item_min_count: a cold candidate enters as a dropped id
+            e_cand = e_cand * (~batch.cand_cold).unsqueeze(-1).to(e_cand.dtype)
         cx = self.cand_type(e_cand)
         if fm.time is not None and ts is not None:
             cx = cx + self._cand_time(batch, t.offsets)

@@ -33,7 +33,8 @@ CANDIDATE_KEY = "candidate"
 @dataclass
 class Requests:
     """features: history KJT (registry keys, U rows); timestamps [L] or None; request_ts [U] or
-    None; cand_item [C]; cand_offsets [U+1]; max_len N (host int); max_cands (host int or None)."""
+    None; cand_item [C]; cand_offsets [U+1]; max_len N (host int); max_cands (host int or None);
+    cand_cold [C] bool or None (``RankingBatch.cand_cold``: zero these candidates' item embeddings)."""
 
     features: KeyedJaggedTensor
     timestamps: Optional[torch.Tensor]
@@ -43,6 +44,7 @@ class Requests:
     max_len: int
     max_cands: Optional[int] = None
     host: Optional[HostSizes] = None  # host-side sizes (data/host_sizes.py), None from KJTs
+    cand_cold: Optional[torch.Tensor] = None
 
     @property
     def num_requests(self) -> int:
@@ -60,7 +62,7 @@ class Requests:
 def requests_from_batch(batch: RankingBatch) -> Requests:
     h = batch.history
     return Requests(h.features, h.timestamps, h.target_timestamp, batch.cand_item, batch.cand_offsets,
-                    h.max_len, batch.max_cands, batch.host)
+                    h.max_len, batch.max_cands, batch.host, batch.cand_cold)
 
 
 def requests_from_kjt(

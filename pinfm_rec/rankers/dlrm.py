@@ -111,13 +111,20 @@ def init_encoder_inputs(ranker: nn.Module, num_dense: int, out_dim: int) -> None
 def ranker_features(batch: RankingBatch, history_bag_len: int) -> KeyedJaggedTensor:
     """KJT with C rows (one per candidate), expanded on the device from the deduplicated batch:
     ``r_cand_item`` (1 id per row) and ``r_hist_items`` (the last ``history_bag_len`` history
-    items of the candidate's request)."""
+    items of the candidate's request). A cold candidate (``batch.cand_cold`` [C], data.cold_item_min_count)
+    has an empty ``r_cand_item`` bag: its SUM-pooled id embedding is 0 and its id row gets no gradient."""
     c = batch.num_candidates
     dev = batch.cand_item.device
     keys = [CAND_FEATURE]
-    values = [batch.cand_item.long()]
-    lengths = [torch.ones(c, dtype=torch.long, device=dev)]
-    lpk = [c]  # per-key lengths on the host when batch.host has them (no sync in the EBC)
+    if batch.cand_cold is None:
+        values = [batch.cand_item.long()]
+        lengths = [torch.ones(c, dtype=torch.long, device=dev)]
+        lpk: Optional[List[int]] = [c]  # per-key lengths on the host when batch.host has them (no sync in the EBC)
+    else:
+        warm = ~batch.cand_cold  # [C]
+        values = [batch.cand_item.long()[warm]]
+        lengths = [warm.long()]
+        lpk = None
     if history_bag_len > 0:
         hist = batch.history.features[ITEM_KEY]
         # the last history_bag_len items of each candidate's request, expanded per candidate
@@ -127,7 +134,7 @@ def ranker_features(batch: RankingBatch, history_bag_len: int) -> KeyedJaggedTen
         keys.append(HIST_FEATURE)
         values.append(hist.values()[index])
         lengths.append(off[1:] - off[:-1])
-        lpk = None if total is None else lpk + [total]
+        lpk = None if total is None or lpk is None else lpk + [total]
     return KeyedJaggedTensor(keys=keys, values=torch.cat(values), lengths=torch.cat(lengths), stride=c,
                              length_per_key=lpk)
 
