@@ -270,3 +270,25 @@ def test_bf16_score_and_export_cli_writes_a_runnable_fp32_program(run, tmp_path)
     torch.testing.assert_close(out, want, atol=0.05, rtol=0.05)  # bf16-rounded weights, fp32 compute
     with pytest.raises(ValueError, match="round twice"):
         precast_linears(loaded.model, torch.float16)
+
+
+def test_int8_export_with_one_row_bags_matches_the_scorer(run, tmp_path, monkeypatch):
+    """The one-row-bag TBE layout (CUDA's default, forced here on CPU) builds its offsets from the
+    per-table counts: under torch.export they are symbolic, and the traced program takes the request
+    bags instead (2026-12-06 GPU suite: the export guarded on a data-dependent max and failed). The
+    exported int8 program still gives the scorer's logits."""
+    from pinfm_rec.model import quant_lookup
+    from pinfm_rec.serve.export import batch_inputs, export_scorer
+    from pinfm_rec.serve.quantize import quantize_tables
+
+    monkeypatch.setattr(quant_lookup, "ONE_ROW_BAGS", True)
+    ld = load_finetuned(run["dir"])
+    quantize_tables(ld.model, "int8")
+    batch, _ = next(RequestFile(run["requests"], ld.num_dense).batches(16, ld.max_len))
+    scorer = Scorer(ld.model, ld.max_len)
+    want = scorer.logits(batch)
+    padded = pad_batch(batch, scorer.n_cap)
+    ep = export_scorer(ld.model, padded, str(tmp_path / "scorer.pt2"))
+    with torch.no_grad():
+        got = ep.module()(*batch_inputs(padded))[: batch.num_candidates]
+    torch.testing.assert_close(got.float(), want, atol=1e-5, rtol=1e-5)

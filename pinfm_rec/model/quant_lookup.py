@@ -70,6 +70,9 @@ def quant_ec_lookup(qec, kjt: KeyedJaggedTensor) -> Optional[Dict[str, JaggedTen
         idx = values[v0:v0 + nv]
         lens = lengths[f0 * b:(f0 + nf) * b]
         one_row = cuda if ONE_ROW_BAGS is None else ONE_ROW_BAGS
+        # torch.export / compile: counts are symbolic and the bag layout would guard on them
+        # (data-dependent): the traced program takes the request bags (same rows)
+        one_row = one_row and not any(isinstance(c, torch.SymInt) for c in counts)
         offs = _one_row_bags(counts, values.device) if nv and one_row else \
             torch.ops.fbgemm.asynchronous_complete_cumsum(lens)
         # the TBE's index types: int32 on CUDA, the indices' type on CPU (as torchrec's unwrap)
