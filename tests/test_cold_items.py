@@ -14,13 +14,10 @@ from pinfm_rec.data.ranking import RankingDataSpec, build_ranking_loader, prepar
 from pinfm_rec.data.ranking_batch import flatten_batch, random_ranking_batch
 from pinfm_rec.data.ranking_store import cold_candidates, load_ranking_store, train_impressions_before
 from pinfm_rec.errors import SpecError
-from pinfm_rec.model.embedding import EmbeddingSpec
-from pinfm_rec.model.encoder import EncoderSpec, PinFMEncoder
-from pinfm_rec.model.pinfm import ModelSpec
-from pinfm_rec.model.trunk import TrunkSpec
 from pinfm_rec.rankers.dlrm import CAND_FEATURE, RankerSpec, RankerWithEncoder, build_ranker, ranker_features
 from pinfm_rec.spec import load_spec
 from test_engagement_counters import _mind_file
+from test_fusion_init import _encoder  # the same tiny encoder (NUM_ITEMS, OUT as here)
 
 NUM_ITEMS, F, OUT = 40, 3, 8
 
@@ -95,14 +92,6 @@ def test_cold_item_min_count_spec():
     assert load_spec(FinetuneSpec, None, ["data.cold_item_min_count=3"]).data.cold_item_min_count == 3
     with pytest.raises(SpecError, match="cold_item_min_count"):
         load_spec(FinetuneSpec, None, ["data.cold_item_min_count=-1"])
-
-
-def _encoder(seed: int) -> PinFMEncoder:
-    torch.manual_seed(seed)
-    ms = ModelSpec(embedding=EmbeddingSpec(dim=16), trunk=TrunkSpec(d_model=32, n_layers=1, n_heads=2, dropout=0.0,
-                                                                    max_len=16))
-    return PinFMEncoder(ms, EncoderSpec(kernel="pytorch", out_dim=OUT),
-                        dict(num_items=NUM_ITEMS, num_actions=4, num_surfaces=3), device="cpu")
 
 
 def _model(with_encoder: bool) -> RankerWithEncoder:
