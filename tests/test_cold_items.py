@@ -144,3 +144,14 @@ def test_cold_ids_reach_neither_arm(with_encoder):
     hit = torch.zeros(NUM_ITEMS, dtype=torch.bool)
     hit[b.cand_item[~cold]] = True
     assert float(table.grad[~hit].abs().sum()) == 0 and float(table.grad[hit].abs().sum()) > 0
+
+
+def test_serving_refuses_a_model_trained_with_cold_items():
+    """pinfm score / export do not compute the cold mask: a run trained with k > 0 would be scored with
+    every candidate's id (train/serve skew), so loading it for serving is a SpecError naming the key."""
+    from pinfm_rec.serve.model_io import check_servable
+    from pinfm_rec.train.finetune import FinetuneSpec
+
+    check_servable(load_spec(FinetuneSpec, None, []))  # k = 0: servable
+    with pytest.raises(SpecError, match="cold_item_min_count=10"):
+        check_servable(load_spec(FinetuneSpec, None, ["data.cold_item_min_count=10"]), "runs/x/spec.yaml")

@@ -19,7 +19,7 @@ from typing import Dict, Optional, Tuple
 import torch
 import yaml
 
-from pinfm_rec.errors import CheckpointError, EncoderError
+from pinfm_rec.errors import CheckpointError, EncoderError, SpecError
 from pinfm_rec.features import TABLE_VOCAB, VOCAB_KEYS
 from pinfm_rec.model.encoder import PinFMEncoder
 from pinfm_rec.model.pinfm import ModelSpec
@@ -161,6 +161,17 @@ def build_model(spec, shapes: Dict[str, Tuple[int, ...]], device: torch.device) 
     return model, dense_in - out_dim
 
 
+def check_servable(spec, where: str = "spec") -> None:
+    """SpecError for a fine-tuning spec the serving path would score differently from training:
+    ``data.cold_item_min_count`` > 0 (training withholds cold candidates' ids; the serving path does
+    not compute that mask, so every candidate would be scored with its id: train/serve skew)."""
+    k = getattr(getattr(spec, "data", None), "cold_item_min_count", 0)
+    if k:
+        raise SpecError(f"{where}: data.cold_item_min_count={k}: the model was trained with cold candidates' ids "
+                        "withheld, and pinfm score / export do not compute that mask yet (every candidate would be "
+                        "scored with its id); serve a run trained with data.cold_item_min_count=0")
+
+
 def load_finetuned(run: str, checkpoint: Optional[str] = None, device: str | torch.device = "cpu",
                    kernel: Optional[str] = None) -> Loaded:
     """The fine-tuned model of ``run`` (a ``pinfm finetune`` run dir, or a checkpoint dir) on
@@ -171,6 +182,7 @@ def load_finetuned(run: str, checkpoint: Optional[str] = None, device: str | tor
     device = torch.device(device)
     ckpt, spec_path = resolve_checkpoint(run, checkpoint)
     spec = _read_spec(spec_path)
+    check_servable(spec, spec_path)
     shapes = checkpoint_shapes(ckpt)
     model, num_dense = build_model(spec, shapes, device)
     load_model_state(ckpt, model)
