@@ -165,7 +165,7 @@ def check_servable(spec, where: str = "spec") -> None:
     """SpecError for a fine-tuning spec the serving path would score differently from training:
     ``data.cold_item_min_count`` > 0 (training withholds cold candidates' ids; the serving path does
     not compute that mask, so every candidate would be scored with its id: train/serve skew)."""
-    k = getattr(getattr(spec, "data", None), "cold_item_min_count", 0)
+    k = spec.data.cold_item_min_count
     if k:
         raise SpecError(f"{where}: data.cold_item_min_count={k}: the model was trained with cold candidates' ids "
                         "withheld, and pinfm score / export do not compute that mask yet (every candidate would be "
