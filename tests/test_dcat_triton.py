@@ -229,3 +229,60 @@ def test_cached_descriptor_launch_matches_the_default_launch_bit_for_bit(
     assert fast_calls and all(fast_calls)  # the cached path launched, every time it was asked
     plans = [p.gluon for p in fwd._PLANS.values() if p.gluon is not None]
     assert plans and all(p.kernel.fast is not None for p in plans)
+
+
+def _qkv_slices(t, h, dh, gen, dtype, dev):
+    """[T, H, Dh] x 3 row-strided views of one [T, 3, H, Dh] projection (the trunk's layout)."""
+    qkv = torch.randn(t, 3, h, dh, generator=gen).to(dev, dtype)
+    return qkv[:, 0], qkv[:, 1], qkv[:, 2]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_row_strided_qkv_views_are_read_in_place(dtype, kernel_device):
+    """q, k, v and the K/V cache as slices of qkv projections (row stride 3*H*Dh, what the trunk
+    passes): the forward reads them in place (no copies) and gives exactly what it gives on
+    contiguous copies, unsplit and split, through the selected kernel (Gluon on Hopper
+    half dtypes, tl elsewhere); mixed strides fall back to contiguous copies, same answer."""
+    if dtype == torch.bfloat16 and kernel_device.type != "cuda":
+        pytest.skip("bf16 kernels are checked compiled on CUDA")
+    fwd, _ = _mods()
+    g = torch.Generator().manual_seed(3)
+    h, dh = 2, 64
+    cl, xl = [3, 70, 1], [300, 45, 1200]
+    co, xo = _offs(cl, kernel_device), _offs(xl, kernel_device)
+    q, k, v = _qkv_slices(sum(cl), h, dh, g, dtype, kernel_device)
+    _, kc, vc = _qkv_slices(sum(xl), h, dh, g, dtype, kernel_device)
+    assert fwd.rows_stride(q, k, v) == 3 * h and fwd.rows_stride(kc, vc) == 3 * h
+    tiles = SMALL_F if kernel_device.type != "cuda" else {}
+    for split in (None, 64 if tiles else 128):
+        cfg = _cfg(kernel_device, dtype, dh, dict(tiles, split_size=split))
+        args = (co, xo, 0, dh ** -0.5, max(cl), max(xl), cfg.fwd)
+        o, lse = fwd.dcat_fwd_triton(q, k, v, kc, vc, *args)
+        o_c, lse_c = fwd.dcat_fwd_triton(*(t.contiguous() for t in (q, k, v, kc, vc)), *args)
+        assert o.is_contiguous() and o.shape == (sum(cl), h, dh)
+        assert torch.equal(o, o_c) and torch.equal(lse, lse_c), split
+        # one of the group with another stride: copied, same result
+        o_m, _ = fwd.dcat_fwd_triton(q, k.contiguous(), v, kc, vc.contiguous(), *args)
+        assert torch.equal(o_m, o_c), split
+    ref = dcat_reference(*(t.double() for t in (q, k, v, kc, vc)), co, xo)
+    _close(o, ref, dtype, "o")
+    # through the public op, inference mode (the path that skips the copies)
+    from pinfm_rec.kernels.dcat import dcat_attention
+    with torch.no_grad():
+        o_op = dcat_attention(q, k, v, kc, vc, co, xo, kernel="triton", max_cands=max(cl),
+                              max_ctx_len=max(xl))
+    _close(o_op, ref, dtype, "op")
+
+
+def test_rows_stride_rejects_what_the_kernels_cannot_read():
+    from pinfm_rec.kernels.dcat.triton_fwd import rows_stride
+    x = torch.zeros(5, 3, 2, 8)
+    q, k, v = x[:, 0], x[:, 1], x[:, 2]
+    assert rows_stride(q, k, v) == 6 and rows_stride(q, k) == 6
+    c = torch.zeros(5, 2, 8)
+    assert rows_stride(c, c, c) == 2  # contiguous: H
+    assert rows_stride(q, c) == 0  # different strides
+    t = torch.zeros(2, 8, 5).permute(2, 0, 1)  # (H, Dh) part not dense
+    assert rows_stride(t, t) == 0
+    y = torch.zeros(5, 2, 16)[:, :, :8]  # rows dense in Dh, but heads 16 apart
+    assert rows_stride(y, y) == 0

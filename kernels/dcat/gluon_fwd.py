@@ -95,20 +95,21 @@ def _program_tile(CO, XO, n_mtiles, max_ctx, split_size, BLOCK_M: gl.constexpr):
 
 
 @gluon.jit
-def _open_rows(Q, K, V, r0, c1, h, s, H, qk_scale, ROWS: gl.constexpr,
+def _open_rows(Q, K, V, r0, c1, h, s, H, s_in, qk_scale, ROWS: gl.constexpr,
                HEAD_DIM: gl.constexpr, ld: gl.constexpr, s_layout: gl.constexpr,
                o_layout: gl.constexpr):
     """Candidate rows r0..r0+ROWS of head h: q [ROWS, Dh] (layout ld), the rows' offsets in
     the accumulator layout (o is stored from there and v_self loaded there, so no layout
     change needs scratch shared memory, which would cost the second CTA per SM), and the
-    online-softmax state (m, l, acc), opened by the self term on split 0."""
+    online-softmax state (m, l, acc), opened by the self term on split 0. s_in: the row stride
+    of q, k, v (elements); o's rows are H * HEAD_DIM apart."""
     row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
     s_qm = H * HEAD_DIM
     offs_m = r0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, ld))
     mask_m = offs_m < c1
     offs_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ld))
-    row_off = offs_m[:, None] * s_qm + h * HEAD_DIM + offs_d[None, :]
+    row_off = offs_m[:, None] * s_in + h * HEAD_DIM + offs_d[None, :]
     offs_m_o = r0 + gl.arange(0, ROWS, layout=row_o)
     mask_m_o = offs_m_o < c1
     offs_d_o = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
@@ -119,7 +120,8 @@ def _open_rows(Q, K, V, r0, c1, h, s, H, qk_scale, ROWS: gl.constexpr,
         m_self = gl.sum(q.to(gl.float32) * ks.to(gl.float32), 1) * qk_scale
         m_i = gl.convert_layout(m_self, row_s)
         l_i = gl.full([ROWS], 1.0, gl.float32, row_s)
-        acc = gl.load(V + row_off_o, mask=mask_m_o[:, None], other=0.0).to(gl.float32)
+        v_off = offs_m_o[:, None] * s_in + h * HEAD_DIM + offs_d_o[None, :]
+        acc = gl.load(V + v_off, mask=mask_m_o[:, None], other=0.0).to(gl.float32)
     else:
         m_i = gl.full([ROWS], float("-inf"), gl.float32, row_s)
         l_i = gl.full([ROWS], 0.0, gl.float32, row_s)
@@ -232,7 +234,7 @@ def _ring_step(j, slot, prev, phase, qa, k_bufs, v_bufs, bars, kc_desc, vc_desc,
 
 @gluon.jit
 def _run_split(q_smem, k_bufs, v_bufs, bars, kc_desc, vc_desc, KC, VC, m_i, l_i, acc, kstart,
-               kend, h, s_qm, offs_d, qk_scale, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
+               kend, h, s_kv, offs_d, qk_scale, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
                STAGES: gl.constexpr, s_layout: gl.constexpr, p_layout: gl.constexpr,
                row_o: gl.constexpr, ld: gl.constexpr, dtype: gl.constexpr,
                FIXED_MAX: gl.constexpr):
@@ -298,7 +300,7 @@ def _run_split(q_smem, k_bufs, v_bufs, bars, kc_desc, vc_desc, KC, VC, m_i, l_i,
         # every TMA load was waited for and every MMA retired: slot 0 is free
         offs_n = tail + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, ld))
         kmask = offs_n < kend
-        kv_off = offs_n[:, None] * s_qm + h * HEAD_DIM + offs_d[None, :]
+        kv_off = offs_n[:, None] * s_kv + h * HEAD_DIM + offs_d[None, :]
         kb = gl.load(KC + kv_off, mask=kmask[:, None], other=0.0)
         vb = gl.load(VC + kv_off, mask=kmask[:, None], other=0.0)
         _cta_barrier()
@@ -319,10 +321,10 @@ def _run_split(q_smem, k_bufs, v_bufs, bars, kc_desc, vc_desc, KC, VC, m_i, l_i,
     return m_i, l_i, acc
 
 
-@gluon.jit(do_not_specialize=["Cn", "H", "n_mtiles", "max_ctx", "split_size"])
+@gluon.jit(do_not_specialize=["Cn", "H", "n_mtiles", "max_ctx", "split_size", "SQ", "SKV"])
 def _dcat_fwd_gluon_kernel(
     Q, K, V, KC, VC, CO, XO, O, LSE, PO, PL, kc_desc, vc_desc, CNT,
-    Cn, H, n_mtiles, max_ctx, split_size, qk_scale,
+    Cn, H, n_mtiles, max_ctx, split_size, qk_scale, SQ, SKV,
     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
     STAGES: gl.constexpr, SPLIT: gl.constexpr, FUSE_COMBINE: gl.constexpr,
     FIXED_MAX: gl.constexpr,
@@ -340,10 +342,13 @@ def _dcat_fwd_gluon_kernel(
 
     pid, h, s, m0, c1, x0, x1, n_split_r = _program_tile(CO, XO, n_mtiles, max_ctx,
                                                           split_size, BLOCK_M)
-    s_qm = H * HEAD_DIM
+    # row strides (units of HEAD_DIM, see the tl kernel): q, k, v SQ, k_ctx, v_ctx SKV (the
+    # descriptors carry it too), outputs H
+    s_in = SQ * HEAD_DIM
+    s_kv = SKV * HEAD_DIM
     if (m0 < c1) & (s < n_split_r):
         q, m_i, l_i, acc, offs_d, offs_m_o, mask_m_o, offs_d_o, row_off_o = _open_rows(
-            Q, K, V, m0, c1, h, s, H, qk_scale, BLOCK_M, HEAD_DIM, ld, s_layout, o_layout)
+            Q, K, V, m0, c1, h, s, H, s_in, qk_scale, BLOCK_M, HEAD_DIM, ld, s_layout, o_layout)
         q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], smem_layout, q)
         k_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], smem_layout)
         v_bufs = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, HEAD_DIM], smem_layout)
@@ -351,7 +356,7 @@ def _dcat_fwd_gluon_kernel(
         kstart = x0 + s * split_size
         kend = gl.minimum(kstart + split_size, x1)
         m_i, l_i, acc = _run_split(q_smem, k_bufs, v_bufs, bars, kc_desc, vc_desc, KC, VC,
-                                   m_i, l_i, acc, kstart, kend, h, s_qm, offs_d, qk_scale,
+                                   m_i, l_i, acc, kstart, kend, h, s_kv, offs_d, qk_scale,
                                    HEAD_DIM, BLOCK_N, STAGES, s_layout, p_layout, row_o, ld,
                                    dtype, FIXED_MAX)
         if FIXED_MAX:
@@ -362,10 +367,10 @@ def _dcat_fwd_gluon_kernel(
             if gl.sum(gl.where(fin, 0, 1), 0) > 0:
                 _cta_barrier()
                 q, m_i, l_i, acc, offs_d, offs_m_o, mask_m_o, offs_d_o, row_off_o = _open_rows(
-                    Q, K, V, m0, c1, h, s, H, qk_scale, BLOCK_M, HEAD_DIM, ld, s_layout,
+                    Q, K, V, m0, c1, h, s, H, s_in, qk_scale, BLOCK_M, HEAD_DIM, ld, s_layout,
                     o_layout)
                 m_i, l_i, acc = _run_split(q_smem, k_bufs, v_bufs, bars, kc_desc, vc_desc, KC,
-                                           VC, m_i, l_i, acc, kstart, kend, h, s_qm, offs_d,
+                                           VC, m_i, l_i, acc, kstart, kend, h, s_kv, offs_d,
                                            qk_scale, HEAD_DIM, BLOCK_N, STAGES, s_layout,
                                            p_layout, row_o, ld, dtype, False)
         _write_rows(acc, m_i, l_i, O, LSE, PO, PL, s, h, H, Cn, offs_m_o, mask_m_o, offs_d_o,

@@ -75,25 +75,28 @@ _PAIRS: dict = {}  # (K base, V base, rows, cols, block rows, Dh, dtype) -> _Des
 _MAX_PAIRS = 2     # the last call's K and V of two layers; each pair holds its two tensors
 
 
-def _descriptor(t, rows: int, cols: int, bn: int, dh: int):
-    """A TMA descriptor over t viewed as [rows, cols] with [bn, dh] blocks (Gluon validates
-    it on the host: built once per cached pair, not per call)."""
-    return TensorDescriptor(t, [rows, cols], [cols, 1], [bn, dh],
-                            _smem_layout(bn, dh, t.dtype == torch.bfloat16))
+def _descriptor(t, rows: int, cols: int, bn: int, dh: int, row_stride: int | None = None):
+    """A TMA descriptor over t viewed as [rows, cols] (rows row_stride elements apart; None:
+    cols) with [bn, dh] blocks (Gluon validates it on the host: built once per cached pair,
+    not per call)."""
+    return TensorDescriptor(t, [rows, cols], [cols if row_stride is None else row_stride, 1],
+                            [bn, dh], _smem_layout(bn, dh, t.dtype == torch.bfloat16))
 
 
-def _descriptor_pair(kc, vc, rows: int, cols: int, bn: int, dh: int) -> _DescPair:
-    """K's and V's TMA descriptors over the [rows, cols] views with [bn, dh] blocks, in one
-    lookup, reused while the same K/V tensors come back (a serving KV cache, a benchmark
-    loop). A cached pair keeps its tensors alive, so their base addresses cannot be handed to
-    other tensors meanwhile; at most _MAX_PAIRS are kept (oldest dropped first)."""
-    key = (kc.data_ptr(), vc.data_ptr(), rows, cols, bn, dh, kc.dtype)
+def _descriptor_pair(kc, vc, rows: int, cols: int, bn: int, dh: int,
+                     row_stride: int | None = None) -> _DescPair:
+    """K's and V's TMA descriptors over the [rows, cols] views (row_stride elements per row;
+    None: cols) with [bn, dh] blocks, in one lookup, reused while the same K/V tensors come
+    back (a serving KV cache, a benchmark loop). A cached pair keeps its tensors alive, so
+    their base addresses cannot be handed to other tensors meanwhile; at most _MAX_PAIRS are
+    kept (oldest dropped first)."""
+    key = (kc.data_ptr(), vc.data_ptr(), rows, cols, bn, dh, kc.dtype, row_stride)
     p = _PAIRS.get(key)
     if p is None:
         while len(_PAIRS) >= _MAX_PAIRS:
             del _PAIRS[next(iter(_PAIRS))]
-        p = _PAIRS[key] = _DescPair(_descriptor(kc, rows, cols, bn, dh),
-                                    _descriptor(vc, rows, cols, bn, dh))
+        p = _PAIRS[key] = _DescPair(_descriptor(kc, rows, cols, bn, dh, row_stride),
+                                    _descriptor(vc, rows, cols, bn, dh, row_stride))
     return p
 
 
@@ -171,17 +174,22 @@ class GluonPlan:
 
 def launch(grid, q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, o, lse, po, pl,
            Cn, H, n_mtiles, max_ctx, split_size, qk_scale, cfg: FwdConfig, split,
-           plan: GluonPlan | None = None, aligned: bool | None = None):
+           plan: GluonPlan | None = None, aligned: bool | None = None,
+           sq: int | None = None, skv: int | None = None):
     """Launch the Gluon forward on ``grid`` (same grid and arguments as the ``tl`` kernel).
 
     k_ctx, v_ctx: [Lc, H, Dh], read through TMA descriptors over the [Lc, H*Dh] view.
     plan: the shape key's GluonPlan (None: made here, for one call); aligned: whether every
-    input pointer is 16-byte aligned (None: checked here).
+    input pointer is 16-byte aligned (None: checked here). sq, skv: the row strides of q/k/v
+    and of k_ctx/v_ctx in units of Dh (``triton_fwd.rows_stride``; None: contiguous, H).
     Returns True when the split partials were merged in the kernel (no combine launch)."""
     Lc, _, Dh = k_ctx.shape
+    sq = H if sq is None else sq
+    skv = H if skv is None else skv
     if plan is None:
         plan = GluonPlan(cfg, k_ctx.dtype, Dh, split, (H, n_mtiles, max_ctx, split_size))
-    pair = _descriptor_pair(k_ctx, v_ctx, Lc, H * Dh, plan.bn, Dh)
+    pair = _descriptor_pair(k_ctx, v_ctx, Lc, H * Dh, plan.bn, Dh,
+                            None if skv == H else skv * Dh)
     dev = q.get_device()
     cnt = _counters(dev, grid[0] * grid[1]) if plan.fuse else cand_offsets
     if aligned is None:
@@ -191,7 +199,7 @@ def launch(grid, q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, o, lse, po, p
     # outputs, partials and tickets come from torch's allocator (>= 512-byte aligned on CUDA)
     direct = aligned and plan.ints_ok and -_I32 <= Cn < _I32
     args = (q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, o, lse, po, pl, pair.kd, pair.vd,
-            cnt, Cn, H, n_mtiles, max_ctx, split_size, qk_scale)
+            cnt, Cn, H, n_mtiles, max_ctx, split_size, qk_scale, sq, skv)
     # CACHED_LAUNCH is read per call: the bench times both settings in one process
     kern = plan.kernel
     fast = kern.fast if direct and CACHED_LAUNCH else None
@@ -346,7 +354,7 @@ def compile_for_sm90(head_dim: int = 64, block_n: int = 128, stages: int = 3,
              "vc_desc": mangle_type(desc)}
     for name in ("Q", "K", "V", "KC", "VC", "O"):
         types[name] = "*bf16"
-    for name in ("Cn", "H", "n_mtiles", "max_ctx", "split_size"):
+    for name in ("Cn", "H", "n_mtiles", "max_ctx", "split_size", "SQ", "SKV"):
         types[name] = "i32"
     const = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages,
                  SPLIT=True, num_warps=num_warps)

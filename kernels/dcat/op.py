@@ -199,19 +199,21 @@ def dcat_attention(q: Tensor, k: Tensor, v: Tensor, k_ctx: Tensor, v_ctx: Tensor
         max_cands = _max_len(cand_offsets)
     if max_ctx_len is None:
         max_ctx_len = _max_len(ctx_offsets)
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    k_ctx, v_ctx = k_ctx.contiguous(), v_ctx.contiguous()
     max_ctx, scale = int(max_ctx), float(scale)
-    if _FORCE_CUSTOM_OP or _is_compiling():
-        return torch.ops.pinfm.dcat_fwd(q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets,
-                                        max_ctx, scale, max_cands, max_ctx_len)[0]
-    if not torch.is_grad_enabled() or not (q.requires_grad or k.requires_grad
-                                           or v.requires_grad or k_ctx.requires_grad
-                                           or v_ctx.requires_grad):
-        # inference (serving, eval): no autograd node, straight to the launcher
+    if not (_FORCE_CUSTOM_OP or _is_compiling()) and (
+            not torch.is_grad_enabled() or not (q.requires_grad or k.requires_grad
+                                                or v.requires_grad or k_ctx.requires_grad
+                                                or v_ctx.requires_grad)):
+        # inference (serving, eval): no autograd node, straight to the launcher, which reads
+        # row-strided q/k/v and k_ctx/v_ctx (slices of the qkv projection) in place
         return (_FWD or _fwd_impl())(q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets,
                                      max_ctx, scale, max_cands, max_ctx_len,
                                      None if config is None else config.fwd)[0]
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    k_ctx, v_ctx = k_ctx.contiguous(), v_ctx.contiguous()
+    if _FORCE_CUSTOM_OP or _is_compiling():
+        return torch.ops.pinfm.dcat_fwd(q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets,
+                                        max_ctx, scale, max_cands, max_ctx_len)[0]
     if _functorch_active():  # vmap / grad transforms: through Function.apply's own handling
         return _DcatFn.apply(q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets,
                              (max_ctx, scale, max_cands, max_ctx_len, config))

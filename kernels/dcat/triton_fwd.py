@@ -72,10 +72,10 @@ def _attn_update(q, kb, vb, m_i, l_i, acc, qk_scale, kmask,
 
 # Integer arguments are not specialised (value 1 / divisibility by 16): every ragged batch
 # would otherwise compile its own variant (the GPU correctness phase compiled ~100).
-@triton.jit(do_not_specialize=["Cn", "H", "n_mtiles", "max_ctx", "split_size"])
+@triton.jit(do_not_specialize=["Cn", "H", "n_mtiles", "max_ctx", "split_size", "SQ", "SKV"])
 def _dcat_fwd_kernel(
     Q, K, V, KC, VC, CO, XO, O, LSE, PO, PL, KC_DESC, VC_DESC,
-    Cn, H, n_mtiles, max_ctx, split_size, qk_scale,
+    Cn, H, n_mtiles, max_ctx, split_size, qk_scale, SQ, SKV,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr, IEEE: tl.constexpr, USE_TMA: tl.constexpr,
 ):
@@ -85,8 +85,13 @@ def _dcat_fwd_kernel(
     pid = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.program_id(2)
-    # all tensors contiguous [rows, H, HEAD_DIM]
+    # [rows, H, HEAD_DIM] with a dense (H, HEAD_DIM) part; row strides: q, k, v SQ * HEAD_DIM
+    # (e.g. views of a [rows, 3, H, HEAD_DIM] projection), k_ctx, v_ctx SKV * HEAD_DIM, the
+    # outputs H * HEAD_DIM (contiguous). Strides in units of HEAD_DIM: the compiler knows each
+    # row starts HEAD_DIM-aligned (vector loads) without specialising on their values
     s_qm = H * HEAD_DIM
+    s_in = SQ * HEAD_DIM
+    s_kv = SKV * HEAD_DIM
     s_qh = HEAD_DIM
     r = pid // n_mtiles
     mt = pid - r * n_mtiles
@@ -102,15 +107,15 @@ def _dcat_fwd_kernel(
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < c1
         offs_d = tl.arange(0, HEAD_DIM)
-        q = tl.load(Q + offs_m[:, None] * s_qm + h * s_qh + offs_d[None, :],
+        q = tl.load(Q + offs_m[:, None] * s_in + h * s_qh + offs_d[None, :],
                     mask=mask_m[:, None], other=0.0)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
         if s == 0:
-            ks = tl.load(K + offs_m[:, None] * s_qm + h * s_qh + offs_d[None, :],
+            ks = tl.load(K + offs_m[:, None] * s_in + h * s_qh + offs_d[None, :],
                          mask=mask_m[:, None], other=0.0)
-            vs = tl.load(V + offs_m[:, None] * s_qm + h * s_qh + offs_d[None, :],
+            vs = tl.load(V + offs_m[:, None] * s_in + h * s_qh + offs_d[None, :],
                          mask=mask_m[:, None], other=0.0)
             m_i = tl.sum(q.to(tl.float32) * ks.to(tl.float32), 1) * qk_scale
             l_i = tl.full([BLOCK_M], 1.0, tl.float32)
@@ -119,8 +124,8 @@ def _dcat_fwd_kernel(
         kend = tl.minimum(kstart + split_size, x1)
         n_full = (kend - kstart) // BLOCK_N
         offs_n = kstart + tl.arange(0, BLOCK_N)
-        kc_ptrs = KC + offs_n[:, None] * s_qm + h * s_qh + offs_d[None, :]
-        vc_ptrs = VC + offs_n[:, None] * s_qm + h * s_qh + offs_d[None, :]
+        kc_ptrs = KC + offs_n[:, None] * s_kv + h * s_qh + offs_d[None, :]
+        vc_ptrs = VC + offs_n[:, None] * s_kv + h * s_qh + offs_d[None, :]
         if USE_TMA:
             row = kstart.to(tl.int32)
             col = (h * HEAD_DIM).to(tl.int32)
@@ -130,14 +135,14 @@ def _dcat_fwd_kernel(
                 m_i, l_i, acc = _attn_update(q, kb, vb, m_i, l_i, acc, qk_scale, offs_n,
                                              False, IEEE)
                 row += BLOCK_N
-            kc_ptrs += n_full * BLOCK_N * s_qm
-            vc_ptrs += n_full * BLOCK_N * s_qm
+            kc_ptrs += n_full * BLOCK_N * s_kv
+            vc_ptrs += n_full * BLOCK_N * s_kv
         else:
             for _ in range(0, n_full):
                 m_i, l_i, acc = _attn_block(q, kc_ptrs, vc_ptrs, m_i, l_i, acc, qk_scale,
                                             offs_n, False, IEEE)
-                kc_ptrs += BLOCK_N * s_qm
-                vc_ptrs += BLOCK_N * s_qm
+                kc_ptrs += BLOCK_N * s_kv
+                vc_ptrs += BLOCK_N * s_kv
         tail = kstart + n_full * BLOCK_N
         if tail < kend:
             kmask = (tail + tl.arange(0, BLOCK_N)) < kend
@@ -271,26 +276,43 @@ def split_size_for(base: int, n_eff_max: int, block_n: int, waves: float, min_sp
     return cdiv(cdiv(n_eff_max, s), block_n) * block_n
 
 
-def _tl_descriptors(k_ctx, v_ctx, Lc, H, Dh, bn):
+def _tl_descriptors(k_ctx, v_ctx, Lc, H, Dh, bn, row_stride):
     from triton.tools.tensor_descriptor import TensorDescriptor
-    return (TensorDescriptor(k_ctx, [Lc, H * Dh], [H * Dh, 1], [bn, Dh]),
-            TensorDescriptor(v_ctx, [Lc, H * Dh], [H * Dh, 1], [bn, Dh]))
+    return (TensorDescriptor(k_ctx, [Lc, H * Dh], [row_stride, 1], [bn, Dh]),
+            TensorDescriptor(v_ctx, [Lc, H * Dh], [row_stride, 1], [bn, Dh]))
 
 
 def _launch_tl(grid, args, k_ctx, v_ctx, Cn, H, Dh, n_mtiles, max_ctx, split_size, qk_scale,
-               cfg: FwdConfig, split: bool, ieee: bool, elem: int, tile=None):
+               cfg: FwdConfig, split: bool, ieee: bool, elem: int, tile=None, sq=None, skv=None):
+    """sq, skv: row strides of q/k/v and of k_ctx/v_ctx in units of Dh (None: contiguous, H)."""
+    sq = H if sq is None else sq
+    skv = H if skv is None else skv
     use_tma = cfg.tma and k_ctx.shape[0] > 0
     # split_size stays a multiple of the (possibly halved) key block; tile: the plan's
     bn, stages = tile or fit_smem(cfg.block_n, cfg.block_m, cfg.num_stages, 2, 1, Dh, elem)
     if use_tma and bn == cfg.block_n:
-        kd, vd = _tl_descriptors(k_ctx, v_ctx, k_ctx.shape[0], H, Dh, bn)
+        kd, vd = _tl_descriptors(k_ctx, v_ctx, k_ctx.shape[0], H, Dh, bn, skv * Dh)
     else:
         use_tma, kd, vd = False, k_ctx, v_ctx
     interp = cfg.variant is Variant.INTERPRET
     _dcat_fwd_kernel[grid](
-        *args, kd, vd, Cn, H, n_mtiles, max_ctx, split_size, qk_scale,
+        *args, kd, vd, Cn, H, n_mtiles, max_ctx, split_size, qk_scale, sq, skv,
         HEAD_DIM=Dh, BLOCK_M=cfg.block_m, BLOCK_N=bn, SPLIT=split, IEEE=ieee, USE_TMA=use_tma,
         **({} if interp else dict(num_warps=cfg.num_warps, num_stages=stages)))
+
+
+def rows_stride(a, b, c=None) -> int:
+    """The common row stride, in units of Dh, of [rows, H, Dh] tensors a, b (and c) whose
+    (H, Dh) part is dense (strides (Dh, 1)): e.g. q, k, v sliced from one [rows, 3, H, Dh]
+    projection, or a KV cache kept as such slices; 0 when they differ or are not of that kind
+    (the caller then makes them contiguous)."""
+    st = a.stride()
+    if b.stride() != st or (c is not None and c.stride() != st):
+        return 0
+    dh = a.shape[2]
+    if st[1] != dh or st[2] != 1 or st[0] % dh or st[0] < a.shape[1] * dh:
+        return 0
+    return st[0] // dh
 
 
 class _Plan:
@@ -344,8 +366,9 @@ def plan_for(key, q, cfg: FwdConfig | None, R: int, H: int, Dh: int, max_cands: 
 def dcat_fwd_triton(q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, max_ctx: int,
                     scale: float, max_cands: int, max_ctx_len: int,
                     cfg: FwdConfig | None = None):
-    """Forward. q, k, v: [Cn, H, Dh]; k_ctx, v_ctx: [Lc, H, Dh] (all contiguous);
-    offsets [R+1].
+    """Forward. q, k, v: [Cn, H, Dh]; k_ctx, v_ctx: [Lc, H, Dh]; offsets [R+1]. q, k, v (and
+    k_ctx, v_ctx) are read in place when they share one row stride over a dense (H, Dh) part
+    (``rows_stride``: slices of a qkv projection), else made contiguous first.
 
     max_cands / max_ctx_len: max candidates / history tokens per request. cfg: the launch
     config (default: ``config.select`` for q's device, dtype and Dh).
@@ -357,7 +380,15 @@ def dcat_fwd_triton(q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, max_ctx: i
     R = cand_offsets.shape[0] - 1
     if scale < 0:  # the kernel takes the row max before scaling: needs scale > 0
         q, scale = -q, -scale
-    o = torch.empty_like(q)
+    # row strides (units of Dh): q, k, v and k_ctx, v_ctx may be row-strided views with a
+    # dense (H, Dh) part (slices of the layer's qkv projection): read in place, no copies
+    sq = rows_stride(q, k, v)
+    if not sq:
+        q, k, v, sq = q.contiguous(), k.contiguous(), v.contiguous(), H
+    skv = rows_stride(k_ctx, v_ctx)
+    if not skv:
+        k_ctx, v_ctx, skv = k_ctx.contiguous(), v_ctx.contiguous(), H
+    o = q.new_empty((Cn, H, Dh))
     lse = q.new_empty((Cn, H), dtype=torch.float32)
     if Cn == 0 or R <= 0 or max_cands <= 0:
         return o, lse
@@ -384,7 +415,7 @@ def dcat_fwd_triton(q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, max_ctx: i
                 combined = _gluon.launch(grid, q, k, v, k_ctx, v_ctx, cand_offsets,
                                          ctx_offsets, o, lse, po, pl, Cn, H, p.n_mtiles,
                                          max_ctx, p.split_size, qk_scale, cfg, split, gp,
-                                         not ptr_bits & 15)
+                                         not ptr_bits & 15, sq, skv)
                 ran = True
             except (CompilationError, OutOfResources) as e:
                 # Gluon's API still moves between Triton releases: the tl kernel computes
@@ -396,7 +427,7 @@ def dcat_fwd_triton(q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, max_ctx: i
     if not ran:
         _launch_tl(grid, (q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, o, lse, po, pl),
                    k_ctx, v_ctx, Cn, H, Dh, p.n_mtiles, max_ctx, p.split_size, qk_scale, cfg,
-                   split, q.dtype == torch.float32, q.element_size(), p.tl_tile)
+                   split, q.dtype == torch.float32, q.element_size(), p.tl_tile, sq, skv)
     if split and not combined:
         _dcat_combine_kernel[p.combine_grid](
             cand_offsets, ctx_offsets, o, lse, po, pl,
