@@ -17,7 +17,7 @@ import json
 import torch
 
 
-def profile_method(model, name: str, batch, L: int, C: int, device, iters: int, amp) -> dict:
+def profile_method(model, name: str, batch, L: int, C: int, device, iters: int, amp, top: int = 15) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     from pinfm_rec.serve.bench import method
@@ -41,7 +41,7 @@ def profile_method(model, name: str, batch, L: int, C: int, device, iters: int, 
         count[e.key] += e.count
     total = sum(time_us.values()) / iters
     top = [{"kernel": k[:120], "us_per_request": v / iters, "per_request": count[k] / iters}
-           for k, v in time_us.most_common(15)]
+           for k, v in time_us.most_common(top)]
     return {"method": name, "kernels_per_request": sum(count.values()) / iters,
             "gpu_us_per_request": total, "top": top}
 
@@ -58,6 +58,7 @@ def main(argv=None) -> list:
     p.add_argument("--methods", default="dcat,flex")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--top", type=int, default=15, help="kernels listed per method (by GPU time)")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
@@ -73,7 +74,7 @@ def main(argv=None) -> list:
     batch = Scorer(model, a.L, device, buckets=False).prepare(batch)
     out = []
     for name in a.methods.split(","):
-        r = profile_method(model, name, batch, a.L, a.C, device, a.iters, amp)
+        r = profile_method(model, name, batch, a.L, a.C, device, a.iters, amp, a.top)
         out.append(r)
         print(f"{name}: {r['kernels_per_request']:.0f} kernels, {r['gpu_us_per_request']:.1f} us GPU per request")
         for t in r["top"]:
