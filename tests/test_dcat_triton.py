@@ -237,8 +237,9 @@ def _qkv_slices(t, h, dh, gen, dtype, dev):
     return qkv[:, 0], qkv[:, 1], qkv[:, 2]
 
 
+@pytest.mark.parametrize("gluon_strided", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_row_strided_qkv_views_are_read_in_place(dtype, kernel_device):
+def test_row_strided_qkv_views_are_read_in_place(dtype, gluon_strided, kernel_device, monkeypatch):
     """q, k, v and the K/V cache as slices of qkv projections (row stride 3*H*Dh, what the trunk
     passes): the forward reads them in place (no copies) and gives exactly what it gives on
     contiguous copies, unsplit and split, through the selected kernel (Gluon on Hopper
@@ -246,6 +247,8 @@ def test_row_strided_qkv_views_are_read_in_place(dtype, kernel_device):
     if dtype == torch.bfloat16 and kernel_device.type != "cuda":
         pytest.skip("bf16 kernels are checked compiled on CUDA")
     fwd, _ = _mods()
+    # the Gluon kernel's strided reads (off by default until checked on a GPU: this test, True)
+    monkeypatch.setattr(fwd, "GLUON_STRIDED", gluon_strided)
     g = torch.Generator().manual_seed(3)
     h, dh = 2, 64
     cl, xl = [3, 70, 1], [300, 45, 1200]

@@ -20,6 +20,7 @@ lazily): triton.jit picks interpreter vs compiler at decoration time.
 from __future__ import annotations
 
 import math
+import os
 import warnings
 
 import torch
@@ -243,6 +244,13 @@ def cdiv(a: int, b: int) -> int:
 
 _GLUON_FAILED: list = []  # the error, once the Gluon kernel failed to build in this process
 
+# Row-strided q/k/v and K/V cache (``rows_stride``) are read in place by the tl kernel (checked
+# in CI through the interpreter and by the GPU suite). The Gluon (Hopper) kernel takes the same
+# strides, but that path has not yet run on a GPU: until it has (tests/test_dcat_triton.py's
+# strided test on an H100/H200 with PINFM_DCAT_GLUON_STRIDED=1), its inputs are made contiguous
+# first, as before. PINFM_DCAT_GLUON_STRIDED=1 turns it on.
+GLUON_STRIDED = os.environ.get("PINFM_DCAT_GLUON_STRIDED", "0") == "1"
+
 
 def _gluon_module():
     """gluon_launch, imported on first use (it needs Triton's Gluon; CPU runs never get here
@@ -395,6 +403,10 @@ def dcat_fwd_triton(q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, max_ctx: i
     key = (id(cfg), q.get_device(), q.dtype, k.dtype, v.dtype, k_ctx.dtype, v_ctx.dtype,
            cand_offsets.dtype, ctx_offsets.dtype, R, H, Dh, max_cands, max_ctx_len, max_ctx)
     p = _PLANS.get(key) or plan_for(key, q, cfg, R, H, Dh, max_cands, max_ctx_len, max_ctx)
+    if p.gluon is not None and not GLUON_STRIDED and (sq != H or skv != H):
+        # the Gluon kernel's strided reads are off until a GPU run has checked them
+        q, k, v, sq = q.contiguous(), k.contiguous(), v.contiguous(), H
+        k_ctx, v_ctx, skv = k_ctx.contiguous(), v_ctx.contiguous(), H
     cfg = p.cfg
     split = p.split
     if split:
