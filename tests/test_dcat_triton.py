@@ -289,3 +289,48 @@ def test_rows_stride_rejects_what_the_kernels_cannot_read():
     assert rows_stride(t, t) == 0
     y = torch.zeros(5, 2, 16)[:, :, :8]  # rows dense in Dh, but heads 16 apart
     assert rows_stride(y, y) == 0
+    one = torch.zeros(1, 2, 8).as_strided((1, 2, 8), (2 ** 40, 8, 1))  # one row: any stride is legal
+    assert rows_stride(one, one) == 2  # read as contiguous (the kernels take the stride as int32)
+
+    class Huge:  # a row stride past int32 (no real tensor of that extent is needed)
+        shape = (2, 2, 8)
+
+        def stride(self):
+            return (8 * 2 ** 31, 8, 1)
+    assert rows_stride(Huge(), Huge()) == 0  # the kernels take it as int32: copied
+
+
+def test_strided_inputs_reach_the_kernel_uncopied_and_misaligned_views_skip_tma(
+        kernel_device, monkeypatch):
+    """The tl launch gets the views themselves (row stride 3H, the same storage) on the inference
+    path; a K/V view whose base is not 16-byte aligned (offset by one element) is read without TMA
+    descriptors (which need an aligned base) and still matches the reference."""
+    if kernel_device.type == "cuda":
+        pytest.skip("checks the tl launch's arguments (the CPU/interpreter path)")
+    fwd, _ = _mods()
+    seen = []
+    real = fwd._launch_tl
+
+    def spy(grid, args, k_ctx, v_ctx, *rest, **kw):
+        seen.append((args[0].data_ptr(), k_ctx.data_ptr(), rest[-2], rest[-1]))
+        return real(grid, args, k_ctx, v_ctx, *rest, **kw)
+    monkeypatch.setattr(fwd, "_launch_tl", spy)
+    g = torch.Generator().manual_seed(5)
+    h, dh, cl, xl = 2, 32, [3, 5], [40, 17]
+    co, xo = _offs(cl, kernel_device), _offs(xl, kernel_device)
+    q, k, v = _qkv_slices(sum(cl), h, dh, g, torch.float32, kernel_device)
+    _, kc, vc = _qkv_slices(sum(xl), h, dh, g, torch.float32, kernel_device)
+    from pinfm_rec.kernels.dcat import dcat_attention
+    with torch.no_grad():
+        o = dcat_attention(q, k, v, kc, vc, co, xo, kernel="triton", max_cands=5, max_ctx_len=40)
+    assert seen[-1] == (q.data_ptr(), kc.data_ptr(), 3 * h, 3 * h)
+    _close(o, dcat_reference(*(t.double() for t in (q, k, v, kc, vc)), co, xo), torch.float32, "o")
+    buf = torch.randn(sum(xl) * 3 * h * dh + 1, generator=g)[1:]  # 4-byte offset: misaligned base
+    qkv_x = buf.view(sum(xl), 3, h, dh)
+    kc2, vc2 = qkv_x[:, 1], qkv_x[:, 2]
+    assert (kc2.data_ptr() | vc2.data_ptr()) & 15
+    cfg = _cfg(kernel_device, torch.float32, dh, dict(SMALL_F, tma=True))
+    o2, _ = fwd.dcat_fwd_triton(q, k, v, kc2, vc2, co, xo, 0, dh ** -0.5, 5, 40, cfg.fwd)
+    assert seen[-1][2:] == (3 * h, 3 * h)
+    ref = dcat_reference(*(t.double() for t in (q, k, v, kc2, vc2)), co, xo)
+    _close(o2, ref, torch.float32, "o misaligned")

@@ -295,7 +295,8 @@ def _launch_tl(grid, args, k_ctx, v_ctx, Cn, H, Dh, n_mtiles, max_ctx, split_siz
     """sq, skv: row strides of q/k/v and of k_ctx/v_ctx in units of Dh (None: contiguous, H)."""
     sq = H if sq is None else sq
     skv = H if skv is None else skv
-    use_tma = cfg.tma and k_ctx.shape[0] > 0
+    # TMA needs a 16-byte aligned history base (a view into a buffer may not have one)
+    use_tma = cfg.tma and k_ctx.shape[0] > 0 and not (k_ctx.data_ptr() | v_ctx.data_ptr()) & 15
     # split_size stays a multiple of the (possibly halved) key block; tile: the plan's
     bn, stages = tile or fit_smem(cfg.block_n, cfg.block_m, cfg.num_stages, 2, 1, Dh, elem)
     if use_tma and bn == cfg.block_n:
@@ -314,11 +315,14 @@ def rows_stride(a, b, c=None) -> int:
     (H, Dh) part is dense (strides (Dh, 1)): e.g. q, k, v sliced from one [rows, 3, H, Dh]
     projection, or a KV cache kept as such slices; 0 when they differ or are not of that kind
     (the caller then makes them contiguous)."""
+    dh, h = a.shape[2], a.shape[1]
+    if a.shape[0] <= 1:  # one row: its stride is never used (and may be anything): H
+        dense = all(t.stride()[1:] == (dh, 1) for t in (a, b, c) if t is not None)
+        return h if dense or h * dh == 0 else 0
     st = a.stride()
     if b.stride() != st or (c is not None and c.stride() != st):
         return 0
-    dh = a.shape[2]
-    if st[1] != dh or st[2] != 1 or st[0] % dh or st[0] < a.shape[1] * dh:
+    if st[1] != dh or st[2] != 1 or st[0] % dh or st[0] < h * dh or st[0] // dh >= 2 ** 31:
         return 0
     return st[0] // dh
 
