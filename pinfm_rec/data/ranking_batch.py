@@ -36,6 +36,9 @@ class RankingBatch:
     cand_cold: [C] bool, True where the candidate's item is cold (``data.cold_item_min_count``): the
         models withhold its id signal (the ranker's candidate-id bag is empty, the encoder's candidate
         item embedding zero); None = every candidate's id is used.
+    packed: ``serve.packing.PackedInputs`` when the tensors are views of one device buffer (the
+        scorer's one-copy transfer; ``serve/packing.py``), else None. Mapping the tensors (``to``,
+        ``pin_memory``) drops it.
     """
 
     history: SequenceBatch
@@ -48,6 +51,7 @@ class RankingBatch:
     max_cands: Optional[int] = None
     host: Optional[HostSizes] = None
     cand_cold: Optional[torch.Tensor] = None
+    packed: Optional[object] = None
 
     @property
     def num_requests(self) -> int:
@@ -84,6 +88,7 @@ class RankingBatch:
             if isinstance(v, (torch.Tensor, KeyedJaggedTensor, SequenceBatch)):
                 v = fn(v)
             out[f.name] = v
+        out["packed"] = None  # the mapped tensors are no longer views of the packed buffer
         return RankingBatch(**out)
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "RankingBatch":

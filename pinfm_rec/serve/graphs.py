@@ -8,7 +8,9 @@ and dtypes plus the host sizes the forward reads (N, max_cands, per-key lengths,
 size). ``GraphedLogits`` captures that sequence once per signature into a ``torch.cuda.CUDAGraph``
 (warm-up on a side stream, then capture; one memory pool shared by all graphs) and afterwards
 copies each new batch into the captured input buffers and replays: one launch instead of
-hundreds of kernel launches and their Python/dispatch cost.
+hundreds of kernel launches and their Python/dispatch cost. A packed batch (``serve/packing.py``,
+what ``Scorer.prepare`` makes on a GPU) is refreshed with one copy of its buffer instead of one
+copy per tensor (about a dozen launches on the host before the replay can start).
 
 Known limit (not measured on a GPU yet): with the ranker's history bag
 (``finetune.history_bag_len`` > 0) the bag's size, sum over requests of min(n_r, K) * c_r, is part of
@@ -27,38 +29,19 @@ import warnings
 from typing import Dict, List, Optional, Tuple
 
 import torch
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
-
 from .hostprof import innermost_site
+from .packing import batch_tensors, packed_layout
 
 CPU_MESSAGE = "--cuda-graphs needs a CUDA device: scoring on {device} eagerly (no graphs)"
 MAX_GRAPHS = 64  # graphs kept; past it the least recently used one is dropped
 
 
-def batch_tensors(batch) -> List[torch.Tensor]:
-    """Every tensor a prepared RankingBatch holds, in a fixed order (the KJT's cached ones too)."""
-    out: List[torch.Tensor] = []
-
-    def add(v) -> None:
-        if isinstance(v, torch.Tensor):
-            out.append(v)
-        elif isinstance(v, KeyedJaggedTensor):
-            for name in ("_values", "_weights", "_lengths", "_offsets"):
-                t = getattr(v, name, None)
-                if isinstance(t, torch.Tensor):
-                    out.append(t)
-
-    h = batch.history
-    for v in (h.features, h.timestamps, h.request_ids, h.target_timestamp, batch.cand_item, batch.cand_offsets,
-              batch.labels, batch.dense, batch.cand_new, batch.weights):
-        add(v)
-    return out
-
-
 def signature(batch, model=None) -> Tuple:
-    """What a captured graph depends on: tensor shapes/dtypes and the host sizes the forward reads
-    (the ranker's history-bag size for ``model``'s bag length; the repeated-history size in the
-    flat mode). Batches of one bucket with full histories share a signature."""
+    """What a captured graph depends on: tensor shapes/dtypes (for a packed batch, its buffer's
+    layout, computed when it was packed) and the host sizes the forward reads (the ranker's
+    history-bag size for ``model``'s bag length; the repeated-history size in the flat mode).
+    Batches of one bucket with full histories share a signature; a packed and an unpacked batch
+    never do (their inputs are refreshed differently)."""
     kjt = batch.history.features
     host = batch.host
     hs = None
@@ -66,7 +49,9 @@ def signature(batch, model=None) -> Tuple:
         k = getattr(model, "history_bag_len", 0)
         hs = (host.ids_checked, host.bag_total(k) if k else 0,
               host.dup_total() if getattr(model, "mode", "dcat") == "flat" else 0)
-    tensors = tuple((tuple(t.shape), t.dtype) for t in batch_tensors(batch))
+    layout = packed_layout(batch)
+    tensors = ("packed", layout) if layout is not None else \
+        tuple((tuple(t.shape), t.dtype) for t in batch_tensors(batch))
     return (tensors, tuple(kjt.keys()), tuple(kjt._length_per_key or ()), batch.history.max_len, batch.max_cands, hs)
 
 
@@ -107,6 +92,7 @@ class GraphedLogits:
     def _capture(self, batch) -> Tuple[torch.cuda.CUDAGraph, List[torch.Tensor], torch.Tensor]:
         static = batch  # its tensors become the graph's input buffers (kept alive by the entry)
         inputs = batch_tensors(static)  # listed before the warm-up, which may fill KJT caches
+        packed = packed_layout(static) is not None
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
@@ -119,6 +105,8 @@ class GraphedLogits:
         if len(batch_tensors(static)) != len(inputs):
             raise RuntimeError("the warm-up changed the batch's tensors (a KJT without offsets/lengths: "
                                "prepare batches with Scorer.prepare)")
+        if packed:  # the inputs are views of one buffer: replays refresh that buffer (its first entry)
+            inputs = [static.packed.buffer] + inputs
         return graph, inputs, out
 
     @torch.no_grad()
@@ -143,8 +131,11 @@ class GraphedLogits:
             return entry[2].clone()
         graph, inputs, out = entry
         self.graphs[key] = self.graphs.pop(key)  # most recently used last (LRU order)
-        for dst, src in zip(inputs, batch_tensors(batch), strict=True):
-            dst.copy_(src, non_blocking=True)
+        if key[0][:1] == ("packed",):  # same layout as the captured batch's buffer: one copy refreshes all
+            inputs[0].copy_(batch.packed.buffer, non_blocking=True)
+        else:
+            for dst, src in zip(inputs, batch_tensors(batch), strict=True):
+                dst.copy_(src, non_blocking=True)
         graph.replay()
         self.replays += 1
         return out.clone()

@@ -30,6 +30,7 @@ from pinfm_rec.data.ranking_batch import RankingBatch
 from pinfm_rec.model.jagged import lengths_to_offsets
 from pinfm_rec.model.trunk import TrunkLayer
 from pinfm_rec.rankers.dlrm import place_interaction_indices
+from pinfm_rec.serve.packing import pack
 from pinfm_rec.serve.precision import precast_linears
 from pinfm_rec.serve.requests_io import RequestFile, write_scores
 
@@ -143,15 +144,20 @@ class Scorer:
     ``logits(batch)`` = ``forward(prepare(batch))`` read back: ``prepare`` does the host work
     (padding, id checks, host sizes, transfer), ``forward`` the device work without host syncs;
     cuda_graphs: replay a CUDA graph of ``forward`` per bucketed shape (``serve/graphs.py``).
+    pack: ``prepare`` moves a batch as one buffer (``serve/packing.py``; one transfer, and one copy
+    per graph replay, instead of one per tensor); None: on a CUDA device.
     autocast: the dtype ``forward`` runs under; the model's ``nn.Linear`` weights are then cast to it
     in place, once (``serve/precision.py``: the casts autocast would repeat on every call, same
     scores): use the model through this Scorer, or under the same autocast, afterwards.
     """
 
     def __init__(self, model, max_len: int, device: str | torch.device = "cpu", *, buckets: bool = True,
-                 compile: bool = False, autocast: Optional[torch.dtype] = None, cuda_graphs: bool = False) -> None:
+                 compile: bool = False, autocast: Optional[torch.dtype] = None, cuda_graphs: bool = False,
+                 pack: Optional[bool] = None) -> None:
         self.model = model.eval()
         self.device = torch.device(device)
+        # pack: move each batch as one buffer (serve/packing.py); None = on a CUDA device
+        self.pack = self.device.type == "cuda" if pack is None else bool(pack)
         self.max_len = max_len  # history cut (the run's data.max_len)
         self.n_cap = history_cap(model, max_len)
         self.buckets = buckets
@@ -172,7 +178,8 @@ class Scorer:
     def prepare(self, batch: RankingBatch) -> RankingBatch:
         """Host side of a CPU batch: bucket padding, ids range-checked on the host (id mode
         "error"), host sizes (``RankingBatch.host``) and the KJT's per-key lengths/offsets
-        computed here, then the transfer. The device batch it returns needs no host sync."""
+        computed here, then the transfer (packed into one buffer when ``pack``). The device batch
+        it returns needs no host sync."""
         if self.buckets:
             batch = pad_batch(batch, self.n_cap)
         checked = self._id_check is not None
@@ -183,6 +190,8 @@ class Scorer:
         batch = dataclasses.replace(batch, host=HostSizes.of(batch, ids_checked=checked))
         h = batch.history
         self.shapes.add((batch.num_requests, h.timestamps.numel(), batch.num_candidates, h.max_len, batch.max_cands))
+        if self.pack:  # one pinned buffer, one transfer (and one copy per graph replay): serve/packing.py
+            return pack(batch, self.device)
         return batch.to(self.device, non_blocking=True)
 
     @torch.no_grad()

@@ -1,0 +1,78 @@
+"""serve/packing.py: a scoring batch moved as one buffer (one transfer, one copy per graph replay)."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from pinfm_rec.data.ranking_batch import random_ranking_batch
+from pinfm_rec.serve import hostprof
+from pinfm_rec.serve.bench import TINY
+from pinfm_rec.serve.graphs import signature
+from pinfm_rec.serve.packing import ALIGN, batch_tensors, pack, packed_layout
+
+
+def _batch(seed=0, hist=(5, 0, 32, 7), cands=(3, 2, 4, 0)):
+    return random_ranking_batch(torch.Generator().manual_seed(seed), list(hist), list(cands),
+                                num_items=TINY["num_items"], num_dense=3)
+
+
+@pytest.fixture(scope="module")
+def scorers():
+    torch.manual_seed(0)
+    plain = hostprof.tiny_scorer("fp32", max_len=32, pack=False)
+    packed = type(plain)(plain.model, 32, "cpu", pack=True)
+    return plain, packed
+
+
+def test_packed_batch_is_views_of_one_aligned_buffer_with_the_same_values(scorers):
+    plain, packed = scorers
+    ref, got = plain.prepare(_batch(1)), packed.prepare(_batch(1))
+    assert ref.packed is None and got.packed is not None
+    a, b = batch_tensors(ref), batch_tensors(got)
+    assert len(a) == len(b) >= 10
+    buf = got.packed.buffer
+    base = buf.data_ptr()
+    for x, y in zip(a, b):
+        assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y)
+        assert y.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()  # one storage
+        assert (y.data_ptr() - base) % ALIGN == 0 and y.is_contiguous()
+    # the KJT keeps the host sizes prepare computed (the forward reads them without a sync)
+    kr, kg = ref.history.features, got.history.features
+    assert kg._length_per_key == kr._length_per_key and kg._offset_per_key == kr._offset_per_key
+    assert got.host == ref.host and got.max_cands == ref.max_cands
+    # writing the buffer is writing the batch: what a graph replay's one copy relies on
+    buf.zero_()
+    assert all(not t.any() for t in batch_tensors(got))
+
+
+def test_packed_batch_scores_equal_the_unpacked_one(scorers):
+    plain, packed = scorers
+    for seed in range(3):
+        b = _batch(seed)
+        torch.testing.assert_close(packed.logits(b), plain.logits(b), atol=0, rtol=0)
+
+
+def test_packing_survives_only_untouched_batches(scorers):
+    _, packed = scorers
+    b = packed.prepare(_batch(2))
+    assert packed_layout(b) == b.packed.layout
+    sig = signature(b, packed.model)
+    assert sig[0][0] == "packed"
+    # another packed batch of the same shapes: the same graph key (its buffer refreshes the graph)
+    assert signature(packed.prepare(_batch(3)), packed.model) == sig
+    # mapping the tensors drops the packing; replacing one leaves a stale packing, which is ignored
+    assert b.to("cpu").packed is None
+    stale = dataclasses.replace(b, cand_item=b.cand_item.clone())
+    assert stale.packed is b.packed and packed_layout(stale) is None
+    assert signature(stale, packed.model)[0][0] != "packed"
+
+
+def test_pack_handles_empty_tensors_and_every_dtype():
+    b = _batch(4, hist=(0, 0), cands=(0, 0))
+    b = dataclasses.replace(b, weights=torch.ones(0))
+    p = pack(b, "cpu")
+    for x, y in zip(batch_tensors(b), batch_tensors(p)):
+        assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y)
+    assert {t.dtype for t in batch_tensors(_batch())} >= {torch.int64, torch.float32, torch.bool}
