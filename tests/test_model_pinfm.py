@@ -108,6 +108,43 @@ def test_time_features():
     assert log_bucket(torch.tensor([0, 1, 3, 1000, -5, 10**12])).tolist() == [0, 1, 2, 9, 0, 31]
 
 
+@pytest.mark.parametrize("with_request_ts", [False, True])
+def test_time_features_match_a_row_by_row_reference_on_ragged_rows(with_request_ts):
+    # random rows, empty ones included (first, last, consecutive): the gaps and the embedding sum
+    # against a plain per-row loop (the kernels-saving code derives "last of its row" from
+    # "first of the next")
+    from pinfm_rec.model.features import NUM_TIME_BUCKETS, TimeFeatures
+
+    g = torch.Generator().manual_seed(3)
+    feats = TimeFeatures(4)
+    nb = NUM_TIME_BUCKETS
+    for trial in range(20):
+        lens = torch.randint(0, 4, (int(torch.randint(1, 7, (1,), generator=g)),), generator=g)
+        if trial % 3 == 0:
+            lens[0] = 0
+        if trial % 4 == 0:
+            lens[-1] = 0
+        off = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)])
+        ts = torch.randint(0, 10**6, (int(off[-1]),), generator=g)
+        req = torch.randint(0, 2 * 10**6, (lens.numel(),), generator=g) if with_request_ts else None
+        want_prev, want_next, want_first, want_unknown = [], [], [], []
+        for r in range(lens.numel()):
+            row = ts[off[r]:off[r + 1]].tolist()
+            for i, t in enumerate(row):
+                want_first.append(i == 0)
+                want_prev.append(0 if i == 0 else t - row[i - 1])
+                last = i == len(row) - 1
+                want_unknown.append(last and req is None)
+                want_next.append((int(req[r]) - t if req is not None else 0) if last else row[i + 1] - t)
+        gp, gn, first, unknown = time_gaps(ts, off, request_ts=req)
+        assert gp.tolist() == want_prev and gn.tolist() == want_next
+        assert first.tolist() == want_first and unknown.tolist() == want_unknown
+        b_prev = torch.where(first, nb, log_bucket(gp))
+        b_next = torch.where(unknown, nb, log_bucket(gn))
+        want = feats.prev(b_prev) + feats.next(b_next)
+        torch.testing.assert_close(feats(ts, off, req), want, atol=0, rtol=0)
+
+
 def test_full_catalogue_forward_scores_every_item():
     F = torch.nn.functional
     model = _model(full_catalogue=True, user_masking=False, temperature=0.1)
