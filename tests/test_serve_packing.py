@@ -76,3 +76,27 @@ def test_pack_handles_empty_tensors_and_every_dtype():
     for x, y in zip(batch_tensors(b), batch_tensors(p)):
         assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y)
     assert {t.dtype for t in batch_tensors(_batch())} >= {torch.int64, torch.float32, torch.bool}
+
+
+def test_prepare_builds_the_rankers_sparse_features_on_the_host_same_as_the_forward(scorers):
+    from pinfm_rec.rankers.dlrm import ranker_features
+
+    plain, packed = scorers
+    k = plain.model.history_bag_len
+    assert k > 0
+    for sc in (plain, packed):
+        b = sc.prepare(_batch(6))
+        assert b.ranker_sparse is not None and b.ranker_bag_len == k
+        assert ranker_features(b, k) is b.ranker_sparse  # the forward reads it as is
+        device_built = ranker_features(dataclasses.replace(b, ranker_sparse=None), k)
+        for name in ("values", "lengths", "offsets"):
+            assert torch.equal(getattr(b.ranker_sparse, name)(), getattr(device_built, name)())
+        assert b.ranker_sparse.length_per_key() == device_built.length_per_key()
+        # another bag length: built on the device again, not the stale one
+        assert ranker_features(b, k - 1) is not b.ranker_sparse
+        with torch.no_grad():
+            torch.testing.assert_close(sc.model.logits(b), sc.model.logits(
+                dataclasses.replace(b, ranker_sparse=None, packed=None)), atol=0, rtol=0)
+    b = packed.prepare(_batch(6))
+    buf = b.packed.buffer.untyped_storage().data_ptr()
+    assert b.ranker_sparse.values().untyped_storage().data_ptr() == buf  # travels in the one buffer

@@ -36,6 +36,11 @@ class RankingBatch:
     cand_cold: [C] bool, True where the candidate's item is cold (``data.cold_item_min_count``): the
         models withhold its id signal (the ranker's candidate-id bag is empty, the encoder's candidate
         item embedding zero); None = every candidate's id is used.
+    ranker_sparse: the ranker's sparse KJT (``rankers.dlrm.ranker_features``) built on the host
+        for ``ranker_bag_len`` (the scorer's ``prepare``: a serving request's features arrive
+        built, as a ranking service's feature pipeline sends them), or None (built on the device
+        from the deduplicated batch, as in training).
+    ranker_bag_len: the history-bag length ``ranker_sparse`` was built for.
     packed: ``serve.packing.PackedInputs`` when the tensors are views of one device buffer (the
         scorer's one-copy transfer; ``serve/packing.py``), else None. Mapping the tensors (``to``,
         ``pin_memory``) drops it.
@@ -51,6 +56,8 @@ class RankingBatch:
     max_cands: Optional[int] = None
     host: Optional[HostSizes] = None
     cand_cold: Optional[torch.Tensor] = None
+    ranker_sparse: Optional[KeyedJaggedTensor] = None
+    ranker_bag_len: Optional[int] = None
     packed: Optional[object] = None
 
     @property

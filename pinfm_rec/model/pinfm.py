@@ -253,7 +253,7 @@ class PinFM(nn.Module):
         if h.shape[0] == 0:
             return h.new_zeros(lengths.numel(), self.spec.embedding.dim).float()
         u = self.normalize(self.head(h[last_index(offsets)]))  # [B, dim]
-        return torch.where((lengths > 0)[:, None], u, torch.zeros_like(u))
+        return torch.where((lengths > 0)[:, None], u, 0.0)  # scalar branch: no fill kernel
 
     def _embed(self, batch: SequenceBatch, all_items_as_negatives: bool = False) -> TokenEmbeddings:
         """all_items_as_negatives: the ``neg_item_id`` feature becomes arange(num_items) (the loss's

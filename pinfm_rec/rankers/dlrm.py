@@ -112,7 +112,11 @@ def ranker_features(batch: RankingBatch, history_bag_len: int) -> KeyedJaggedTen
     """KJT with C rows (one per candidate), expanded on the device from the deduplicated batch:
     ``r_cand_item`` (1 id per row) and ``r_hist_items`` (the last ``history_bag_len`` history
     items of the candidate's request). A cold candidate (``batch.cand_cold`` [C], data.cold_item_min_count)
-    has an empty ``r_cand_item`` bag: its SUM-pooled id embedding is 0 and its id row gets no gradient."""
+    has an empty ``r_cand_item`` bag: its SUM-pooled id embedding is 0 and its id row gets no gradient.
+    A batch that carries this KJT built on the host for the same bag length (``batch.ranker_sparse``,
+    the scorer's ``prepare``) returns it: the same ids, no device work."""
+    if batch.ranker_sparse is not None and batch.ranker_bag_len == history_bag_len:
+        return batch.ranker_sparse
     c = batch.num_candidates
     dev = batch.cand_item.device
     keys = [CAND_FEATURE]

@@ -28,7 +28,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 ALIGN = 64  # bytes: each packed tensor starts at a multiple of it (a cache line; >= 16 for vector loads)
 _KJT_TENSORS = ("_values", "_weights", "_lengths", "_offsets")
 _HISTORY_FIELDS = ("features", "timestamps", "request_ids", "target_timestamp")
-_BATCH_FIELDS = ("cand_item", "cand_offsets", "labels", "dense", "cand_new", "weights")
+_BATCH_FIELDS = ("cand_item", "cand_offsets", "labels", "dense", "cand_new", "weights", "ranker_sparse")
 
 Layout = Tuple[Tuple[int, Tuple[int, ...], torch.dtype], ...]  # (byte offset, shape, dtype) per tensor
 
@@ -65,13 +65,13 @@ def batch_tensors(batch) -> List[torch.Tensor]:
 
 
 def map_batch_tensors(batch, fn: Callable[[torch.Tensor], torch.Tensor]):
-    """``batch`` with every tensor of ``batch_tensors`` replaced by ``fn(t)`` (same order); the
+    """``batch`` with every tensor of ``batch_tensors`` replaced by ``fn(t)`` (same order); each
     KJT keeps its cached host sizes (a shallow copy with its tensors swapped, its JaggedTensor
     cache cleared). ``packed`` is dropped (the caller sets the new one)."""
-    h = batch.history
-    hist = {}
-    for f in _HISTORY_FIELDS:
-        v = getattr(h, f)
+
+    def one(v):
+        if isinstance(v, torch.Tensor):
+            return fn(v)
         if isinstance(v, KeyedJaggedTensor):
             kjt = copy.copy(v)
             for n in _KJT_TENSORS:
@@ -80,12 +80,12 @@ def map_batch_tensors(batch, fn: Callable[[torch.Tensor], torch.Tensor]):
                     setattr(kjt, n, fn(t))
             if hasattr(kjt, "_jt_dict"):
                 kjt._jt_dict = None  # its JaggedTensors would point at the old tensors
-            v = kjt
-        elif isinstance(v, torch.Tensor):
-            v = fn(v)
-        hist[f] = v
-    out = {f: (fn(getattr(batch, f)) if isinstance(getattr(batch, f), torch.Tensor) else getattr(batch, f))
-           for f in _BATCH_FIELDS}
+            return kjt
+        return v
+
+    h = batch.history
+    hist = {f: one(getattr(h, f)) for f in _HISTORY_FIELDS}
+    out = {f: one(getattr(batch, f)) for f in _BATCH_FIELDS}
     return dataclasses.replace(batch, history=dataclasses.replace(h, **hist), packed=None, **out)
 
 
@@ -112,8 +112,7 @@ def pack(batch, device: torch.device | str, non_blocking: bool = True):
     (``batch.packed``): one copy instead of one per tensor. A KJT carrying inverse indices (not
     part of ``batch_tensors``) is moved tensor by tensor instead (``batch.to``, not packed)."""
     device = torch.device(device)
-    kjt = batch.history.features
-    if isinstance(kjt, KeyedJaggedTensor) and getattr(kjt, "_inverse_indices", None) is not None:
+    if any(getattr(k, "_inverse_indices", None) is not None for k in (batch.history.features, batch.ranker_sparse)):
         return batch.to(device, non_blocking=non_blocking)
     if batch.cand_cold is not None:  # not a graph input (serving refuses cold masking): moved alone
         batch = dataclasses.replace(batch, cand_cold=batch.cand_cold.to(device, non_blocking=non_blocking))

@@ -29,7 +29,7 @@ from pinfm_rec.data.host_sizes import HostSizes
 from pinfm_rec.data.ranking_batch import RankingBatch
 from pinfm_rec.model.jagged import lengths_to_offsets
 from pinfm_rec.model.trunk import TrunkLayer
-from pinfm_rec.rankers.dlrm import place_interaction_indices
+from pinfm_rec.rankers.dlrm import place_interaction_indices, ranker_features
 from pinfm_rec.serve.packing import pack
 from pinfm_rec.serve.precision import precast_linears
 from pinfm_rec.serve.requests_io import RequestFile, write_scores
@@ -166,6 +166,8 @@ class Scorer:
             precast_linears(self.model, autocast)
         self.shapes: set = set()  # distinct (U, L, C, N, max_cands) seen: what a compiled path compiles for
         self._id_check = host_id_check(self.model)
+        # a RankerWithEncoder's sparse features are built in prepare (on the host), not per forward
+        self._bag_len = getattr(self.model, "history_bag_len", None) if hasattr(self.model, "ranker") else None
         place_interaction_indices(self.model, self.device)
         if compile:
             compile_hot_path(self.model)
@@ -177,8 +179,8 @@ class Scorer:
 
     def prepare(self, batch: RankingBatch) -> RankingBatch:
         """Host side of a CPU batch: bucket padding, ids range-checked on the host (id mode
-        "error"), host sizes (``RankingBatch.host``) and the KJT's per-key lengths/offsets
-        computed here, then the transfer (packed into one buffer when ``pack``). The device batch
+        "error"), host sizes (``RankingBatch.host``), the KJT's per-key lengths/offsets and the
+        ranker's sparse KJT (``RankingBatch.ranker_sparse``) computed here, then the transfer (packed into one buffer when ``pack``). The device batch
         it returns needs no host sync."""
         if self.buckets:
             batch = pad_batch(batch, self.n_cap)
@@ -188,6 +190,10 @@ class Scorer:
         kjt = batch.history.features
         kjt.length_per_key(), kjt.offset_per_key(), kjt.offsets()  # cached on the KJT: travel with .to()
         batch = dataclasses.replace(batch, host=HostSizes.of(batch, ids_checked=checked))
+        if self._bag_len is not None:  # the ranker's KJT built here, as a feature pipeline sends it
+            sparse = ranker_features(batch, self._bag_len)  # the forward's own code, on the host
+            sparse.offsets(), sparse.length_per_key(), sparse.offset_per_key()  # cached: no device work
+            batch = dataclasses.replace(batch, ranker_sparse=sparse, ranker_bag_len=self._bag_len)
         h = batch.history
         self.shapes.add((batch.num_requests, h.timestamps.numel(), batch.num_candidates, h.max_len, batch.max_cands))
         if self.pack:  # one pinned buffer, one transfer (and one copy per graph replay): serve/packing.py
