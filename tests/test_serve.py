@@ -187,6 +187,7 @@ def test_load_bench_cpu_tiny_mode(tmp_path):
     rows = saved["rows"]
     assert {r["method"] for r in rows} == {"dcat", "dup_sdpa", "masked_sdpa", "flex"}
     assert all(r["cands_per_s"] > 0 and r["p99_ms"] >= r["p50_ms"] > 0 for r in rows)
+    assert all(r["prepare_ms"] > 0 for r in rows)  # the host preparation, reported beside the service time
     # the methods compute the same scores (checked by the bench itself before timing)
     assert all(r["max_abs_diff_vs_dcat"] < 1e-4 for r in rows if r["precision"] == "fp32")
     assert saved["int8_table_memory_ratio_encoder"] > 3.5 > saved["int8_table_memory_ratio"] > 3.0  # D=128 / +D=16

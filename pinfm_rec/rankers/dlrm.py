@@ -143,6 +143,40 @@ def ranker_features(batch: RankingBatch, history_bag_len: int) -> KeyedJaggedTen
                              length_per_key=lpk)
 
 
+def ranker_features_host(batch: RankingBatch, history_bag_len: int) -> KeyedJaggedTensor:
+    """``ranker_features`` of a CPU batch in numpy (a scoring request's host preparation: a few
+    array ops instead of ~20 small torch ops, ~10x less host time), the same KJT value for value,
+    with its per-key lengths and offsets cached. Cold candidates (``cand_cold``) take the torch path."""
+    if batch.cand_cold is not None or batch.cand_item.device.type != "cpu":
+        kjt = ranker_features(batch, history_bag_len)
+    else:
+        import numpy as np
+
+        c = batch.num_candidates
+        co = batch.cand_offsets.numpy()
+        values = [batch.cand_item.long().numpy()]
+        lengths = [np.ones(c, dtype=np.int64)]
+        if history_bag_len > 0:
+            hist = batch.history.features[ITEM_KEY]
+            ho = hist.offsets().numpy()
+            per_req = np.diff(co)  # candidates per request [U]
+            keep = np.minimum(np.diff(ho), history_bag_len)  # [U] bag length per request
+            lc = np.repeat(keep, per_req)  # [C]
+            start = np.repeat(ho[1:] - keep, per_req)  # [C] first kept history element
+            ends = np.cumsum(lc)
+            m = int(ends[-1]) if c else 0
+            index = np.repeat(start - (ends - lc), lc) + np.arange(m)  # [M]
+            values.append(hist.values().numpy()[index])
+            lengths.append(lc.astype(np.int64))
+        kjt = KeyedJaggedTensor(
+            keys=[CAND_FEATURE] + ([HIST_FEATURE] if history_bag_len > 0 else []),
+            values=torch.from_numpy(np.concatenate(values).astype(np.int64, copy=False)),
+            lengths=torch.from_numpy(np.concatenate(lengths)), stride=c,
+            length_per_key=[int(v.size) for v in values])
+    kjt.offsets(), kjt.length_per_key(), kjt.offset_per_key()  # cached on the KJT: no device work later
+    return kjt
+
+
 class RankerWithEncoder(nn.Module):
     """An unchanged TorchRec ranker + (optionally) the PinFM encoder feeding its dense input.
 

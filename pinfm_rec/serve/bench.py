@@ -20,7 +20,10 @@ before timing):
 Each (method, L, C, precision) is timed per request (service time, CUDA-synchronised, after
 warm-up; at least ``iters`` calls and ``min_s`` seconds), eagerly or, with ``--cuda-graphs``, every
 method alike through one CUDA graph per shape (``serve/graphs.py``; a failed capture is timed
-eagerly and named in its row); throughput = 1 / mean service time (requests/s) and C / mean
+eagerly and named in its row); the request's host preparation (``Scorer.prepare``: id checks, host
+sizes, the ranker's sparse KJT, packing, the transfer) is not in the service time (the same for
+every method, overlapped with the previous request's GPU work in a service) and is reported per
+shape as ``prepare_ms``; throughput = 1 / mean service time (requests/s) and C / mean
 (candidates/s). Latency at fixed offered loads: Poisson arrivals at ``--loads`` x ours' capacity (the same absolute rate for
 every method) through a single-server FIFO queue fed with the measured service times (Lindley
 recursion); p50 / p99 of wait + service, or "overloaded" when the load exceeds the method's
@@ -133,6 +136,21 @@ def service_times(fn, iters: int, warmup: int, device: torch.device, min_s: floa
     return np.array(out)
 
 
+def prepare_ms(scorer, batch, device: torch.device, n: int = 20) -> float:
+    """Median ms of ``scorer.prepare(batch)`` (the request's host preparation: id checks, host
+    sizes, the ranker's sparse features, packing and the transfer; synchronised): not part of the
+    service times (every method shares it; a service overlaps it with the previous request's GPU
+    work), reported beside them."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    out = []
+    for _ in range(n + 2):
+        t0 = time.perf_counter()
+        scorer.prepare(batch)
+        sync()
+        out.append(time.perf_counter() - t0)
+    return float(np.median(out[2:]) * 1e3)
+
+
 def queue_latency(service: np.ndarray, rate: float, n: int = 2000, seed: int = 0) -> Optional[Dict[str, float]]:
     """p50/p99 (ms) of wait + service in a FIFO single server at Poisson ``rate`` (requests/s),
     service times drawn from the measured ones; None when rate >= capacity (overloaded)."""
@@ -185,7 +203,9 @@ def run(cfg: dict, device: torch.device, loads=(0.5, 0.8), methods=METHODS, prec
         for C in cfg["Cs"]:
             gen = torch.Generator().manual_seed(L * 7919 + C)
             batch = random_ranking_batch(gen, [L], [C], num_items=cfg["num_items"], num_dense=3)
-            batch = Scorer(base, max_len, device, buckets=False).prepare(batch)
+            scorer = Scorer(base, max_len, device, buckets=False)
+            prep_ms = prepare_ms(scorer, batch, device)
+            batch = scorer.prepare(batch)
             ref, capacity = None, None
             for prec in precisions:
                 if prec == "int8" and quant is None:
@@ -201,7 +221,8 @@ def run(cfg: dict, device: torch.device, loads=(0.5, 0.8), methods=METHODS, prec
                     if prec == "int8" and name != "dcat":
                         continue  # tables are the same for every method: int8 is timed for ours
                     label = prec if prec == "int8" or amp else "fp32"  # no autocast on CPU
-                    row = {"method": name, "precision": label, "L": L, "C": C, **({"compiled": True} if compile else {})}
+                    row = {"method": name, "precision": label, "L": L, "C": C, "prepare_ms": prep_ms,
+                           **({"compiled": True} if compile else {})}
                     if name == "dup_sdpa" and L * C > MAX_DUP_TOKENS:
                         rows.append({**row, "skipped": f"L*C = {L * C} tokens per layer > {MAX_DUP_TOKENS}"})
                         continue
@@ -336,18 +357,19 @@ def markdown(res: dict) -> str:
               "int8_table_memory_ratio", "int8_gauc_delta", "mixed_table_memory_ratio", "mixed_gauc_delta"):
         v = res.get(k)
         lines.append(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |")
-    lines += ["", "| method | prec | L | C | cands/s | req/s | mean ms | p99 ms @0.5 | p99 ms @0.8 |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "| method | prec | L | C | cands/s | req/s | mean ms | p99 ms @0.5 | p99 ms @0.8 | prepare ms |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         if "skipped" in r:
-            lines.append(f"| {r['method']} | {r['precision']} | {r['L']} | {r['C']} | skipped: {r['skipped']} |||||")
+            lines.append(f"| {r['method']} | {r['precision']} | {r['L']} | {r['C']} | skipped: {r['skipped']} ||||||")
             continue
         p = [(r["loads"].get(k) or {}).get("p99_ms") for k in ("0.5", "0.8")]
         ps = [f"{x:.3f}" if x is not None else "overloaded" for x in p]
         graph = r.get("cuda_graph")  # True, or why the capture failed (timed eagerly then)
         name = r["method"] + ("" if graph is None else " +graph" if graph is True else " (graph failed)")
         lines.append(f"| {name} | {r['precision']} | {r['L']} | {r['C']} | {r['cands_per_s']:.0f} | "
-                     f"{r['requests_per_s']:.1f} | {r['mean_ms']:.3f} | {ps[0]} | {ps[1]} |")
+                     f"{r['requests_per_s']:.1f} | {r['mean_ms']:.3f} | {ps[0]} | {ps[1]} | "
+                     + (f"{r['prepare_ms']:.3f} |" if r.get("prepare_ms") is not None else "- |"))
     return "\n".join(lines) + "\n"
 
 

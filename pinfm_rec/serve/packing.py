@@ -90,27 +90,44 @@ def map_batch_tensors(batch, fn: Callable[[torch.Tensor], torch.Tensor]):
 
 
 def layout_of(tensors: List[torch.Tensor]) -> Tuple[Layout, int]:
-    """(layout, total bytes) of ``tensors`` packed at ``ALIGN``-byte offsets."""
+    """(layout, total bytes rounded up to ``ALIGN``) of ``tensors`` packed at ``ALIGN``-byte offsets."""
     layout, off = [], 0
     for t in tensors:
         off = -(-off // ALIGN) * ALIGN
         layout.append((off, tuple(t.shape), t.dtype))
         off += t.numel() * t.element_size()
-    return tuple(layout), off
+    return tuple(layout), max(-(-off // ALIGN) * ALIGN, ALIGN)
 
 
-def _view(buf: torch.Tensor, off: int, shape: Tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    n = 1
-    for s in shape:
-        n *= s
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return buf[off:off + n * itemsize].view(dtype).view(shape)
+_PAD = torch.zeros(ALIGN, dtype=torch.uint8)
+
+
+def _contiguous_strides(shape: Tuple[int, ...]) -> Tuple[int, ...]:
+    out, acc = [], 1
+    for s in reversed(shape):
+        out.append(acc)
+        acc *= max(s, 1)
+    return tuple(reversed(out))
+
+
+def views_of(buf: torch.Tensor, layout: Layout) -> List[torch.Tensor]:
+    """The tensors of ``layout`` over the byte buffer ``buf`` (one typed view per dtype, then one
+    ``as_strided`` per tensor)."""
+    typed = {}
+    out = []
+    for off, shape, dtype in layout:
+        t = typed.get(dtype)
+        if t is None:
+            t = typed[dtype] = buf.view(dtype)  # buf's length is a multiple of ALIGN: any itemsize divides it
+        out.append(t.as_strided(shape, _contiguous_strides(shape), off // t.element_size()))
+    return out
 
 
 def pack(batch, device: torch.device | str, non_blocking: bool = True):
-    """A CPU batch -> the same batch on ``device`` over one packed buffer
-    (``batch.packed``): one copy instead of one per tensor. A KJT carrying inverse indices (not
-    part of ``batch_tensors``) is moved tensor by tensor instead (``batch.to``, not packed)."""
+    """A CPU batch -> the same batch on ``device`` over one packed buffer (``batch.packed``): one
+    concatenation into (pinned, for CUDA) host memory, one transfer, instead of a transfer per
+    tensor. A KJT carrying inverse indices (not part of ``batch_tensors``) is moved tensor by
+    tensor instead (``batch.to``, not packed)."""
     device = torch.device(device)
     if any(getattr(k, "_inverse_indices", None) is not None for k in (batch.history.features, batch.ranker_sparse)):
         return batch.to(device, non_blocking=non_blocking)
@@ -118,12 +135,20 @@ def pack(batch, device: torch.device | str, non_blocking: bool = True):
         batch = dataclasses.replace(batch, cand_cold=batch.cand_cold.to(device, non_blocking=non_blocking))
     tensors = batch_tensors(batch)
     layout, nbytes = layout_of(tensors)
+    parts, pos = [], 0
+    for (off, _, _), t in zip(layout, tensors):
+        if off > pos:
+            parts.append(_PAD[:off - pos])
+        b = t.contiguous().reshape(-1).view(torch.uint8)
+        parts.append(b)
+        pos = off + b.numel()
+    if nbytes > pos:
+        parts.append(_PAD[:nbytes - pos])
     pin = device.type == "cuda" and torch.cuda.is_available()
-    host = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=pin)
-    for (off, shape, dtype), t in zip(layout, tensors):
-        _view(host, off, shape, dtype).copy_(t)
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+    torch.cat(parts, out=host)
     buf = host.to(device, non_blocking=non_blocking and pin) if device != host.device else host
-    views = iter([_view(buf, off, shape, dtype) for off, shape, dtype in layout])
+    views = iter(views_of(buf, layout))
     out = map_batch_tensors(batch, lambda t: next(views))
     return dataclasses.replace(out, packed=PackedInputs(buf, layout, tuple(batch_tensors(out))))
 

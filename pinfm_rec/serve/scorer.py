@@ -29,7 +29,7 @@ from pinfm_rec.data.host_sizes import HostSizes
 from pinfm_rec.data.ranking_batch import RankingBatch
 from pinfm_rec.model.jagged import lengths_to_offsets
 from pinfm_rec.model.trunk import TrunkLayer
-from pinfm_rec.rankers.dlrm import place_interaction_indices, ranker_features
+from pinfm_rec.rankers.dlrm import place_interaction_indices, ranker_features_host
 from pinfm_rec.serve.packing import pack
 from pinfm_rec.serve.precision import precast_linears
 from pinfm_rec.serve.requests_io import RequestFile, write_scores
@@ -191,8 +191,7 @@ class Scorer:
         kjt.length_per_key(), kjt.offset_per_key(), kjt.offsets()  # cached on the KJT: travel with .to()
         batch = dataclasses.replace(batch, host=HostSizes.of(batch, ids_checked=checked))
         if self._bag_len is not None:  # the ranker's KJT built here, as a feature pipeline sends it
-            sparse = ranker_features(batch, self._bag_len)  # the forward's own code, on the host
-            sparse.offsets(), sparse.length_per_key(), sparse.offset_per_key()  # cached: no device work
+            sparse = ranker_features_host(batch, self._bag_len)  # = the forward's ranker_features
             batch = dataclasses.replace(batch, ranker_sparse=sparse, ranker_bag_len=self._bag_len)
         h = batch.history
         self.shapes.add((batch.num_requests, h.timestamps.numel(), batch.num_candidates, h.max_len, batch.max_cands))
