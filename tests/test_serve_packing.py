@@ -100,3 +100,19 @@ def test_prepare_builds_the_rankers_sparse_features_on_the_host_same_as_the_forw
     b = packed.prepare(_batch(6))
     buf = b.packed.buffer.untyped_storage().data_ptr()
     assert b.ranker_sparse.values().untyped_storage().data_ptr() == buf  # travels in the one buffer
+
+
+@pytest.mark.parametrize("hist,cands", [((2048,), (256,)), ((5, 0, 60, 7), (3, 2, 4, 0)), ((0,), (0,)),
+                                        ((3, 3), (0, 0)), ((0, 9), (4, 1))])
+def test_ranker_features_host_equals_the_device_code(hist, cands):
+    from pinfm_rec.data.host_sizes import HostSizes
+    from pinfm_rec.rankers.dlrm import ranker_features, ranker_features_host
+
+    b = _batch(7, hist=hist, cands=cands)
+    b = dataclasses.replace(b, host=HostSizes.of(b, ids_checked=True))
+    for k in (0, 1, 3, 50):
+        want, got = ranker_features(b, k), ranker_features_host(b, k)
+        assert got.keys() == want.keys() and got.length_per_key() == want.length_per_key()
+        for name in ("values", "lengths", "offsets"):
+            w, g = getattr(want, name)(), getattr(got, name)()
+            assert g.dtype == w.dtype and torch.equal(g, w), (k, name)
