@@ -28,11 +28,13 @@ def scorers():
     return {t: hostprof.tiny_scorer(t, max_len=32) for t in ("fp32", "int8")}
 
 
-@pytest.mark.parametrize("tables", ["fp32", "int8"])
-def test_scorer_forward_has_no_host_sync_on_the_cpu_proxy(scorers, tables):
+@pytest.mark.parametrize("tables,pack", [("fp32", False), ("int8", False), ("fp32", True), ("int8", True)])
+def test_scorer_forward_has_no_host_sync_on_the_cpu_proxy(scorers, tables, pack):
     scorer = scorers[tables]
+    if pack:  # the GPU default: one packed buffer (serve/packing.py)
+        scorer = type(scorer)(scorer.model, 32, "cpu", pack=True)
     dev = scorer.prepare(_batch())
-    assert dev.host is not None and dev.host.ids_checked
+    assert dev.host is not None and dev.host.ids_checked and (dev.packed is not None) == pack
     scorer.forward(dev)
     res = hostprof.profile(lambda: scorer.forward(dev), n=2)
     assert res["syncs_per_call"] == 0, res["sync_sites"]
