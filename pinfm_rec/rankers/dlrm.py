@@ -145,7 +145,7 @@ def ranker_features(batch: RankingBatch, history_bag_len: int) -> KeyedJaggedTen
 
 def ranker_features_host(batch: RankingBatch, history_bag_len: int) -> KeyedJaggedTensor:
     """``ranker_features`` of a CPU batch in numpy (a scoring request's host preparation: a few
-    array ops instead of ~20 small torch ops, ~10x less host time), the same KJT value for value,
+    array ops instead of ~20 small torch ops: ~5x less host time on a CPU), the same KJT value for value,
     with its per-key lengths and offsets cached. Cold candidates (``cand_cold``) take the torch path."""
     if batch.cand_cold is not None or batch.cand_item.device.type != "cpu":
         kjt = ranker_features(batch, history_bag_len)

@@ -29,6 +29,7 @@ import warnings
 from typing import Dict, List, Optional, Tuple
 
 import torch
+
 from .hostprof import innermost_site
 from .packing import batch_tensors, packed_layout
 

@@ -180,8 +180,8 @@ class Scorer:
     def prepare(self, batch: RankingBatch) -> RankingBatch:
         """Host side of a CPU batch: bucket padding, ids range-checked on the host (id mode
         "error"), host sizes (``RankingBatch.host``), the KJT's per-key lengths/offsets and the
-        ranker's sparse KJT (``RankingBatch.ranker_sparse``) computed here, then the transfer (packed into one buffer when ``pack``). The device batch
-        it returns needs no host sync."""
+        ranker's sparse KJT (``RankingBatch.ranker_sparse``) computed here, then the transfer
+        (one packed buffer when ``pack``). The device batch it returns needs no host sync."""
         if self.buckets:
             batch = pad_batch(batch, self.n_cap)
         checked = self._id_check is not None
