@@ -116,3 +116,44 @@ def test_ranker_features_host_equals_the_device_code(hist, cands):
         for name in ("values", "lengths", "offsets"):
             w, g = getattr(want, name)(), getattr(got, name)()
             assert g.dtype == w.dtype and torch.equal(g, w), (k, name)
+
+
+def test_pack_edge_cases_numpy_empty_tensors_device_batches_and_eval_fields():
+    from pinfm_rec.data.host_sizes import HostSizes
+    from pinfm_rec.rankers.dlrm import ranker_features_host
+
+    # no candidates at all: numpy's empty arrays come with stride 0, which a byte view refuses
+    b = _batch(8, hist=(5, 3), cands=(0, 0))
+    b = dataclasses.replace(b, host=HostSizes.of(b, ids_checked=True))
+    b = dataclasses.replace(b, ranker_sparse=ranker_features_host(b, 4), ranker_bag_len=4)
+    p = pack(b, "cpu")
+    assert p.packed is not None and p.ranker_sparse.values().numel() == 0
+    for x, y in zip(batch_tensors(b), batch_tensors(p)):
+        assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y)
+    # a batch already on a device is moved as is (pack needs host tensors to concatenate)
+    m = pack(_batch(9).to("meta"), "meta")
+    assert m.packed is None and m.cand_item.device.type == "meta"
+    # fields the forward does not read from the buffer still move to the device
+    e = dataclasses.replace(_batch(9), cand_cold=torch.zeros(9, dtype=torch.bool))
+    e = dataclasses.replace(e, history=dataclasses.replace(e.history, weights=torch.ones(4)))
+    pm = pack(e, "meta")
+    assert pm.packed is not None and pm.cand_cold.device.type == "meta"
+    assert pm.history.weights.device.type == "meta"
+
+
+def test_a_prebuilt_ranker_kjt_is_not_used_for_another_candidate_set_or_cold_candidates(scorers):
+    from pinfm_rec.rankers.dlrm import ranker_features
+
+    plain, _ = scorers
+    k = plain.model.history_bag_len
+    b = plain.prepare(_batch(10))
+    fewer = dataclasses.replace(b, cand_item=b.cand_item[:-1], labels=b.labels[:-1], dense=b.dense[:-1],
+                                cand_new=b.cand_new[:-1], weights=None,
+                                cand_offsets=torch.tensor([0, 3, 5, 8, 8]))
+    assert ranker_features(fewer, k) is not b.ranker_sparse  # other candidate count: rebuilt
+    cold = dataclasses.replace(b, cand_cold=torch.zeros(b.num_candidates, dtype=torch.bool))
+    assert ranker_features(cold, k) is not b.ranker_sparse  # cold masking: the forward's own build
+    raw = _batch(10)
+    unpadded = type(plain)(plain.model, 32, "cpu", buckets=False)  # (bucket padding drops cand_cold)
+    raw = dataclasses.replace(raw, cand_cold=torch.zeros(raw.num_candidates, dtype=torch.bool))
+    assert unpadded.prepare(raw).ranker_sparse is None

@@ -39,7 +39,9 @@ class RankingBatch:
     ranker_sparse: the ranker's sparse KJT (``rankers.dlrm.ranker_features``) built on the host
         for ``ranker_bag_len`` (the scorer's ``prepare``: a serving request's features arrive
         built, as a ranking service's feature pipeline sends them), or None (built on the device
-        from the deduplicated batch, as in training).
+        from the deduplicated batch, as in training). Edit a prepared batch's candidates or history
+        and this must go (``dataclasses.replace(batch, ranker_sparse=None)``): the forward checks
+        only the bag length, the candidate count and that no candidate is cold.
     ranker_bag_len: the history-bag length ``ranker_sparse`` was built for.
     packed: ``serve.packing.PackedInputs`` when the tensors are views of one device buffer (the
         scorer's one-copy transfer; ``serve/packing.py``), else None. Mapping the tensors (``to``,

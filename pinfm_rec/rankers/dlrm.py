@@ -113,10 +113,14 @@ def ranker_features(batch: RankingBatch, history_bag_len: int) -> KeyedJaggedTen
     ``r_cand_item`` (1 id per row) and ``r_hist_items`` (the last ``history_bag_len`` history
     items of the candidate's request). A cold candidate (``batch.cand_cold`` [C], data.cold_item_min_count)
     has an empty ``r_cand_item`` bag: its SUM-pooled id embedding is 0 and its id row gets no gradient.
-    A batch that carries this KJT built on the host for the same bag length (``batch.ranker_sparse``,
-    the scorer's ``prepare``) returns it: the same ids, no device work."""
-    if batch.ranker_sparse is not None and batch.ranker_bag_len == history_bag_len:
-        return batch.ranker_sparse
+    A batch that carries this KJT built on the host for the same bag length and candidate count
+    (``batch.ranker_sparse``, the scorer's ``prepare``, never with cold candidates) returns it: the
+    same ids, no device work. (A prepared batch whose candidates or history are edited afterwards
+    must drop it: ``dataclasses.replace(batch, ranker_sparse=None)``.)"""
+    pre = batch.ranker_sparse
+    if pre is not None and batch.ranker_bag_len == history_bag_len and batch.cand_cold is None \
+            and pre.stride() == batch.num_candidates:
+        return pre
     c = batch.num_candidates
     dev = batch.cand_item.device
     keys = [CAND_FEATURE]
@@ -146,7 +150,7 @@ def ranker_features(batch: RankingBatch, history_bag_len: int) -> KeyedJaggedTen
 def ranker_features_host(batch: RankingBatch, history_bag_len: int) -> KeyedJaggedTensor:
     """``ranker_features`` of a CPU batch in numpy (a scoring request's host preparation: a few
     array ops instead of ~20 small torch ops: ~5x less host time on a CPU), the same KJT value for value,
-    with its per-key lengths and offsets cached. Cold candidates (``cand_cold``) take the torch path."""
+    with its per-key lengths and offsets cached (the torch code with cold candidates, ``cand_cold``)."""
     if batch.cand_cold is not None or batch.cand_item.device.type != "cpu":
         kjt = ranker_features(batch, history_bag_len)
     else:

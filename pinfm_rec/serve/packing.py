@@ -9,12 +9,14 @@ byte buffer (each at a ``ALIGN``-byte offset, so every view keeps the alignment 
 kernels and FBGEMM expect), moves that buffer in one copy (pinned host memory for a CUDA
 target) and rebuilds the batch over views of it; a graph then refreshes all its inputs with one
 copy (``GraphedLogits``). The batch's values, shapes, dtypes and the KJT's cached host sizes are
-unchanged: the forward cannot tell a packed batch from a moved one.
+unchanged: the forward cannot tell a packed batch from a moved one (the few tensors it does not
+read from the buffer, ``cand_cold`` and the history's eval-only fields, are moved alone).
 
 ``RankingBatch.packed`` carries the buffer and the layout (``PackedInputs``). Anything that maps
 the batch's tensors (``RankingBatch.to``, ``pin_memory``) drops it; a batch whose tensors were
 replaced another way (``dataclasses.replace``) no longer matches its views, which
-``PackedInputs.holds`` checks before a graph trusts the one-copy path.
+``PackedInputs.holds`` checks before a graph trusts the one-copy path (the batch is then refreshed
+tensor by tensor).
 """
 from __future__ import annotations
 
@@ -126,20 +128,27 @@ def views_of(buf: torch.Tensor, layout: Layout) -> List[torch.Tensor]:
 def pack(batch, device: torch.device | str, non_blocking: bool = True):
     """A CPU batch -> the same batch on ``device`` over one packed buffer (``batch.packed``): one
     concatenation into (pinned, for CUDA) host memory, one transfer, instead of a transfer per
-    tensor. A KJT carrying inverse indices (not part of ``batch_tensors``) is moved tensor by
-    tensor instead (``batch.to``, not packed)."""
+    tensor. A batch already on a device, or with a KJT carrying inverse indices (not part of
+    ``batch_tensors``), is moved tensor by tensor instead (``batch.to``, not packed)."""
     device = torch.device(device)
-    if any(getattr(k, "_inverse_indices", None) is not None for k in (batch.history.features, batch.ranker_sparse)):
-        return batch.to(device, non_blocking=non_blocking)
-    if batch.cand_cold is not None:  # not a graph input (serving refuses cold masking): moved alone
-        batch = dataclasses.replace(batch, cand_cold=batch.cand_cold.to(device, non_blocking=non_blocking))
     tensors = batch_tensors(batch)
+    if any(getattr(k, "_inverse_indices", None) is not None for k in (batch.history.features, batch.ranker_sparse)) \
+            or any(t.device.type != "cpu" for t in tensors):  # (a batch already on a device: moved as is)
+        return batch.to(device, non_blocking=non_blocking)
+    # tensors the scoring forward does not take from the buffer: moved alone (cand_cold: serving
+    # refuses cold masking; the history's target_item / weights: eval-only fields)
+    h = batch.history
+    batch = dataclasses.replace(
+        batch, cand_cold=None if batch.cand_cold is None else batch.cand_cold.to(device, non_blocking=non_blocking),
+        history=dataclasses.replace(h, **{f: getattr(h, f).to(device, non_blocking=non_blocking)
+                                          for f in ("target_item", "weights") if getattr(h, f) is not None}))
     layout, nbytes = layout_of(tensors)
     parts, pos = [], 0
     for (off, _, _), t in zip(layout, tensors):
         if off > pos:
             parts.append(_PAD[:off - pos])
-        b = t.contiguous().reshape(-1).view(torch.uint8)
+        # (an empty tensor may carry stride 0, from numpy, which a dtype view refuses)
+        b = t.contiguous().reshape(-1).view(torch.uint8) if t.numel() else _PAD[:0]
         parts.append(b)
         pos = off + b.numel()
     if nbytes > pos:

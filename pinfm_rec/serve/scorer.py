@@ -190,7 +190,8 @@ class Scorer:
         kjt = batch.history.features
         kjt.length_per_key(), kjt.offset_per_key(), kjt.offsets()  # cached on the KJT: travel with .to()
         batch = dataclasses.replace(batch, host=HostSizes.of(batch, ids_checked=checked))
-        if self._bag_len is not None:  # the ranker's KJT built here, as a feature pipeline sends it
+        if self._bag_len is not None and batch.cand_cold is None:  # the ranker's KJT built here, as a
+            # feature pipeline sends it (cold candidates: built by the forward, which masks them)
             sparse = ranker_features_host(batch, self._bag_len)  # = the forward's ranker_features
             batch = dataclasses.replace(batch, ranker_sparse=sparse, ranker_bag_len=self._bag_len)
         h = batch.history
