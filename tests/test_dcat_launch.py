@@ -41,6 +41,42 @@ def test_split_ticket_buffers_graph_captures_never_share_with_eager(monkeypatch)
     assert g._counters(dev, 10) is not eager
 
 
+def test_split_partials_scratch_per_stream_views_cached_graph_captures_allocate(monkeypatch):
+    # the split partials of eager calls are views of one buffer per (device, stream), one view
+    # pair per shape; the buffer grows to the largest shape, pl stays 16-byte aligned after po;
+    # a capture (and a CPU tensor) allocates fresh ones. Host logic only: CUDA state faked
+    pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
+    from pinfm_rec.kernels.dcat import gluon_launch as g
+
+    capturing, stream = [False], [7]
+    monkeypatch.setattr(g, "_capturing", lambda: capturing[0])
+    monkeypatch.setattr(g, "_stream_of", lambda index: stream[0])
+    monkeypatch.setattr(g, "_SCRATCH", {})
+    q = torch.zeros(3, 2, 16, dtype=torch.bfloat16)
+    cpu = g.split_scratch(q, 2, 3, 2, 16)  # a CPU tensor: plain allocations, nothing cached
+    assert g._SCRATCH == {} and cpu[0].shape == (2, 3, 2, 16) and cpu[1].shape == (2, 3, 2)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    po, pl = g.split_scratch(q, 2, 3, 2, 16)
+    assert po.shape == (2, 3, 2, 16) and pl.shape == (2, 3, 2)
+    assert po.dtype == pl.dtype == torch.float32 and po.is_contiguous() and pl.is_contiguous()
+    assert po.untyped_storage().data_ptr() == pl.untyped_storage().data_ptr()
+    assert pl.data_ptr() - po.data_ptr() == po.numel() * 4 and pl.data_ptr() % 16 == 0
+    assert g.split_scratch(q, 2, 3, 2, 16)[0] is po  # same shape: the same views
+    small = g.split_scratch(q, 1, 2, 2, 16)  # smaller: a view of the same buffer
+    assert small[0].data_ptr() == po.data_ptr() and small[0].shape == (1, 2, 2, 16)
+    big = g.split_scratch(q, 4, 50, 2, 16)  # bigger: a new buffer, old views dropped
+    assert big[0].data_ptr() != po.data_ptr() and big[1].shape == (4, 50, 2)
+    assert g.split_scratch(q, 2, 3, 2, 16)[0].data_ptr() == big[0].data_ptr()
+    stream[0] = 8  # another stream: a buffer of its own
+    assert g.split_scratch(q, 2, 3, 2, 16)[0].data_ptr() != big[0].data_ptr()
+    capturing[0] = True  # a capture: fresh allocations, nothing cached
+    n = len(g._SCRATCH)
+    cap = g.split_scratch(q, 2, 3, 2, 16)
+    assert len(g._SCRATCH) == n and cap[0].data_ptr() not in (po.data_ptr(), big[0].data_ptr())
+    g.clear_scratch()
+    assert g._SCRATCH == {}
+
+
 def test_descriptor_pairs_cached_and_bounded(monkeypatch):
     # one lookup per call for K and V; a pair holds its two descriptors (and their launcher
     # encodings, cached-descriptor launch only); at most _MAX_PAIRS pairs stay

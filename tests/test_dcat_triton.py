@@ -247,7 +247,7 @@ def test_row_strided_qkv_views_are_read_in_place(dtype, gluon_strided, kernel_de
     if dtype == torch.bfloat16 and kernel_device.type != "cuda":
         pytest.skip("bf16 kernels are checked compiled on CUDA")
     fwd, _ = _mods()
-    # the Gluon kernel's strided reads (off by default until checked on a GPU: this test, True)
+    # the Gluon kernel's strided reads: on (the default) and off (PINFM_DCAT_GLUON_STRIDED=0)
     monkeypatch.setattr(fwd, "GLUON_STRIDED", gluon_strided)
     g = torch.Generator().manual_seed(3)
     h, dh = 2, 64

@@ -99,7 +99,7 @@ def proxy():
             patch(gluon_launch, name, value)
     patch(triton_fwd, "sm_count", lambda device: H200_SMS)
     patch(gluon_launch, "_dcat_fwd_gluon_kernel", _StubJIT(gluon_launch._dcat_fwd_gluon_kernel))
-    for name in ("_COMPILED", "_DESCRIPTORS", "_COUNTERS", "_PAIRS", "_KERNELS"):  # (+ old names)
+    for name in ("_COMPILED", "_DESCRIPTORS", "_COUNTERS", "_PAIRS", "_KERNELS", "_SCRATCH"):  # (+ old names)
         if hasattr(gluon_launch, name):
             patch(gluon_launch, name, {})
     # Triton's launch path: the cached-descriptor launch (on by default on a GPU) calls Triton's

@@ -244,12 +244,12 @@ def cdiv(a: int, b: int) -> int:
 
 _GLUON_FAILED: list = []  # the error, once the Gluon kernel failed to build in this process
 
-# Row-strided q/k/v and K/V cache (``rows_stride``) are read in place by the tl kernel (checked
-# in CI through the interpreter and by the GPU suite). The Gluon (Hopper) kernel takes the same
-# strides, but that path has not yet run on a GPU: until it has (tests/test_dcat_triton.py's
-# strided test on an H100/H200 with PINFM_DCAT_GLUON_STRIDED=1), its inputs are made contiguous
-# first, as before. PINFM_DCAT_GLUON_STRIDED=1 turns it on.
-GLUON_STRIDED = os.environ.get("PINFM_DCAT_GLUON_STRIDED", "0") == "1"
+# Row-strided q/k/v and K/V cache (``rows_stride``) are read in place by both kernels: the tl
+# kernel (CI, through the interpreter) and the Gluon (Hopper) kernel, checked on an H100 on
+# 2026-12-07 (scripts/gpu/dcat_strided_check.py: bit-equal to contiguous inputs at 7 anchor
+# shapes, GPU time per call 21.6 -> 9.6 us at (1, 512, 64); the GPU suite passed with it on).
+# PINFM_DCAT_GLUON_STRIDED=0 makes the Gluon kernel's inputs contiguous first, as before.
+GLUON_STRIDED = os.environ.get("PINFM_DCAT_GLUON_STRIDED", "1") != "0"
 
 
 def _gluon_module():
@@ -413,7 +413,9 @@ def dcat_fwd_triton(q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, max_ctx: i
         k_ctx, v_ctx, skv = k_ctx.contiguous(), v_ctx.contiguous(), H
     cfg = p.cfg
     split = p.split
-    if split:
+    if split and p.gluon is not None:  # scratch shared by the calls on one stream
+        po, pl = _gluon.split_scratch(q, p.n_split, Cn, H, Dh)
+    elif split:
         po = q.new_empty((p.n_split, Cn, H, Dh), dtype=torch.float32)
         pl = q.new_empty((p.n_split, Cn, H), dtype=torch.float32)
     else:
