@@ -41,7 +41,7 @@ def test_split_ticket_buffers_graph_captures_never_share_with_eager(monkeypatch)
     assert g._counters(dev, 10) is not eager
 
 
-def test_split_partials_scratch_per_stream_views_cached_graph_captures_allocate(monkeypatch):
+def test_scratch_per_stream_views_cached_graph_captures_allocate(monkeypatch):
     # the split partials of eager calls are views of one buffer per (device, stream), one view
     # pair per shape; the buffer grows to the largest shape, pl stays 16-byte aligned after po;
     # a capture (and a CPU tensor) allocates fresh ones. Host logic only: CUDA state faked
@@ -73,6 +73,10 @@ def test_split_partials_scratch_per_stream_views_cached_graph_captures_allocate(
     n = len(g._SCRATCH)
     cap = g.split_scratch(q, 2, 3, 2, 16)
     assert len(g._SCRATCH) == n and cap[0].data_ptr() not in (po.data_ptr(), big[0].data_ptr())
+    capturing[0] = False
+    lse = g.lse_scratch(q, 5, 2)  # inference's lse: a buffer of its own, views cached
+    assert lse.shape == (5, 2) and lse.dtype == torch.float32 and g.lse_scratch(q, 5, 2) is lse
+    assert lse.untyped_storage().data_ptr() != big[0].untyped_storage().data_ptr()
     g.clear_scratch()
     assert g._SCRATCH == {}
 

@@ -56,43 +56,59 @@ def _counters(device_index: int, n: int):
     return buf
 
 
-_SCRATCH: dict = {}  # (device, stream) -> [flat fp32 buffer, {(n_split, Cn, H, Dh): (po, pl)}]
+_SCRATCH: dict = {}  # (device, stream, tag) -> [flat fp32 buffer, {shapes: views}]
 _MAX_SCRATCH_VIEWS = 64
 
 
-def split_scratch(q, n_split: int, Cn: int, H: int, Dh: int):
-    """The split partials of one forward call: (po [n_split, Cn, H, Dh] fp32, pl [n_split, Cn,
-    H] fp32), scratch the kernel (and the combine kernel, if any) writes and reads within the
-    call. Eager CUDA calls take views of one buffer per (device, stream), cached per shape:
-    launches on one stream are serialised, so they share it as they share the split tickets
-    (``_counters``), and a call allocates nothing (two caching-allocator calls less, ~3-6 us of
-    host time on the GPU hosts). The buffer grows to the largest shape seen and stays
-    (``clear_scratch`` frees it). A CUDA graph capture (or a CPU tensor) allocates as before,
-    from the graph's own pool."""
+def _scratch(q, tag: str, shapes):
+    """fp32 tensors of the given shapes that a kernel writes and reads within one call. Eager
+    CUDA calls take views of one buffer per (device, stream, tag), cached per shapes: launches
+    on one stream are serialised, so they share it as they share the split tickets
+    (``_counters``), and a call allocates nothing (a caching-allocator call is ~1.5-3 us of
+    host time on the GPU hosts). Each view starts 64-byte aligned. The buffer grows to the
+    largest shapes seen and stays (``clear_scratch`` frees it). A CUDA graph capture (or a CPU
+    tensor) allocates as before, from the graph's own pool."""
     if not q.is_cuda or _capturing():
-        return (q.new_empty((n_split, Cn, H, Dh), dtype=torch.float32),
-                q.new_empty((n_split, Cn, H), dtype=torch.float32))
+        return tuple(q.new_empty(sh, dtype=torch.float32) for sh in shapes)
     dev = q.get_device()
-    key = (dev, _stream_of(dev))
+    key = (dev, _stream_of(dev), tag)
     ent = _SCRATCH.get(key)
-    shape = (n_split, Cn, H, Dh)
     if ent is not None:
-        hit = ent[1].get(shape)
+        hit = ent[1].get(shapes)
         if hit is not None:
             return hit
-    n_o = n_split * Cn * H * Dh  # a multiple of 16 fp32 (Dh >= 16): pl stays 64-byte aligned
-    need = n_o + n_split * Cn * H
+    spans, need = [], 0
+    for sh in shapes:
+        n = 1
+        for d in sh:
+            n *= d
+        spans.append((need, n))
+        need += -(-n // 16) * 16  # the next view 64-byte aligned
     if ent is None or ent[0].numel() < need:
-        ent = _SCRATCH[key] = [torch.empty(need, dtype=torch.float32, device=q.device), {}]
+        ent = _SCRATCH[key] = [torch.empty(max(need, 16), dtype=torch.float32, device=q.device),
+                               {}]
     elif len(ent[1]) >= _MAX_SCRATCH_VIEWS:
         ent[1].clear()
     buf = ent[0]
-    hit = ent[1][shape] = (buf[:n_o].view(shape), buf[n_o:need].view(n_split, Cn, H))
+    hit = ent[1][shapes] = tuple(buf[s:s + n].view(sh) for (s, n), sh in zip(spans, shapes))
     return hit
 
 
+def split_scratch(q, n_split: int, Cn: int, H: int, Dh: int):
+    """The split partials of one forward call (``_scratch``): po [n_split, Cn, H, Dh] and pl
+    [n_split, Cn, H], fp32."""
+    return _scratch(q, "split", ((n_split, Cn, H, Dh), (n_split, Cn, H)))
+
+
+def lse_scratch(q, Cn: int, H: int):
+    """The log-sum-exp output [Cn, H] fp32 of a forward whose caller does not keep it
+    (inference: no backward), from ``_scratch``: overwritten by the next such call on the
+    stream."""
+    return _scratch(q, "lse", ((Cn, H),))[0]
+
+
 def clear_scratch() -> None:
-    """Free the cached split-partial buffers (``split_scratch``)."""
+    """Free the cached scratch buffers (``split_scratch``, ``lse_scratch``)."""
     _SCRATCH.clear()
 
 

@@ -208,7 +208,7 @@ def dcat_attention(q: Tensor, k: Tensor, v: Tensor, k_ctx: Tensor, v_ctx: Tensor
         # row-strided q/k/v and k_ctx/v_ctx (slices of the qkv projection) in place
         return (_FWD or _fwd_impl())(q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets,
                                      max_ctx, scale, max_cands, max_ctx_len,
-                                     None if config is None else config.fwd)[0]
+                                     None if config is None else config.fwd, False)[0]
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     k_ctx, v_ctx = k_ctx.contiguous(), v_ctx.contiguous()
     if _FORCE_CUSTOM_OP or _is_compiling():

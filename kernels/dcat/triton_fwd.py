@@ -377,13 +377,15 @@ def plan_for(key, q, cfg: FwdConfig | None, R: int, H: int, Dh: int, max_cands: 
 
 def dcat_fwd_triton(q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, max_ctx: int,
                     scale: float, max_cands: int, max_ctx_len: int,
-                    cfg: FwdConfig | None = None):
+                    cfg: FwdConfig | None = None, need_lse: bool = True):
     """Forward. q, k, v: [Cn, H, Dh]; k_ctx, v_ctx: [Lc, H, Dh]; offsets [R+1]. q, k, v (and
     k_ctx, v_ctx) are read in place when they share one row stride over a dense (H, Dh) part
     (``rows_stride``: slices of a qkv projection), else made contiguous first.
 
     max_cands / max_ctx_len: max candidates / history tokens per request. cfg: the launch
     config (default: ``config.select`` for q's device, dtype and Dh).
+    need_lse=False (inference, no backward): lse may be scratch that the next call on the
+    stream overwrites (``gluon_launch.lse_scratch``; one allocation less per call).
     Returns (o [Cn, H, Dh] in q's dtype, lse [Cn, H] fp32, natural log).
     Host side: the per-shape decisions are cached (``plan_for``); a call does one dict lookup,
     allocates its outputs and launches.
@@ -401,16 +403,19 @@ def dcat_fwd_triton(q, k, v, k_ctx, v_ctx, cand_offsets, ctx_offsets, max_ctx: i
     if not skv:
         k_ctx, v_ctx, skv = k_ctx.contiguous(), v_ctx.contiguous(), H
     o = q.new_empty((Cn, H, Dh))
-    lse = q.new_empty((Cn, H), dtype=torch.float32)
     if Cn == 0 or R <= 0 or max_cands <= 0:
-        return o, lse
+        return o, q.new_empty((Cn, H), dtype=torch.float32)
     key = (id(cfg), q.get_device(), q.dtype, k.dtype, v.dtype, k_ctx.dtype, v_ctx.dtype,
            cand_offsets.dtype, ctx_offsets.dtype, R, H, Dh, max_cands, max_ctx_len, max_ctx)
     p = _PLANS.get(key) or plan_for(key, q, cfg, R, H, Dh, max_cands, max_ctx_len, max_ctx)
     if p.gluon is not None and not GLUON_STRIDED and (sq != H or skv != H):
-        # the Gluon kernel's strided reads are off until a GPU run has checked them
+        # PINFM_DCAT_GLUON_STRIDED=0: the Gluon kernel gets contiguous inputs
         q, k, v, sq = q.contiguous(), k.contiguous(), v.contiguous(), H
         k_ctx, v_ctx, skv = k_ctx.contiguous(), v_ctx.contiguous(), H
+    if need_lse or p.gluon is None:
+        lse = q.new_empty((Cn, H), dtype=torch.float32)
+    else:  # inference on the Hopper path: nobody reads lse after the call
+        lse = _gluon.lse_scratch(q, Cn, H)
     cfg = p.cfg
     split = p.split
     if split and p.gluon is not None:  # scratch shared by the calls on one stream
