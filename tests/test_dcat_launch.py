@@ -74,6 +74,11 @@ def test_scratch_per_stream_views_cached_graph_captures_allocate(monkeypatch):
     cap = g.split_scratch(q, 2, 3, 2, 16)
     assert len(g._SCRATCH) == n and cap[0].data_ptr() not in (po.data_ptr(), big[0].data_ptr())
     capturing[0] = False
+    monkeypatch.setattr(g, "_MAX_SCRATCH_BYTES", 4 * 1000)  # above the cap: allocated per call
+    n = len(g._SCRATCH)
+    huge = g.split_scratch(q, 8, 40, 2, 16)
+    assert len(g._SCRATCH) == n and huge[0].shape == (8, 40, 2, 16)
+    assert g.split_scratch(q, 8, 40, 2, 16)[0] is not huge[0]
     lse = g.lse_scratch(q, 5, 2)  # inference's lse: a buffer of its own, views cached
     assert lse.shape == (5, 2) and lse.dtype == torch.float32 and g.lse_scratch(q, 5, 2) is lse
     assert lse.untyped_storage().data_ptr() != big[0].untyped_storage().data_ptr()

@@ -58,6 +58,9 @@ def _counters(device_index: int, n: int):
 
 _SCRATCH: dict = {}  # (device, stream, tag) -> [flat fp32 buffer, {shapes: views}]
 _MAX_SCRATCH_VIEWS = 64
+# larger scratch is allocated per call, as before: a call that big is GPU-bound (the host time
+# saved does not matter) and a buffer kept for it would add to the peak memory of a training step
+_MAX_SCRATCH_BYTES = 64 << 20
 
 
 def _scratch(q, tag: str, shapes):
@@ -66,8 +69,9 @@ def _scratch(q, tag: str, shapes):
     on one stream are serialised, so they share it as they share the split tickets
     (``_counters``), and a call allocates nothing (a caching-allocator call is ~1.5-3 us of
     host time on the GPU hosts). Each view starts 64-byte aligned. The buffer grows to the
-    largest shapes seen and stays (``clear_scratch`` frees it). A CUDA graph capture (or a CPU
-    tensor) allocates as before, from the graph's own pool."""
+    largest shapes seen (up to ``_MAX_SCRATCH_BYTES``; larger ones are allocated per call) and
+    stays (``clear_scratch`` frees it). A CUDA graph capture (or a CPU tensor) allocates as
+    before, from the graph's own pool."""
     if not q.is_cuda or _capturing():
         return tuple(q.new_empty(sh, dtype=torch.float32) for sh in shapes)
     dev = q.get_device()
@@ -84,6 +88,8 @@ def _scratch(q, tag: str, shapes):
             n *= d
         spans.append((need, n))
         need += -(-n // 16) * 16  # the next view 64-byte aligned
+    if need * 4 > _MAX_SCRATCH_BYTES:
+        return tuple(q.new_empty(sh, dtype=torch.float32) for sh in shapes)
     if ent is None or ent[0].numel() < need:
         ent = _SCRATCH[key] = [torch.empty(max(need, 16), dtype=torch.float32, device=q.device),
                                {}]
