@@ -14,8 +14,8 @@ merge) vs duplicating the history for every candidate (causal SDPA over
 ``--sweep`` also times launch-config variants of the Triton kernels (``tune.py``) and runs the
 rest with the chosen config, passed explicitly. Peer column: ``torch.nn.attention.
 flex_attention`` (compiled, block mask ``kv < L or kv - L == q``), GPU time and eager;
-``*_host_us``: host time per eager no-grad forward call (``eager_host_overhead_us``: the max
-over shapes); ``--profile-host`` adds a cProfile of the eager op's host side.
+``*_host_us``: host time per eager no-grad forward call, the median of 5 runs of 200 calls
+(``eager_host_overhead_us``: the max over shapes); ``--profile-host`` adds a cProfile of the eager op's host side.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from pinfm_rec.kernels.dcat import dcat_attention
 from pinfm_rec.kernels.dcat.check import (
     CASES_FULL, CASES_QUICK, correctness, offsets, ramp_check,
 )
-from pinfm_rec.kernels.dcat.peers import flex_dcat, flex_inputs, host_us
+from pinfm_rec.kernels.dcat.peers import flex_dcat, flex_inputs, host_us_median
 
 SHAPES = [(8, 512, 256), (4, 2048, 256), (2, 2048, 1024), (1, 8192, 512), (1, 16384, 1024)]
 H, DH, D = 8, 64, 512
@@ -181,7 +181,7 @@ def bench_shape(R, L, C, dev, dup_bwd=True, config=None):
             out[f"{kern}_{key}_tflops"] = mult * fl / out[f"{kern}_{key}_ms"] / 1e9
             out[f"{kern}_{key}_eager_tflops"] = mult * fl / out[f"{kern}_{key}_eager_ms"] / 1e9
     with torch.no_grad():
-        out["triton_fwd_host_us"] = host_us(lambda: dcat_attention(
+        out["triton_fwd_host_us"] = host_us_median(lambda: dcat_attention(
             q, k, v, kc, vc, co, xo, max_cands=C, max_ctx_len=L, kernel="triton",
             config=config))
         try:  # the peer: compiled flex_attention on the same inputs (issue 15)
@@ -193,7 +193,7 @@ def bench_shape(R, L, C, dev, dup_bwd=True, config=None):
                 out["flex_fwd_eager_ms"] = _do_bench(lambda: flex(*fins))
                 out["flex_fwd_ms"] = (_graph_bench(lambda: flex(*fins))
                                       or out["flex_fwd_eager_ms"])
-                out["flex_fwd_host_us"] = host_us(lambda: flex(*fins))
+                out["flex_fwd_host_us"] = host_us_median(lambda: flex(*fins))
                 out["fwd_speedup_vs_flex"] = out["flex_fwd_ms"] / out["triton_fwd_ms"]
                 out["eager_fwd_speedup_vs_flex"] = (out["flex_fwd_eager_ms"]
                                                     / out["triton_fwd_eager_ms"])

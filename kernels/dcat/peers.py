@@ -62,3 +62,12 @@ def host_us(fn, n=200):
     t1 = time.perf_counter()
     torch.cuda.synchronize()
     return (t1 - t0) / n * 1e6
+
+
+def host_us_median(fn, n=200, repeats=5):
+    """Median of ``repeats`` ``host_us`` runs of n calls each, after 3 warm-up calls: a single
+    run swings by 1.5-2x on the shared GPU hosts (a preempted run, a GC pass)."""
+    import statistics
+    for _ in range(3):
+        fn()
+    return statistics.median(host_us(fn, n) for _ in range(repeats))
