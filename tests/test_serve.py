@@ -196,6 +196,25 @@ def test_load_bench_cpu_tiny_mode(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (DCAT Triton kernel, FBGEMM TBE on the GPU)")
+@pytest.mark.parametrize("graphs", [False, True])
+def test_pipelined_score_file_on_cuda_equals_the_cpu_scores(run, graphs, tmp_path):
+    """score_file on CUDA prepares batch i+1 while batch i runs and reads i's scores from pinned
+    memory after an event: every batch's scores land in its rows (several batches, the last one
+    partial; CUDA graphs replayed into one output buffer or not), equal to the CPU scorer's."""
+    cpu = load_finetuned(run["dir"])
+    gpu = load_finetuned(run["dir"], device="cuda")
+    req = RequestFile(run["requests"], cpu.num_dense)
+    Scorer(cpu.model, cpu.max_len).score_file(req, str(tmp_path / "cpu.parquet"), 7)
+    stats = Scorer(gpu.model, gpu.max_len, "cuda", cuda_graphs=graphs).score_file(
+        req, str(tmp_path / "gpu.parquet"), 7)
+    want = pq.read_table(str(tmp_path / "cpu.parquet")).to_pydict()
+    got = pq.read_table(str(tmp_path / "gpu.parquet")).to_pydict()
+    assert stats["requests"] > 2 * 7 and got["request_id"] == want["request_id"]
+    assert got["cand_index"] == want["cand_index"]
+    np.testing.assert_allclose(got["logit"], want["logit"], atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (DCAT Triton kernel, FBGEMM TBE on the GPU)")
 @pytest.mark.parametrize("tables", ["fp32", "int8"])
 def test_scorer_and_export_on_cuda_match_cpu(run, tables, tmp_path):
     """On the GPU (DCAT Triton kernel, TBE on CUDA) the scorer and its exported program give the CPU

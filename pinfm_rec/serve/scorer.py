@@ -216,14 +216,42 @@ class Scorer:
         c = batch.num_candidates
         return self.forward(self.prepare(batch))[:c].float().cpu()  # the one sync: the scores
 
+    def launch(self, batch: RankingBatch):
+        """``logits`` without waiting: a CPU batch -> (scores [C] float32 on the host, event).
+        On a CUDA device the scores are copied into pinned host memory behind the forward and
+        are valid once ``event.synchronize()`` returned; elsewhere they are ready (event None)."""
+        c = batch.num_candidates
+        out = self.forward(self.prepare(batch))[:c].float()
+        if self.device.type != "cuda":
+            return out.cpu(), None
+        host = torch.empty(out.shape, dtype=torch.float32, pin_memory=True)
+        host.copy_(out, non_blocking=True)  # queued behind the forward, before the next batch's
+        event = torch.cuda.Event()
+        event.record()
+        return host, event
+
     def score_file(self, req: RequestFile, out_path: str, requests_per_batch: int = 256) -> Dict[str, float]:
         """Score every request of ``req`` and write ``out_path`` (``requests_io.write_scores``).
-        Returns counts and throughput."""
+        Pipelined by one batch: the host prepares (and launches) batch i+1 while the device
+        computes batch i, whose scores are read after that launch. Returns counts and throughput."""
         t0 = time.perf_counter()
         rows, logits = [], []
-        for batch, r in req.batches(requests_per_batch, self.max_len):
-            logits.append(self.logits(batch).numpy())
+
+        def collect(done):
+            r, scores, event = done
+            if event is not None:
+                event.synchronize()
+            logits.append(scores.numpy().copy())
             rows.append(r)
+
+        pending = None
+        for batch, r in req.batches(requests_per_batch, self.max_len):
+            nxt = (r, *self.launch(batch))
+            if pending is not None:
+                collect(pending)
+            pending = nxt
+        if pending is not None:
+            collect(pending)
         rows_a = np.concatenate(rows) if rows else np.zeros(0, np.int64)
         logit_a = np.concatenate(logits) if logits else np.zeros(0, np.float32)
         if self.device.type == "cuda":
