@@ -13,16 +13,24 @@ import torch
 from pinfm_rec.kernels.dcat.config import FwdConfig, Variant
 
 
-def test_split_ticket_buffers_graph_captures_never_share_with_eager(monkeypatch):
-    # fuse_combine's tickets are cached per (device, stream); a CUDA graph capture must get
-    # its own buffers (a replay can run beside eager launches on another stream) and keep
-    # them allocated when a bigger one replaces them. Host logic only: CUDA state faked
+@pytest.fixture
+def fake_stream(monkeypatch):
+    """gluon_launch with its CUDA queries faked: (module, capturing [bool], stream [int]), the
+    one-element lists settable by the test."""
     pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
     from pinfm_rec.kernels.dcat import gluon_launch as g
 
     capturing, stream = [False], [7]
     monkeypatch.setattr(g, "_capturing", lambda: capturing[0])
     monkeypatch.setattr(g, "_stream_of", lambda index: stream[0])
+    return g, capturing, stream
+
+
+def test_split_ticket_buffers_graph_captures_never_share_with_eager(fake_stream, monkeypatch):
+    # fuse_combine's tickets are cached per (device, stream); a CUDA graph capture must get
+    # its own buffers (a replay can run beside eager launches on another stream) and keep
+    # them allocated when a bigger one replaces them. Host logic only: CUDA state faked
+    g, capturing, stream = fake_stream
     monkeypatch.setattr(g, "_COUNTERS", {})
     monkeypatch.setattr(g, "_GRAPH_COUNTERS", [])
     dev = -1  # q.get_device() of a CPU tensor
@@ -41,16 +49,11 @@ def test_split_ticket_buffers_graph_captures_never_share_with_eager(monkeypatch)
     assert g._counters(dev, 10) is not eager
 
 
-def test_scratch_per_stream_views_cached_graph_captures_allocate(monkeypatch):
+def test_scratch_per_stream_views_cached_graph_captures_allocate(fake_stream, monkeypatch):
     # the split partials of eager calls are views of one buffer per (device, stream), one view
     # pair per shape; the buffer grows to the largest shape, pl stays 16-byte aligned after po;
     # a capture (and a CPU tensor) allocates fresh ones. Host logic only: CUDA state faked
-    pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper")
-    from pinfm_rec.kernels.dcat import gluon_launch as g
-
-    capturing, stream = [False], [7]
-    monkeypatch.setattr(g, "_capturing", lambda: capturing[0])
-    monkeypatch.setattr(g, "_stream_of", lambda index: stream[0])
+    g, capturing, stream = fake_stream
     monkeypatch.setattr(g, "_SCRATCH", {})
     q = torch.zeros(3, 2, 16, dtype=torch.bfloat16)
     cpu = g.split_scratch(q, 2, 3, 2, 16)  # a CPU tensor: plain allocations, nothing cached
