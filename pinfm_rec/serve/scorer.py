@@ -213,8 +213,10 @@ class Scorer:
 
     def logits(self, batch: RankingBatch) -> torch.Tensor:
         """A CPU batch of U requests -> logits [C] (CPU float32), in the batch's candidate order."""
-        c = batch.num_candidates
-        return self.forward(self.prepare(batch))[:c].float().cpu()  # the one sync: the scores
+        scores, event = self.launch(batch)
+        if event is not None:
+            event.synchronize()  # the one sync: the scores
+        return scores
 
     def launch(self, batch: RankingBatch):
         """``logits`` without waiting: a CPU batch -> (scores [C] float32 on the host, event).
@@ -254,8 +256,6 @@ class Scorer:
             collect(pending)
         rows_a = np.concatenate(rows) if rows else np.zeros(0, np.int64)
         logit_a = np.concatenate(logits) if logits else np.zeros(0, np.float32)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
         wall = time.perf_counter() - t0
         write_scores(out_path, req, rows_a, logit_a)
         out = {"requests": int(rows_a.size), "candidates": int(logit_a.size), "wall_s": wall,
