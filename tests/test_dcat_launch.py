@@ -55,6 +55,7 @@ def test_scratch_per_stream_views_cached_graph_captures_allocate(fake_stream, mo
     # a capture (and a CPU tensor) allocates fresh ones. Host logic only: CUDA state faked
     g, capturing, stream = fake_stream
     monkeypatch.setattr(g, "_SCRATCH", {})
+    monkeypatch.setattr(g, "_MAX_SCRATCH_BYTES", g.SCRATCH_CAP)  # on (PINFM_DCAT_SCRATCH=1)
     q = torch.zeros(3, 2, 16, dtype=torch.bfloat16)
     cpu = g.split_scratch(q, 2, 3, 2, 16)  # a CPU tensor: plain allocations, nothing cached
     assert g._SCRATCH == {} and cpu[0].shape == (2, 3, 2, 16) and cpu[1].shape == (2, 3, 2)
@@ -87,6 +88,8 @@ def test_scratch_per_stream_views_cached_graph_captures_allocate(fake_stream, mo
     assert lse.untyped_storage().data_ptr() != big[0].untyped_storage().data_ptr()
     g.clear_scratch()
     assert g._SCRATCH == {}
+    monkeypatch.setattr(g, "_MAX_SCRATCH_BYTES", 0)  # off (the default until a GPU run): allocated
+    assert g.lse_scratch(q, 5, 2) is not g.lse_scratch(q, 5, 2) and g._SCRATCH == {}
 
 
 def test_descriptor_pairs_cached_and_bounded(monkeypatch):

@@ -60,7 +60,11 @@ _SCRATCH: dict = {}  # (device, stream, tag) -> [flat fp32 buffer, {shapes: view
 _MAX_SCRATCH_VIEWS = 64
 # larger scratch is allocated per call, as before: a call that big is GPU-bound (the host time
 # saved does not matter) and a buffer kept for it would add to the peak memory of a training step
-_MAX_SCRATCH_BYTES = 64 << 20
+SCRATCH_CAP = 64 << 20
+# Off by default (0: every call allocates, as before) until a GPU run has checked it (written
+# 2026-12-07 after the session's GPU window; scripts/gpu/dcat_scratch_ab.py, then the GPU
+# suite with PINFM_DCAT_SCRATCH=1); PINFM_DCAT_SCRATCH=1 turns it on.
+_MAX_SCRATCH_BYTES = SCRATCH_CAP if os.environ.get("PINFM_DCAT_SCRATCH", "0") == "1" else 0
 
 
 def _scratch(q, tag: str, shapes):
@@ -72,7 +76,7 @@ def _scratch(q, tag: str, shapes):
     largest shapes seen (up to ``_MAX_SCRATCH_BYTES``; larger ones are allocated per call) and
     stays (``clear_scratch`` frees it). A CUDA graph capture (or a CPU tensor) allocates as
     before, from the graph's own pool."""
-    if not q.is_cuda or _capturing():
+    if not _MAX_SCRATCH_BYTES or not q.is_cuda or _capturing():
         return tuple(q.new_empty(sh, dtype=torch.float32) for sh in shapes)
     dev = q.get_device()
     key = (dev, _stream_of(dev), tag)

@@ -1,6 +1,6 @@
 """GPU A/B of the DCAT forward's scratch buffers (issue 15): host µs per eager no-grad call with
-the per-stream scratch (split partials, inference lse) on and off (``_MAX_SCRATCH_BYTES`` = 0:
-allocated per call, as before), interleaved, in one process; outputs compared bit for bit.
+the per-stream scratch (split partials, inference lse) on (``PINFM_DCAT_SCRATCH=1``) and off
+(the default: allocated per call), interleaved, in one process; outputs compared bit for bit.
 
     python3 scripts/gpu/dcat_scratch_ab.py --out $OUT/dcat_scratch_ab.json
 """
@@ -23,10 +23,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=4)
     a = ap.parse_args(argv)
-    cap = gluon_launch._MAX_SCRATCH_BYTES
+    cap = gluon_launch.SCRATCH_CAP  # on: what PINFM_DCAT_SCRATCH=1 sets
     res = {"device": torch.cuda.get_device_name(), "unit": "host us per eager no-grad call, "
            "min over rounds of the median of 5 runs of n calls", "shapes": {}}
     dev = torch.device("cuda")
+    prev = gluon_launch._MAX_SCRATCH_BYTES
     for R, L, C in SHAPES:
         ins = _inputs(R, L, C, dev, grad=False)
         row, outs = {"on": [], "off": []}, {}
@@ -40,7 +41,7 @@ def main(argv=None) -> dict:
                     row["on" if on else "off"].append(statistics.median(ts))
                     outs[on] = _call(ins, C, L).clone()
             torch.cuda.synchronize()
-        gluon_launch._MAX_SCRATCH_BYTES = cap
+        gluon_launch._MAX_SCRATCH_BYTES = prev
         r = {"scratch_off_us": round(min(row["off"]), 2), "scratch_on_us": round(min(row["on"]), 2),
              "bitwise_equal": bool(torch.equal(outs[False], outs[True]))}
         res["shapes"][f"{R},{L},{C}"] = r
